@@ -1,0 +1,22 @@
+//! Postern: an authenticating IMAP, POP3 and SMTP submission TLS proxy.
+//!
+//! Clients log in with their mail address and directory password; Postern checks the
+//! source address against the user's security profiles, verifies the password against
+//! the directory, logs in upstream with a stored credential the user never sees, and
+//! then splices bytes both ways.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod access;
+pub mod audit;
+pub mod config;
+pub mod directory;
+pub mod limits;
+pub mod listener;
+pub mod protocol;
+pub mod relay;
+pub mod secret;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+pub mod vault;

@@ -1,0 +1,3 @@
+//! The `postern` command line.
+
+fn main() {}

@@ -1,0 +1,141 @@
+//! Pre-login dialogues of the three protocols, as pure state machines over bytes.
+//!
+//! A [`Dialogue`] never does I/O. The session feeds it the bytes the client sent and acts
+//! on the [`Step`] it returns: write a reply, read more, close, or run the access decision
+//! for the credentials the client presented. Bytes the client pipelined after its login
+//! command stay in the input buffer, so the session can forward them upstream.
+
+use bytes::BytesMut;
+
+use crate::secret::Secret;
+
+pub mod imap;
+pub mod pop3;
+pub mod sasl;
+pub mod smtp;
+
+/// The mail protocols Postern proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// IMAP4rev1 over implicit TLS (IMAPS).
+    Imap,
+    /// POP3 over implicit TLS (POP3S).
+    Pop3,
+    /// SMTP submission over implicit TLS (SMTPS).
+    Smtp,
+}
+
+impl Protocol {
+    /// Lower-case name used in config, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+            Protocol::Smtp => "smtp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Credentials a client presented, already decoded from the protocol's syntax.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The identity for the directory, profiles, lockout and vault: the mail address the
+    /// client typed, minus any mode prefix such as POP3's `recent:`.
+    pub user: String,
+    /// Prefix to put back in front of the upstream user name (`"recent:"`), or empty.
+    pub upstream_prefix: String,
+    /// The directory password.
+    pub password: Secret,
+    /// How the client logged in (`LOGIN`, `AUTHENTICATE PLAIN`, `USER/PASS`...), for the audit log.
+    pub mechanism: &'static str,
+    /// SMTP only: the name the client gave in `EHLO`/`HELO`, reused for the upstream `EHLO`.
+    pub client_hello: Option<String>,
+}
+
+/// What the upstream login learned that the client's success reply needs.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamInfo {
+    /// IMAP: the upstream's capability list after login (without the `CAPABILITY` word).
+    pub capabilities: Option<String>,
+}
+
+/// What the session must do after feeding bytes to a [`Dialogue`].
+#[derive(Debug)]
+pub enum Step {
+    /// The buffered input holds no complete command yet: read more from the client.
+    NeedMore,
+    /// Write these bytes to the client, then call [`Dialogue::step`] again.
+    Reply(Vec<u8>),
+    /// Write these bytes to the client and close the connection (e.g. `LOGOUT`, `QUIT`,
+    /// an over-long line, too many bad commands).
+    Close(Vec<u8>),
+    /// The client presented credentials: run the access decision, then answer with
+    /// [`Dialogue::accepted`], [`Dialogue::denied`] or [`Dialogue::unavailable`].
+    Login(Credentials),
+}
+
+/// Limits and names a dialogue is built with.
+#[derive(Debug, Clone)]
+pub struct DialogueSettings {
+    /// Longest command line accepted, terminator included; longer closes the connection.
+    pub max_line: usize,
+    /// Largest literal (IMAP `{n}`) accepted.
+    pub max_literal: usize,
+    /// Host name announced in greetings (SMTP `220 <name> ...`, `250-<name>`).
+    pub hostname: String,
+    /// SMTP: the `SIZE` to advertise in `EHLO`, if any.
+    pub smtp_max_size: Option<u64>,
+}
+
+impl Default for DialogueSettings {
+    fn default() -> Self {
+        Self {
+            max_line: crate::limits::DEFAULT_MAX_LINE,
+            max_literal: crate::limits::DEFAULT_MAX_LITERAL,
+            hostname: "postern".to_owned(),
+            smtp_max_size: None,
+        }
+    }
+}
+
+/// The pre-login half of a protocol, driven by the shared session pipeline.
+///
+/// Every method is pure: it returns bytes to write and never blocks. Replies that refer to
+/// the pending login (IMAP's tag) are produced by the dialogue, which remembers it.
+pub trait Dialogue: Send {
+    /// The greeting sent when the connection opens.
+    fn greeting(&mut self) -> Vec<u8>;
+    /// Consumes what it can from the front of `input` and says what to do next. Bytes
+    /// after a complete login command are left in `input`.
+    fn step(&mut self, input: &mut BytesMut) -> Step;
+    /// Reply to the pending login when the access decision refused it. The text is the same
+    /// whatever the reason: "You are not allowed to access this server".
+    fn denied(&mut self) -> Vec<u8>;
+    /// Reply to the pending login when the directory or upstream could not be reached.
+    fn unavailable(&mut self) -> Vec<u8>;
+    /// Reply to the pending login once the upstream session is logged in.
+    fn accepted(&mut self, upstream: &UpstreamInfo) -> Vec<u8>;
+    /// Goodbye sent when the client took too long to log in.
+    fn timed_out(&self) -> Vec<u8>;
+    /// Goodbye sent when the server is shutting down before the client logged in.
+    fn shutting_down(&self) -> Vec<u8>;
+}
+
+/// Builds the dialogue for `protocol`.
+pub fn dialogue(protocol: Protocol, settings: &DialogueSettings) -> Box<dyn Dialogue> {
+    match protocol {
+        Protocol::Imap => Box::new(imap::ImapDialogue::new(settings)),
+        Protocol::Pop3 => Box::new(pop3::Pop3Dialogue::new(settings)),
+        Protocol::Smtp => Box::new(smtp::SmtpDialogue::new(settings)),
+    }
+}
+
+/// The one denial text every protocol shows, whatever the reason.
+pub const DENIAL_TEXT: &str = "You are not allowed to access this server";
