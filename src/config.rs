@@ -1,1 +1,376 @@
-//! config (in progress).
+//! The configuration file: parsed strictly (unknown keys are errors), then validated with
+//! messages that name the offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::directory::DirectoryConfig;
+use crate::protocol::Protocol;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's explanation, with line, column and key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `imap.listen`.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: names and folders.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[tls]`: the certificate clients see.
+    pub tls: TlsConfig,
+    /// `[limits]`: timeouts and sizes.
+    #[serde(default)]
+    pub limits: Limits,
+    /// `[directory]`: where users' passwords are checked.
+    pub directory: DirectoryConfig,
+    /// `[access]`: security profiles.
+    pub access: AccessConfig,
+    /// `[imap]`: the IMAPS listener and its upstream.
+    pub imap: Option<ProtocolConfig>,
+    /// `[pop3]`: the POP3S listener and its upstream.
+    pub pop3: Option<ProtocolConfig>,
+    /// `[smtp]`: the SMTPS submission listener and its upstream.
+    pub smtp: Option<ProtocolConfig>,
+    /// `[audit]`: the audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Folder relative paths are resolved against: the config file's folder.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Name announced in greetings and put in generated certificates.
+    pub hostname: String,
+    /// Folder for the vault and other state (systemd's `StateDirectory`).
+    pub state_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { hostname: "localhost".to_owned(), state_dir: PathBuf::from("/var/lib/postern") }
+    }
+}
+
+/// Lowest TLS version accepted from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[serde(rename = "1.2")]
+    #[default]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Generate a self-signed certificate for `server.hostname` when both files are missing.
+    #[serde(default)]
+    pub generate_self_signed: bool,
+    /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// `[limits]`: every timer and size that bounds a connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Seconds a client has to complete the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a client has from connecting to being logged in.
+    pub preauth_timeout_secs: u64,
+    /// Seconds allowed to connect and log in upstream.
+    pub upstream_timeout_secs: u64,
+    /// Seconds without a byte in either direction before a logged-in session is closed.
+    /// Longer than IMAP IDLE's 29 minutes by default.
+    pub idle_timeout_secs: u64,
+    /// Longest command line before login, in bytes.
+    pub max_line: usize,
+    /// Largest IMAP literal before login, in bytes.
+    pub max_literal: usize,
+    /// Most connections open at once, all protocols together.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_secs: 10,
+            preauth_timeout_secs: 60,
+            upstream_timeout_secs: 20,
+            idle_timeout_secs: 35 * 60,
+            max_line: crate::limits::DEFAULT_MAX_LINE,
+            max_literal: crate::limits::DEFAULT_MAX_LITERAL,
+            max_connections: 20_000,
+        }
+    }
+}
+
+impl Limits {
+    /// See [`Limits::handshake_timeout_secs`].
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    /// See [`Limits::preauth_timeout_secs`].
+    pub fn preauth_timeout(&self) -> Duration {
+        Duration::from_secs(self.preauth_timeout_secs)
+    }
+    /// See [`Limits::upstream_timeout_secs`].
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_timeout_secs)
+    }
+    /// See [`Limits::idle_timeout_secs`].
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+/// `[access]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The security profiles file admins edit.
+    pub profiles: PathBuf,
+}
+
+/// How Postern's connection to an upstream is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// TLS from the first byte (IMAPS 993, POP3S 995, SMTPS 465).
+    #[default]
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (SMTP submission on 587).
+    Starttls,
+}
+
+/// `[imap]`, `[pop3]`, `[smtp]`: one protocol's listeners and upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// Addresses to listen on, e.g. `["0.0.0.0:10993", "[::]:10993"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Upstream `host:port`, e.g. `imap.gmail.com:993`.
+    pub upstream: String,
+    /// `"implicit"` (default) or `"starttls"` (SMTP only).
+    #[serde(default)]
+    pub upstream_tls: UpstreamTls,
+    /// Name to verify the upstream certificate against; defaults to the host of `upstream`.
+    pub upstream_server_name: Option<String>,
+    /// Extra PEM CA certificates trusted for the upstream, besides the system roots.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// SMTP: the message size limit advertised to clients before login (`SIZE`).
+    pub max_message_size: Option<u64>,
+}
+
+impl ProtocolConfig {
+    /// The host part of `upstream`.
+    pub fn upstream_host(&self) -> &str {
+        match self.upstream.rsplit_once(':') {
+            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => &self.upstream,
+        }
+    }
+}
+
+/// Output format of the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Log format for the whole process, audit lines included.
+    pub format: LogFormat,
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        Self::parse(&text, path, base_dir)
+    }
+
+    /// Parses and validates `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path, base_dir: PathBuf) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        config.base_dir = base_dir;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// `path` made absolute against the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
+    }
+
+    /// The configured protocols, in a fixed order.
+    pub fn protocols(&self) -> impl Iterator<Item = (Protocol, &ProtocolConfig)> {
+        [(Protocol::Imap, &self.imap), (Protocol::Pop3, &self.pop3), (Protocol::Smtp, &self.smtp)]
+            .into_iter()
+            .filter_map(|(p, c)| c.as_ref().map(|c| (p, c)))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() };
+        if self.protocols().next().is_none() {
+            return Err(invalid("imap", "no protocol is configured: add an [imap], [pop3] or [smtp] table"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (protocol, p) in self.protocols() {
+            let name = protocol.name();
+            if p.listen.is_empty() {
+                return Err(invalid(&format!("{name}.listen"), "give at least one address, e.g. \"0.0.0.0:10993\""));
+            }
+            for addr in &p.listen {
+                if !seen.insert(*addr) {
+                    return Err(invalid(&format!("{name}.listen"), &format!("{addr} is used twice")));
+                }
+            }
+            match p.upstream.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+                _ => return Err(invalid(&format!("{name}.upstream"), "expected host:port, e.g. \"imap.gmail.com:993\"")),
+            }
+            if p.upstream_tls == UpstreamTls::Starttls && protocol != Protocol::Smtp {
+                return Err(invalid(&format!("{name}.upstream_tls"), "\"starttls\" is only supported for smtp; use \"implicit\""));
+            }
+            if p.max_message_size.is_some() && protocol != Protocol::Smtp {
+                return Err(invalid(&format!("{name}.max_message_size"), "only applies to [smtp]"));
+            }
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("limits.preauth_timeout_secs", l.preauth_timeout_secs),
+            ("limits.upstream_timeout_secs", l.upstream_timeout_secs),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1 second"));
+            }
+        }
+        if l.max_line < 512 || l.max_line > 1024 * 1024 {
+            return Err(invalid("limits.max_line", "must be between 512 and 1048576 bytes"));
+        }
+        if l.max_literal == 0 || l.max_literal > 16 * 1024 * 1024 {
+            return Err(invalid("limits.max_literal", "must be between 1 and 16777216 bytes"));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.server.hostname.is_empty() || self.server.hostname.contains(char::is_whitespace) {
+            return Err(invalid("server.hostname", "must be a host name without spaces"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "c.pem"
+        key = "k.pem"
+        [directory]
+        kind = "file"
+        path = "users.toml"
+        [access]
+        profiles = "profiles.toml"
+        [imap]
+        listen = ["127.0.0.1:10993"]
+        upstream = "imap.gmail.com:993"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), PathBuf::from("/etc/postern"))
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.idle_timeout_secs, 2100);
+        assert_eq!(c.imap.as_ref().unwrap().upstream_host(), "imap.gmail.com");
+        assert_eq!(c.resolve(Path::new("users.toml")), PathBuf::from("/etc/postern/users.toml"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = parse(&format!("{MINIMAL}\nsurprise = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("surprise"), "{err}");
+        let err = parse(&MINIMAL.replace("[imap]", "[imap]\nlisten_port = 1")).unwrap_err().to_string();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = parse(&MINIMAL.replace("imap.gmail.com:993", "imap.gmail.com")).unwrap_err().to_string();
+        assert!(err.contains("imap.upstream"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[limits]\npreauth_timeout_secs = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("limits.preauth_timeout_secs"), "{err}");
+        let err = parse(&MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_tls = \"starttls\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("imap.upstream_tls"), "{err}");
+    }
+
+    #[test]
+    fn no_protocol_is_an_error() {
+        let text = MINIMAL.replace("[imap]\n        listen = [\"127.0.0.1:10993\"]\n        upstream = \"imap.gmail.com:993\"", "");
+        assert!(parse(&text).unwrap_err().to_string().contains("no protocol"));
+    }
+}
