@@ -1,1 +1,0 @@
-//! access (in progress).
