@@ -1,0 +1,199 @@
+//! IMAP login upstream: greeting, `LOGIN` or `AUTHENTICATE XOAUTH2`, capabilities.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt};
+use crate::protocol::{UpstreamInfo, sasl};
+
+const TAG: &str = "P1";
+const CAPA_TAG: &str = "P2";
+
+pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -> Result<LoggedIn, UpstreamError> {
+    let greeting = conn.read_line().await?;
+    if starts_with_ci(&greeting, "* PREAUTH") {
+        return Err(UpstreamError::Protocol("upstream greeted with PREAUTH; refusing an unauthenticated session".into()));
+    }
+    if !starts_with_ci(&greeting, "* OK") {
+        return Err(UpstreamError::Protocol(excerpt(&greeting)));
+    }
+    let greeting_caps = bracket_capabilities(&greeting);
+    let literal_plus = greeting_caps
+        .as_deref()
+        .is_some_and(|c| c.split_ascii_whitespace().any(|w| w.eq_ignore_ascii_case("LITERAL+")));
+
+    let mut capabilities = None;
+    let done = match auth {
+        UpstreamAuth::Password { user, password } => {
+            check_line_safe("upstream user name", user)?;
+            check_line_safe("upstream password", password.expose())?;
+            let mut command = format!("{TAG} LOGIN ").into_bytes();
+            append_astring(&mut conn, &mut command, user.as_bytes(), literal_plus).await?;
+            command.push(b' ');
+            append_astring(&mut conn, &mut command, password.expose().as_bytes(), literal_plus).await?;
+            command.extend_from_slice(b"\r\n");
+            conn.send(&command).await?;
+            read_tagged(&mut conn, TAG, &mut capabilities).await?
+        }
+        UpstreamAuth::XOAuth2 { user, token } => {
+            let ir = sasl::encode_xoauth2(user, token.expose());
+            conn.send(format!("{TAG} AUTHENTICATE XOAUTH2 {ir}\r\n").as_bytes()).await?;
+            read_tagged(&mut conn, TAG, &mut capabilities).await?
+        }
+    };
+    let (status, text) = done;
+    if !status.eq_ignore_ascii_case("OK") {
+        return Err(UpstreamError::Refused(excerpt(&format!("{status} {text}"))));
+    }
+    if capabilities.is_none() {
+        capabilities = bracket_capabilities(&text);
+    }
+    if capabilities.is_none() {
+        conn.send(format!("{CAPA_TAG} CAPABILITY\r\n").as_bytes()).await?;
+        let (status, text) = read_tagged(&mut conn, CAPA_TAG, &mut capabilities).await?;
+        if !status.eq_ignore_ascii_case("OK") {
+            return Err(UpstreamError::Protocol(excerpt(&text)));
+        }
+    }
+    let (stream, leftover) = conn.into_parts();
+    Ok(LoggedIn { stream, info: UpstreamInfo { capabilities }, leftover })
+}
+
+/// Reads responses up to the tagged one, noting capabilities; answers a SASL error
+/// challenge (`+ base64`) with an empty line, as XOAUTH2 requires.
+async fn read_tagged<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    tag: &str,
+    capabilities: &mut Option<String>,
+) -> Result<(String, String), UpstreamError> {
+    loop {
+        let line = conn.read_line().await?;
+        if let Some(rest) = strip_prefix_ci(&line, "* CAPABILITY ") {
+            *capabilities = Some(rest.trim().to_owned());
+        } else if line.starts_with('+') {
+            let challenge = line[1..].trim();
+            if !challenge.is_empty() {
+                tracing::debug!(challenge = %excerpt(&sasl_error_text(challenge)), "upstream SASL error challenge");
+            }
+            conn.send(b"\r\n").await?;
+        } else if let Some(rest) = line.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {
+            let (status, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            return Ok((status.to_owned(), text.to_owned()));
+        } else if line.ends_with('}') {
+            return Err(UpstreamError::Protocol("literal in a login response".into()));
+        }
+    }
+}
+
+/// Decodes a base64 SASL error challenge for the log, or keeps it as sent.
+fn sasl_error_text(challenge: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(challenge)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| challenge.to_owned())
+}
+
+/// Appends `value` as an atom, quoted string or literal, whichever it needs. A synchronizing
+/// literal is sent at once (with the command so far) and the server's `+` awaited.
+async fn append_astring<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    command: &mut Vec<u8>,
+    value: &[u8],
+    literal_plus: bool,
+) -> Result<(), UpstreamError> {
+    let atom = !value.is_empty() && value.iter().all(|&b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b));
+    let quotable = value.iter().all(|&b| (0x20..0x7f).contains(&b));
+    if atom {
+        command.extend_from_slice(value);
+    } else if quotable {
+        command.push(b'"');
+        for &b in value {
+            if b == b'"' || b == b'\\' {
+                command.push(b'\\');
+            }
+            command.push(b);
+        }
+        command.push(b'"');
+    } else if literal_plus {
+        command.extend_from_slice(format!("{{{}+}}\r\n", value.len()).as_bytes());
+        command.extend_from_slice(value);
+    } else {
+        command.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
+        conn.send(command).await?;
+        command.clear();
+        let line = conn.read_line().await?;
+        if !line.starts_with('+') {
+            return Err(UpstreamError::Refused(excerpt(&line)));
+        }
+        command.extend_from_slice(value);
+    }
+    Ok(())
+}
+
+/// The capability list in a `[CAPABILITY ...]` response code, if any.
+fn bracket_capabilities(text: &str) -> Option<String> {
+    let start = text.find('[')?;
+    let inner = &text[start + 1..];
+    let rest = strip_prefix_ci(inner, "CAPABILITY ")?;
+    let end = rest.find(']')?;
+    Some(rest[..end].trim().to_owned())
+}
+
+fn starts_with_ci(text: &str, prefix: &str) -> bool {
+    strip_prefix_ci(text, prefix).is_some()
+}
+
+fn strip_prefix_ci<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_come_from_response_codes() {
+        assert_eq!(
+            bracket_capabilities("* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+] ready").as_deref(),
+            Some("IMAP4rev1 SASL-IR LITERAL+")
+        );
+        assert_eq!(bracket_capabilities("OK [capability IMAP4rev1 IDLE] Logged in").as_deref(), Some("IMAP4rev1 IDLE"));
+        assert_eq!(bracket_capabilities("OK Logged in"), None);
+        assert_eq!(bracket_capabilities("OK [ALERT] hi"), None);
+    }
+
+    async fn encoded(value: &str, literal_plus: bool) -> (Vec<u8>, Vec<u8>) {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let responder = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut seen = vec![0u8; 1024];
+            let n = server.read(&mut seen).await.unwrap_or(0);
+            seen.truncate(n);
+            if seen.ends_with(b"}\r\n") {
+                server.write_all(b"+ go ahead\r\n").await.unwrap();
+            }
+            seen
+        });
+        let mut conn = Conn::new(client);
+        let mut command = b"P1 LOGIN ".to_vec();
+        append_astring(&mut conn, &mut command, value.as_bytes(), literal_plus).await.unwrap();
+        if !value.is_ascii() && !literal_plus {
+            drop(conn);
+        }
+        let sent_early = if !value.is_ascii() && !literal_plus { responder.await.unwrap() } else { Vec::new() };
+        (sent_early, command)
+    }
+
+    #[tokio::test]
+    async fn astrings_pick_atom_quoted_or_literal() {
+        assert_eq!(encoded("alice@example.com", false).await.1, b"P1 LOGIN alice@example.com");
+        assert_eq!(encoded(r#"p "a" \b"#, false).await.1, br#"P1 LOGIN "p \"a\" \\b""#);
+        assert_eq!(encoded("", false).await.1, b"P1 LOGIN \"\"");
+        assert_eq!(encoded("pässwörd", true).await.1, "P1 LOGIN {10+}\r\npässwörd".as_bytes());
+        let (early, rest) = encoded("pässwörd", false).await;
+        assert_eq!(early, b"P1 LOGIN {10}\r\n");
+        assert_eq!(rest, "pässwörd".as_bytes());
+    }
+}

@@ -1,0 +1,241 @@
+//! The upstream side: TLS to the real mail server and a login there with the user's stored
+//! credential, for each protocol.
+//!
+//! A login returns the TLS stream ready for splicing, what the client's success reply needs,
+//! and any bytes the server sent after its login answer (they belong to the client).
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{ProtocolConfig, UpstreamTls};
+use crate::protocol::{Protocol, UpstreamInfo};
+use crate::secret::Secret;
+use crate::tls::{self, TlsError};
+
+mod imap;
+mod pop3;
+mod smtp;
+
+/// The TLS stream to an upstream server.
+pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Longest line accepted from an upstream during login.
+const MAX_UPSTREAM_LINE: usize = 64 * 1024;
+
+/// How Postern proves itself to the upstream for one user.
+#[derive(Debug, Clone)]
+pub enum UpstreamAuth {
+    /// A stored password or app password (IMAP `LOGIN`, POP3 `USER`/`PASS`, SMTP `AUTH PLAIN`).
+    Password {
+        /// Upstream login name.
+        user: String,
+        /// The password.
+        password: Secret,
+    },
+    /// An OAuth2 access token (SASL `XOAUTH2`).
+    XOAuth2 {
+        /// The mailbox address.
+        user: String,
+        /// The bearer token.
+        token: Secret,
+    },
+}
+
+impl UpstreamAuth {
+    /// The upstream login name.
+    pub fn user(&self) -> &str {
+        match self {
+            UpstreamAuth::Password { user, .. } | UpstreamAuth::XOAuth2 { user, .. } => user,
+        }
+    }
+}
+
+/// Why the upstream login did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect failed.
+    #[error("cannot connect to {address}: {message}")]
+    Connect {
+        /// The upstream address.
+        address: String,
+        /// The error.
+        message: String,
+    },
+    /// The TLS handshake failed (untrusted or mismatched certificate, protocol error).
+    #[error("TLS with {address} failed: {message}")]
+    Tls {
+        /// The upstream address.
+        address: String,
+        /// The error.
+        message: String,
+    },
+    /// The upstream did not finish in time.
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The upstream closed the connection or a read/write failed.
+    #[error("upstream connection failed: {0}")]
+    Io(String),
+    /// The upstream answered something the login dialogue does not allow.
+    #[error("unexpected upstream answer: {0}")]
+    Protocol(String),
+    /// The upstream refused the stored credential; its answer is kept for the admin.
+    #[error("upstream refused the stored credential: {0}")]
+    Refused(String),
+}
+
+/// A logged-in upstream session.
+pub struct LoggedIn {
+    /// The stream, positioned after the login answer.
+    pub stream: UpstreamStream,
+    /// What the client's success reply needs.
+    pub info: UpstreamInfo,
+    /// Bytes the server sent after the login answer, to be forwarded to the client first.
+    pub leftover: BytesMut,
+}
+
+/// One configured upstream server.
+pub struct Upstream {
+    protocol: Protocol,
+    address: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    tls: UpstreamTls,
+    timeout: Duration,
+    hostname: String,
+}
+
+impl Upstream {
+    /// Prepares connections to the upstream `config` names; nothing is dialled yet.
+    pub fn new(
+        protocol: Protocol,
+        config: &ProtocolConfig,
+        ca_file: Option<&std::path::Path>,
+        hostname: &str,
+        timeout: Duration,
+    ) -> Result<Self, TlsError> {
+        let name = config.upstream_server_name.clone().unwrap_or_else(|| config.upstream_host().to_owned());
+        let server_name = ServerName::try_from(name.clone()).map_err(|e| TlsError::File {
+            what: "upstream server name",
+            path: name.into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            protocol,
+            address: config.upstream.clone(),
+            server_name,
+            connector: TlsConnector::from(tls::client_config(ca_file)?),
+            tls: config.upstream_tls,
+            timeout,
+            hostname: hostname.to_owned(),
+        })
+    }
+
+    /// The upstream's `host:port`, for logs.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Connects, secures and logs in with `auth`. `client_hello` is the client's SMTP `EHLO`
+    /// name, reused upstream. The whole exchange is bounded by the upstream timeout.
+    pub async fn login(&self, auth: &UpstreamAuth, client_hello: Option<&str>) -> Result<LoggedIn, UpstreamError> {
+        tokio::time::timeout(self.timeout, self.login_inner(auth, client_hello))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
+    }
+
+    async fn login_inner(&self, auth: &UpstreamAuth, client_hello: Option<&str>) -> Result<LoggedIn, UpstreamError> {
+        let tcp = TcpStream::connect(&self.address).await.map_err(|e| UpstreamError::Connect {
+            address: self.address.clone(),
+            message: e.to_string(),
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let hello = client_hello.unwrap_or(&self.hostname);
+        match (self.protocol, self.tls) {
+            (Protocol::Smtp, UpstreamTls::Starttls) => {
+                let tcp = smtp::starttls(Conn::new(tcp), hello).await?;
+                let conn = Conn::new(self.handshake(tcp).await?);
+                smtp::login(conn, auth, hello, false).await
+            }
+            (protocol, _) => {
+                let conn = Conn::new(self.handshake(tcp).await?);
+                match protocol {
+                    Protocol::Imap => imap::login(conn, auth).await,
+                    Protocol::Pop3 => pop3::login(conn, auth).await,
+                    Protocol::Smtp => smtp::login(conn, auth, hello, true).await,
+                }
+            }
+        }
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
+        self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| UpstreamError::Tls {
+            address: self.address.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// A line-oriented view of an upstream connection during login.
+struct Conn<S> {
+    stream: S,
+    buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(stream: S) -> Self {
+        Self { stream, buf: BytesMut::with_capacity(4096) }
+    }
+
+    /// The next line without its terminator, lossily decoded for matching and messages.
+    async fn read_line(&mut self) -> Result<String, UpstreamError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(end + 1);
+                let text = String::from_utf8_lossy(&line);
+                return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+            }
+            if self.buf.len() > MAX_UPSTREAM_LINE {
+                return Err(UpstreamError::Protocol("line too long".to_owned()));
+            }
+            let n = self.stream.read_buf(&mut self.buf).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
+            if n == 0 {
+                return Err(UpstreamError::Io("connection closed by the upstream".to_owned()));
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
+        self.stream.write_all(bytes).await.map_err(|e| UpstreamError::Io(e.to_string()))?;
+        self.stream.flush().await.map_err(|e| UpstreamError::Io(e.to_string()))
+    }
+
+    fn into_parts(self) -> (S, BytesMut) {
+        (self.stream, self.buf)
+    }
+}
+
+/// Refuses a value that would break out of the protocol line it is written into.
+fn check_line_safe(what: &str, value: &str) -> Result<(), UpstreamError> {
+    if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(UpstreamError::Protocol(format!("{what} contains CR, LF or NUL; refusing to send it")));
+    }
+    Ok(())
+}
+
+/// Shortens an upstream answer for logs and errors.
+fn excerpt(line: &str) -> String {
+    const MAX: usize = 300;
+    if line.len() <= MAX {
+        return line.to_owned();
+    }
+    let mut end = MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &line[..end])
+}

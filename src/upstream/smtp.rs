@@ -1,0 +1,115 @@
+//! SMTP submission login upstream: greeting, `EHLO`, optional `STARTTLS`, `AUTH`.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt};
+use crate::protocol::{UpstreamInfo, sasl};
+
+/// A complete (possibly multi-line) SMTP reply.
+struct Reply {
+    code: u16,
+    lines: Vec<String>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        excerpt(&self.lines.join(" / "))
+    }
+}
+
+async fn read_reply<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>) -> Result<Reply, UpstreamError> {
+    let mut lines = Vec::new();
+    loop {
+        let line = conn.read_line().await?;
+        let code = line.get(..3).and_then(|c| c.parse::<u16>().ok());
+        let Some(code) = code else {
+            return Err(UpstreamError::Protocol(excerpt(&line)));
+        };
+        let last = line.as_bytes().get(3) != Some(&b'-');
+        lines.push(line);
+        if last {
+            return Ok(Reply { code, lines });
+        }
+        if lines.len() > 100 {
+            return Err(UpstreamError::Protocol("reply with too many lines".into()));
+        }
+    }
+}
+
+async fn greet_and_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    hello: &str,
+    expect_greeting: bool,
+) -> Result<Reply, UpstreamError> {
+    if expect_greeting {
+        let greeting = read_reply(conn).await?;
+        if greeting.code != 220 {
+            return Err(UpstreamError::Protocol(greeting.text()));
+        }
+    }
+    check_line_safe("EHLO name", hello)?;
+    conn.send(format!("EHLO {hello}\r\n").as_bytes()).await?;
+    let ehlo = read_reply(conn).await?;
+    if ehlo.code != 250 {
+        return Err(UpstreamError::Protocol(ehlo.text()));
+    }
+    Ok(ehlo)
+}
+
+/// Upgrades a plain submission connection with `STARTTLS` and returns the bare TCP stream for
+/// the TLS handshake. Anything the server sent beyond its `220` answer is a protocol error:
+/// bytes read before the handshake must never be trusted after it.
+pub(super) async fn starttls(mut conn: Conn<TcpStream>, hello: &str) -> Result<TcpStream, UpstreamError> {
+    let ehlo = greet_and_hello(&mut conn, hello, true).await?;
+    if !ehlo.lines.iter().any(|l| l.get(4..).is_some_and(|e| e.eq_ignore_ascii_case("STARTTLS"))) {
+        return Err(UpstreamError::Protocol("upstream does not offer STARTTLS".into()));
+    }
+    conn.send(b"STARTTLS\r\n").await?;
+    let answer = read_reply(&mut conn).await?;
+    if answer.code != 220 {
+        return Err(UpstreamError::Protocol(answer.text()));
+    }
+    let (stream, leftover) = conn.into_parts();
+    if !leftover.is_empty() {
+        return Err(UpstreamError::Protocol("upstream sent data before the TLS handshake".into()));
+    }
+    Ok(stream)
+}
+
+/// Logs in over TLS. `greeting` is false after STARTTLS, where no new greeting comes.
+pub(super) async fn login(
+    mut conn: Conn<UpstreamStream>,
+    auth: &UpstreamAuth,
+    hello: &str,
+    greeting: bool,
+) -> Result<LoggedIn, UpstreamError> {
+    greet_and_hello(&mut conn, hello, greeting).await?;
+    let answer = match auth {
+        UpstreamAuth::Password { user, password } => {
+            check_line_safe("upstream user name", user)?;
+            let mut ir = sasl::encode_plain(user, password.expose());
+            let sent = conn.send(format!("AUTH PLAIN {ir}\r\n").as_bytes()).await;
+            zeroize::Zeroize::zeroize(&mut ir);
+            sent?;
+            read_reply(&mut conn).await?
+        }
+        UpstreamAuth::XOAuth2 { user, token } => {
+            let ir = sasl::encode_xoauth2(user, token.expose());
+            conn.send(format!("AUTH XOAUTH2 {ir}\r\n").as_bytes()).await?;
+            let mut answer = read_reply(&mut conn).await?;
+            if answer.code == 334 {
+                conn.send(b"\r\n").await?;
+                answer = read_reply(&mut conn).await?;
+            }
+            answer
+        }
+    };
+    match answer.code {
+        235 => {}
+        500..=599 => return Err(UpstreamError::Refused(answer.text())),
+        _ => return Err(UpstreamError::Protocol(answer.text())),
+    }
+    let (stream, leftover) = conn.into_parts();
+    Ok(LoggedIn { stream, info: UpstreamInfo::default(), leftover })
+}
