@@ -1,1 +1,122 @@
-//! audit (in progress).
+//! The audit log: one structured line per session, written when the session ends.
+//!
+//! Lines go to the `audit` tracing target, so the process's log format (text or JSON)
+//! applies and they can be filtered apart (`RUST_LOG=audit=info`). Nothing a client sent
+//! is written here except the user name, and never a password or token.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::protocol::Protocol;
+
+/// How a session ended, from the admin's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Logged in and spliced to the upstream.
+    LoggedIn,
+    /// The last login attempt was refused.
+    Denied,
+    /// The directory or upstream could not serve the login.
+    Unavailable,
+    /// The client broke the protocol or its limits.
+    ProtocolError,
+    /// The client did not log in within the pre-login timeout.
+    TimedOut,
+    /// The client left before logging in.
+    Abandoned,
+    /// The server shut down before the client logged in.
+    Shutdown,
+}
+
+impl Outcome {
+    /// The outcome as written to the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::LoggedIn => "logged-in",
+            Outcome::Denied => "denied",
+            Outcome::Unavailable => "unavailable",
+            Outcome::ProtocolError => "protocol-error",
+            Outcome::TimedOut => "timeout",
+            Outcome::Abandoned => "abandoned",
+            Outcome::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Everything the audit line of one session says, filled in as the session goes.
+#[derive(Debug)]
+pub struct SessionRecord {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The client's address and port.
+    pub client: SocketAddr,
+    started: Instant,
+    /// The user name of the last login attempt (directory identity).
+    pub user: Option<String>,
+    /// A login mode taken from the user name, e.g. `recent` for POP3 `recent:` logins.
+    pub mode: Option<&'static str>,
+    /// How the client authenticated.
+    pub mechanism: Option<&'static str>,
+    /// The profile and allow entry that admitted the client.
+    pub profile: Option<String>,
+    /// The upstream `host:port`.
+    pub upstream: String,
+    /// Login attempts on this connection.
+    pub attempts: u32,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The precise reason for the outcome.
+    pub reason: String,
+    /// Bytes relayed client to upstream.
+    pub bytes_up: u64,
+    /// Bytes relayed upstream to client.
+    pub bytes_down: u64,
+}
+
+impl SessionRecord {
+    /// Starts the record of a session that has just been accepted.
+    pub fn new(protocol: Protocol, client: SocketAddr, upstream: &str) -> Self {
+        Self {
+            protocol,
+            client,
+            started: Instant::now(),
+            user: None,
+            mode: None,
+            mechanism: None,
+            profile: None,
+            upstream: upstream.to_owned(),
+            attempts: 0,
+            outcome: Outcome::Abandoned,
+            reason: "client closed the connection before logging in".to_owned(),
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    /// Sets the outcome and its reason.
+    pub fn set(&mut self, outcome: Outcome, reason: impl Into<String>) {
+        self.outcome = outcome;
+        self.reason = reason.into();
+    }
+
+    /// Writes the audit line.
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "audit",
+            protocol = self.protocol.name(),
+            client = %self.client,
+            user = self.user.as_deref().unwrap_or("-"),
+            mode = self.mode.unwrap_or("-"),
+            mechanism = self.mechanism.unwrap_or("-"),
+            outcome = self.outcome.as_str(),
+            reason = %self.reason,
+            profile = self.profile.as_deref().unwrap_or("-"),
+            upstream = %self.upstream,
+            attempts = self.attempts,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "session"
+        );
+    }
+}
