@@ -16,6 +16,7 @@ pub mod listener;
 pub mod protocol;
 pub mod relay;
 pub mod secret;
+pub mod server;
 pub mod session;
 pub mod tls;
 pub mod upstream;

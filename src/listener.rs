@@ -1,1 +1,77 @@
-//! listener (in progress).
+//! Accepting connections: a connection permit is taken before `accept`, and the TLS
+//! handshake runs in the connection's own task under a timeout, so a slow client never
+//! holds up the accept loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::Protocol;
+use crate::server::{Server, Shutdown};
+use crate::session;
+
+/// Longest pause after repeated accept errors (e.g. out of file descriptors).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Accepts connections on `listener` until shutdown, one task per connection.
+pub async fn accept_loop(
+    listener: TcpListener,
+    protocol: Protocol,
+    server: Arc<Server>,
+    permits: Arc<Semaphore>,
+    tasks: TaskTracker,
+    shutdown: Shutdown,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = shutdown.stop_accepting.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.stop_accepting.cancelled() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(e) => {
+                tracing::warn!(%protocol, error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            handle(tcp, peer, protocol, server, shutdown).await;
+        });
+    }
+}
+
+async fn handle(tcp: TcpStream, peer: std::net::SocketAddr, protocol: Protocol, server: Arc<Server>, shutdown: Shutdown) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(server.limits.handshake_timeout(), server.tls().accept(tcp)).await;
+    let client = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%protocol, %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%protocol, %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    session::run(server, protocol, client, peer, shutdown).await;
+}

@@ -1,0 +1,196 @@
+//! One client connection from TLS accept to the end of the splice: the pipeline all three
+//! protocols share. Only the [`Dialogue`] differs between them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::audit::{Outcome, SessionRecord};
+use crate::limits::MAX_LOGIN_ATTEMPTS;
+use crate::protocol::{self, Dialogue, Protocol, Step};
+use crate::relay::{self, Counters};
+use crate::server::{Server, Shutdown};
+
+pub mod login;
+
+use login::{Admitted, Refusal};
+
+/// Runs the session of a client whose TLS handshake is done, and writes its audit line.
+pub async fn run<S>(server: Arc<Server>, protocol: Protocol, client: S, peer: SocketAddr, shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer);
+    async move {
+        let record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
+        let mut session = Session {
+            dialogue: protocol::dialogue(protocol, &server.dialogue_settings(protocol)),
+            server,
+            protocol,
+            client,
+            peer,
+            input: BytesMut::with_capacity(1024),
+            record,
+            shutdown,
+        };
+        session.serve().await;
+        session.record.emit();
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session<S> {
+    server: Arc<Server>,
+    protocol: Protocol,
+    dialogue: Box<dyn Dialogue>,
+    client: S,
+    peer: SocketAddr,
+    input: BytesMut,
+    record: SessionRecord,
+    shutdown: Shutdown,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    async fn serve(&mut self) {
+        let Some(admitted) = self.pre_login().await else {
+            let _ = self.client.shutdown().await;
+            return;
+        };
+        self.splice(admitted).await;
+    }
+
+    /// The pre-login dialogue, bounded by the pre-login deadline. `None` when the
+    /// connection ended without a successful login.
+    async fn pre_login(&mut self) -> Option<Admitted> {
+        let deadline = Instant::now() + self.server.limits.preauth_timeout();
+        let greeting = self.dialogue.greeting();
+        self.write(&greeting, deadline).await?;
+        loop {
+            match self.dialogue.step(&mut self.input) {
+                Step::NeedMore => self.read_more(deadline).await?,
+                Step::Reply(bytes) => self.write(&bytes, deadline).await?,
+                Step::Close(bytes) => {
+                    self.record.set(Outcome::Abandoned, "the pre-login dialogue ended the connection (logout or a protocol limit)");
+                    let _ = self.write(&bytes, deadline).await;
+                    return None;
+                }
+                Step::Login(credentials) => {
+                    self.record.attempts += 1;
+                    self.record.user = Some(login::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
+                    self.record.mechanism = Some(credentials.mechanism);
+                    self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
+                    let decision = tokio::select! {
+                        decision = login::admit(&self.server, self.protocol, self.peer.ip(), &credentials) => decision,
+                        () = self.shutdown.stop_accepting.cancelled() => {
+                            self.record.set(Outcome::Shutdown, "server shut down during login");
+                            let bye = self.dialogue.shutting_down();
+                            let _ = self.write(&bye, deadline).await;
+                            return None;
+                        }
+                    };
+                    match decision {
+                        Ok(admitted) => {
+                            let reply = self.dialogue.accepted(&admitted.upstream.info);
+                            self.write(&reply, deadline).await?;
+                            self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
+                            return Some(admitted);
+                        }
+                        Err(Refusal::Denied(denial)) => {
+                            tracing::info!(reason = denial.reason(), "login refused");
+                            self.record.set(Outcome::Denied, denial.reason());
+                            let reply = self.dialogue.denied();
+                            self.write(&reply, deadline).await?;
+                        }
+                        Err(Refusal::Unavailable(reason)) => {
+                            tracing::warn!(%reason, "login could not be completed");
+                            self.record.set(Outcome::Unavailable, reason);
+                            let reply = self.dialogue.unavailable();
+                            self.write(&reply, deadline).await?;
+                        }
+                    }
+                    if self.record.attempts >= MAX_LOGIN_ATTEMPTS {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads more client input; `None` (with the record updated) when the session must end.
+    async fn read_more(&mut self, deadline: Instant) -> Option<()> {
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.input)) => read,
+            () = self.shutdown.stop_accepting.cancelled() => {
+                self.record.set(Outcome::Shutdown, "server shut down before login");
+                let bye = self.dialogue.shutting_down();
+                let _ = self.write(&bye, deadline).await;
+                return None;
+            }
+        };
+        match read {
+            Err(_) => {
+                if self.record.attempts == 0 {
+                    self.record.set(Outcome::TimedOut, "no login within the pre-login timeout");
+                }
+                let bye = self.dialogue.timed_out();
+                let _ = self.write(&bye, deadline + self.server.limits.handshake_timeout()).await;
+                None
+            }
+            Ok(Ok(0)) => None,
+            Ok(Ok(_)) => Some(()),
+            Ok(Err(e)) => {
+                self.record.set(Outcome::Abandoned, format!("client connection failed before login: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Writes to the client before login; `None` when the client cannot be written to in time.
+    async fn write(&mut self, bytes: &[u8], deadline: Instant) -> Option<()> {
+        let write = async {
+            self.client.write_all(bytes).await?;
+            self.client.flush().await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => Some(()),
+            _ => None,
+        }
+    }
+
+    /// Forwards what each side already sent, then splices until the session ends.
+    async fn splice(&mut self, admitted: Admitted) {
+        let Admitted { upstream, .. } = admitted;
+        let mut upstream_stream = upstream.stream;
+        let counters = Arc::new(Counters::default());
+        let pipelined = self.input.split();
+        if !pipelined.is_empty() {
+            if upstream_stream.write_all(&pipelined).await.is_err() || upstream_stream.flush().await.is_err() {
+                self.record.set(Outcome::LoggedIn, "upstream failed right after login");
+                return;
+            }
+            counters.up.fetch_add(pipelined.len() as u64, Ordering::Relaxed);
+        }
+        if !upstream.leftover.is_empty() {
+            if self.client.write_all(&upstream.leftover).await.is_err() || self.client.flush().await.is_err() {
+                self.record.set(Outcome::LoggedIn, "client failed right after login");
+                return;
+            }
+            counters.down.fetch_add(upstream.leftover.len() as u64, Ordering::Relaxed);
+        }
+        let idle = self.server.limits.idle_timeout();
+        let close = self.shutdown.close_sessions.clone();
+        let end = relay::splice(&mut self.client, upstream_stream, idle, counters.clone(), async move {
+            close.cancelled().await
+        })
+        .await;
+        self.record.bytes_up = counters.up.load(Ordering::Relaxed);
+        self.record.bytes_down = counters.down.load(Ordering::Relaxed);
+        self.record.set(Outcome::LoggedIn, end.describe());
+    }
+}
