@@ -1,19 +1,138 @@
-//! The vault of upstream credentials (placeholder until it lands).
+//! The vault: upstream credentials, encrypted at rest under the state directory.
+//!
+//! Users log in to Postern with their directory password; Postern logs in upstream with a
+//! different secret kept here, which the users never see. The state directory holds:
+//!
+//! - `vault.key`: 32 random bytes, the AES-256-GCM key, mode 0600. Created once by
+//!   `postern vault init` and never overwritten; losing it makes the vault unreadable.
+//! - `vault.toml`: one table per user with the upstream login name, the kind of secret,
+//!   when it was last changed, and the secret sealed with AES-256-GCM:
+//!
+//!   ```toml
+//!   version = 1
+//!
+//!   [users."alice@example.com"]
+//!   upstream_user = "alice@gmail.com"
+//!   kind = "password"
+//!   changed = 1767225600
+//!   sealed = "base64 of nonce (12 bytes) followed by ciphertext and tag"
+//!   ```
+//!
+//! Every write seals with a fresh random nonce. The associated data binds each sealed
+//! secret to its user name, kind and upstream login, so moving a ciphertext to another
+//! user or editing those fields makes it fail to decrypt instead of handing one user's
+//! credential to another. Both files must not be readable by group or others; Postern
+//! refuses to open them otherwise. Unix only: permissions are POSIX modes.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rand::rngs::OsRng;
+use rand::{Rng, RngCore};
+use zeroize::Zeroizing;
 
 use crate::secret::Secret;
+
+/// Name of the key file inside the state directory.
+pub const KEY_FILE: &str = "vault.key";
+/// Name of the credentials file inside the state directory.
+pub const VAULT_FILE: &str = "vault.toml";
+/// The vault file format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Characters of generated passwords: letters and digits without look-alikes (0 O 1 l I).
+const PASSWORD_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+const GENERATED_PASSWORD_LEN: usize = 24;
 
 /// Why the vault could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
+    /// There is no key file: the vault was never initialised here.
+    #[error("vault key {path} not found: run `postern vault init` to create the vault")]
+    KeyMissing {
+        /// The expected key file.
+        path: PathBuf,
+    },
+    /// The key file can be read by group or others.
+    #[error(
+        "vault key {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`"
+    )]
+    UnsafeKeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key file is not 32 bytes, so it is not a key this vault wrote.
+    #[error("vault key {path} is not a {KEY_LEN}-byte key (found {len} bytes)")]
+    InvalidKey {
+        /// The key file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The vault file can be read by group or others.
+    #[error(
+        "vault file {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`"
+    )]
+    UnsafeVaultPermissions {
+        /// The vault file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The vault file does not parse or holds malformed entries.
+    #[error("vault file {path} is corrupt: {message}")]
+    Corrupt {
+        /// The vault file.
+        path: PathBuf,
+        /// What is wrong (for TOML errors, with line and column).
+        message: String,
+    },
+    /// The vault file was written by a newer format.
+    #[error(
+        "vault file {path} has format version {version}; this build reads version {FORMAT_VERSION}"
+    )]
+    UnsupportedVersion {
+        /// The vault file.
+        path: PathBuf,
+        /// The version it declares.
+        version: u32,
+    },
+    /// A sealed secret did not decrypt: the key does not match or the entry was tampered with.
+    #[error("cannot decrypt the upstream secret of {user}: wrong vault key or tampered entry")]
+    Decrypt {
+        /// The user whose entry failed.
+        user: String,
+    },
+    /// A secret could not be sealed (AES-GCM refuses only absurdly long inputs).
+    #[error("cannot encrypt the upstream secret of {user}")]
+    Encrypt {
+        /// The user whose entry failed.
+        user: String,
+    },
+    /// A user name was empty or contained control characters.
+    #[error("invalid user name {0:?}")]
+    InvalidUser(String),
     /// Underlying file error.
     #[error("vault file {path}: {source}")]
     Io {
-        /// The file.
-        path: std::path::PathBuf,
+        /// The file or directory.
+        path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        source: io::Error,
     },
 }
 
@@ -27,6 +146,22 @@ pub enum SecretKind {
     RefreshToken,
 }
 
+impl SecretKind {
+    /// The name used in the vault file and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretKind::Password => "password",
+            SecretKind::RefreshToken => "refresh-token",
+        }
+    }
+}
+
+impl fmt::Display for SecretKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One user's upstream credential, decrypted.
 #[derive(Debug, Clone)]
 pub struct UpstreamSecret {
@@ -36,18 +171,793 @@ pub struct UpstreamSecret {
     pub kind: SecretKind,
     /// The secret itself.
     pub secret: Secret,
+    /// When the secret was set, in seconds since the Unix epoch.
+    pub changed: u64,
+}
+
+impl UpstreamSecret {
+    /// A password (or app password) set now, for the user's own mail address upstream.
+    pub fn password(secret: Secret) -> Self {
+        Self::new(SecretKind::Password, secret)
+    }
+
+    /// An OAuth2 refresh token set now, for the user's own mail address upstream.
+    pub fn refresh_token(secret: Secret) -> Self {
+        Self::new(SecretKind::RefreshToken, secret)
+    }
+
+    /// A secret of `kind` set now.
+    pub fn new(kind: SecretKind, secret: Secret) -> Self {
+        Self {
+            upstream_user: None,
+            kind,
+            secret,
+            changed: unix_now(),
+        }
+    }
+
+    /// The same secret, used with the upstream login name `user`.
+    pub fn with_upstream_user(mut self, user: impl Into<String>) -> Self {
+        self.upstream_user = Some(user.into());
+        self
+    }
+}
+
+/// What the vault holds for one user, without the secret: for `postern vault list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultListing {
+    /// The user's mail address (lower case).
+    pub user: String,
+    /// The upstream login name when it differs from `user`.
+    pub upstream_user: Option<String>,
+    /// What kind of secret is stored.
+    pub kind: SecretKind,
+    /// When it was set, in seconds since the Unix epoch.
+    pub changed: u64,
+}
+
+/// The vault file as stored.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VaultFile {
+    version: u32,
+    #[serde(default)]
+    users: BTreeMap<String, StoredEntry>,
+}
+
+/// One user's entry as stored; `sealed` is base64 of nonce ‖ ciphertext ‖ tag.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream_user: Option<String>,
+    kind: SecretKind,
+    changed: u64,
+    sealed: String,
 }
 
 /// The encrypted store of upstream credentials under the state directory.
-pub struct Vault;
+///
+/// Holds the key (wiped on drop) and the sealed entries; secrets are decrypted only in
+/// [`Vault::get`]. Changes are written to disk before they show in memory.
+pub struct Vault {
+    key_path: PathBuf,
+    vault_path: PathBuf,
+    key: Zeroizing<[u8; KEY_LEN]>,
+    users: BTreeMap<String, StoredEntry>,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault")
+            .field("vault_path", &self.vault_path)
+            .field("entries", &self.users.len())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Vault {
-    /// Opens the vault under `state_dir`.
-    pub fn open(_state_dir: &Path) -> Result<Self, VaultError> {
-        Ok(Self)
+    /// Creates the state directory (mode 0700), a new key and an empty vault file, leaving
+    /// whatever already exists untouched. Returns whether a new key was created.
+    pub fn init(state_dir: &Path) -> Result<bool, VaultError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io_at(state_dir))?;
+
+        let key_path = state_dir.join(KEY_FILE);
+        let created = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+        {
+            Ok(mut file) => {
+                let mut key = Zeroizing::new([0u8; KEY_LEN]);
+                OsRng.fill_bytes(&mut key[..]);
+                file.write_all(&key[..])
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_at(&key_path))?;
+                sync_dir(state_dir)?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io_at(&key_path)(e)),
+        };
+
+        let vault_path = state_dir.join(VAULT_FILE);
+        if !vault_path.exists() {
+            let empty = VaultFile {
+                version: FORMAT_VERSION,
+                users: BTreeMap::new(),
+            };
+            write_vault_file(&vault_path, &empty)?;
+        }
+        Ok(created)
     }
+
+    /// Opens the vault under `state_dir`, refusing key or vault files that group or
+    /// others can access. A missing vault file next to an existing key is an empty vault.
+    pub fn open(state_dir: &Path) -> Result<Self, VaultError> {
+        let key_path = state_dir.join(KEY_FILE);
+        let key = read_key(&key_path)?;
+
+        let vault_path = state_dir.join(VAULT_FILE);
+        let users = match fs::metadata(&vault_path) {
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(VaultError::UnsafeVaultPermissions {
+                        path: vault_path,
+                        mode,
+                    });
+                }
+                let text = fs::read_to_string(&vault_path).map_err(io_at(&vault_path))?;
+                parse_vault_file(&vault_path, &text)?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io_at(&vault_path)(e)),
+        };
+
+        Ok(Self {
+            key_path,
+            vault_path,
+            key,
+            users,
+        })
+    }
+
+    /// The key file this vault was opened with.
+    pub fn key_path(&self) -> &Path {
+        &self.key_path
+    }
+
+    /// The vault file this vault reads and writes.
+    pub fn path(&self) -> &Path {
+        &self.vault_path
+    }
+
     /// The decrypted credential of `user`, if one is stored.
-    pub fn get(&self, _user: &str) -> Result<Option<UpstreamSecret>, VaultError> {
-        Ok(None)
+    pub fn get(&self, user: &str) -> Result<Option<UpstreamSecret>, VaultError> {
+        let user = user.to_lowercase();
+        let Some(entry) = self.users.get(&user) else {
+            return Ok(None);
+        };
+        let secret = self.open_sealed(&user, entry)?;
+        Ok(Some(UpstreamSecret {
+            upstream_user: entry.upstream_user.clone(),
+            kind: entry.kind,
+            secret,
+            changed: entry.changed,
+        }))
+    }
+
+    /// Stores `secret` for `user`, replacing any previous one, and writes the vault file.
+    pub fn set(&mut self, user: &str, secret: UpstreamSecret) -> Result<(), VaultError> {
+        let user = normalize_user(user)?;
+        let entry = StoredEntry {
+            sealed: self.seal(
+                &user,
+                secret.kind,
+                secret.upstream_user.as_deref(),
+                &secret.secret,
+            )?,
+            upstream_user: secret.upstream_user,
+            kind: secret.kind,
+            changed: secret.changed,
+        };
+        let mut users = self.users.clone();
+        users.insert(user, entry);
+        self.commit(users)
+    }
+
+    /// Removes `user`'s credential and writes the vault file; `false` if there was none.
+    pub fn remove(&mut self, user: &str) -> Result<bool, VaultError> {
+        let user = user.to_lowercase();
+        if !self.users.contains_key(&user) {
+            return Ok(false);
+        }
+        let mut users = self.users.clone();
+        users.remove(&user);
+        self.commit(users)?;
+        Ok(true)
+    }
+
+    /// Every stored entry, by user, without secrets.
+    pub fn list(&self) -> Vec<VaultListing> {
+        self.users
+            .iter()
+            .map(|(user, e)| VaultListing {
+                user: user.clone(),
+                upstream_user: e.upstream_user.clone(),
+                kind: e.kind,
+                changed: e.changed,
+            })
+            .collect()
+    }
+
+    /// Whether a credential is stored for `user`.
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(&user.to_lowercase())
+    }
+
+    /// Writes `users` to disk, then adopts them.
+    fn commit(&mut self, users: BTreeMap<String, StoredEntry>) -> Result<(), VaultError> {
+        let file = VaultFile {
+            version: FORMAT_VERSION,
+            users,
+        };
+        write_vault_file(&self.vault_path, &file)?;
+        self.users = file.users;
+        Ok(())
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.key[..]))
+    }
+
+    fn seal(
+        &self,
+        user: &str,
+        kind: SecretKind,
+        upstream_user: Option<&str>,
+        secret: &Secret,
+    ) -> Result<String, VaultError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        let aad = associated_data(user, kind, upstream_user);
+        let payload = Payload {
+            msg: secret.expose().as_bytes(),
+            aad: &aad,
+        };
+        let ciphertext = self
+            .cipher()
+            .encrypt(Nonce::from_slice(&nonce), payload)
+            .map_err(|_| VaultError::Encrypt {
+                user: user.to_owned(),
+            })?;
+        let mut blob = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&ciphertext);
+        Ok(BASE64.encode(blob))
+    }
+
+    fn open_sealed(&self, user: &str, entry: &StoredEntry) -> Result<Secret, VaultError> {
+        let fail = || VaultError::Decrypt {
+            user: user.to_owned(),
+        };
+        let blob = BASE64.decode(&entry.sealed).map_err(|_| fail())?;
+        if blob.len() < NONCE_LEN + TAG_LEN {
+            return Err(fail());
+        }
+        let (nonce, ciphertext) = blob.split_at(NONCE_LEN);
+        let aad = associated_data(user, entry.kind, entry.upstream_user.as_deref());
+        let mut plain = Zeroizing::new(
+            self.cipher()
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    Payload {
+                        msg: ciphertext,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| fail())?,
+        );
+        match String::from_utf8(std::mem::take(&mut *plain)) {
+            Ok(text) => Ok(Secret::new(text)),
+            Err(e) => {
+                drop(Zeroizing::new(e.into_bytes()));
+                Err(fail())
+            }
+        }
+    }
+}
+
+/// Makes a random password for an upstream account: 24 characters from letters and
+/// digits without look-alikes, about 140 bits.
+pub fn generate_password() -> Secret {
+    let mut rng = OsRng;
+    let text: String = (0..GENERATED_PASSWORD_LEN)
+        .map(|_| char::from(PASSWORD_ALPHABET[rng.gen_range(0..PASSWORD_ALPHABET.len())]))
+        .collect();
+    Secret::new(text)
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never a
+/// mix: a temporary file in the same directory (mode 0600), fsync, rename, fsync of the
+/// directory. The temporary file is removed if any step fails. When `path` exists, its
+/// owner is kept where the process may set it (as root), so an edit made by the admin
+/// stays readable by the daemon's account.
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".tmp-{}-{:016x}",
+        std::process::id(),
+        OsRng.next_u64()
+    ));
+    let tmp = dir.join(tmp_name);
+
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        if let Ok(old) = fs::metadata(path) {
+            // Best effort: only root may give a file away, and then it should.
+            let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()));
+        }
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir)?.sync_all()
+}
+
+fn write_vault_file(path: &Path, file: &VaultFile) -> Result<(), VaultError> {
+    let text = toml::to_string(file).map_err(|e| VaultError::Corrupt {
+        path: path.to_owned(),
+        message: format!("cannot serialise: {e}"),
+    })?;
+    write_private_file(path, text.as_bytes()).map_err(io_at(path))
+}
+
+fn parse_vault_file(path: &Path, text: &str) -> Result<BTreeMap<String, StoredEntry>, VaultError> {
+    let corrupt = |message: String| VaultError::Corrupt {
+        path: path.to_owned(),
+        message,
+    };
+    let file: VaultFile = toml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    if file.version != FORMAT_VERSION {
+        return Err(VaultError::UnsupportedVersion {
+            path: path.to_owned(),
+            version: file.version,
+        });
+    }
+    let mut users = BTreeMap::new();
+    for (user, entry) in file.users {
+        let lower = user.to_lowercase();
+        if lower != user {
+            return Err(corrupt(format!("user {user:?} is not lower case")));
+        }
+        match BASE64.decode(&entry.sealed) {
+            Ok(blob) if blob.len() >= NONCE_LEN + TAG_LEN => {}
+            _ => {
+                return Err(corrupt(format!(
+                    "entry for {user} has a malformed sealed value"
+                )));
+            }
+        }
+        users.insert(user, entry);
+    }
+    Ok(users)
+}
+
+fn read_key(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(VaultError::KeyMissing {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(io_at(path)(e)),
+    };
+    let meta = file.metadata().map_err(io_at(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(VaultError::UnsafeKeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if !meta.is_file() || meta.len() != KEY_LEN as u64 {
+        return Err(VaultError::InvalidKey {
+            path: path.to_owned(),
+            len: meta.len(),
+        });
+    }
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    file.read_exact(&mut key[..]).map_err(io_at(path))?;
+    Ok(key)
+}
+
+/// Binds a sealed secret to its place: format version, user, kind and upstream login,
+/// each length-prefixed so no two distinct tuples encode alike.
+fn associated_data(user: &str, kind: SecretKind, upstream_user: Option<&str>) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    aad.extend_from_slice(b"postern-vault");
+    aad.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    for field in [user, kind.as_str()] {
+        push_field(&mut aad, field.as_bytes());
+    }
+    match upstream_user {
+        Some(u) => {
+            aad.push(1);
+            push_field(&mut aad, u.as_bytes());
+        }
+        None => aad.push(0),
+    }
+    aad
+}
+
+fn push_field(buf: &mut Vec<u8>, field: &[u8]) {
+    buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
+    buf.extend_from_slice(field);
+}
+
+fn normalize_user(user: &str) -> Result<String, VaultError> {
+    if user.is_empty() || user.chars().any(char::is_control) {
+        return Err(VaultError::InvalidUser(user.to_owned()));
+    }
+    Ok(user.to_lowercase())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), VaultError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> VaultError + '_ {
+    move |source| VaultError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init_dir() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        assert!(Vault::init(&dir).unwrap());
+        (tmp, dir)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn sealed_of(dir: &Path, user: &str) -> String {
+        let text = fs::read_to_string(dir.join(VAULT_FILE)).unwrap();
+        let file: VaultFile = toml::from_str(&text).unwrap();
+        file.users[user].sealed.clone()
+    }
+
+    #[test]
+    fn init_creates_private_key_and_is_idempotent() {
+        let (_tmp, dir) = init_dir();
+        let key_path = dir.join(KEY_FILE);
+        assert_eq!(mode(&key_path), 0o600);
+        assert_eq!(mode(&dir.join(VAULT_FILE)), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(fs::metadata(&key_path).unwrap().len(), KEY_LEN as u64);
+
+        let key = fs::read(&key_path).unwrap();
+        let mut vault = Vault::open(&dir).unwrap();
+        vault
+            .set("a@example.com", UpstreamSecret::password(Secret::new("pw")))
+            .unwrap();
+
+        assert!(!Vault::init(&dir).unwrap());
+        assert_eq!(fs::read(&key_path).unwrap(), key);
+        assert!(
+            Vault::open(&dir).unwrap().contains("a@example.com"),
+            "init must not reset the vault"
+        );
+    }
+
+    #[test]
+    fn round_trip() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        let secret = UpstreamSecret::refresh_token(Secret::new("1//tok\"en\\ü"))
+            .with_upstream_user("Alice@Gmail.com");
+        let changed = secret.changed;
+        vault.set("Alice@Example.com", secret).unwrap();
+        assert!(vault.contains("alice@example.com"));
+
+        let reopened = Vault::open(&dir).unwrap();
+        let got = reopened.get("ALICE@example.com").unwrap().unwrap();
+        assert_eq!(got.secret.expose(), "1//tok\"en\\ü");
+        assert_eq!(got.kind, SecretKind::RefreshToken);
+        assert_eq!(got.upstream_user.as_deref(), Some("Alice@Gmail.com"));
+        assert_eq!(got.changed, changed);
+        assert!(reopened.get("bob@example.com").unwrap().is_none());
+    }
+
+    #[test]
+    fn remove_deletes_and_persists() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        vault
+            .set("a@example.com", UpstreamSecret::password(Secret::new("pw")))
+            .unwrap();
+        assert!(vault.remove("A@example.com").unwrap());
+        assert!(!vault.remove("a@example.com").unwrap());
+        assert!(!Vault::open(&dir).unwrap().contains("a@example.com"));
+    }
+
+    #[test]
+    fn wrong_key_fails_naming_the_user() {
+        let (tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        vault
+            .set(
+                "alice@example.com",
+                UpstreamSecret::password(Secret::new("pw")),
+            )
+            .unwrap();
+
+        let other = tmp.path().join("other");
+        Vault::init(&other).unwrap();
+        fs::copy(dir.join(VAULT_FILE), other.join(VAULT_FILE)).unwrap();
+        let err = Vault::open(&other)
+            .unwrap()
+            .get("alice@example.com")
+            .unwrap_err();
+        assert!(matches!(&err, VaultError::Decrypt { user } if user == "alice@example.com"));
+        assert!(err.to_string().contains("alice@example.com"));
+    }
+
+    #[test]
+    fn swapped_ciphertexts_fail() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        vault
+            .set(
+                "alice@example.com",
+                UpstreamSecret::password(Secret::new("alice-pw")),
+            )
+            .unwrap();
+        vault
+            .set(
+                "bob@example.com",
+                UpstreamSecret::password(Secret::new("bob-pw")),
+            )
+            .unwrap();
+
+        let path = dir.join(VAULT_FILE);
+        let mut file: VaultFile = toml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let alice = file.users["alice@example.com"].sealed.clone();
+        let bob = std::mem::replace(
+            &mut file.users.get_mut("bob@example.com").unwrap().sealed,
+            alice,
+        );
+        file.users.get_mut("alice@example.com").unwrap().sealed = bob;
+        fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
+
+        let vault = Vault::open(&dir).unwrap();
+        assert!(matches!(
+            vault.get("alice@example.com"),
+            Err(VaultError::Decrypt { .. })
+        ));
+        assert!(matches!(
+            vault.get("bob@example.com"),
+            Err(VaultError::Decrypt { .. })
+        ));
+    }
+
+    #[test]
+    fn changing_kind_or_upstream_user_fails() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        vault
+            .set(
+                "a@example.com",
+                UpstreamSecret::password(Secret::new("pw")).with_upstream_user("x@up"),
+            )
+            .unwrap();
+        let path = dir.join(VAULT_FILE);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("x@up", "y@up")).unwrap();
+        assert!(matches!(
+            Vault::open(&dir).unwrap().get("a@example.com"),
+            Err(VaultError::Decrypt { .. })
+        ));
+        fs::write(&path, text.replace("\"password\"", "\"refresh-token\"")).unwrap();
+        assert!(matches!(
+            Vault::open(&dir).unwrap().get("a@example.com"),
+            Err(VaultError::Decrypt { .. })
+        ));
+    }
+
+    #[test]
+    fn nonce_differs_between_writes() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        vault
+            .set(
+                "a@example.com",
+                UpstreamSecret::password(Secret::new("same")),
+            )
+            .unwrap();
+        let first = sealed_of(&dir, "a@example.com");
+        vault
+            .set(
+                "a@example.com",
+                UpstreamSecret::password(Secret::new("same")),
+            )
+            .unwrap();
+        let second = sealed_of(&dir, "a@example.com");
+        assert_ne!(first, second);
+        assert_ne!(
+            BASE64.decode(&first).unwrap()[..NONCE_LEN],
+            BASE64.decode(&second).unwrap()[..NONCE_LEN]
+        );
+    }
+
+    #[test]
+    fn readable_key_is_refused() {
+        let (_tmp, dir) = init_dir();
+        let key_path = dir.join(KEY_FILE);
+        for mode in [0o644, 0o640, 0o604] {
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = Vault::open(&dir).unwrap_err();
+            assert!(
+                matches!(err, VaultError::UnsafeKeyPermissions { .. }),
+                "{mode:o}: {err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains(&format!("chmod 600 {}", key_path.display()))
+            );
+        }
+    }
+
+    #[test]
+    fn readable_vault_file_is_refused() {
+        let (_tmp, dir) = init_dir();
+        fs::set_permissions(dir.join(VAULT_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Vault::open(&dir).unwrap_err();
+        assert!(
+            matches!(err, VaultError::UnsafeVaultPermissions { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn missing_key_says_how_to_create_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Vault::open(tmp.path()).unwrap_err();
+        assert!(matches!(err, VaultError::KeyMissing { .. }));
+        assert!(err.to_string().contains("postern vault init"));
+    }
+
+    #[test]
+    fn short_key_and_corrupt_file_are_reported() {
+        let (_tmp, dir) = init_dir();
+        let vault_path = dir.join(VAULT_FILE);
+        fs::write(
+            &vault_path,
+            "version = 1\n[users.\"a@b\"]\nkind = \"password\"\nbogus = 1\n",
+        )
+        .unwrap();
+        let err = Vault::open(&dir).unwrap_err();
+        assert!(matches!(err, VaultError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("line"), "{err}");
+
+        fs::write(&vault_path, "version = 2\n").unwrap();
+        assert!(matches!(
+            Vault::open(&dir),
+            Err(VaultError::UnsupportedVersion { version: 2, .. })
+        ));
+
+        fs::write(dir.join(KEY_FILE), [0u8; 5]).unwrap();
+        assert!(matches!(
+            Vault::open(&dir),
+            Err(VaultError::InvalidKey { len: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn writes_leave_no_temporary_files() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        for i in 0..3 {
+            vault
+                .set(
+                    &format!("u{i}@example.com"),
+                    UpstreamSecret::password(generate_password()),
+                )
+                .unwrap();
+        }
+        vault.remove("u0@example.com").unwrap();
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, [KEY_FILE, VAULT_FILE]);
+        assert_eq!(mode(&dir.join(VAULT_FILE)), 0o600);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_list_debug_and_file() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        let secret = "correct-horse-battery-staple";
+        vault
+            .set(
+                "a@example.com",
+                UpstreamSecret::password(Secret::new(secret)),
+            )
+            .unwrap();
+
+        let listing = vault.list();
+        assert_eq!(listing.len(), 1);
+        assert_eq!(listing[0].user, "a@example.com");
+        assert_eq!(listing[0].kind, SecretKind::Password);
+        assert!(!format!("{listing:?}").contains(secret));
+        assert!(!format!("{vault:?}").contains(secret));
+        assert!(!format!("{:?}", vault.get("a@example.com").unwrap()).contains(secret));
+
+        let text = fs::read_to_string(dir.join(VAULT_FILE)).unwrap();
+        assert!(!text.contains(secret));
+        assert!(!text.contains(&BASE64.encode(secret)));
+    }
+
+    #[test]
+    fn generated_passwords_are_long_unambiguous_and_distinct() {
+        let a = generate_password();
+        let b = generate_password();
+        assert_eq!(a.expose().len(), GENERATED_PASSWORD_LEN);
+        assert!(a.expose().bytes().all(|c| PASSWORD_ALPHABET.contains(&c)));
+        assert!(!a.expose().contains(['0', 'O', '1', 'l', 'I']));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn empty_user_is_refused() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        let err = vault
+            .set("", UpstreamSecret::password(Secret::new("pw")))
+            .unwrap_err();
+        assert!(matches!(err, VaultError::InvalidUser(_)));
     }
 }

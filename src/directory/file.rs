@@ -1,6 +1,28 @@
-//! The embedded file directory (placeholder until it lands).
+//! The embedded file directory: users and argon2id password hashes in a TOML file, so a
+//! small installation (and the quickstart) needs no LDAP server.
+//!
+//! The users file holds one table per user, keyed by mail address:
+//!
+//! ```toml
+//! [users."alice@example.com"]
+//! password = "$argon2id$v=19$m=19456,t=2,p=1$..."   # PHC string, from `postern user passwd`
+//! groups = ["staff"]                               # optional
+//! ```
+//!
+//! Unknown keys are errors. Names are matched case-insensitively and stored lower case;
+//! passwords must be argon2id PHC strings. A missing file is an empty directory (the CLI
+//! creates it on the first [`set_password`]). The editing functions rewrite the whole file
+//! atomically with mode 0600; comments and layout of a hand-edited file are not kept.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use argon2::Argon2;
+use argon2::password_hash::{self, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use rand::rngs::OsRng;
 
 use super::{DirectoryError, Entry};
 use crate::secret::Secret;
@@ -9,29 +31,456 @@ use crate::secret::Secret;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// The users file.
+    /// The users file; relative paths are taken from the config file's directory.
     pub path: PathBuf,
 }
 
-/// Users and their argon2id password hashes, loaded from a TOML file.
-pub struct FileDirectory;
+/// A well-formed argon2id hash no password is known to match, checked against when the
+/// user is unknown so that `verify` costs the same either way.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$\
+                          AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
-impl FileDirectory {
-    /// Loads the users file named by `config`, relative to `base_dir`.
-    pub fn open(_config: &FileConfig, _base_dir: &Path) -> Result<Self, DirectoryError> {
-        Ok(Self)
-    }
-    /// See [`super::Directory::lookup`].
-    pub fn lookup(&self, _user: &str) -> Result<Entry, DirectoryError> {
-        Err(DirectoryError::UnknownUser)
-    }
-    /// See [`super::Directory::verify`].
-    pub async fn verify(&self, _entry: &Entry, _password: &Secret) -> Result<Vec<String>, DirectoryError> {
-        Err(DirectoryError::WrongPassword)
+/// One user as stored.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserRecord {
+    password: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    groups: Vec<String>,
+}
+
+/// The users file as stored.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    users: BTreeMap<String, UserRecord>,
+}
+
+/// Users and their argon2id password hashes, loaded from a TOML file.
+///
+/// The file is read once; open it again to pick up changes.
+pub struct FileDirectory {
+    path: PathBuf,
+    users: BTreeMap<String, UserRecord>,
+}
+
+impl fmt::Debug for FileDirectory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileDirectory")
+            .field("path", &self.path)
+            .field("users", &self.users.len())
+            .finish()
     }
 }
 
-/// Sets `user`'s password in the users file at `path`, creating file and user as needed.
-pub fn set_password(_path: &Path, _user: &str, _password: &Secret) -> Result<(), DirectoryError> {
-    Ok(())
+impl FileDirectory {
+    /// Loads the users file named by `config`, relative to `base_dir`.
+    ///
+    /// A missing file gives an empty directory and a warning; an unreadable or malformed
+    /// one is a [`DirectoryError::Config`] naming the file (and line and column).
+    pub fn open(config: &FileConfig, base_dir: &Path) -> Result<Self, DirectoryError> {
+        let path = base_dir.join(&config.path);
+        let users = match load_users(&path)? {
+            Some(users) => {
+                warn_if_exposed(&path);
+                users
+            }
+            None => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "users file not found: the directory is empty until `postern user passwd` adds a user"
+                );
+                BTreeMap::new()
+            }
+        };
+        Ok(Self { path, users })
+    }
+
+    /// The users file this directory was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The users, in name order, with their groups; for listing.
+    pub fn users(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.users
+            .iter()
+            .map(|(name, r)| (name.as_str(), r.groups.as_slice()))
+    }
+
+    /// See [`super::Directory::lookup`].
+    pub fn lookup(&self, user: &str) -> Result<Entry, DirectoryError> {
+        let user = user.to_lowercase();
+        let record = self.users.get(&user).ok_or(DirectoryError::UnknownUser)?;
+        Ok(Entry {
+            user,
+            dn: None,
+            groups: Some(record.groups.clone()),
+        })
+    }
+
+    /// See [`super::Directory::verify`].
+    ///
+    /// The argon2id check runs on the blocking thread pool: it is deliberately slow and
+    /// must not stall the async workers. A user missing from the directory (an entry
+    /// from before a reload) is checked against a dummy hash, so the answer takes as long
+    /// as for a known user; `lookup` has already told unknown users apart anyway.
+    pub async fn verify(
+        &self,
+        entry: &Entry,
+        password: &Secret,
+    ) -> Result<Vec<String>, DirectoryError> {
+        let record = self.users.get(&entry.user.to_lowercase()).cloned();
+        let phc = record
+            .as_ref()
+            .map_or_else(|| DUMMY_HASH.to_owned(), |r| r.password.clone());
+        let password = password.clone();
+        let matched = tokio::task::spawn_blocking(move || check_password(&phc, &password))
+            .await
+            .map_err(|e| {
+                DirectoryError::Unavailable(format!("password check did not complete: {e}"))
+            })??;
+        match record {
+            None => Err(DirectoryError::UnknownUser),
+            Some(_) if !matched => Err(DirectoryError::WrongPassword),
+            Some(r) => Ok(r.groups),
+        }
+    }
+}
+
+/// Hashes `password` with argon2id (default parameters, random salt) into a PHC string.
+///
+/// Slow on purpose; call it from a blocking context.
+pub fn hash_password(password: &Secret) -> Result<String, DirectoryError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| DirectoryError::Config(format!("cannot hash password: {e}")))
+}
+
+/// Sets `user`'s password in the users file at `path`, creating file and user as needed
+/// and keeping the user's groups.
+pub fn set_password(path: &Path, user: &str, password: &Secret) -> Result<(), DirectoryError> {
+    let user = valid_user(user)?;
+    if password.is_empty() {
+        return Err(DirectoryError::Config(
+            "refusing to set an empty password".into(),
+        ));
+    }
+    let mut users = read_users_or_empty(path)?;
+    let hash = hash_password(password)?;
+    users
+        .entry(user)
+        .and_modify(|r| r.password.clone_from(&hash))
+        .or_insert_with(|| UserRecord {
+            password: hash.clone(),
+            groups: Vec::new(),
+        });
+    write_users(path, users)
+}
+
+/// Replaces the groups of `user`, who must already be in the users file at `path`.
+pub fn set_groups(path: &Path, user: &str, groups: &[String]) -> Result<(), DirectoryError> {
+    let user = valid_user(user)?;
+    let mut users = read_users_or_empty(path)?;
+    let record = users.get_mut(&user).ok_or(DirectoryError::UnknownUser)?;
+    record.groups = groups.to_vec();
+    write_users(path, users)
+}
+
+/// Removes `user` from the users file at `path`; `false` if they were not in it.
+pub fn remove_user(path: &Path, user: &str) -> Result<bool, DirectoryError> {
+    let mut users = read_users_or_empty(path)?;
+    if users.remove(&user.to_lowercase()).is_none() {
+        return Ok(false);
+    }
+    write_users(path, users)?;
+    Ok(true)
+}
+
+/// Whether `password` matches the PHC string `phc`.
+fn check_password(phc: &str, password: &Secret) -> Result<bool, DirectoryError> {
+    let hash = PasswordHash::new(phc)
+        .map_err(|e| DirectoryError::Config(format!("stored password hash is unusable: {e}")))?;
+    match Argon2::default().verify_password(password.expose().as_bytes(), &hash) {
+        Ok(()) => Ok(true),
+        Err(password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(DirectoryError::Config(format!(
+            "stored password hash is unusable: {e}"
+        ))),
+    }
+}
+
+fn read_users_or_empty(path: &Path) -> Result<BTreeMap<String, UserRecord>, DirectoryError> {
+    Ok(load_users(path)?.unwrap_or_default())
+}
+
+/// Reads and checks the users file (TOML shape, names unique ignoring case, argon2id
+/// hashes); `None` if there is no such file.
+fn load_users(path: &Path) -> Result<Option<BTreeMap<String, UserRecord>>, DirectoryError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(DirectoryError::Config(format!(
+                "cannot read users file {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let invalid =
+        |msg: String| DirectoryError::Config(format!("users file {}: {msg}", path.display()));
+    let file: UsersFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let mut users = BTreeMap::new();
+    for (name, record) in file.users {
+        let is_argon2id =
+            PasswordHash::new(&record.password).is_ok_and(|h| h.algorithm.as_str() == "argon2id");
+        if !is_argon2id {
+            return Err(invalid(format!(
+                "the password of {name:?} is not an argon2id PHC string"
+            )));
+        }
+        if users.insert(name.to_lowercase(), record).is_some() {
+            return Err(invalid(format!(
+                "user {name:?} appears more than once (names ignore case)"
+            )));
+        }
+    }
+    Ok(Some(users))
+}
+
+/// Password hashes can be attacked offline, so say so when others can read them.
+fn warn_if_exposed(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "users file is accessible by group or others; run `chmod 600` on it"
+            );
+        }
+    }
+}
+
+fn write_users(path: &Path, users: BTreeMap<String, UserRecord>) -> Result<(), DirectoryError> {
+    let text = toml::to_string(&UsersFile { users })
+        .map_err(|e| DirectoryError::Config(format!("cannot serialise users file: {e}")))?;
+    crate::vault::write_private_file(path, text.as_bytes()).map_err(|e| {
+        DirectoryError::Config(format!("cannot write users file {}: {e}", path.display()))
+    })
+}
+
+fn valid_user(user: &str) -> Result<String, DirectoryError> {
+    if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(DirectoryError::Config(format!(
+            "invalid user name {user:?}"
+        )));
+    }
+    Ok(user.to_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn directory(path: &Path) -> FileDirectory {
+        FileDirectory::open(
+            &FileConfig {
+                path: path.to_owned(),
+            },
+            Path::new("/"),
+        )
+        .unwrap()
+    }
+
+    async fn login(path: &Path, user: &str, password: &str) -> Result<Vec<String>, DirectoryError> {
+        let dir = directory(path);
+        let entry = dir.lookup(user)?;
+        dir.verify(&entry, &Secret::new(password)).await
+    }
+
+    #[test]
+    fn dummy_hash_is_well_formed() {
+        assert!(!check_password(DUMMY_HASH, &Secret::new("anything")).unwrap());
+    }
+
+    #[tokio::test]
+    async fn set_then_verify_and_wrong_password() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        set_password(&path, "Alice@Example.com", &Secret::new("s3cret")).unwrap();
+        set_groups(
+            &path,
+            "alice@example.com",
+            &["staff".into(), "admins".into()],
+        )
+        .unwrap();
+
+        assert_eq!(
+            login(&path, "alice@example.com", "s3cret").await.unwrap(),
+            ["staff", "admins"]
+        );
+        assert_eq!(
+            login(&path, "ALICE@example.COM", "s3cret").await.unwrap(),
+            ["staff", "admins"]
+        );
+        assert!(matches!(
+            login(&path, "alice@example.com", "s3cret ").await,
+            Err(DirectoryError::WrongPassword)
+        ));
+
+        set_password(&path, "alice@example.com", &Secret::new("new")).unwrap();
+        assert!(matches!(
+            login(&path, "alice@example.com", "s3cret").await,
+            Err(DirectoryError::WrongPassword)
+        ));
+        assert_eq!(
+            login(&path, "alice@example.com", "new").await.unwrap(),
+            ["staff", "admins"],
+            "groups kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_user() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        set_password(&path, "alice@example.com", &Secret::new("pw")).unwrap();
+        let dir = directory(&path);
+        assert!(matches!(
+            dir.lookup("bob@example.com"),
+            Err(DirectoryError::UnknownUser)
+        ));
+
+        let stale = Entry {
+            user: "bob@example.com".into(),
+            dn: None,
+            groups: None,
+        };
+        assert!(matches!(
+            dir.verify(&stale, &Secret::new("pw")).await,
+            Err(DirectoryError::UnknownUser)
+        ));
+        assert!(matches!(
+            set_groups(&path, "bob@example.com", &[]),
+            Err(DirectoryError::UnknownUser)
+        ));
+    }
+
+    #[tokio::test]
+    async fn awkward_passwords() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        for (i, pw) in [
+            "pässwörd ✓ 密码",
+            "quo\"te's",
+            "back\\slash\\",
+            "\" = 1\n[users.x]",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let user = format!("u{i}@example.com");
+            set_password(&path, &user, &Secret::new(*pw)).unwrap();
+            assert!(login(&path, &user, pw).await.unwrap().is_empty(), "{pw:?}");
+        }
+        assert_eq!(directory(&path).users().count(), 4);
+    }
+
+    #[test]
+    fn missing_file_is_empty_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = FileDirectory::open(
+            &FileConfig {
+                path: "users.toml".into(),
+            },
+            tmp.path(),
+        )
+        .unwrap();
+        assert_eq!(dir.path(), tmp.path().join("users.toml"));
+        assert!(matches!(
+            dir.lookup("a@example.com"),
+            Err(DirectoryError::UnknownUser)
+        ));
+    }
+
+    #[test]
+    fn malformed_file_names_file_and_position() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        std::fs::write(
+            &path,
+            "[users.\"a@example.com\"]\npassword = \"x\"\nshell = \"/bin/sh\"\n",
+        )
+        .unwrap();
+        let err = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DirectoryError::Config(_)));
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(
+            set_password(&path, "a@example.com", &Secret::new("pw")).is_err(),
+            "never clobber a broken file"
+        );
+
+        std::fs::write(&path, "[users.\"a@example.com\"]\npassword = \"plain\"\n").unwrap();
+        let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("argon2id") && !msg.contains("plain"), "{msg}");
+
+        let hash = hash_password(&Secret::new("pw")).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "[users.\"A@x\"]\npassword = \"{hash}\"\n[users.\"a@x\"]\npassword = \"{hash}\"\n"
+            ),
+        )
+        .unwrap();
+        let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("more than once"), "{msg}");
+    }
+
+    #[test]
+    fn writes_are_atomic_and_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        set_password(&path, "a@example.com", &Secret::new("pw")).unwrap();
+        set_password(&path, "b@example.com", &Secret::new("pw")).unwrap();
+        assert!(remove_user(&path, "B@example.com").unwrap());
+        assert!(!remove_user(&path, "b@example.com").unwrap());
+
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["users.toml"]);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn hashes_never_contain_the_password() {
+        let pw = Secret::new("hunter2hunter2");
+        let (a, b) = (hash_password(&pw).unwrap(), hash_password(&pw).unwrap());
+        assert!(a.starts_with("$argon2id$"));
+        assert_ne!(a, b, "fresh salt each time");
+        assert!(!a.contains(pw.expose()));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        set_password(&path, "a@example.com", &pw).unwrap();
+        assert!(
+            !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains(pw.expose())
+        );
+        assert!(set_password(&path, "a@example.com", &Secret::new("")).is_err());
+        assert!(set_password(&path, "a b@example.com", &pw).is_err());
+    }
 }
