@@ -77,11 +77,17 @@ pub struct ServerConfig {
     pub hostname: String,
     /// Folder for the vault and other state (systemd's `StateDirectory`).
     pub state_dir: PathBuf,
+    /// Seconds logged-in sessions may keep running after a stop is requested.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { hostname: "localhost".to_owned(), state_dir: PathBuf::from("/var/lib/postern") }
+        Self {
+            hostname: "localhost".to_owned(),
+            state_dir: PathBuf::from("/var/lib/postern"),
+            shutdown_grace_secs: 30,
+        }
     }
 }
 

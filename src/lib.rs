@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod directory;

@@ -85,6 +85,9 @@ impl Server {
         let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
         let directory = Directory::open(&config.directory, &config.base_dir).await?;
         let state_dir = config.resolve(&config.server.state_dir);
+        if Vault::init(&state_dir)? {
+            tracing::warn!(state_dir = %state_dir.display(), "created a new, empty vault; store upstream credentials with `postern user set-upstream`");
+        }
         let vault = Vault::open(&state_dir)?;
         let mut upstreams = HashMap::new();
         for (protocol, p) in config.protocols() {
@@ -115,6 +118,16 @@ impl Server {
     /// Replaces the profiles for every login from now on.
     pub fn set_profiles(&self, profiles: Profiles) {
         self.profiles.store(Arc::new(profiles));
+    }
+
+    /// Re-reads the profiles file and the vault; on any error the old ones stay in force.
+    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+        let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
+        let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
+        tracing::info!(profiles = profiles.len(), "reloaded security profiles and vault");
+        self.set_profiles(profiles);
+        self.vault.store(Arc::new(vault));
+        Ok(())
     }
 
     /// The vault in force now.

@@ -5,7 +5,7 @@
 //!
 //! ```toml
 //! [users."alice@example.com"]
-//! password = "$argon2id$v=19$m=19456,t=2,p=1$..."   # PHC string, from `postern user passwd`
+//! password = "$argon2id$v=19$m=19456,t=2,p=1$..."   # PHC string, from `postern user set-password`
 //! groups = ["staff"]                               # optional
 //! ```
 //!
@@ -89,7 +89,7 @@ impl FileDirectory {
             None => {
                 tracing::warn!(
                     path = %path.display(),
-                    "users file not found: the directory is empty until `postern user passwd` adds a user"
+                    "users file not found: the directory is empty until `postern user set-password` adds a user"
                 );
                 BTreeMap::new()
             }
