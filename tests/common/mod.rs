@@ -8,6 +8,7 @@
 pub mod client;
 pub mod dovecot;
 pub mod pki;
+pub mod proxy;
 pub mod sink;
 pub mod slapd;
 

@@ -1,0 +1,230 @@
+//! Postern itself, started in-process for a test: its own temp folder, config, vault and
+//! certificate from the test CA, listeners on free loopback ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern::config::Config;
+use postern::protocol::Protocol;
+use postern::secret::Secret;
+use postern::server::{self, Running, Server};
+use postern::vault::{UpstreamSecret, Vault};
+
+use super::{dovecot, pki, slapd};
+
+/// Where the proxy checks passwords.
+pub enum Dir {
+    /// The shared test slapd, searched with the service account over plain LDAP.
+    Ldap,
+    /// An LDAP URL nothing listens on: the directory is down.
+    LdapDown,
+    /// The embedded users file (filled with [`Proxy::set_file_password`]).
+    File,
+}
+
+/// How a test wants its proxy.
+pub struct Options {
+    /// The directory.
+    pub directory: Dir,
+    /// The profiles file's text.
+    pub profiles: String,
+    /// Point the upstreams at a closed port instead of Dovecot.
+    pub upstream_down: bool,
+    /// Use Dovecot's STARTTLS submission port for SMTP.
+    pub smtp_starttls: bool,
+    /// Extra `[limits]` lines.
+    pub limits: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            directory: Dir::Ldap,
+            profiles: String::new(),
+            upstream_down: false,
+            smtp_starttls: false,
+            limits: String::new(),
+        }
+    }
+}
+
+/// A profiles file with one profile allowing `users` from 127.0.0.1 only.
+pub fn profile_for(users: &[&str]) -> String {
+    let users: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
+    format!("[[profile]]\nname = \"loopback\"\nallow = [\"127.0.0.1/32\"]\nusers = [{}]\n", users.join(", "))
+}
+
+/// A running proxy.
+pub struct Proxy {
+    /// Bound IMAPS address.
+    pub imaps: SocketAddr,
+    /// Bound POP3S address.
+    pub pop3s: SocketAddr,
+    /// Bound SMTPS address.
+    pub smtps: SocketAddr,
+    /// The CA clients must trust.
+    pub ca_file: PathBuf,
+    /// The config file.
+    pub config_path: PathBuf,
+    config: Config,
+    server: Arc<Server>,
+    running: Option<Running>,
+    _dir: tempfile::TempDir,
+}
+
+fn closed_port() -> u16 {
+    super::free_port()
+}
+
+impl Proxy {
+    /// Starts a proxy as `options` say.
+    pub async fn start(options: Options) -> Proxy {
+        let dir = tempfile::tempdir().expect("proxy temp dir");
+        let d = dir.path();
+        let pki = pki::pki();
+        let issued = pki.issue_in("proxy", d);
+        let dovecot = dovecot::dovecot();
+        let directory = match options.directory {
+            Dir::Ldap | Dir::LdapDown => {
+                let s = slapd::slapd();
+                let url = match options.directory {
+                    Dir::LdapDown => format!("ldap://127.0.0.1:{}", closed_port()),
+                    _ => s.url.clone(),
+                };
+                format!(
+                    "kind = \"ldap\"\nurl = {url:?}\nbind_dn = {:?}\nbind_password = {:?}\nbase_dn = {:?}\nfilter = \"(mail={{user}})\"\ntimeout_secs = 3\n",
+                    s.service_dn, s.service_password, s.base_dn
+                )
+            }
+            Dir::File => "kind = \"file\"\npath = \"users.toml\"\n".to_owned(),
+        };
+        let upstream = |addr: SocketAddr| {
+            if options.upstream_down { format!("127.0.0.1:{}", closed_port()) } else { format!("localhost:{}", addr.port()) }
+        };
+        let smtp_upstream = if options.smtp_starttls { dovecot.submission_starttls } else { dovecot.submissions };
+        let smtp_tls = if options.smtp_starttls { "starttls" } else { "implicit" };
+        let ca = dovecot.ca_file.display().to_string();
+        let text = format!(
+            r#"
+[server]
+hostname = "proxy.test"
+state_dir = "state"
+shutdown_grace_secs = 2
+
+[tls]
+cert = {cert:?}
+key = {key:?}
+
+[limits]
+upstream_timeout_secs = 5
+{limits}
+
+[directory]
+{directory}
+
+[access]
+profiles = "profiles.toml"
+
+[imap]
+listen = ["127.0.0.1:0"]
+upstream = "{imap}"
+upstream_ca_file = {ca:?}
+
+[pop3]
+listen = ["127.0.0.1:0"]
+upstream = "{pop3}"
+upstream_ca_file = {ca:?}
+
+[smtp]
+listen = ["127.0.0.1:0"]
+upstream = "{smtp}"
+upstream_tls = "{smtp_tls}"
+upstream_ca_file = {ca:?}
+"#,
+            cert = issued.cert_file.display().to_string(),
+            key = issued.key_file.display().to_string(),
+            limits = options.limits,
+            imap = upstream(dovecot.imaps),
+            pop3 = upstream(dovecot.pop3s),
+            smtp = upstream(smtp_upstream),
+        );
+        let config_path = d.join("proxy.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        std::fs::write(d.join("profiles.toml"), &options.profiles).expect("write profiles");
+        let config = Config::load(&config_path).expect("test config is valid");
+        let server = Server::from_config(&config).await.expect("proxy starts");
+        let running = server::start(server.clone(), &config, Duration::from_secs(2)).await.expect("proxy listens");
+        let addr = |p: Protocol| running.addresses[&p][0];
+        Proxy {
+            imaps: addr(Protocol::Imap),
+            pop3s: addr(Protocol::Pop3),
+            smtps: addr(Protocol::Smtp),
+            ca_file: pki.ca_file.clone(),
+            config_path,
+            config,
+            server,
+            running: Some(running),
+            _dir: dir,
+        }
+    }
+
+    /// The proxy's state folder (vault).
+    pub fn state_dir(&self) -> PathBuf {
+        self.config.resolve(&self.config.server.state_dir)
+    }
+
+    /// Stores `password` as `user`'s upstream credential and reloads the proxy.
+    pub fn set_upstream(&self, user: &str, password: &str) {
+        let mut vault = Vault::open(&self.state_dir()).expect("vault");
+        vault.set(user, UpstreamSecret::password(Secret::new(password))).expect("vault set");
+        self.reload();
+    }
+
+    /// Sets `user`'s password in the file directory.
+    pub fn set_file_password(&self, user: &str, password: &str) {
+        let path = self.config.base_dir.join("users.toml");
+        postern::directory::file::set_password(&path, user, &Secret::new(password)).expect("set password");
+    }
+
+    /// Replaces the profiles file and reloads.
+    pub fn set_profiles(&self, text: &str) {
+        std::fs::write(self.config.base_dir.join("profiles.toml"), text).expect("write profiles");
+        self.reload();
+    }
+
+    /// Re-reads profiles and vault.
+    pub fn reload(&self) {
+        self.server.reload(&self.config).expect("reload");
+    }
+
+    /// Stops the proxy (grace period 2 s).
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+}
+
+/// A user known to slapd and Dovecot, with a proxy profile: directory password
+/// `password`, upstream password stored in the proxy's vault.
+pub struct TestUser {
+    /// Mail address.
+    pub mail: String,
+    /// Directory password.
+    pub password: String,
+    /// Upstream (Dovecot) password.
+    pub upstream_password: String,
+}
+
+/// Creates `uid`@example.com in slapd (with `password`) and in Dovecot (with a generated
+/// upstream password), and stores the upstream password in `proxy`'s vault.
+pub fn add_user(proxy: &Proxy, uid: &str, password: &str) -> TestUser {
+    let mail = format!("{uid}@example.com");
+    let upstream_password = format!("up-{uid}-Zq9x");
+    slapd::slapd().add_user(uid, &mail, password, &[]);
+    dovecot::dovecot().add_user(&mail, &upstream_password);
+    proxy.set_upstream(&mail, &upstream_password);
+    TestUser { mail, password: password.to_owned(), upstream_password }
+}
