@@ -91,7 +91,7 @@ fn start() -> Slapd {
         .arg("-h")
         .arg(format!("{url}/ {ldaps_url}/"))
         .arg("-d")
-        .arg("0")
+        .arg("none")
         .stdin(Stdio::piped())
         .stdout(log_file.try_clone().expect("slapd log"))
         .stderr(log_file)
@@ -102,8 +102,11 @@ fn start() -> Slapd {
     let deadline = Instant::now() + Duration::from_secs(20);
     let addrs = [format!("127.0.0.1:{port}"), format!("127.0.0.1:{tls_port}")];
     while !addrs.iter().all(|a| TcpStream::connect(a).is_ok()) {
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        if output.contains("slapd stopped") {
+            panic!("slapd exited at startup; its output:\n{output}");
+        }
         if Instant::now() > deadline {
-            let output = std::fs::read_to_string(&log).unwrap_or_default();
             panic!("slapd did not start listening on {url} and {ldaps_url} within 20 s; its output:\n{output}");
         }
         std::thread::sleep(Duration::from_millis(50));
