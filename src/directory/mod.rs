@@ -18,7 +18,7 @@ pub enum DirectoryConfig {
     /// Users and argon2id hashes in a TOML file next to the config.
     File(file::FileConfig),
     /// An LDAP or Active Directory server.
-    Ldap(ldap::LdapConfig),
+    Ldap(Box<ldap::LdapConfig>),
 }
 
 /// A user the directory knows.
@@ -55,7 +55,7 @@ pub enum Directory {
     /// See [`file::FileDirectory`].
     File(file::FileDirectory),
     /// See [`ldap::LdapDirectory`].
-    Ldap(ldap::LdapDirectory),
+    Ldap(Box<ldap::LdapDirectory>),
 }
 
 impl Directory {
@@ -63,7 +63,7 @@ impl Directory {
     pub async fn open(config: &DirectoryConfig, base_dir: &Path) -> Result<Self, DirectoryError> {
         Ok(match config {
             DirectoryConfig::File(c) => Directory::File(file::FileDirectory::open(c, base_dir)?),
-            DirectoryConfig::Ldap(c) => Directory::Ldap(ldap::LdapDirectory::open(c, base_dir).await?),
+            DirectoryConfig::Ldap(c) => Directory::Ldap(Box::new(ldap::LdapDirectory::open(c, base_dir).await?)),
         })
     }
 
