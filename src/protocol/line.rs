@@ -51,7 +51,11 @@ pub fn take_line(input: &mut BytesMut, max: usize) -> Framed {
     match input[..window].iter().position(|&b| b == b'\n') {
         Some(lf) => {
             let raw = input.split_to(lf + 1);
-            let len = if lf > 0 && raw[lf - 1] == b'\r' { lf - 1 } else { lf };
+            let len = if lf > 0 && raw[lf - 1] == b'\r' {
+                lf - 1
+            } else {
+                lf
+            };
             Framed::Line(Line { raw, len })
         }
         None if input.len() >= max => Framed::TooLong,
@@ -165,7 +169,9 @@ pub(crate) mod testing {
                         Decision::Deny => d.denied(),
                         Decision::Unavailable => d.unavailable(),
                         Decision::Accept(caps) => {
-                            let info = UpstreamInfo { capabilities: caps.map(str::to_owned) };
+                            let info = UpstreamInfo {
+                                capabilities: caps.map(str::to_owned),
+                            };
                             let r = d.accepted(&info);
                             log.push(String::from_utf8_lossy(&r).into_owned());
                             return false;
@@ -204,7 +210,11 @@ pub(crate) mod testing {
             } else {
                 buf.extend_from_slice(&input[cut..]);
             }
-            assert_eq!((&log, &buf.to_vec()), (&whole.0, &whole.1), "split at {cut}");
+            assert_eq!(
+                (&log, &buf.to_vec()),
+                (&whole.0, &whole.1),
+                "split at {cut}"
+            );
         }
         whole
     }
@@ -240,7 +250,12 @@ pub(crate) mod testing {
                     break;
                 }
             }
-            let _ = (d.timed_out(), d.shutting_down(), d.denied(), d.unavailable());
+            let _ = (
+                d.timed_out(),
+                d.shutting_down(),
+                d.denied(),
+                d.unavailable(),
+            );
         }
     }
 }
@@ -280,12 +295,26 @@ mod tests {
 
     #[test]
     fn field_checks() {
-        assert_eq!(user_name(b"  Alice@Example.com ").as_deref(), Some("Alice@Example.com"));
+        assert_eq!(
+            user_name(b"  Alice@Example.com ").as_deref(),
+            Some("Alice@Example.com")
+        );
         assert_eq!(user_name(b"j\xc3\xbcrgen").as_deref(), Some("jürgen"));
-        for bad in [&b""[..], b"   ", b"a\0b", b"a\rb", b"a\nb", b"a\x1bb", b"\xff"] {
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"a\0b",
+            b"a\rb",
+            b"a\nb",
+            b"a\x1bb",
+            b"\xff",
+        ] {
             assert_eq!(user_name(bad), None);
         }
-        assert_eq!(password("pä ss\"w\\rd ".as_bytes()).unwrap().expose(), "pä ss\"w\\rd ");
+        assert_eq!(
+            password("pä ss\"w\\rd ".as_bytes()).unwrap().expose(),
+            "pä ss\"w\\rd "
+        );
         for bad in [&b""[..], b"a\0", b"a\r", b"\nb", b"\xc3"] {
             assert!(password(bad).is_none());
         }

@@ -59,7 +59,13 @@ impl Pop3Dialogue {
             return self.fail("-ERR Invalid user name\r\n");
         };
         self.state = State::Deciding;
-        Step::Login(Credentials { user, upstream_prefix, password, mechanism, client_hello: None })
+        Step::Login(Credentials {
+            user,
+            upstream_prefix,
+            password,
+            mechanism,
+            client_hello: None,
+        })
     }
 
     fn command(&mut self, line: &[u8]) -> Step {
@@ -130,7 +136,10 @@ impl Pop3Dialogue {
 /// Splits off Gmail's `recent:` prefix (any case): (user, upstream prefix).
 fn split_recent(user: String) -> Option<(String, String)> {
     let n = RECENT_PREFIX.len();
-    let has_prefix = user.as_bytes().get(..n).is_some_and(|p| p.eq_ignore_ascii_case(RECENT_PREFIX.as_bytes()));
+    let has_prefix = user
+        .as_bytes()
+        .get(..n)
+        .is_some_and(|p| p.eq_ignore_ascii_case(RECENT_PREFIX.as_bytes()));
     if !has_prefix {
         return Some((user, String::new()));
     }
@@ -202,7 +211,10 @@ mod tests {
     use crate::protocol::line::testing::{Decision, fuzz, run, run_all_splits};
 
     fn settings() -> DialogueSettings {
-        DialogueSettings { max_line: 200, ..DialogueSettings::default() }
+        DialogueSettings {
+            max_line: 200,
+            ..DialogueSettings::default()
+        }
     }
 
     fn make() -> Box<dyn Dialogue> {
@@ -226,7 +238,11 @@ mod tests {
     #[test]
     fn greeting_and_simple_commands() {
         assert_eq!(make().greeting(), b"+OK Postern ready.\r\n");
-        check("CAPA\r\n", &[std::str::from_utf8(CAPABILITIES).unwrap()], "");
+        check(
+            "CAPA\r\n",
+            &[std::str::from_utf8(CAPABILITIES).unwrap()],
+            "",
+        );
         check("capa\n", &[std::str::from_utf8(CAPABILITIES).unwrap()], "");
         check("AUTH\r\n", &["+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"], "");
         check("QUIT\r\nUSER x\r\n", &["CLOSE +OK Bye\r\n"], "USER x\r\n");
@@ -240,7 +256,11 @@ mod tests {
             "",
         );
         check("PASS x\r\n", &["-ERR USER first\r\n"], "");
-        check("AUTH CRAM-MD5\r\n", &["-ERR Unsupported authentication mechanism\r\n"], "");
+        check(
+            "AUTH CRAM-MD5\r\n",
+            &["-ERR Unsupported authentication mechanism\r\n"],
+            "",
+        );
     }
 
     #[test]
@@ -255,8 +275,11 @@ mod tests {
             ],
             "",
         );
-        let (log, rest) =
-            run(make().as_mut(), b"USER a\r\nPASS b\r\nLIST\r\n", Decision::Accept(None));
+        let (log, rest) = run(
+            make().as_mut(),
+            b"USER a\r\nPASS b\r\nLIST\r\n",
+            Decision::Accept(None),
+        );
         assert_eq!(log.last().unwrap(), "+OK Logged in.\r\n");
         assert_eq!(rest, b"LIST\r\n");
     }
@@ -265,7 +288,8 @@ mod tests {
     fn retry_after_denial_and_unavailable() {
         let input = "USER a\r\nPASS b\r\nPASS c\r\nUSER a\r\nPASS c\r\n";
         let (log, _) = run_all_splits(&make, input.as_bytes(), Decision::Unavailable);
-        let unavailable = "-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n";
+        let unavailable =
+            "-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n";
         assert_eq!(
             log,
             [
@@ -284,7 +308,11 @@ mod tests {
     fn recent_mode() {
         check(
             "USER Recent:alice@example.com\r\nPASS pw\r\n",
-            &["+OK\r\n", "LOGIN alice@example.com|recent:|pw|USER/PASS|-", DENY],
+            &[
+                "+OK\r\n",
+                "LOGIN alice@example.com|recent:|pw|USER/PASS|-",
+                DENY,
+            ],
             "",
         );
         let ir = b64("\0RECENT:bob@example.com\0pw");
@@ -293,7 +321,11 @@ mod tests {
             &["LOGIN bob@example.com|recent:|pw|AUTH PLAIN|-", DENY],
             "",
         );
-        check("USER recent:\r\nPASS pw\r\n", &["+OK\r\n", "-ERR Invalid user name\r\n"], "");
+        check(
+            "USER recent:\r\nPASS pw\r\n",
+            &["+OK\r\n", "-ERR Invalid user name\r\n"],
+            "",
+        );
     }
 
     #[test]
@@ -303,7 +335,11 @@ mod tests {
         let login_line = format!("LOGIN alice||{pw}|AUTH LOGIN|-");
         check(
             &format!("AUTH PLAIN {plain}\r\nNOOP\r\n"),
-            &[&format!("LOGIN alice||{pw}|AUTH PLAIN|-"), DENY, "-ERR Log in first\r\n"],
+            &[
+                &format!("LOGIN alice||{pw}|AUTH PLAIN|-"),
+                DENY,
+                "-ERR Log in first\r\n",
+            ],
             "",
         );
         check(
@@ -313,7 +349,12 @@ mod tests {
         );
         check(
             &format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(pw)),
-            &["+ VXNlcm5hbWU6\r\n", "+ UGFzc3dvcmQ6\r\n", &login_line, DENY],
+            &[
+                "+ VXNlcm5hbWU6\r\n",
+                "+ UGFzc3dvcmQ6\r\n",
+                &login_line,
+                DENY,
+            ],
             "",
         );
         check(
@@ -321,8 +362,16 @@ mod tests {
             &["+ UGFzc3dvcmQ6\r\n", &login_line, DENY],
             "",
         );
-        check("AUTH PLAIN\r\n*\r\n", &["+ \r\n", "-ERR Authentication cancelled\r\n"], "");
-        check("AUTH PLAIN ###\r\n", &["-ERR Invalid SASL response\r\n"], "");
+        check(
+            "AUTH PLAIN\r\n*\r\n",
+            &["+ \r\n", "-ERR Authentication cancelled\r\n"],
+            "",
+        );
+        check(
+            "AUTH PLAIN ###\r\n",
+            &["-ERR Invalid SASL response\r\n"],
+            "",
+        );
         check("AUTH PLAIN =\r\n", &["-ERR Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
         check(&format!("AUTH PLAIN {foreign}\r\n"), &[DENY], "");
@@ -332,10 +381,22 @@ mod tests {
     fn hostile_fields_are_refused() {
         check("USER a\0b\r\n", &["-ERR Invalid user name\r\n"], "");
         check(b"USER \xc3\r\n", &["-ERR Invalid user name\r\n"], "");
-        check("USER a\r\nPASS a\rb\r\n", &["+OK\r\n", "-ERR Invalid password\r\n"], "");
-        check("USER a\r\nPASS\r\n", &["+OK\r\n", "-ERR Invalid password\r\n"], "");
+        check(
+            "USER a\r\nPASS a\rb\r\n",
+            &["+OK\r\n", "-ERR Invalid password\r\n"],
+            "",
+        );
+        check(
+            "USER a\r\nPASS\r\n",
+            &["+OK\r\n", "-ERR Invalid password\r\n"],
+            "",
+        );
         let nul = b64("\0al\0ice\0pw");
-        check(&format!("AUTH PLAIN {nul}\r\n"), &["-ERR Invalid SASL response\r\n"], "");
+        check(
+            &format!("AUTH PLAIN {nul}\r\n"),
+            &["-ERR Invalid SASL response\r\n"],
+            "",
+        );
     }
 
     #[test]
@@ -345,7 +406,10 @@ mod tests {
         let input = "STAT\r\n".repeat(MAX_BAD_COMMANDS as usize + 1);
         let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Deny);
         assert_eq!(log.len(), MAX_BAD_COMMANDS as usize);
-        assert_eq!(log.last().unwrap(), "CLOSE -ERR Too many invalid commands\r\n");
+        assert_eq!(
+            log.last().unwrap(),
+            "CLOSE -ERR Too many invalid commands\r\n"
+        );
         assert_eq!(rest, b"STAT\r\n");
     }
 
@@ -360,8 +424,23 @@ mod tests {
     fn garbage_never_panics() {
         let plain = b64("\0a\0b");
         let words: &[&[u8]] = &[
-            b"USER ", b"PASS ", b"AUTH ", b"PLAIN", b"LOGIN ", b"\r\n", b"\n", b" ", b"*",
-            b"=", b"recent:", b"\0", b"\r", b"\xff", b"a", plain.as_bytes(), b"YQ==",
+            b"USER ",
+            b"PASS ",
+            b"AUTH ",
+            b"PLAIN",
+            b"LOGIN ",
+            b"\r\n",
+            b"\n",
+            b" ",
+            b"*",
+            b"=",
+            b"recent:",
+            b"\0",
+            b"\r",
+            b"\xff",
+            b"a",
+            plain.as_bytes(),
+            b"YQ==",
         ];
         fuzz(&make, words, 1);
     }
