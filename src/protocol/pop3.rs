@@ -317,7 +317,7 @@ mod tests {
         );
         let ir = b64("\0RECENT:bob@example.com\0pw");
         check(
-            &format!("AUTH PLAIN {ir}\r\n"),
+            format!("AUTH PLAIN {ir}\r\n"),
             &["LOGIN bob@example.com|recent:|pw|AUTH PLAIN|-", DENY],
             "",
         );
@@ -334,7 +334,7 @@ mod tests {
         let plain = b64(&format!("\0alice\0{pw}"));
         let login_line = format!("LOGIN alice||{pw}|AUTH LOGIN|-");
         check(
-            &format!("AUTH PLAIN {plain}\r\nNOOP\r\n"),
+            format!("AUTH PLAIN {plain}\r\nNOOP\r\n"),
             &[
                 &format!("LOGIN alice||{pw}|AUTH PLAIN|-"),
                 DENY,
@@ -343,12 +343,12 @@ mod tests {
             "",
         );
         check(
-            &format!("AUTH PLAIN\r\n{plain}\r\n"),
+            format!("AUTH PLAIN\r\n{plain}\r\n"),
             &["+ \r\n", &format!("LOGIN alice||{pw}|AUTH PLAIN|-"), DENY],
             "",
         );
         check(
-            &format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(pw)),
+            format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(pw)),
             &[
                 "+ VXNlcm5hbWU6\r\n",
                 "+ UGFzc3dvcmQ6\r\n",
@@ -358,7 +358,7 @@ mod tests {
             "",
         );
         check(
-            &format!("auth login {}\r\n{}\r\n", b64("alice"), b64(pw)),
+            format!("auth login {}\r\n{}\r\n", b64("alice"), b64(pw)),
             &["+ UGFzc3dvcmQ6\r\n", &login_line, DENY],
             "",
         );
@@ -374,7 +374,7 @@ mod tests {
         );
         check("AUTH PLAIN =\r\n", &["-ERR Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
-        check(&format!("AUTH PLAIN {foreign}\r\n"), &[DENY], "");
+        check(format!("AUTH PLAIN {foreign}\r\n"), &[DENY], "");
     }
 
     #[test]
@@ -393,7 +393,7 @@ mod tests {
         );
         let nul = b64("\0al\0ice\0pw");
         check(
-            &format!("AUTH PLAIN {nul}\r\n"),
+            format!("AUTH PLAIN {nul}\r\n"),
             &["-ERR Invalid SASL response\r\n"],
             "",
         );
