@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use crate::secret::Secret;
 
 pub mod imap;
+pub mod line;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;

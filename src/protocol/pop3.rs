@@ -1,41 +1,447 @@
-//! Pop3 pre-login dialogue (placeholder until the parser lands).
+//! POP3 pre-login dialogue (RFC 1939, CAPA from RFC 2449, AUTH from RFC 5034).
+//!
+//! Only the AUTHORIZATION state is served here: `USER`/`PASS`, `AUTH PLAIN|LOGIN`,
+//! `CAPA`, `QUIT`. Everything else is refused until the client has logged in.
 
 use bytes::BytesMut;
 
-use super::{Dialogue, DialogueSettings, Step, UpstreamInfo};
+use super::line::{self, BadCommands, Framed};
+use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
+use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
+use crate::secret::Secret;
 
-/// Pop3 pre-login state machine.
+/// Gmail's POP3 "recent mode" marker in front of the user name.
+const RECENT_PREFIX: &str = "recent:";
+
+const CAPABILITIES: &[u8] = b"+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\n\
+RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION Postern\r\n.\r\n";
+
+enum State {
+    Command,
+    Sasl(SaslExchange),
+    /// A login is with the session, which will call `denied`, `unavailable` or `accepted`.
+    Deciding,
+    /// Logged in or closing: nothing more is read.
+    Finished,
+}
+
+/// POP3 pre-login state machine.
 pub struct Pop3Dialogue {
-    _settings: DialogueSettings,
+    max_line: usize,
+    state: State,
+    bad: BadCommands,
+    /// The user name from `USER`, waiting for `PASS`.
+    user: Option<String>,
 }
 
 impl Pop3Dialogue {
     /// A dialogue for a new connection.
     pub fn new(settings: &DialogueSettings) -> Self {
-        Self { _settings: settings.clone() }
+        Self {
+            max_line: settings.max_line,
+            state: State::Command,
+            bad: BadCommands::default(),
+            user: None,
+        }
     }
+
+    /// Answers a failed or invalid command, closing once too many have been seen.
+    fn fail(&mut self, reply: &str) -> Step {
+        if self.bad.record() {
+            self.state = State::Finished;
+            return Step::Close(b"-ERR Too many invalid commands\r\n".to_vec());
+        }
+        Step::Reply(reply.as_bytes().to_vec())
+    }
+
+    fn login(&mut self, user: String, password: Secret, mechanism: &'static str) -> Step {
+        let Some((user, upstream_prefix)) = split_recent(user) else {
+            return self.fail("-ERR Invalid user name\r\n");
+        };
+        self.state = State::Deciding;
+        Step::Login(Credentials {
+            user,
+            upstream_prefix,
+            password,
+            mechanism,
+            client_hello: None,
+        })
+    }
+
+    fn command(&mut self, line: &[u8]) -> Step {
+        let (verb, rest) = line::split_verb(line);
+        match verb.to_ascii_uppercase().as_slice() {
+            b"USER" => match line::user_name(rest) {
+                Some(user) => {
+                    self.user = Some(user);
+                    Step::Reply(b"+OK\r\n".to_vec())
+                }
+                None => self.fail("-ERR Invalid user name\r\n"),
+            },
+            b"PASS" => match (self.user.take(), line::password(rest)) {
+                (None, _) => self.fail("-ERR USER first\r\n"),
+                (Some(_), None) => self.fail("-ERR Invalid password\r\n"),
+                (Some(user), Some(password)) => self.login(user, password, "USER/PASS"),
+            },
+            b"AUTH" => self.auth(rest),
+            b"CAPA" => Step::Reply(CAPABILITIES.to_vec()),
+            b"QUIT" => {
+                self.state = State::Finished;
+                Step::Close(b"+OK Bye\r\n".to_vec())
+            }
+            b"APOP" => self.fail("-ERR APOP is not supported; use USER/PASS or AUTH PLAIN\r\n"),
+            b"STLS" => self.fail("-ERR TLS is already active\r\n"),
+            b"NOOP" | b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"RSET" | b"TOP" | b"UIDL"
+            | b"LAST" => self.fail("-ERR Log in first\r\n"),
+            _ => self.fail("-ERR Unknown command\r\n"),
+        }
+    }
+
+    fn auth(&mut self, args: &[u8]) -> Step {
+        let mut words = line::words(args);
+        let (mechanism, initial) = match (words.next(), words.next(), words.next()) {
+            (None, _, _) => return Step::Reply(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n".to_vec()),
+            (Some(mechanism), initial, None) => (mechanism, initial),
+            _ => return self.fail("-ERR Syntax: AUTH mechanism [initial-response]\r\n"),
+        };
+        let Some(mechanism) = Mechanism::parse(mechanism) else {
+            return self.fail("-ERR Unsupported authentication mechanism\r\n");
+        };
+        let (exchange, step) = SaslExchange::start(mechanism, initial);
+        self.sasl(exchange, step)
+    }
+
+    fn sasl(&mut self, exchange: SaslExchange, step: SaslStep) -> Step {
+        match step {
+            SaslStep::Challenge(challenge) => {
+                self.state = State::Sasl(exchange);
+                Step::Reply(format!("+ {challenge}\r\n").into_bytes())
+            }
+            SaslStep::Done { user, password } => {
+                let mechanism = match exchange.mechanism() {
+                    Mechanism::Plain => "AUTH PLAIN",
+                    Mechanism::Login => "AUTH LOGIN",
+                };
+                self.login(user, password, mechanism)
+            }
+            SaslStep::Cancelled => self.fail("-ERR Authentication cancelled\r\n"),
+            SaslStep::Invalid(SaslError::ForeignAuthzid) => {
+                self.fail(&format!("-ERR [AUTH] {DENIAL_TEXT}\r\n"))
+            }
+            SaslStep::Invalid(_) => self.fail("-ERR Invalid SASL response\r\n"),
+        }
+    }
+}
+
+/// Splits off Gmail's `recent:` prefix (any case): (user, upstream prefix).
+fn split_recent(user: String) -> Option<(String, String)> {
+    let n = RECENT_PREFIX.len();
+    let has_prefix = user
+        .as_bytes()
+        .get(..n)
+        .is_some_and(|p| p.eq_ignore_ascii_case(RECENT_PREFIX.as_bytes()));
+    if !has_prefix {
+        return Some((user, String::new()));
+    }
+    let rest = user.get(n..)?.trim();
+    (!rest.is_empty()).then(|| (rest.to_owned(), RECENT_PREFIX.to_owned()))
 }
 
 impl Dialogue for Pop3Dialogue {
     fn greeting(&mut self) -> Vec<u8> {
-        Vec::new()
+        b"+OK Postern ready.\r\n".to_vec()
     }
-    fn step(&mut self, _input: &mut BytesMut) -> Step {
-        Step::Close(Vec::new())
+
+    fn step(&mut self, input: &mut BytesMut) -> Step {
+        if matches!(self.state, State::Deciding | State::Finished) {
+            return Step::NeedMore;
+        }
+        let line = match line::take_line(input, self.max_line) {
+            Framed::Line(line) => line,
+            Framed::Incomplete => return Step::NeedMore,
+            Framed::TooLong => {
+                self.state = State::Finished;
+                return Step::Close(b"-ERR Line too long\r\n".to_vec());
+            }
+        };
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::Sasl(mut exchange) => {
+                let step = exchange.respond(&line);
+                self.sasl(exchange, step)
+            }
+            _ => self.command(&line),
+        }
     }
+
     fn denied(&mut self) -> Vec<u8> {
-        Vec::new()
+        if matches!(self.state, State::Deciding) {
+            self.state = State::Command;
+        }
+        format!("-ERR [AUTH] {DENIAL_TEXT}\r\n").into_bytes()
     }
+
     fn unavailable(&mut self) -> Vec<u8> {
-        Vec::new()
+        if matches!(self.state, State::Deciding) {
+            self.state = State::Command;
+        }
+        b"-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n".to_vec()
     }
+
     fn accepted(&mut self, _upstream: &UpstreamInfo) -> Vec<u8> {
-        Vec::new()
+        self.state = State::Finished;
+        b"+OK Logged in.\r\n".to_vec()
     }
+
     fn timed_out(&self) -> Vec<u8> {
-        Vec::new()
+        b"-ERR Autologout; login took too long\r\n".to_vec()
     }
+
     fn shutting_down(&self) -> Vec<u8> {
-        Vec::new()
+        b"-ERR Server shutting down\r\n".to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+
+    use super::*;
+    use crate::limits::MAX_BAD_COMMANDS;
+    use crate::protocol::line::testing::{Decision, fuzz, run, run_all_splits};
+
+    fn settings() -> DialogueSettings {
+        DialogueSettings {
+            max_line: 200,
+            ..DialogueSettings::default()
+        }
+    }
+
+    fn make() -> Box<dyn Dialogue> {
+        Box::new(Pop3Dialogue::new(&settings()))
+    }
+
+    fn b64(raw: &str) -> String {
+        STANDARD.encode(raw)
+    }
+
+    /// Runs `input` (split every way) with denial; checks the transcript and leftover.
+    fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
+        let input = input.as_ref();
+        let (log, rest) = run_all_splits(&make, input, Decision::Deny);
+        assert_eq!(log, expected, "input {input:?}");
+        assert_eq!(String::from_utf8_lossy(&rest), leftover, "input {input:?}");
+    }
+
+    const DENY: &str = "-ERR [AUTH] You are not allowed to access this server\r\n";
+
+    #[test]
+    fn greeting_and_simple_commands() {
+        assert_eq!(make().greeting(), b"+OK Postern ready.\r\n");
+        check(
+            "CAPA\r\n",
+            &[std::str::from_utf8(CAPABILITIES).unwrap()],
+            "",
+        );
+        check("capa\n", &[std::str::from_utf8(CAPABILITIES).unwrap()], "");
+        check("AUTH\r\n", &["+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"], "");
+        check("QUIT\r\nUSER x\r\n", &["CLOSE +OK Bye\r\n"], "USER x\r\n");
+        check("STAT\r\n", &["-ERR Log in first\r\n"], "");
+        check("RETR 1\r\n", &["-ERR Log in first\r\n"], "");
+        check("XYZZY\r\n", &["-ERR Unknown command\r\n"], "");
+        check("STLS\r\n", &["-ERR TLS is already active\r\n"], "");
+        check(
+            "APOP a b\r\n",
+            &["-ERR APOP is not supported; use USER/PASS or AUTH PLAIN\r\n"],
+            "",
+        );
+        check("PASS x\r\n", &["-ERR USER first\r\n"], "");
+        check(
+            "AUTH CRAM-MD5\r\n",
+            &["-ERR Unsupported authentication mechanism\r\n"],
+            "",
+        );
+    }
+
+    #[test]
+    fn user_pass_keeps_spaces_and_pipelined_bytes() {
+        check(
+            "USER alice@example.com\r\nPASS pä ss\"w\\rd \r\nSTAT\r\n",
+            &[
+                "+OK\r\n",
+                "LOGIN alice@example.com||pä ss\"w\\rd |USER/PASS|-",
+                DENY,
+                "-ERR Log in first\r\n",
+            ],
+            "",
+        );
+        let (log, rest) = run(
+            make().as_mut(),
+            b"USER a\r\nPASS b\r\nLIST\r\n",
+            Decision::Accept(None),
+        );
+        assert_eq!(log.last().unwrap(), "+OK Logged in.\r\n");
+        assert_eq!(rest, b"LIST\r\n");
+    }
+
+    #[test]
+    fn retry_after_denial_and_unavailable() {
+        let input = "USER a\r\nPASS b\r\nPASS c\r\nUSER a\r\nPASS c\r\n";
+        let (log, _) = run_all_splits(&make, input.as_bytes(), Decision::Unavailable);
+        let unavailable =
+            "-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n";
+        assert_eq!(
+            log,
+            [
+                "+OK\r\n",
+                "LOGIN a||b|USER/PASS|-",
+                unavailable,
+                "-ERR USER first\r\n",
+                "+OK\r\n",
+                "LOGIN a||c|USER/PASS|-",
+                unavailable,
+            ]
+        );
+    }
+
+    #[test]
+    fn recent_mode() {
+        check(
+            "USER Recent:alice@example.com\r\nPASS pw\r\n",
+            &[
+                "+OK\r\n",
+                "LOGIN alice@example.com|recent:|pw|USER/PASS|-",
+                DENY,
+            ],
+            "",
+        );
+        let ir = b64("\0RECENT:bob@example.com\0pw");
+        check(
+            format!("AUTH PLAIN {ir}\r\n"),
+            &["LOGIN bob@example.com|recent:|pw|AUTH PLAIN|-", DENY],
+            "",
+        );
+        check(
+            "USER recent:\r\nPASS pw\r\n",
+            &["+OK\r\n", "-ERR Invalid user name\r\n"],
+            "",
+        );
+    }
+
+    #[test]
+    fn auth_plain_and_login() {
+        let pw = "pä ss\"w\\rd";
+        let plain = b64(&format!("\0alice\0{pw}"));
+        let login_line = format!("LOGIN alice||{pw}|AUTH LOGIN|-");
+        check(
+            format!("AUTH PLAIN {plain}\r\nNOOP\r\n"),
+            &[
+                &format!("LOGIN alice||{pw}|AUTH PLAIN|-"),
+                DENY,
+                "-ERR Log in first\r\n",
+            ],
+            "",
+        );
+        check(
+            format!("AUTH PLAIN\r\n{plain}\r\n"),
+            &["+ \r\n", &format!("LOGIN alice||{pw}|AUTH PLAIN|-"), DENY],
+            "",
+        );
+        check(
+            format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(pw)),
+            &[
+                "+ VXNlcm5hbWU6\r\n",
+                "+ UGFzc3dvcmQ6\r\n",
+                &login_line,
+                DENY,
+            ],
+            "",
+        );
+        check(
+            format!("auth login {}\r\n{}\r\n", b64("alice"), b64(pw)),
+            &["+ UGFzc3dvcmQ6\r\n", &login_line, DENY],
+            "",
+        );
+        check(
+            "AUTH PLAIN\r\n*\r\n",
+            &["+ \r\n", "-ERR Authentication cancelled\r\n"],
+            "",
+        );
+        check(
+            "AUTH PLAIN ###\r\n",
+            &["-ERR Invalid SASL response\r\n"],
+            "",
+        );
+        check("AUTH PLAIN =\r\n", &["-ERR Invalid SASL response\r\n"], "");
+        let foreign = b64("bob\0alice\0pw");
+        check(format!("AUTH PLAIN {foreign}\r\n"), &[DENY], "");
+    }
+
+    #[test]
+    fn hostile_fields_are_refused() {
+        check("USER a\0b\r\n", &["-ERR Invalid user name\r\n"], "");
+        check(b"USER \xc3\r\n", &["-ERR Invalid user name\r\n"], "");
+        check(
+            "USER a\r\nPASS a\rb\r\n",
+            &["+OK\r\n", "-ERR Invalid password\r\n"],
+            "",
+        );
+        check(
+            "USER a\r\nPASS\r\n",
+            &["+OK\r\n", "-ERR Invalid password\r\n"],
+            "",
+        );
+        let nul = b64("\0al\0ice\0pw");
+        check(
+            format!("AUTH PLAIN {nul}\r\n"),
+            &["-ERR Invalid SASL response\r\n"],
+            "",
+        );
+    }
+
+    #[test]
+    fn long_lines_and_bad_commands_close() {
+        let long = format!("USER {}\r\n", "a".repeat(300));
+        check(&long, &["CLOSE -ERR Line too long\r\n"], &long);
+        let input = "STAT\r\n".repeat(MAX_BAD_COMMANDS as usize + 1);
+        let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Deny);
+        assert_eq!(log.len(), MAX_BAD_COMMANDS as usize);
+        assert_eq!(
+            log.last().unwrap(),
+            "CLOSE -ERR Too many invalid commands\r\n"
+        );
+        assert_eq!(rest, b"STAT\r\n");
+    }
+
+    #[test]
+    fn session_goodbyes() {
+        let d = make();
+        assert_eq!(d.timed_out(), b"-ERR Autologout; login took too long\r\n");
+        assert_eq!(d.shutting_down(), b"-ERR Server shutting down\r\n");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let plain = b64("\0a\0b");
+        let words: &[&[u8]] = &[
+            b"USER ",
+            b"PASS ",
+            b"AUTH ",
+            b"PLAIN",
+            b"LOGIN ",
+            b"\r\n",
+            b"\n",
+            b" ",
+            b"*",
+            b"=",
+            b"recent:",
+            b"\0",
+            b"\r",
+            b"\xff",
+            b"a",
+            plain.as_bytes(),
+            b"YQ==",
+        ];
+        fuzz(&make, words, 1);
     }
 }

@@ -1,41 +1,459 @@
-//! Smtp pre-login dialogue (placeholder until the parser lands).
+//! SMTP submission pre-login dialogue (RFC 6409, AUTH from RFC 4954).
+//!
+//! The client greets with `EHLO`/`HELO` and authenticates with `AUTH PLAIN|LOGIN`; mail
+//! transactions are refused until then. Each `step` answers one command, so pipelined
+//! commands get their replies in order.
 
 use bytes::BytesMut;
 
-use super::{Dialogue, DialogueSettings, Step, UpstreamInfo};
+use super::line::{self, BadCommands, Framed};
+use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
+use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
 
-/// Smtp pre-login state machine.
+enum State {
+    Command,
+    Sasl(SaslExchange),
+    /// A login is with the session, which will call `denied`, `unavailable` or `accepted`.
+    Deciding,
+    /// Logged in or closing: nothing more is read.
+    Finished,
+}
+
+/// SMTP submission pre-login state machine.
 pub struct SmtpDialogue {
-    _settings: DialogueSettings,
+    max_line: usize,
+    hostname: String,
+    max_size: Option<u64>,
+    state: State,
+    bad: BadCommands,
+    /// The name from the latest `EHLO`/`HELO`; `AUTH` needs one.
+    hello: Option<String>,
 }
 
 impl SmtpDialogue {
     /// A dialogue for a new connection.
     pub fn new(settings: &DialogueSettings) -> Self {
-        Self { _settings: settings.clone() }
+        Self {
+            max_line: settings.max_line,
+            hostname: settings.hostname.clone(),
+            max_size: settings.smtp_max_size,
+            state: State::Command,
+            bad: BadCommands::default(),
+            hello: None,
+        }
+    }
+
+    /// Answers a failed or invalid command, closing once too many have been seen.
+    fn fail(&mut self, reply: &str) -> Step {
+        if self.bad.record() {
+            self.state = State::Finished;
+            let bye = format!("421 4.7.0 {} Too many invalid commands\r\n", self.hostname);
+            return Step::Close(bye.into_bytes());
+        }
+        Step::Reply(reply.as_bytes().to_vec())
+    }
+
+    fn command(&mut self, line: &[u8]) -> Step {
+        let (verb, rest) = line::split_verb(line);
+        match verb.to_ascii_uppercase().as_slice() {
+            b"EHLO" | b"HELO" => self.hello(verb.eq_ignore_ascii_case(b"EHLO"), rest),
+            b"AUTH" => self.auth(rest),
+            b"MAIL" | b"RCPT" | b"DATA" | b"BDAT" => {
+                self.fail("530 5.7.0 Authentication required\r\n")
+            }
+            b"RSET" | b"NOOP" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
+            b"QUIT" => {
+                self.state = State::Finished;
+                Step::Close(b"221 2.0.0 Bye\r\n".to_vec())
+            }
+            b"STARTTLS" => self.fail("503 5.5.1 TLS already active\r\n"),
+            b"VRFY" | b"EXPN" => self.fail("502 5.5.1 Command not implemented\r\n"),
+            _ => self.fail("500 5.5.2 Command unrecognized\r\n"),
+        }
+    }
+
+    fn hello(&mut self, extended: bool, args: &[u8]) -> Step {
+        let Some(name) = line::words(args).next() else {
+            return self.fail("501 5.5.4 Syntax: EHLO hostname\r\n");
+        };
+        // The name is repeated in the upstream EHLO, so only printable ASCII may pass.
+        if !name.iter().all(|b| b.is_ascii_graphic()) {
+            return self.fail("501 5.5.4 Invalid domain name\r\n");
+        }
+        self.hello = Some(String::from_utf8_lossy(name).into_owned());
+        if !extended {
+            return Step::Reply(format!("250 {}\r\n", self.hostname).into_bytes());
+        }
+        let mut reply = format!(
+            "250-{}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
+            self.hostname
+        );
+        if let Some(size) = self.max_size {
+            reply.push_str(&format!("250-SIZE {size}\r\n"));
+        }
+        reply.push_str("250 AUTH PLAIN LOGIN\r\n");
+        Step::Reply(reply.into_bytes())
+    }
+
+    fn auth(&mut self, args: &[u8]) -> Step {
+        if self.hello.is_none() {
+            return self.fail("503 5.5.1 Send EHLO first\r\n");
+        }
+        let mut words = line::words(args);
+        let (mechanism, initial) = match (words.next(), words.next(), words.next()) {
+            (Some(mechanism), initial, None) => (mechanism, initial),
+            _ => return self.fail("501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+        };
+        let Some(mechanism) = Mechanism::parse(mechanism) else {
+            return self.fail("504 5.5.4 Unrecognized authentication type\r\n");
+        };
+        let (exchange, step) = SaslExchange::start(mechanism, initial);
+        self.sasl(exchange, step)
+    }
+
+    fn sasl(&mut self, exchange: SaslExchange, step: SaslStep) -> Step {
+        match step {
+            SaslStep::Challenge(challenge) => {
+                self.state = State::Sasl(exchange);
+                Step::Reply(format!("334 {challenge}\r\n").into_bytes())
+            }
+            SaslStep::Done { user, password } => {
+                self.state = State::Deciding;
+                Step::Login(Credentials {
+                    user,
+                    upstream_prefix: String::new(),
+                    password,
+                    mechanism: match exchange.mechanism() {
+                        Mechanism::Plain => "AUTH PLAIN",
+                        Mechanism::Login => "AUTH LOGIN",
+                    },
+                    client_hello: self.hello.clone(),
+                })
+            }
+            SaslStep::Cancelled => self.fail("501 5.0.0 Authentication cancelled\r\n"),
+            SaslStep::Invalid(SaslError::InvalidBase64) => {
+                self.fail("501 5.5.2 Invalid base64\r\n")
+            }
+            SaslStep::Invalid(SaslError::ForeignAuthzid) => {
+                self.fail(&format!("535 5.7.8 {DENIAL_TEXT}\r\n"))
+            }
+            SaslStep::Invalid(SaslError::Malformed) => {
+                self.fail("501 5.5.2 Invalid SASL response\r\n")
+            }
+        }
     }
 }
 
 impl Dialogue for SmtpDialogue {
     fn greeting(&mut self) -> Vec<u8> {
-        Vec::new()
+        format!("220 {} ESMTP Postern\r\n", self.hostname).into_bytes()
     }
-    fn step(&mut self, _input: &mut BytesMut) -> Step {
-        Step::Close(Vec::new())
+
+    fn step(&mut self, input: &mut BytesMut) -> Step {
+        if matches!(self.state, State::Deciding | State::Finished) {
+            return Step::NeedMore;
+        }
+        let line = match line::take_line(input, self.max_line) {
+            Framed::Line(line) => line,
+            Framed::Incomplete => return Step::NeedMore,
+            Framed::TooLong => {
+                self.state = State::Finished;
+                return Step::Close(b"500 5.5.2 Line too long\r\n".to_vec());
+            }
+        };
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::Sasl(mut exchange) => {
+                let step = exchange.respond(&line);
+                self.sasl(exchange, step)
+            }
+            _ => self.command(&line),
+        }
     }
+
     fn denied(&mut self) -> Vec<u8> {
-        Vec::new()
+        if matches!(self.state, State::Deciding) {
+            self.state = State::Command;
+        }
+        format!("535 5.7.8 {DENIAL_TEXT}\r\n").into_bytes()
     }
+
     fn unavailable(&mut self) -> Vec<u8> {
-        Vec::new()
+        if matches!(self.state, State::Deciding) {
+            self.state = State::Command;
+        }
+        b"454 4.7.0 Mail service temporarily unavailable, try again later\r\n".to_vec()
     }
+
     fn accepted(&mut self, _upstream: &UpstreamInfo) -> Vec<u8> {
-        Vec::new()
+        self.state = State::Finished;
+        b"235 2.7.0 Authentication successful\r\n".to_vec()
     }
+
     fn timed_out(&self) -> Vec<u8> {
-        Vec::new()
+        format!(
+            "421 4.4.2 {} Timeout; login took too long\r\n",
+            self.hostname
+        )
+        .into_bytes()
     }
+
     fn shutting_down(&self) -> Vec<u8> {
-        Vec::new()
+        format!("421 4.3.2 {} Server shutting down\r\n", self.hostname).into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+
+    use super::*;
+    use crate::limits::MAX_BAD_COMMANDS;
+    use crate::protocol::line::testing::{Decision, fuzz, run, run_all_splits};
+
+    fn settings() -> DialogueSettings {
+        DialogueSettings {
+            max_line: 200,
+            hostname: "mx.example.net".into(),
+            smtp_max_size: Some(35_000_000),
+            ..DialogueSettings::default()
+        }
+    }
+
+    fn make() -> Box<dyn Dialogue> {
+        Box::new(SmtpDialogue::new(&settings()))
+    }
+
+    fn b64(raw: &str) -> String {
+        STANDARD.encode(raw)
+    }
+
+    fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
+        let input = input.as_ref();
+        let (log, rest) = run_all_splits(&make, input, Decision::Deny);
+        assert_eq!(log, expected, "input {input:?}");
+        assert_eq!(String::from_utf8_lossy(&rest), leftover, "input {input:?}");
+    }
+
+    const EHLO: &str = "250-mx.example.net\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
+250-ENHANCEDSTATUSCODES\r\n250-SIZE 35000000\r\n250 AUTH PLAIN LOGIN\r\n";
+    const DENY: &str = "535 5.7.8 You are not allowed to access this server\r\n";
+
+    #[test]
+    fn greeting_and_simple_commands() {
+        assert_eq!(make().greeting(), b"220 mx.example.net ESMTP Postern\r\n");
+        check("EHLO client.example\r\n", &[EHLO], "");
+        check("ehlo client.example\n", &[EHLO], "");
+        check("HELO client.example\r\n", &["250 mx.example.net\r\n"], "");
+        check("EHLO\r\n", &["501 5.5.4 Syntax: EHLO hostname\r\n"], "");
+        check("HELO  \r\n", &["501 5.5.4 Syntax: EHLO hostname\r\n"], "");
+        check(
+            "EHLO a\x01b\r\n",
+            &["501 5.5.4 Invalid domain name\r\n"],
+            "",
+        );
+        check(
+            "RSET\r\nNOOP\r\n",
+            &["250 2.0.0 OK\r\n", "250 2.0.0 OK\r\n"],
+            "",
+        );
+        check("QUIT\r\nNOOP\r\n", &["CLOSE 221 2.0.0 Bye\r\n"], "NOOP\r\n");
+        check("STARTTLS\r\n", &["503 5.5.1 TLS already active\r\n"], "");
+        check(
+            "VRFY root\r\n",
+            &["502 5.5.1 Command not implemented\r\n"],
+            "",
+        );
+        check("FROB\r\n", &["500 5.5.2 Command unrecognized\r\n"], "");
+        check("AUTH PLAIN\r\n", &["503 5.5.1 Send EHLO first\r\n"], "");
+        check(
+            "EHLO c\r\nAUTH\r\n",
+            &[
+                EHLO,
+                "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n",
+            ],
+            "",
+        );
+        check(
+            "EHLO c\r\nAUTH CRAM-MD5\r\n",
+            &[EHLO, "504 5.5.4 Unrecognized authentication type\r\n"],
+            "",
+        );
+        let mut d = SmtpDialogue::new(&DialogueSettings::default());
+        let Step::Reply(reply) = d.hello(true, b"c") else {
+            panic!("no EHLO reply")
+        };
+        assert!(!String::from_utf8(reply).unwrap().contains("SIZE"));
+    }
+
+    #[test]
+    fn mail_before_auth_is_refused_in_pipeline() {
+        check(
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+            &[
+                EHLO,
+                "530 5.7.0 Authentication required\r\n",
+                "530 5.7.0 Authentication required\r\n",
+                "530 5.7.0 Authentication required\r\n",
+            ],
+            "",
+        );
+    }
+
+    #[test]
+    fn auth_plain_and_login() {
+        let pw = "pä ss\"w\\rd";
+        let plain = b64(&format!("\0alice@example.com\0{pw}"));
+        let plain_login = format!("LOGIN alice@example.com||{pw}|AUTH PLAIN|client.example");
+        check(
+            format!("EHLO client.example\r\nAUTH PLAIN {plain}\r\n"),
+            &[EHLO, &plain_login, DENY],
+            "",
+        );
+        check(
+            format!("EHLO client.example\r\nAUTH plain\r\n{plain}\r\n"),
+            &[EHLO, "334 \r\n", &plain_login, DENY],
+            "",
+        );
+        let login = format!("LOGIN alice||{pw}|AUTH LOGIN|h");
+        check(
+            format!(
+                "HELO h\r\nAUTH LOGIN\r\n{}\r\n{}\r\n",
+                b64("alice"),
+                b64(pw)
+            ),
+            &[
+                "250 mx.example.net\r\n",
+                "334 VXNlcm5hbWU6\r\n",
+                "334 UGFzc3dvcmQ6\r\n",
+                &login,
+                DENY,
+            ],
+            "",
+        );
+        check(
+            format!("HELO h\r\nAUTH LOGIN {}\r\n{}\r\n", b64("alice"), b64(pw)),
+            &[
+                "250 mx.example.net\r\n",
+                "334 UGFzc3dvcmQ6\r\n",
+                &login,
+                DENY,
+            ],
+            "",
+        );
+        check(
+            "HELO h\r\nAUTH PLAIN\r\n*\r\n",
+            &[
+                "250 mx.example.net\r\n",
+                "334 \r\n",
+                "501 5.0.0 Authentication cancelled\r\n",
+            ],
+            "",
+        );
+        check(
+            "HELO h\r\nAUTH PLAIN @@@\r\n",
+            &["250 mx.example.net\r\n", "501 5.5.2 Invalid base64\r\n"],
+            "",
+        );
+        check(
+            "HELO h\r\nAUTH PLAIN =\r\n",
+            &[
+                "250 mx.example.net\r\n",
+                "501 5.5.2 Invalid SASL response\r\n",
+            ],
+            "",
+        );
+        let foreign = b64("bob\0alice\0pw");
+        check(
+            format!("HELO h\r\nAUTH PLAIN {foreign}\r\n"),
+            &["250 mx.example.net\r\n", DENY],
+            "",
+        );
+        let nul = b64("\0al\0ice\0pw");
+        check(
+            format!("HELO h\r\nAUTH PLAIN {nul}\r\n"),
+            &[
+                "250 mx.example.net\r\n",
+                "501 5.5.2 Invalid SASL response\r\n",
+            ],
+            "",
+        );
+        let login_nul = b64("al\0ice");
+        check(
+            format!("HELO h\r\nAUTH LOGIN {login_nul}\r\n"),
+            &[
+                "250 mx.example.net\r\n",
+                "501 5.5.2 Invalid SASL response\r\n",
+            ],
+            "",
+        );
+    }
+
+    #[test]
+    fn decisions_and_pipelined_bytes() {
+        let plain = b64("\0a\0b");
+        let input = format!("EHLO c\r\nAUTH PLAIN {plain}\r\nMAIL FROM:<a@b>\r\n");
+        let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Accept(None));
+        assert_eq!(log[2], "235 2.7.0 Authentication successful\r\n");
+        assert_eq!(rest, b"MAIL FROM:<a@b>\r\n");
+        let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Unavailable);
+        assert_eq!(
+            log[2],
+            "454 4.7.0 Mail service temporarily unavailable, try again later\r\n"
+        );
+        assert_eq!(log[3], "530 5.7.0 Authentication required\r\n");
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn long_lines_and_bad_commands_close() {
+        let long = format!("EHLO {}", "a".repeat(300));
+        check(&long, &["CLOSE 500 5.5.2 Line too long\r\n"], &long);
+        let input = "FROB\r\n".repeat(MAX_BAD_COMMANDS as usize + 1);
+        let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Deny);
+        assert_eq!(log.len(), MAX_BAD_COMMANDS as usize);
+        assert_eq!(
+            log.last().unwrap(),
+            "CLOSE 421 4.7.0 mx.example.net Too many invalid commands\r\n"
+        );
+        assert_eq!(rest, b"FROB\r\n");
+    }
+
+    #[test]
+    fn session_goodbyes() {
+        let d = make();
+        assert_eq!(
+            d.timed_out(),
+            b"421 4.4.2 mx.example.net Timeout; login took too long\r\n"
+        );
+        assert_eq!(
+            d.shutting_down(),
+            b"421 4.3.2 mx.example.net Server shutting down\r\n"
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let plain = b64("\0a\0b");
+        let words: &[&[u8]] = &[
+            b"EHLO x",
+            b"HELO ",
+            b"AUTH ",
+            b"PLAIN",
+            b"LOGIN ",
+            b"MAIL ",
+            b"\r\n",
+            b"\n",
+            b" ",
+            b"*",
+            b"=",
+            b"\0",
+            b"\r",
+            b"\xff",
+            b"a",
+            plain.as_bytes(),
+            b"YQ==",
+        ];
+        fuzz(&make, words, 2);
     }
 }

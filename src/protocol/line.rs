@@ -1,0 +1,331 @@
+//! Text handling shared by the pre-login dialogues: line framing under a length limit,
+//! the checks every user name and password must pass, and the bad-command budget.
+
+use std::ops::Deref;
+
+use bytes::BytesMut;
+use zeroize::Zeroize;
+
+use crate::limits::MAX_BAD_COMMANDS;
+use crate::secret::Secret;
+
+/// One line taken from the client's input, without its terminator.
+///
+/// Pre-login lines may carry passwords, so the bytes are wiped when the line is dropped.
+pub struct Line {
+    raw: BytesMut,
+    len: usize,
+}
+
+impl Deref for Line {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.raw[..self.len]
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        self.raw[..].zeroize();
+    }
+}
+
+/// What [`take_line`] found at the front of the input.
+pub enum Framed {
+    /// A complete line, removed from the input.
+    Line(Line),
+    /// No line terminator yet, and the limit is not reached: read more.
+    Incomplete,
+    /// The limit is reached without a line terminator: the client must be cut off.
+    TooLong,
+}
+
+/// Removes one line from the front of `input` if a whole one is there.
+///
+/// A line ends at LF, with or without a preceding CR. `max` counts the terminator, and
+/// only the first `max` bytes are ever scanned, so a hostile client cannot make the
+/// dialogue search an unbounded buffer.
+pub fn take_line(input: &mut BytesMut, max: usize) -> Framed {
+    let window = input.len().min(max);
+    match input[..window].iter().position(|&b| b == b'\n') {
+        Some(lf) => {
+            let raw = input.split_to(lf + 1);
+            let len = if lf > 0 && raw[lf - 1] == b'\r' {
+                lf - 1
+            } else {
+                lf
+            };
+            Framed::Line(Line { raw, len })
+        }
+        None if input.len() >= max => Framed::TooLong,
+        None => Framed::Incomplete,
+    }
+}
+
+/// Splits a command line into its verb and whatever follows the first space.
+pub fn split_verb(line: &[u8]) -> (&[u8], &[u8]) {
+    match line.iter().position(|&b| b == b' ') {
+        Some(space) => (&line[..space], &line[space + 1..]),
+        None => (line, &[]),
+    }
+}
+
+/// The space-separated words of `text`, ignoring repeated spaces.
+pub fn words(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    text.split(|&b| b == b' ').filter(|w| !w.is_empty())
+}
+
+/// Checks a user name as sent by the client and returns it trimmed.
+///
+/// It must be UTF-8 and non-empty, with no control characters: they have no place in a
+/// mail address and could forge log lines or protocol lines upstream.
+pub fn user_name(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?.trim();
+    if text.is_empty() || text.chars().any(char::is_control) {
+        return None;
+    }
+    Some(text.to_owned())
+}
+
+/// Checks a password as sent by the client.
+///
+/// Any UTF-8 is allowed except NUL, CR and LF, which no upstream syntax can carry.
+/// Empty passwords are refused outright: a directory may treat an empty simple bind
+/// as an anonymous bind that "succeeds".
+pub fn password(raw: &[u8]) -> Option<Secret> {
+    if raw.is_empty() || raw.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n')) {
+        return None;
+    }
+    std::str::from_utf8(raw).ok().map(Secret::new)
+}
+
+/// Counts failed or invalid commands before login.
+#[derive(Debug, Default)]
+pub struct BadCommands(u32);
+
+impl BadCommands {
+    /// Records one more bad command; true once [`MAX_BAD_COMMANDS`] is reached and the
+    /// connection must be closed.
+    pub fn record(&mut self) -> bool {
+        self.0 = self.0.saturating_add(1);
+        self.0 >= MAX_BAD_COMMANDS
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Drives a dialogue over scripted input and records what it did, so the parsers'
+    //! tests can compare whole transcripts, fed at once or split at every byte.
+
+    use bytes::BytesMut;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use crate::protocol::{Dialogue, Step, UpstreamInfo};
+
+    /// How the fake session answers every login.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Decision {
+        Deny,
+        Unavailable,
+        Accept(Option<&'static str>),
+    }
+
+    /// Renders a login for comparison: user, prefix, password, mechanism, hello.
+    fn login_text(c: &crate::protocol::Credentials) -> String {
+        format!(
+            "LOGIN {}|{}|{}|{}|{}",
+            c.user,
+            c.upstream_prefix,
+            c.password.expose(),
+            c.mechanism,
+            c.client_hello.as_deref().unwrap_or("-")
+        )
+    }
+
+    /// Steps until the dialogue needs more input or is finished, appending to `log`.
+    /// Returns false once the dialogue closed or accepted a login.
+    pub fn pump(
+        d: &mut dyn Dialogue,
+        buf: &mut BytesMut,
+        decision: Decision,
+        log: &mut Vec<String>,
+    ) -> bool {
+        for _ in 0..100_000 {
+            match d.step(buf) {
+                Step::NeedMore => return true,
+                Step::Reply(r) => log.push(String::from_utf8_lossy(&r).into_owned()),
+                Step::Close(r) => {
+                    log.push(format!("CLOSE {}", String::from_utf8_lossy(&r)));
+                    return false;
+                }
+                Step::Login(c) => {
+                    for field in [&c.user, &c.upstream_prefix, &c.password.expose().to_owned()] {
+                        assert!(!field.contains(['\0', '\r', '\n']), "bad credentials {c:?}");
+                    }
+                    assert!(!c.user.is_empty() && !c.password.is_empty());
+                    log.push(login_text(&c));
+                    let reply = match decision {
+                        Decision::Deny => d.denied(),
+                        Decision::Unavailable => d.unavailable(),
+                        Decision::Accept(caps) => {
+                            let info = UpstreamInfo {
+                                capabilities: caps.map(str::to_owned),
+                            };
+                            let r = d.accepted(&info);
+                            log.push(String::from_utf8_lossy(&r).into_owned());
+                            return false;
+                        }
+                    };
+                    log.push(String::from_utf8_lossy(&reply).into_owned());
+                }
+            }
+        }
+        panic!("dialogue made no progress");
+    }
+
+    /// Feeds `input` at once; returns the transcript and what is left in the buffer.
+    pub fn run(d: &mut dyn Dialogue, input: &[u8], decision: Decision) -> (Vec<String>, Vec<u8>) {
+        let mut buf = BytesMut::from(input);
+        let mut log = Vec::new();
+        pump(d, &mut buf, decision, &mut log);
+        (log, buf.to_vec())
+    }
+
+    /// Feeds `input` at once, then split at every byte boundary, and checks every split
+    /// gives the same transcript and leftover. Returns them.
+    pub fn run_all_splits(
+        make: &dyn Fn() -> Box<dyn Dialogue>,
+        input: &[u8],
+        decision: Decision,
+    ) -> (Vec<String>, Vec<u8>) {
+        let whole = run(make().as_mut(), input, decision);
+        for cut in 0..input.len() {
+            let mut d = make();
+            let mut buf = BytesMut::from(&input[..cut]);
+            let mut log = Vec::new();
+            if pump(d.as_mut(), &mut buf, decision, &mut log) {
+                buf.extend_from_slice(&input[cut..]);
+                pump(d.as_mut(), &mut buf, decision, &mut log);
+            } else {
+                buf.extend_from_slice(&input[cut..]);
+            }
+            assert_eq!(
+                (&log, &buf.to_vec()),
+                (&whole.0, &whole.1),
+                "split at {cut}"
+            );
+        }
+        whole
+    }
+
+    /// Feeds random byte soup built from `words` in random chunks; only checks that the
+    /// dialogue neither panics nor loops, and never yields bad credentials.
+    pub fn fuzz(make: &dyn Fn() -> Box<dyn Dialogue>, words: &[&[u8]], seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for _ in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..rng.gen_range(1..60) {
+                if rng.gen_bool(0.15) {
+                    input.push(rng.r#gen::<u8>());
+                } else {
+                    input.extend_from_slice(words[rng.gen_range(0..words.len())]);
+                }
+            }
+            let decision = match rng.gen_range(0..3) {
+                0 => Decision::Deny,
+                1 => Decision::Unavailable,
+                _ => Decision::Accept(Some("IMAP4rev1")),
+            };
+            let mut d = make();
+            d.greeting();
+            let mut buf = BytesMut::new();
+            let mut log = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = rng.gen_range(1..=rest.len().min(16));
+                buf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if !pump(d.as_mut(), &mut buf, decision, &mut log) {
+                    break;
+                }
+            }
+            let _ = (
+                d.timed_out(),
+                d.shutting_down(),
+                d.denied(),
+                d.unavailable(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_of(input: &mut BytesMut, max: usize) -> Option<Vec<u8>> {
+        match take_line(input, max) {
+            Framed::Line(l) => Some(l.to_vec()),
+            Framed::Incomplete => None,
+            Framed::TooLong => Some(b"<too long>".to_vec()),
+        }
+    }
+
+    #[test]
+    fn frames_crlf_and_bare_lf() {
+        let mut b = BytesMut::from(&b"one\r\ntwo\nthree"[..]);
+        assert_eq!(line_of(&mut b, 100).unwrap(), b"one");
+        assert_eq!(line_of(&mut b, 100).unwrap(), b"two");
+        assert_eq!(line_of(&mut b, 100), None);
+        assert_eq!(&b[..], b"three");
+    }
+
+    #[test]
+    fn limit_counts_the_terminator() {
+        let mut b = BytesMut::from(&b"abc\r\n"[..]);
+        assert_eq!(line_of(&mut b, 5).unwrap(), b"abc");
+        let mut b = BytesMut::from(&b"abcd\r\n"[..]);
+        assert_eq!(line_of(&mut b, 5).unwrap(), b"<too long>");
+        let mut b = BytesMut::from(&b"abcd"[..]);
+        assert_eq!(line_of(&mut b, 5), None);
+        let mut b = BytesMut::from(&b"abcde"[..]);
+        assert_eq!(line_of(&mut b, 5).unwrap(), b"<too long>");
+    }
+
+    #[test]
+    fn field_checks() {
+        assert_eq!(
+            user_name(b"  Alice@Example.com ").as_deref(),
+            Some("Alice@Example.com")
+        );
+        assert_eq!(user_name(b"j\xc3\xbcrgen").as_deref(), Some("jürgen"));
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"a\0b",
+            b"a\rb",
+            b"a\nb",
+            b"a\x1bb",
+            b"\xff",
+        ] {
+            assert_eq!(user_name(bad), None);
+        }
+        assert_eq!(
+            password("pä ss\"w\\rd ".as_bytes()).unwrap().expose(),
+            "pä ss\"w\\rd "
+        );
+        for bad in [&b""[..], b"a\0", b"a\r", b"\nb", b"\xc3"] {
+            assert!(password(bad).is_none());
+        }
+    }
+
+    #[test]
+    fn bad_command_budget() {
+        let mut bad = BadCommands::default();
+        for _ in 1..MAX_BAD_COMMANDS {
+            assert!(!bad.record());
+        }
+        assert!(bad.record());
+    }
+}
