@@ -12,6 +12,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod directory;
+pub mod fsutil;
 pub mod limits;
 pub mod listener;
 pub mod protocol;

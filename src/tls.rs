@@ -114,18 +114,9 @@ pub fn generate_self_signed(hostname: &str, cert: &Path, key: &Path) -> Result<(
             std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         }
     }
-    write_private(key, key_pair.serialize_pem().as_bytes()).map_err(|e| io_error(key, e))?;
+    crate::fsutil::write_private_atomic(key, key_pair.serialize_pem().as_bytes()).map_err(|e| io_error(key, e))?;
     std::fs::write(cert, certificate.pem()).map_err(|e| io_error(cert, e))?;
     Ok(())
-}
-
-/// Creates (or truncates) `path` with mode 0600 before writing `bytes` into it.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 #[cfg(test)]

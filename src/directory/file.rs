@@ -266,7 +266,7 @@ fn warn_if_exposed(path: &Path) {
 fn write_users(path: &Path, users: BTreeMap<String, UserRecord>) -> Result<(), DirectoryError> {
     let text = toml::to_string(&UsersFile { users })
         .map_err(|e| DirectoryError::Config(format!("cannot serialise users file: {e}")))?;
-    crate::vault::write_private_file(path, text.as_bytes()).map_err(|e| {
+    crate::fsutil::write_private_atomic(path, text.as_bytes()).map_err(|e| {
         DirectoryError::Config(format!("cannot write users file {}: {e}", path.display()))
     })
 }

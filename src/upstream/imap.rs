@@ -3,6 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt};
+use crate::protocol::imap::{self, Astring};
 use crate::protocol::{UpstreamInfo, sasl};
 
 const TAG: &str = "P1";
@@ -26,10 +27,10 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
         UpstreamAuth::Password { user, password } => {
             check_line_safe("upstream user name", user)?;
             check_line_safe("upstream password", password.expose())?;
-            let mut command = format!("{TAG} LOGIN ").into_bytes();
-            append_astring(&mut conn, &mut command, user.as_bytes(), literal_plus).await?;
+            let mut command = zeroize::Zeroizing::new(format!("{TAG} LOGIN ").into_bytes());
+            append_astring(&mut conn, &mut command, user, literal_plus).await?;
             command.push(b' ');
-            append_astring(&mut conn, &mut command, password.expose().as_bytes(), literal_plus).await?;
+            append_astring(&mut conn, &mut command, password.expose(), literal_plus).await?;
             command.extend_from_slice(b"\r\n");
             conn.send(&command).await?;
             read_tagged(&mut conn, TAG, &mut capabilities).await?
@@ -94,39 +95,28 @@ fn sasl_error_text(challenge: &str) -> String {
         .unwrap_or_else(|| challenge.to_owned())
 }
 
-/// Appends `value` as an atom, quoted string or literal, whichever it needs. A synchronizing
-/// literal is sent at once (with the command so far) and the server's `+` awaited.
+/// Appends `value` as the IMAP string form it needs. A synchronizing literal is sent at once
+/// (with the command so far) and the server's `+` awaited.
 async fn append_astring<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     command: &mut Vec<u8>,
-    value: &[u8],
+    value: &str,
     literal_plus: bool,
 ) -> Result<(), UpstreamError> {
-    let atom = !value.is_empty() && value.iter().all(|&b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b));
-    let quotable = value.iter().all(|&b| (0x20..0x7f).contains(&b));
-    if atom {
-        command.extend_from_slice(value);
-    } else if quotable {
-        command.push(b'"');
-        for &b in value {
-            if b == b'"' || b == b'\\' {
-                command.push(b'\\');
+    match imap::encode_astring(value) {
+        Astring::Inline(bytes) => command.extend_from_slice(&bytes),
+        Astring::Literal(bytes) => {
+            command.extend_from_slice(imap::literal_header(bytes.len(), literal_plus).as_bytes());
+            if !literal_plus {
+                conn.send(command).await?;
+                command.clear();
+                let line = conn.read_line().await?;
+                if !line.starts_with('+') {
+                    return Err(UpstreamError::Refused(excerpt(&line)));
+                }
             }
-            command.push(b);
+            command.extend_from_slice(bytes);
         }
-        command.push(b'"');
-    } else if literal_plus {
-        command.extend_from_slice(format!("{{{}+}}\r\n", value.len()).as_bytes());
-        command.extend_from_slice(value);
-    } else {
-        command.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
-        conn.send(command).await?;
-        command.clear();
-        let line = conn.read_line().await?;
-        if !line.starts_with('+') {
-            return Err(UpstreamError::Refused(excerpt(&line)));
-        }
-        command.extend_from_slice(value);
     }
     Ok(())
 }
@@ -178,7 +168,7 @@ mod tests {
         });
         let mut conn = Conn::new(client);
         let mut command = b"P1 LOGIN ".to_vec();
-        append_astring(&mut conn, &mut command, value.as_bytes(), literal_plus).await.unwrap();
+        append_astring(&mut conn, &mut command, value, literal_plus).await.unwrap();
         if !value.is_ascii() && !literal_plus {
             drop(conn);
         }
