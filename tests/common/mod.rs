@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod dovecot;
+pub mod logs;
 pub mod pki;
 pub mod proxy;
 pub mod sink;
