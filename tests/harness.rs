@@ -75,8 +75,7 @@ async fn imaps_login_select_and_fetch_returns_the_delivered_message() {
     expect_ok(&mut c, "greeting").await;
     // The password has a quote, so send it as a literal (non-synchronising, LITERAL+).
     let password = "pa:ss w\"rd";
-    c.send(format!("a LOGIN imap-smoke@example.com {{{}+}}\r\n{password}\r\n", password.len()).as_bytes())
-        .await;
+    c.send(format!("a LOGIN imap-smoke@example.com {{{}+}}\r\n{password}\r\n", password.len()).as_bytes()).await;
     let lines = c.read_until_tagged("a").await;
     assert!(lines.last().unwrap().starts_with("a OK"), "{lines:?}");
     let lines = imap_ok(&mut c, "b", "SELECT INBOX").await;
@@ -107,7 +106,7 @@ async fn imaps_rejects_a_wrong_password() {
 async fn pop3s_user_pass_stat_and_retr() {
     let d = dovecot();
     d.add_user("pop-smoke@example.com", "secret:1");
-    let msg = message("pop-smoke", 50_000);
+    let msg = message("pop-smoke", 33 * 1024 * 1024);
     d.deliver("pop-smoke@example.com", &msg);
 
     let mut c = client::connect_tls(d.pop3s, &d.ca_file).await;
@@ -257,8 +256,7 @@ fn sink_handles_odd_input_and_dot_stuffing() {
     expect("502", &mut input);
     expect("503", &mut input);
     expect("250", &mut input);
-    out.write_all(b"MAIL FROM:<> BODY=8BITMIME\r\nRCPT TO:<a@b> NOTIFY=NEVER\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        .unwrap();
+    out.write_all(b"MAIL FROM:<> BODY=8BITMIME\r\nRCPT TO:<a@b> NOTIFY=NEVER\r\nRCPT TO:<c@d>\r\nDATA\r\n").unwrap();
     for code in ["250", "250", "250", "354"] {
         expect(code, &mut input);
     }
@@ -287,7 +285,6 @@ fn literal_lengths_are_parsed_from_line_ends_only() {
     assert_eq!(literal_len(b"* OK {12} trailing\r\n"), None);
     assert_eq!(literal_len(b"* OK {12}"), None);
 }
-
 
 #[tokio::test]
 async fn a_failed_login_does_not_delay_the_next_one() {

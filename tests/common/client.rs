@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -70,8 +71,9 @@ impl AsyncWrite for Stream {
 /// A connection to a mail server (or the proxy) with a read buffer.
 pub struct MailClient {
     stream: Stream,
-    /// Bytes received but not yet handed out.
-    buf: Vec<u8>,
+    /// Bytes received but not yet handed out (`split_to` is O(1), so line-by-line reads of
+    /// multi-megabyte responses stay linear).
+    buf: BytesMut,
     /// Whether the peer has closed its side (EOF or TLS close seen).
     eof: bool,
 }
@@ -144,7 +146,7 @@ pub async fn connect_plain_from(local_ip: IpAddr, addr: SocketAddr) -> MailClien
 
 impl MailClient {
     fn new(stream: Stream) -> Self {
-        MailClient { stream, buf: Vec::new(), eof: false }
+        MailClient { stream, buf: BytesMut::new(), eof: false }
     }
 
     /// Writes `bytes` and flushes.
@@ -163,7 +165,8 @@ impl MailClient {
     }
 
     fn buffered(&self) -> String {
-        String::from_utf8_lossy(&self.buf).into_owned()
+        let tail = &self.buf[self.buf.len().saturating_sub(512)..];
+        String::from_utf8_lossy(tail).into_owned()
     }
 
     /// Reads more bytes into the buffer; returns false at EOF (a TLS close counts as EOF).
@@ -195,7 +198,7 @@ impl MailClient {
         let mut searched = 0;
         loop {
             if let Some(i) = self.buf[searched..].iter().position(|&b| b == b'\n') {
-                return self.buf.drain(..searched + i + 1).collect();
+                return self.buf.split_to(searched + i + 1).to_vec();
             }
             searched = self.buf.len();
             if !self.fill("a line").await {
@@ -213,10 +216,11 @@ impl MailClient {
     /// Reads exactly `n` bytes; panics on EOF or timeout. Efficient for multi-megabyte reads.
     pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
         if self.buf.len() >= n {
-            return self.buf.drain(..n).collect();
+            return self.buf.split_to(n).to_vec();
         }
         let mut out = Vec::with_capacity(n);
-        out.append(&mut self.buf);
+        out.extend_from_slice(&self.buf);
+        self.buf.clear();
         let mut chunk = vec![0u8; 256 * 1024];
         while out.len() < n {
             let want = (n - out.len()).min(chunk.len());
@@ -278,11 +282,7 @@ impl MailClient {
             }
             let text = String::from_utf8_lossy(&line);
             if text.starts_with(&prefix) {
-                assert!(
-                    text[prefix.len()..].starts_with("OK"),
-                    "FETCH {seq} failed: {}",
-                    text.trim_end()
-                );
+                assert!(text[prefix.len()..].starts_with("OK"), "FETCH {seq} failed: {}", text.trim_end());
                 return body.unwrap_or_else(|| panic!("FETCH {seq} completed without a BODY[] literal"));
             }
         }
@@ -305,7 +305,7 @@ impl MailClient {
     /// longer than [`READ_TIMEOUT`] since the last byte.
     pub async fn read_to_end_or_close(&mut self) -> Vec<u8> {
         while self.fill("the connection to close").await {}
-        std::mem::take(&mut self.buf)
+        std::mem::take(&mut self.buf).to_vec()
     }
 
     /// Asserts the peer closes the connection within [`READ_TIMEOUT`] (discarding anything it

@@ -65,11 +65,13 @@ pub fn dovecot() -> &'static Dovecot {
     DOVECOT.get_or_init(start)
 }
 
-/// The identity Dovecot and its mail processes run as.
+/// Who Dovecot's processes run as: as root, internal services stay root while login and mail
+/// processes use `nobody` (Dovecot refuses root for them); otherwise everything is the caller.
 struct Identity {
-    /// Owner of internal and login processes and of the mail (user, group names; uid, gid).
+    /// User and group names for Dovecot's internal services.
     user: String,
     group: String,
+    /// Owner of the mail processes and mailbox files.
     mail_uid: u32,
     mail_gid: u32,
     root: bool,
@@ -80,19 +82,29 @@ fn identity(dir: &Path) -> Identity {
     let (uid, gid) = (meta.uid(), meta.gid());
     if uid == 0 {
         let (mail_uid, mail_gid) = passwd_ids("nobody").unwrap_or((65534, 65534));
-        Identity { user: "root".into(), group: group_name(0).unwrap_or_else(|| "root".into()), mail_uid, mail_gid, root: true }
+        Identity {
+            user: "root".into(),
+            group: group_name(0).unwrap_or_else(|| "root".into()),
+            mail_uid,
+            mail_gid,
+            root: true,
+        }
     } else {
-        let user = user_name(uid).unwrap_or_else(|| panic!("uid {uid} has no /etc/passwd entry; Dovecot needs a user name"));
-        let group = group_name(gid).unwrap_or_else(|| panic!("gid {gid} has no /etc/group entry; Dovecot needs a group name"));
+        let user =
+            user_name(uid).unwrap_or_else(|| panic!("uid {uid} has no /etc/passwd entry; Dovecot needs a user name"));
+        let group =
+            group_name(gid).unwrap_or_else(|| panic!("gid {gid} has no /etc/group entry; Dovecot needs a group name"));
         Identity { user, group, mail_uid: uid, mail_gid: gid, root: false }
     }
 }
 
 fn passwd_ids(name: &str) -> Option<(u32, u32)> {
     let passwd = fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 3 && f[0] == name).and_then(|f| {
-        Some((f[2].parse().ok()?, f[3].parse().ok()?))
-    })
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == name)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
 }
 
 fn user_name(uid: u32) -> Option<String> {
@@ -195,7 +207,6 @@ fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-#[allow(clippy::too_many_arguments)]
 fn config(
     dir: &Path,
     id: &Identity,
@@ -223,6 +234,7 @@ base_dir = {d}/run
 state_dir = {d}/state
 log_path = {log}
 auth_verbose = yes
+# Failed logins still answer after about half a second (Dovecot's flush interval).
 auth_failure_delay = 0
 auth_mechanisms = plain login
 auth_username_chars =
@@ -266,6 +278,7 @@ userdb {{
   driver = passwd-file
   args = username_format=%u {passwd}
 }}
+# (userdbs take no username_filter in 2.3; other names just are not found here.)
 userdb {{
   driver = passwd-file
   args = username_format=%{prefix_len}.u {passwd}
@@ -377,9 +390,7 @@ impl Dovecot {
             loop {
                 match self.auth_test(&name, password) {
                     Ok(true) => break,
-                    Ok(false) | Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(100))
-                    }
+                    Ok(false) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                     outcome => panic!(
                         "Dovecot does not accept the new user {name}: {outcome:?}\nlog tail:\n{}",
                         tail(&self.log_file, 20)
@@ -418,7 +429,8 @@ impl Dovecot {
     }
 
     /// Puts `message` into `user`'s INBOX as a new maildir file, as a delivery agent would.
-    /// Write it with CRLF line endings to get it back byte-identical from FETCH or RETR.
+    /// Write it with CRLF line endings to get it back byte-identical from FETCH or RETR. A
+    /// session that already selected INBOX sees it after its next sync (e.g. `NOOP`).
     pub fn deliver(&self, user: &str, message: &[u8]) {
         assert!(
             self.users.lock().unwrap_or_else(|e| e.into_inner()).contains_key(user),

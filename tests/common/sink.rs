@@ -48,20 +48,15 @@ pub fn sink() -> &'static Sink {
     SINK.get_or_init(|| {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind SMTP sink");
         let addr = listener.local_addr().expect("SMTP sink address");
-        let sink: &'static Sink = Box::leak(Box::new(Sink {
-            addr,
-            messages: Mutex::new(Vec::new()),
-            arrived: Condvar::new(),
-        }));
+        let sink: &'static Sink =
+            Box::leak(Box::new(Sink { addr, messages: Mutex::new(Vec::new()), arrived: Condvar::new() }));
         std::thread::Builder::new()
             .name("smtp-sink".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    let _ = std::thread::Builder::new()
-                        .name("smtp-sink-conn".into())
-                        .spawn(move || {
-                            let _ = sink.serve(stream);
-                        });
+                    let _ = std::thread::Builder::new().name("smtp-sink-conn".into()).spawn(move || {
+                        let _ = sink.serve(stream);
+                    });
                 }
             })
             .expect("spawn SMTP sink");
@@ -85,20 +80,12 @@ impl Sink {
                 return Some(found.clone());
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            messages = self
-                .arrived
-                .wait_timeout(messages, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            messages = self.arrived.wait_timeout(messages, left).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
     /// Like [`Sink::wait_for`], but polls without blocking the async runtime's thread.
-    pub async fn wait_for_async(
-        &self,
-        predicate: impl Fn(&Received) -> bool,
-        timeout: Duration,
-    ) -> Option<Received> {
+    pub async fn wait_for_async(&self, predicate: impl Fn(&Received) -> bool, timeout: Duration) -> Option<Received> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(found) = self.lock().iter().find(|m| predicate(m)) {
