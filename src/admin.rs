@@ -50,10 +50,15 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => match load_config(path).and_then(|c| server.reload(&c).map_err(Into::into)) {
-                Ok(()) => {}
-                Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles and vault stay in force"),
-            },
+            _ = hangup.recv() => {
+                let reloaded = match load_config(path) {
+                    Ok(config) => server.reload(&config).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = reloaded {
+                    tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles, vault and directory stay in force");
+                }
+            }
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -86,6 +91,7 @@ pub fn set_password(path: &Path, user: &str) -> anyhow::Result<()> {
     let users = config.resolve(&file.path);
     crate::directory::file::set_password(&users, &user, &password)?;
     println!("password set for {user} in {}", users.display());
+    eprintln!("a running postern picks it up on reload (systemctl reload postern, or SIGHUP)");
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! The audit log: one structured line per session, written when the session ends.
+//! The audit log: one structured line per session, written when the session ends, and one
+//! per refused login attempt.
 //!
 //! Lines go to the `audit` tracing target, so the process's log format (text or JSON)
 //! applies and they can be filtered apart (`RUST_LOG=audit=info`). Nothing a client sent
@@ -99,7 +100,25 @@ impl SessionRecord {
         self.reason = reason.into();
     }
 
-    /// Writes the audit line.
+    /// Writes an audit line for a refused login attempt, so a session with several attempts
+    /// leaves a trace of each, not only of the last.
+    pub fn emit_refusal(&self) {
+        tracing::info!(
+            target: "audit",
+            protocol = self.protocol.name(),
+            client = %self.client,
+            user = self.user.as_deref().unwrap_or("-"),
+            mode = self.mode.unwrap_or("-"),
+            mechanism = self.mechanism.unwrap_or("-"),
+            outcome = self.outcome.as_str(),
+            reason = %self.reason,
+            upstream = %self.upstream,
+            attempt = self.attempts,
+            "login refused"
+        );
+    }
+
+    /// Writes the session's audit line.
     pub fn emit(&self) {
         tracing::info!(
             target: "audit",

@@ -282,7 +282,7 @@ impl Config {
                 return Err(invalid(&format!("{name}.listen"), "give at least one address, e.g. \"0.0.0.0:10993\""));
             }
             for addr in &p.listen {
-                if !seen.insert(*addr) {
+                if addr.port() != 0 && !seen.insert(*addr) {
                     return Err(invalid(&format!("{name}.listen"), &format!("{addr} is used twice")));
                 }
             }

@@ -1,8 +1,10 @@
 //! The splice: bytes both ways between a logged-in client and its upstream session.
 //!
-//! Each direction is its own copy loop, so one side closing its write half (half-close)
-//! is passed on while the other direction keeps flowing. The session ends when both
-//! directions are done, when nothing moved either way for the idle timeout, or at shutdown.
+//! Each direction is its own copy loop. A client that closes its write half (half-close)
+//! has that passed on to the upstream while the upstream's answers keep flowing back, so a
+//! final `LOGOUT`/`QUIT` answer is never lost. The upstream closing ends the session once its
+//! last bytes reach the client: a mail server that hung up has nothing more to say. The
+//! session also ends when nothing moved either way for the idle timeout, or at shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,8 +70,19 @@ where
     let up = pump(&mut client_read, &mut upstream_write, &counters.up, &last_activity, start);
     let down = pump(&mut upstream_read, &mut client_write, &counters.down, &last_activity, start);
     let both = async {
-        let (a, b) = tokio::join!(up, down);
-        if a.is_ok() && b.is_ok() { End::Closed } else { End::Error }
+        tokio::pin!(up, down);
+        let mut client_done = false;
+        loop {
+            tokio::select! {
+                result = &mut up, if !client_done => {
+                    if result.is_err() {
+                        return End::Error;
+                    }
+                    client_done = true;
+                }
+                result = &mut down => return if result.is_ok() { End::Closed } else { End::Error },
+            }
+        }
     };
     let watchdog = async {
         loop {
@@ -148,6 +161,25 @@ mod tests {
         assert_eq!(task.await.unwrap(), End::Closed);
         assert_eq!(counters.up.load(Ordering::Relaxed), 9);
         assert_eq!(counters.down.load(Ordering::Relaxed), 100_000);
+    }
+
+    #[tokio::test]
+    async fn upstream_closing_ends_the_session_even_if_the_client_stays() {
+        let (client_near, mut client_far) = duplex(64);
+        let (upstream_near, mut upstream_far) = duplex(64);
+        let task = tokio::spawn(splice(
+            client_near,
+            upstream_near,
+            Duration::from_secs(60),
+            Arc::new(Counters::default()),
+            std::future::pending(),
+        ));
+        upstream_far.write_all(b"* BYE\r\n").await.unwrap();
+        upstream_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"* BYE\r\n");
+        assert_eq!(task.await.unwrap(), End::Closed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,8 +60,7 @@ pub struct Server {
     /// Timeouts and sizes.
     pub limits: Limits,
     hostname: String,
-    /// The directory that checks passwords.
-    pub directory: Directory,
+    directory: ArcSwap<Directory>,
     /// Lockout after repeated password failures.
     pub lockout: Lockout,
     profiles: ArcSwap<Profiles>,
@@ -100,7 +99,7 @@ impl Server {
         Ok(Arc::new(Self {
             limits: config.limits.clone(),
             hostname: config.server.hostname.clone(),
-            directory,
+            directory: ArcSwap::from_pointee(directory),
             lockout: Lockout::disabled(),
             profiles: ArcSwap::from_pointee(profiles),
             vault: ArcSwap::from_pointee(vault),
@@ -120,14 +119,27 @@ impl Server {
         self.profiles.store(Arc::new(profiles));
     }
 
-    /// Re-reads the profiles file and the vault; on any error the old ones stay in force.
-    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+    /// Re-reads the profiles file, the vault and the directory; on any error the old ones
+    /// stay in force. Sessions already logged in are not touched.
+    pub async fn reload(&self, config: &Config) -> Result<(), StartError> {
         let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
         let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
-        tracing::info!(profiles = profiles.len(), "reloaded security profiles and vault");
+        let directory = Directory::open(&config.directory, &config.base_dir).await?;
+        tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault and directory");
         self.set_profiles(profiles);
         self.vault.store(Arc::new(vault));
+        self.directory.store(Arc::new(directory));
         Ok(())
+    }
+
+    /// Replaces the vault for every login from now on.
+    pub fn set_vault(&self, vault: Vault) {
+        self.vault.store(Arc::new(vault));
+    }
+
+    /// The directory in force now.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.load_full()
     }
 
     /// The vault in force now.

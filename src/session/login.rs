@@ -53,11 +53,12 @@ pub async fn admit(server: &Server, protocol: Protocol, ip: IpAddr, credentials:
     if !profiles.any_allows(ip) {
         return Err(Refusal::Denied(Denial::IpNotInAnyProfile));
     }
-    let entry = server.directory.lookup(&user).await.map_err(directory_refusal)?;
+    let directory = server.directory();
+    let entry = directory.lookup(&user).await.map_err(directory_refusal)?;
     if let Some(groups) = &entry.groups {
         access::check_profiles(&profiles, &user, groups, protocol, ip).map_err(Refusal::Denied)?;
     }
-    let groups = match server.directory.verify(&entry, &credentials.password).await {
+    let groups = match directory.verify(&entry, &credentials.password).await {
         Ok(groups) => groups,
         Err(DirectoryError::WrongPassword) => {
             server.lockout.record_failure(&user);

@@ -102,14 +102,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             return Some(admitted);
                         }
                         Err(Refusal::Denied(denial)) => {
-                            tracing::info!(reason = denial.reason(), "login refused");
                             self.record.set(Outcome::Denied, denial.reason());
+                            self.record.emit_refusal();
                             let reply = self.dialogue.denied();
                             self.write(&reply, deadline).await?;
                         }
                         Err(Refusal::Unavailable(reason)) => {
-                            tracing::warn!(%reason, "login could not be completed");
                             self.record.set(Outcome::Unavailable, reason);
+                            self.record.emit_refusal();
                             let reply = self.dialogue.unavailable();
                             self.write(&reply, deadline).await?;
                         }
@@ -144,8 +144,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Ok(Ok(0)) => None,
             Ok(Ok(_)) => Some(()),
+            // A client that simply hangs up without a TLS close_notify is still just leaving.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
             Ok(Err(e)) => {
-                self.record.set(Outcome::Abandoned, format!("client connection failed before login: {e}"));
+                if self.record.attempts == 0 {
+                    self.record.set(Outcome::Abandoned, format!("client connection failed before login: {e}"));
+                }
                 None
             }
         }

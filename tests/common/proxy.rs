@@ -182,10 +182,11 @@ upstream_ca_file = {ca:?}
         self.reload();
     }
 
-    /// Sets `user`'s password in the file directory.
-    pub fn set_file_password(&self, user: &str, password: &str) {
+    /// Sets `user`'s password in the file directory and reloads.
+    pub async fn set_file_password(&self, user: &str, password: &str) {
         let path = self.config.base_dir.join("users.toml");
         postern::directory::file::set_password(&path, user, &Secret::new(password)).expect("set password");
+        self.server.reload(&self.config).await.expect("reload");
     }
 
     /// Replaces the profiles file and reloads.
@@ -194,9 +195,11 @@ upstream_ca_file = {ca:?}
         self.reload();
     }
 
-    /// Re-reads profiles and vault.
+    /// Re-reads profiles and vault (what SIGHUP does, minus the directory).
     pub fn reload(&self) {
-        self.server.reload(&self.config).expect("reload");
+        let profiles = postern::access::Profiles::load(&self.config.base_dir.join("profiles.toml")).expect("profiles");
+        self.server.set_profiles(profiles);
+        self.server.set_vault(Vault::open(&self.state_dir()).expect("vault"));
     }
 
     /// Stops the proxy (grace period 2 s).
