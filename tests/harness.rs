@@ -8,6 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::client::{self, MailClient};
 use common::dovecot::dovecot;
+use common::mail::{dot_stuffed, message, smtp_reply};
 use common::sink::sink;
 
 #[test]
@@ -15,22 +16,6 @@ fn test_ca_issues_a_loadable_certificate() {
     let issued = common::pki::pki().issue("smoke");
     let pem = std::fs::read_to_string(&issued.cert_file).unwrap();
     assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
-}
-
-/// A CRLF message of roughly `size` bytes, with long and dot-leading lines, tagged `marker`.
-fn message(marker: &str, size: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: alice@example.com\r\nTo: bob@example.com\r\nSubject: {marker}\r\nMessage-ID: <{marker}@example.com>\r\n\r\n"
-    )
-    .into_bytes();
-    m.extend_from_slice(b".a line starting with a dot\r\n..two dots\r\n");
-    let mut i = 0u64;
-    while m.len() < size {
-        m.extend_from_slice(format!("line {i} {marker} {}\r\n", "x".repeat((i % 200) as usize)).as_bytes());
-        i += 1;
-    }
-    m.extend_from_slice(b"end\r\n");
-    m
 }
 
 async fn expect_ok(c: &mut MailClient, what: &str) -> String {
@@ -44,21 +29,6 @@ async fn imap_ok(c: &mut MailClient, tag: &str, command: &str) -> Vec<String> {
     let lines = c.read_until_tagged(tag).await;
     let last = lines.last().unwrap();
     assert!(last.starts_with(&format!("{tag} OK")), "{command}: {lines:?}");
-    lines
-}
-
-/// Reads an SMTP reply (all continuation lines) and checks its code.
-async fn smtp_reply(c: &mut MailClient, code: &str) -> Vec<String> {
-    let mut lines = Vec::new();
-    loop {
-        let line = c.read_line().await;
-        let last = line.as_bytes().get(3) != Some(&b'-');
-        lines.push(line);
-        if last {
-            break;
-        }
-    }
-    assert!(lines.iter().all(|l| l.starts_with(code)), "expected {code}: {lines:?}");
     lines
 }
 
@@ -178,15 +148,7 @@ async fn submissions_relays_the_message_to_the_sink() {
     c.send(b"DATA\r\n").await;
     smtp_reply(&mut c, "354").await;
     let msg = message("submit-smoke-marker", 20_000);
-    let mut stuffed = Vec::new();
-    for line in msg.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            stuffed.push(b'.');
-        }
-        stuffed.extend_from_slice(line);
-    }
-    stuffed.extend_from_slice(b".\r\n");
-    c.send(&stuffed).await;
+    c.send(&dot_stuffed(&msg)).await;
     smtp_reply(&mut c, "250").await;
     c.send(b"QUIT\r\n").await;
     smtp_reply(&mut c, "221").await;

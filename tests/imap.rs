@@ -12,10 +12,7 @@ use common::proxy::{self, Dir, Options, Proxy, TestUser};
 const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
 
 fn message(marker: &str) -> Vec<u8> {
-    format!(
-        "From: sender@example.net\r\nTo: someone@example.com\r\nSubject: {marker}\r\nMessage-ID: <{marker}@example.net>\r\n\r\nHello {marker}.\r\nSecond line with UTF-8: \u{00e4}\u{00f6}\u{00fc}.\r\n"
-    )
-    .into_bytes()
+    common::mail::message(marker, 2_000)
 }
 
 async fn proxy_for(users: &[&str]) -> Proxy {
