@@ -55,6 +55,9 @@ pub struct Config {
     pub directory: DirectoryConfig,
     /// `[access]`: security profiles.
     pub access: AccessConfig,
+    /// `[lockout]`: brute-force defences.
+    #[serde(default)]
+    pub lockout: crate::access::lockout::LockoutConfig,
     /// `[imap]`: the IMAPS listener and its upstream.
     pub imap: Option<ProtocolConfig>,
     /// `[pop3]`: the POP3S listener and its upstream.
@@ -316,6 +319,16 @@ impl Config {
         }
         if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        let lockout = &self.lockout;
+        if lockout.window_secs == 0 {
+            return Err(invalid("lockout.window_secs", "must be at least 1 second"));
+        }
+        if lockout.max_failures > 0 && lockout.lock_secs == 0 {
+            return Err(invalid("lockout.lock_secs", "must be at least 1 second (or set lockout.max_failures = 0 to disable locking)"));
+        }
+        if lockout.max_failure_delay_ms > 60_000 {
+            return Err(invalid("lockout.max_failure_delay_ms", "must be at most 60000: longer holds connections for nothing"));
         }
         if self.server.hostname.is_empty() || self.server.hostname.contains(char::is_whitespace) {
             return Err(invalid("server.hostname", "must be a host name without spaces"));

@@ -100,7 +100,7 @@ impl Server {
             limits: config.limits.clone(),
             hostname: config.server.hostname.clone(),
             directory: ArcSwap::from_pointee(directory),
-            lockout: Lockout::disabled(),
+            lockout: Lockout::new(config.lockout.clone()),
             profiles: ArcSwap::from_pointee(profiles),
             vault: ArcSwap::from_pointee(vault),
             upstreams,

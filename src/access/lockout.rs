@@ -1,26 +1,297 @@
-//! Lockout after repeated password failures.
+//! Brute-force defences: per-user lockout after repeated wrong passwords, a per-address
+//! throttle against password spraying, and a growing delay before every refusal.
 //!
-//! The session asks [`Lockout::is_locked`] before anything else and reports each password
-//! failure and success. Until thresholds are configured, nobody is ever locked.
+//! Only wrong passwords count: a directory or upstream outage is never the user's fault.
+//! Failures are recorded only for users the directory knows, so an attacker cycling
+//! through made-up names cannot grow the user table; the address table is pruned.
 
-/// Tracks password failures per user.
-#[derive(Debug, Default)]
-pub struct Lockout {}
+use std::net::IpAddr;
+use std::time::Duration;
 
-impl Lockout {
-    /// A lockout that never locks.
-    pub fn disabled() -> Self {
-        Self {}
+use dashmap::DashMap;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// Address entries kept before expired ones are pruned.
+const PRUNE_ABOVE: usize = 10_000;
+
+/// `[lockout]`: thresholds, with defaults for an internet-facing proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockoutConfig {
+    /// Wrong passwords for one user within `window_secs` that lock the user (0: never lock).
+    pub max_failures: u32,
+    /// The window failures are counted in, seconds.
+    pub window_secs: u64,
+    /// How long a locked user stays locked, seconds.
+    pub lock_secs: u64,
+    /// Failed logins from one address within `window_secs` after which that address is
+    /// refused outright until the window passes (0: never).
+    pub max_failures_per_ip: u32,
+    /// Delay before answering a refused login, milliseconds; grows with the address's
+    /// recent failures.
+    pub failure_delay_ms: u64,
+    /// Ceiling of the growing delay, milliseconds.
+    pub max_failure_delay_ms: u64,
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            window_secs: 15 * 60,
+            lock_secs: 30 * 60,
+            max_failures_per_ip: 50,
+            failure_delay_ms: 2_000,
+            max_failure_delay_ms: 15_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    failures: u32,
+    window_start: Instant,
+    locked_until: Option<Instant>,
+}
+
+impl Counter {
+    fn new(now: Instant) -> Self {
+        Self { failures: 0, window_start: now, locked_until: None }
     }
 
-    /// Whether `user` is currently locked out.
-    pub fn is_locked(&self, _user: &str) -> bool {
+    /// Counts one failure, starting a new window when the old one has passed.
+    fn add(&mut self, now: Instant, window: Duration) -> u32 {
+        if now.duration_since(self.window_start) >= window {
+            self.failures = 0;
+            self.window_start = now;
+        }
+        self.failures = self.failures.saturating_add(1);
+        self.failures
+    }
+
+    fn current(&self, now: Instant, window: Duration) -> u32 {
+        if now.duration_since(self.window_start) >= window { 0 } else { self.failures }
+    }
+}
+
+/// A user currently locked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locked {
+    /// The user.
+    pub user: String,
+    /// Time left until the lock lifts.
+    pub remaining: Duration,
+}
+
+/// Failure counts per user and per client address.
+#[derive(Debug)]
+pub struct Lockout {
+    config: LockoutConfig,
+    users: DashMap<String, Counter>,
+    addresses: DashMap<IpAddr, Counter>,
+}
+
+impl Default for Lockout {
+    fn default() -> Self {
+        Self::new(LockoutConfig::default())
+    }
+}
+
+impl Lockout {
+    /// Lockout with `config`'s thresholds.
+    pub fn new(config: LockoutConfig) -> Self {
+        Self { config, users: DashMap::new(), addresses: DashMap::new() }
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.config.window_secs)
+    }
+
+    /// Whether `user` is locked now.
+    pub fn is_locked(&self, user: &str) -> bool {
+        let now = Instant::now();
+        self.users.get(user).and_then(|c| c.locked_until).is_some_and(|until| until > now)
+    }
+
+    /// Whether `ip` has failed so often lately that its logins are refused unchecked.
+    pub fn is_throttled(&self, ip: IpAddr) -> bool {
+        let limit = self.config.max_failures_per_ip;
+        limit > 0 && self.addresses.get(&ip).is_some_and(|c| c.current(Instant::now(), self.window()) >= limit)
+    }
+
+    /// Records a wrong password for `user` from `ip`; returns true when this locked the user.
+    pub fn record_failure(&self, user: &str, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        self.record_address_failure(ip);
+        if self.config.max_failures == 0 {
+            return false;
+        }
+        let mut counter = self.users.entry(user.to_owned()).or_insert_with(|| Counter::new(now));
+        if counter.locked_until.is_some_and(|until| until > now) {
+            return false;
+        }
+        let failures = counter.add(now, self.window());
+        if failures >= self.config.max_failures {
+            counter.locked_until = Some(now + Duration::from_secs(self.config.lock_secs));
+            counter.failures = 0;
+            return true;
+        }
         false
     }
 
-    /// Records a wrong password for `user`.
-    pub fn record_failure(&self, _user: &str) {}
+    /// Records a refused login from `ip` that was not a password check (unknown user,
+    /// address not allowed...): it slows and eventually throttles the address.
+    pub fn record_address_failure(&self, ip: IpAddr) {
+        let now = Instant::now();
+        if self.addresses.len() > PRUNE_ABOVE {
+            let window = self.window();
+            self.addresses.retain(|_, c| now.duration_since(c.window_start) < window);
+        }
+        self.addresses.entry(ip).or_insert_with(|| Counter::new(now)).add(now, self.window());
+    }
 
-    /// Records a successful password check for `user`.
-    pub fn record_success(&self, _user: &str) {}
+    /// Records a correct password: the user's failure count starts again. It does not
+    /// lift a lock (the lock is checked before the password).
+    pub fn record_success(&self, user: &str) {
+        if let Some(mut counter) = self.users.get_mut(user) {
+            counter.failures = 0;
+        }
+    }
+
+    /// How long to wait before answering a refused login from `ip`.
+    pub fn failure_delay(&self, ip: IpAddr) -> Duration {
+        let base = self.config.failure_delay_ms;
+        let recent = self.addresses.get(&ip).map_or(0, |c| c.current(Instant::now(), self.window()));
+        let grown = base.saturating_mul(u64::from(recent.max(1)));
+        Duration::from_millis(grown.min(self.config.max_failure_delay_ms.max(base)))
+    }
+
+    /// Lifts `user`'s lock and forgets their failures; true if they were locked.
+    pub fn unlock(&self, user: &str) -> bool {
+        let now = Instant::now();
+        self.users.remove(user).and_then(|(_, c)| c.locked_until).is_some_and(|until| until > now)
+    }
+
+    /// Users locked now, with the time left.
+    pub fn locked_users(&self) -> Vec<Locked> {
+        let now = Instant::now();
+        let mut locked: Vec<Locked> = self
+            .users
+            .iter()
+            .filter_map(|e| {
+                let until = e.value().locked_until?;
+                (until > now).then(|| Locked { user: e.key().clone(), remaining: until - now })
+            })
+            .collect();
+        locked.sort_by(|a, b| a.user.cmp(&b.user));
+        locked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn lockout(max_failures: u32, window_secs: u64, lock_secs: u64) -> Lockout {
+        Lockout::new(LockoutConfig { max_failures, window_secs, lock_secs, ..LockoutConfig::default() })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locks_after_n_failures_in_the_window_and_unlocks_after_the_lock_time() {
+        let l = lockout(3, 3600, 3600);
+        let a = ip("192.0.2.1");
+        assert!(!l.record_failure("u", a));
+        assert!(!l.record_failure("u", a));
+        assert!(!l.is_locked("u"));
+        assert!(l.record_failure("u", a), "the third failure locks");
+        assert!(l.is_locked("u"));
+        assert!(!l.is_locked("other"));
+        assert_eq!(l.locked_users()[0].user, "u");
+        tokio::time::advance(Duration::from_secs(3599)).await;
+        assert!(l.is_locked("u"));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!l.is_locked("u"));
+        assert!(l.locked_users().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_outside_the_window_do_not_add_up() {
+        let l = lockout(3, 60, 600);
+        let a = ip("192.0.2.1");
+        l.record_failure("u", a);
+        l.record_failure("u", a);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!l.record_failure("u", a));
+        assert!(!l.is_locked("u"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn success_resets_the_count_but_not_a_lock_and_unlock_lifts_it() {
+        let l = lockout(2, 600, 600);
+        let a = ip("192.0.2.1");
+        l.record_failure("u", a);
+        l.record_success("u");
+        assert!(!l.record_failure("u", a), "the count started again");
+        assert!(l.record_failure("u", a));
+        l.record_success("u");
+        assert!(l.is_locked("u"), "a right password does not lift a lock");
+        assert!(l.unlock("u"));
+        assert!(!l.is_locked("u"));
+        assert!(!l.unlock("u"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_disables_user_lockout() {
+        let l = lockout(0, 600, 600);
+        for _ in 0..100 {
+            assert!(!l.record_failure("u", ip("192.0.2.1")));
+        }
+        assert!(!l.is_locked("u"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn addresses_that_spray_are_slowed_then_throttled() {
+        let l = Lockout::new(LockoutConfig {
+            max_failures_per_ip: 4,
+            failure_delay_ms: 100,
+            max_failure_delay_ms: 250,
+            ..LockoutConfig::default()
+        });
+        let a = ip("198.51.100.9");
+        assert_eq!(l.failure_delay(a), Duration::from_millis(100));
+        l.record_address_failure(a);
+        l.record_address_failure(a);
+        assert_eq!(l.failure_delay(a), Duration::from_millis(200));
+        l.record_failure("x", a);
+        assert_eq!(l.failure_delay(a), Duration::from_millis(250), "capped");
+        assert!(!l.is_throttled(a));
+        l.record_address_failure(a);
+        assert!(l.is_throttled(a));
+        assert!(!l.is_throttled(ip("198.51.100.10")));
+        tokio::time::advance(Duration::from_secs(15 * 60 + 1)).await;
+        assert!(!l.is_throttled(a));
+    }
+
+    #[test]
+    fn concurrent_failures_are_all_counted() {
+        let l = std::sync::Arc::new(lockout(1000, 600, 600));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+                    rt.block_on(async {
+                        (0..125).filter(|_| l.record_failure("u", "192.0.2.1".parse().unwrap())).count()
+                    })
+                })
+            })
+            .collect();
+        let locked: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(locked, 1, "exactly the 1000th failure locks, whatever the interleaving");
+    }
 }

@@ -21,6 +21,8 @@ pub enum Denial {
     InvalidUserName,
     /// Too many recent password failures for this user.
     Locked,
+    /// Too many recent failed logins from the client's address.
+    Throttled,
     /// The client's address is in no profile at all.
     IpNotInAnyProfile,
     /// The directory does not know the user.
@@ -45,6 +47,7 @@ impl Denial {
         match self {
             Denial::InvalidUserName => "invalid user name",
             Denial::Locked => "locked out after repeated password failures",
+            Denial::Throttled => "client IP throttled after repeated failed logins",
             Denial::IpNotInAnyProfile => "client IP not in any profile",
             Denial::UnknownUser => "unknown user",
             Denial::NoProfile => "no profile applies to the user",
@@ -56,10 +59,6 @@ impl Denial {
         }
     }
 
-    /// Whether this refusal counts towards the user's lockout.
-    pub fn counts_for_lockout(self) -> bool {
-        matches!(self, Denial::WrongPassword)
-    }
 }
 
 impl std::fmt::Display for Denial {
@@ -149,6 +148,5 @@ mod tests {
         assert_eq!(grant.profile, "office");
         let grant = check("dave@example.com", &["Travellers"], Protocol::Pop3, "192.0.2.50").unwrap();
         assert_eq!(grant.profile, "remote");
-        assert!(Denial::WrongPassword.counts_for_lockout() && !Denial::IpNotAllowed.counts_for_lockout());
     }
 }

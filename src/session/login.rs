@@ -1,6 +1,6 @@
-//! The access decision for one login, in order: user name → lockout → any profile lists the
-//! address at all → directory lookup → the user's profiles → password → stored upstream
-//! credential → upstream login.
+//! The access decision for one login, in order: user name → address throttle → lockout →
+//! any profile lists the address at all → directory lookup → the user's profiles → password
+//! → stored upstream credential → upstream login.
 //!
 //! Cheap checks run first so strangers never reach the directory, and a disallowed address
 //! never gets a password checked.
@@ -44,8 +44,23 @@ pub fn normalize_user(user: &str) -> Result<String, Denial> {
 }
 
 /// Runs the whole decision for `credentials` from `ip`, and logs in upstream if it passes.
+/// Every refusal is counted against the client's address; wrong passwords also against the
+/// user.
 pub async fn admit(server: &Server, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
+    let result = decide(server, protocol, ip, credentials).await;
+    if let Err(Refusal::Denied(denial)) = &result {
+        if *denial != Denial::WrongPassword {
+            server.lockout.record_address_failure(ip);
+        }
+    }
+    result
+}
+
+async fn decide(server: &Server, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
     let user = normalize_user(&credentials.user).map_err(Refusal::Denied)?;
+    if server.lockout.is_throttled(ip) {
+        return Err(Refusal::Denied(Denial::Throttled));
+    }
     if server.lockout.is_locked(&user) {
         return Err(Refusal::Denied(Denial::Locked));
     }
@@ -61,7 +76,9 @@ pub async fn admit(server: &Server, protocol: Protocol, ip: IpAddr, credentials:
     let groups = match directory.verify(&entry, &credentials.password).await {
         Ok(groups) => groups,
         Err(DirectoryError::WrongPassword) => {
-            server.lockout.record_failure(&user);
+            if server.lockout.record_failure(&user, ip) {
+                tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
+            }
             return Err(Refusal::Denied(Denial::WrongPassword));
         }
         Err(e) => return Err(directory_refusal(e)),

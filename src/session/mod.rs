@@ -104,6 +104,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Err(Refusal::Denied(denial)) => {
                             self.record.set(Outcome::Denied, denial.reason());
                             self.record.emit_refusal();
+                            // Slow down guessing without holding a thread; shutdown cuts it short.
+                            let delay = self.server.lockout.failure_delay(self.peer.ip());
+                            tokio::select! {
+                                () = tokio::time::sleep(delay) => {}
+                                () = self.shutdown.stop_accepting.cancelled() => {}
+                            }
                             let reply = self.dialogue.denied();
                             self.write(&reply, deadline).await?;
                         }

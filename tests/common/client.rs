@@ -151,8 +151,13 @@ impl MailClient {
 
     /// Writes `bytes` and flushes.
     pub async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("send to server");
-        self.stream.flush().await.expect("flush to server");
+        self.try_send(bytes).await.expect("send to server");
+    }
+
+    /// Writes `bytes` and flushes, reporting a closed connection instead of panicking.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 
     /// Upgrades a plain connection to TLS after the server agreed to STARTTLS/STLS.

@@ -38,3 +38,12 @@ pub fn require_binary(name: &str, package: &str) -> PathBuf {
             panic!("`{name}` is not installed; these tests need it: apt-get install {package} (.ci/run does this)")
         })
 }
+
+/// This process's resident memory, KiB (Linux).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}

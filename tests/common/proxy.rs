@@ -36,6 +36,8 @@ pub struct Options {
     pub smtp_starttls: bool,
     /// Extra `[limits]` lines.
     pub limits: String,
+    /// The `[lockout]` table's lines; by default no refusal delay, so tests stay fast.
+    pub lockout: String,
 }
 
 impl Default for Options {
@@ -46,6 +48,7 @@ impl Default for Options {
             upstream_down: false,
             smtp_starttls: false,
             limits: String::new(),
+            lockout: "failure_delay_ms = 0".to_owned(),
         }
     }
 }
@@ -121,6 +124,9 @@ key = {key:?}
 upstream_timeout_secs = 5
 {limits}
 
+[lockout]
+{lockout}
+
 [directory]
 {directory}
 
@@ -146,6 +152,7 @@ upstream_ca_file = {ca:?}
             cert = issued.cert_file.display().to_string(),
             key = issued.key_file.display().to_string(),
             limits = options.limits,
+            lockout = options.lockout,
             imap = upstream(dovecot.imaps),
             pop3 = upstream(dovecot.pop3s),
             smtp = upstream(smtp_upstream),
@@ -168,6 +175,11 @@ upstream_ca_file = {ca:?}
             running: Some(running),
             _dir: dir,
         }
+    }
+
+    /// The running server's shared state.
+    pub fn server(&self) -> &Server {
+        &self.server
     }
 
     /// The proxy's state folder (vault).

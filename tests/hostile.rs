@@ -1,0 +1,224 @@
+//! Hostile input before login: every case is answered with a protocol error or a close, and
+//! afterwards the proxy still serves a normal login from another client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::{self, MailClient};
+use common::logs;
+use common::mail::b64;
+use common::proxy::{self, Options, Proxy, TestUser};
+use tokio::io::AsyncWriteExt;
+
+const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
+
+async fn start(uid: &str, options: Options) -> (Proxy, TestUser) {
+    logs::capture();
+    let mail = format!("{uid}@example.com");
+    let proxy = Proxy::start(Options { profiles: proxy::profile_for(&[&mail]), ..options }).await;
+    let user = proxy::add_user(&proxy, uid, &format!("{uid}-pw"));
+    (proxy, user)
+}
+
+async fn connect(proxy: &Proxy) -> MailClient {
+    let mut c = client::connect_tls(proxy.imaps, &proxy.ca_file).await;
+    assert!(c.read_line().await.starts_with("* OK"));
+    c
+}
+
+/// A normal login on a fresh connection still works.
+async fn still_serves(proxy: &Proxy, user: &TestUser) {
+    let mut c = connect(proxy).await;
+    c.send(format!("z1 LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
+    let answer = c.read_until_tagged("z1").await.pop().unwrap();
+    assert!(answer.starts_with("z1 OK"), "after the attack, a normal login failed: {answer}");
+}
+
+fn short_limits() -> Options {
+    Options {
+        limits: "preauth_timeout_secs = 2\nhandshake_timeout_secs = 1\nmax_line = 1024\nmax_literal = 4096".to_owned(),
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn over_long_line_is_refused_and_closed() {
+    let (proxy, user) = start("hostile-line", short_limits()).await;
+    let mut c = connect(&proxy).await;
+    c.send(&vec![b'a'; 5000]).await;
+    assert_eq!(c.read_line().await, "* BYE Line too long");
+    c.expect_closed().await;
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn huge_literals_are_refused() {
+    let (proxy, user) = start("hostile-literal", short_limits()).await;
+    let mut c = connect(&proxy).await;
+    c.send(b"h1 LOGIN {999999999}\r\n").await;
+    let answer = c.read_line().await;
+    assert!(answer.starts_with("h1 BAD"), "synchronizing literal over the limit: {answer}");
+    c.send(b"h2 LOGIN user {999999+}\r\n").await;
+    assert_eq!(c.read_line().await, "* BYE Literal too large");
+    c.expect_closed().await;
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn literal_announced_but_never_sent_times_out() {
+    let (proxy, user) = start("hostile-nolit", short_limits()).await;
+    let mut c = connect(&proxy).await;
+    c.send(b"n1 LOGIN {20}\r\n").await;
+    assert!(c.read_line().await.starts_with('+'));
+    let started = Instant::now();
+    let bye = c.read_line().await;
+    assert!(bye.starts_with("* BYE"), "{bye}");
+    c.expect_closed().await;
+    assert!(started.elapsed() < Duration::from_secs(8), "the pre-login timeout (2 s) closed it");
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn binary_garbage_gets_errors_then_a_close() {
+    let (proxy, user) = start("hostile-garbage", short_limits()).await;
+    let mut c = connect(&proxy).await;
+    let mut garbage = Vec::new();
+    let mut x: u32 = 0x9e37_79b9;
+    for _ in 0..600 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        garbage.push((x & 0xff) as u8);
+    }
+    for _ in 0..20 {
+        garbage.extend_from_slice(b"\x00\xff\xfe garbage \x01\r\n");
+    }
+    c.send(&garbage).await;
+    let rest = c.read_to_end_or_close().await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("BAD"), "{text}");
+    assert!(text.contains("* BYE"), "too many bad commands end the connection: {text}");
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn invalid_base64_in_sasl_is_a_protocol_error() {
+    let (proxy, user) = start("hostile-b64", Options::default()).await;
+    let mut c = connect(&proxy).await;
+    c.send(b"b1 AUTHENTICATE PLAIN !!!not-base64!!!\r\n").await;
+    let answer = c.read_until_tagged("b1").await.pop().unwrap();
+    assert!(answer.starts_with("b1 BAD"), "{answer}");
+    c.send(b"b2 AUTHENTICATE PLAIN\r\n").await;
+    assert!(c.read_line().await.starts_with('+'));
+    c.send(b"%%%%\r\n").await;
+    assert!(c.read_until_tagged("b2").await.pop().unwrap().starts_with("b2 BAD"));
+    // The same connection is still in step and can log in.
+    c.send(format!("b3 AUTHENTICATE PLAIN {}\r\n", b64(format!("\0{}\0{}", user.mail, user.password))).as_bytes()).await;
+    assert!(c.read_until_tagged("b3").await.pop().unwrap().starts_with("b3 OK"));
+}
+
+#[tokio::test]
+async fn nul_cr_lf_in_user_names_never_reach_the_directory_or_upstream() {
+    let (proxy, user) = start("hostile-nul", Options::default()).await;
+    let mut c = connect(&proxy).await;
+    let name = format!("{}\0x", user.mail);
+    c.send(format!("u1 LOGIN {{{}+}}\r\n{name} {}\r\n", name.len(), user.password).as_bytes()).await;
+    let answer = c.read_until_tagged("u1").await.pop().unwrap();
+    assert!(answer.starts_with("u1 BAD") || answer.starts_with("u1 NO"), "{answer}");
+    let plain = b64(format!("\0{}\r\nA1 LOGOUT\0{}", user.mail, user.password));
+    c.send(format!("u2 AUTHENTICATE PLAIN {plain}\r\n").as_bytes()).await;
+    let answer = c.read_until_tagged("u2").await.pop().unwrap();
+    assert!(!answer.starts_with("u2 OK"), "{answer}");
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn plaintext_to_the_tls_port_is_closed() {
+    let (proxy, user) = start("hostile-plain", short_limits()).await;
+    let mut c = client::connect_plain(proxy.imaps).await;
+    c.send(b"a1 LOGIN alice secret\r\n").await;
+    let reply = c.read_to_end_or_close().await;
+    assert!(!String::from_utf8_lossy(&reply).contains("OK"), "no IMAP answer over plaintext");
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn abandoned_tls_handshake_is_closed_after_the_handshake_timeout() {
+    let (proxy, user) = start("hostile-handshake", short_limits()).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.imaps).await.unwrap();
+    // The first bytes of a TLS ClientHello record, then silence.
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+        .await
+        .expect("the proxy closes a stalled handshake")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_by_the_pre_login_timeout() {
+    let (proxy, user) = start("hostile-slow", short_limits()).await;
+    let mut c = connect(&proxy).await;
+    let started = Instant::now();
+    for byte in b"s1 LOGIN someone@example.com password\r\n" {
+        if c.try_send(&[*byte]).await.is_err() || started.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rest = String::from_utf8_lossy(&c.read_to_end_or_close().await).into_owned();
+    assert!(rest.contains("* BYE Autologout"), "the pre-login timeout said goodbye: {rest}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_the_user_and_a_right_one_does_not_tell() {
+    let lockout = "failure_delay_ms = 0\nmax_failures = 3\nwindow_secs = 600\nlock_secs = 600".to_owned();
+    let (proxy, user) = start("hostile-lock", Options { lockout, ..Options::default() }).await;
+    let mut c = connect(&proxy).await;
+    for i in 0..3 {
+        c.send(format!("l{i} LOGIN {} wrong-{i}\r\n", user.mail).as_bytes()).await;
+        assert_eq!(c.read_until_tagged(&format!("l{i}")).await.pop().unwrap(), format!("l{i} {DENIAL}"));
+    }
+    let mut c = connect(&proxy).await;
+    c.send(format!("l9 LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
+    assert_eq!(c.read_until_tagged("l9").await.pop().unwrap(), format!("l9 {DENIAL}"), "locked: the right password is refused alike");
+    drop(c);
+    logs::wait_for_audit(&user.mail, &["locked out after repeated password failures"]).await;
+    assert!(proxy.server().lockout.unlock(&user.mail));
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn refusals_are_delayed() {
+    let lockout = "failure_delay_ms = 400".to_owned();
+    let (proxy, user) = start("hostile-delay", Options { lockout, ..Options::default() }).await;
+    let mut c = connect(&proxy).await;
+    let started = Instant::now();
+    c.send(format!("d1 LOGIN {} wrong\r\n", user.mail).as_bytes()).await;
+    assert_eq!(c.read_until_tagged("d1").await.pop().unwrap(), format!("d1 {DENIAL}"));
+    assert!(started.elapsed() >= Duration::from_millis(400), "the refusal waited for the failure delay");
+}
+
+#[tokio::test]
+async fn a_thousand_connections_from_one_address_do_not_stop_service() {
+    let (proxy, user) = start("hostile-flood", short_limits()).await;
+    let rss_before = common::rss_kib();
+    let mut sockets = Vec::new();
+    for _ in 0..1000 {
+        sockets.push(tokio::net::TcpStream::connect(proxy.imaps).await.expect("connect"));
+    }
+    still_serves(&proxy, &user).await;
+    drop(sockets);
+    // Their handshakes time out (1 s) and their tasks end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    still_serves(&proxy, &user).await;
+    let growth = common::rss_kib().saturating_sub(rss_before);
+    assert!(growth < 64 * 1024, "memory grew by {growth} KiB after 1,000 connections closed");
+}
