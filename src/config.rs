@@ -212,9 +212,24 @@ pub struct ProtocolConfig {
     pub upstream_ca_file: Option<PathBuf>,
     /// SMTP: the message size limit advertised to clients before login (`SIZE`).
     pub max_message_size: Option<u64>,
+    /// SHA-256 pins (hex or base64) of the upstream's certificate or public key; when set,
+    /// the verified certificate must also match one of them.
+    #[serde(default)]
+    pub upstream_pin_sha256: Vec<String>,
+    /// Accept any upstream certificate. Never in production: a warning is logged at start.
+    #[serde(default)]
+    pub upstream_tls_insecure_no_verify: bool,
 }
 
 impl ProtocolConfig {
+    /// The upstream trust settings, pins parsed (validation has checked them).
+    pub fn upstream_trust(&self) -> crate::tls::UpstreamTrust {
+        crate::tls::UpstreamTrust {
+            pins: self.upstream_pin_sha256.iter().filter_map(|p| crate::tls::parse_pin(p)).collect(),
+            insecure_no_verify: self.upstream_tls_insecure_no_verify,
+        }
+    }
+
     /// The host part of `upstream`.
     pub fn upstream_host(&self) -> &str {
         match self.upstream.rsplit_once(':') {
@@ -295,6 +310,18 @@ impl Config {
             }
             if p.upstream_tls == UpstreamTls::Starttls && protocol != Protocol::Smtp {
                 return Err(invalid(&format!("{name}.upstream_tls"), "\"starttls\" is only supported for smtp; use \"implicit\""));
+            }
+            if let Some(bad) = p.upstream_pin_sha256.iter().find(|pin| crate::tls::parse_pin(pin).is_none()) {
+                return Err(invalid(
+                    &format!("{name}.upstream_pin_sha256"),
+                    &format!("`{bad}` is not a SHA-256 digest in hex (64 digits) or base64"),
+                ));
+            }
+            if p.upstream_tls_insecure_no_verify && !p.upstream_pin_sha256.is_empty() {
+                return Err(invalid(
+                    &format!("{name}.upstream_tls_insecure_no_verify"),
+                    "cannot be combined with upstream_pin_sha256; remove one",
+                ));
             }
             if p.max_message_size.is_some() && protocol != Protocol::Smtp {
                 return Err(invalid(&format!("{name}.max_message_size"), "only applies to [smtp]"));
@@ -385,6 +412,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("imap.upstream_tls"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let c = parse(include_str!("../proxy.toml.example")).unwrap();
+        assert_eq!(c.protocols().count(), 3);
+        crate::access::Profiles::parse(include_str!("../profiles.toml.example")).unwrap();
+    }
+
+    #[test]
+    fn bad_pins_name_their_key() {
+        let text = MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_pin_sha256 = [\"nope\"]");
+        assert!(parse(&text).unwrap_err().to_string().contains("imap.upstream_pin_sha256"));
     }
 
     #[test]

@@ -57,9 +57,31 @@ pub fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<
     Ok(certs)
 }
 
-/// Builds the server config clients see, from a PEM chain and key.
+/// Refuses a leaf certificate outside its validity period, naming the dates; warns when it
+/// expires within two weeks.
+fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError> {
+    let file_error = |message: String| TlsError::File { what: "certificate", path: path.to_owned(), message };
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| file_error(format!("cannot parse the first certificate: {e}")))?;
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now < validity.not_before {
+        return Err(file_error(format!("not valid before {}; check the clock or the certificate", validity.not_before)));
+    }
+    if now > validity.not_after {
+        return Err(file_error(format!("expired on {}; install a renewed certificate", validity.not_after)));
+    }
+    if validity.not_after.timestamp() - now.timestamp() < 14 * 24 * 3600 {
+        tracing::warn!(cert = %path.display(), expires = %validity.not_after, "the TLS certificate expires within two weeks");
+    }
+    Ok(())
+}
+
+/// Builds the server config clients see, from a PEM chain and key. The leaf must be within
+/// its validity period and match the key.
 pub fn server_config(cert: &Path, key: &Path, min: TlsVersion) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = load_certs(cert, "certificate")?;
+    check_validity(&chain[0], cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
         what: "private key",
         path: key.to_owned(),
@@ -72,8 +94,146 @@ pub fn server_config(cert: &Path, key: &Path, min: TlsVersion) -> Result<Arc<Ser
     Ok(Arc::new(config))
 }
 
-/// Builds a client config trusting the system roots plus the PEM certificates in `extra_ca`.
-pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+/// How an upstream's certificate is checked beyond the usual chain and name verification.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTrust {
+    /// SHA-256 digests; the upstream's leaf certificate or its public key (SPKI) must match one.
+    pub pins: Vec<[u8; 32]>,
+    /// Accept any certificate. Only for tests against throw-away servers; logged loudly.
+    pub insecure_no_verify: bool,
+}
+
+/// Parses a pin given as 64 hex digits or base64 of a SHA-256 digest.
+pub fn parse_pin(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()).collect::<Option<Vec<u8>>>()?
+    } else {
+        base64::engine::general_purpose::STANDARD.decode(text).ok()?
+    };
+    bytes.try_into().ok()
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Verifies as usual, then requires the leaf certificate or its public key to match a pin.
+#[derive(Debug)]
+struct PinnedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pins: Vec<[u8; 32]>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let spki = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .map(|(_, c)| sha256(c.public_key().raw))
+            .map_err(|_| rustls::Error::General("cannot parse the upstream certificate".into()))?;
+        let cert = sha256(end_entity.as_ref());
+        if self.pins.iter().any(|pin| *pin == cert || *pin == spki) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::General("the upstream certificate matches none of the configured pins".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Accepts any certificate but still checks the handshake signatures.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Builds the client config for an upstream: system roots plus `extra_ca`, then `trust`'s
+/// pins or (explicitly) no verification.
+pub fn upstream_client_config(extra_ca: Option<&Path>, trust: &UpstreamTrust) -> Result<Arc<ClientConfig>, TlsError> {
+    let base = client_config(extra_ca)?;
+    if trust.insecure_no_verify {
+        let mut config = (*base).clone();
+        config.dangerous().set_certificate_verifier(Arc::new(NoVerification(provider())));
+        return Ok(Arc::new(config));
+    }
+    if trust.pins.is_empty() {
+        return Ok(base);
+    }
+    let roots = root_store(extra_ca)?;
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut config = (*base).clone();
+    config.dangerous().set_certificate_verifier(Arc::new(PinnedVerifier { inner, pins: trust.pins.clone() }));
+    Ok(Arc::new(config))
+}
+
+fn root_store(extra_ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -90,6 +250,12 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsEr
             })?;
         }
     }
+    Ok(roots)
+}
+
+/// Builds a client config trusting the system roots plus the PEM certificates in `extra_ca`.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = root_store(extra_ca)?;
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
         .with_root_certificates(roots)
@@ -132,6 +298,40 @@ mod tests {
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
         server_config(&cert, &key, TlsVersion::Tls12).unwrap();
         server_config(&cert, &key, TlsVersion::Tls13).unwrap();
+    }
+
+    #[test]
+    fn expired_certificates_are_refused_with_the_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["old.example".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        let cert = params.self_signed(&key_pair).unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key_pair.serialize_pem()).unwrap();
+        let err = server_config(&c, &k, TlsVersion::Tls12).unwrap_err().to_string();
+        assert!(err.contains("expired on") && err.contains("2002"), "{err}");
+    }
+
+    #[test]
+    fn pins_parse_from_hex_or_base64() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_pin(&hex), Some([0xab; 32]));
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        assert_eq!(parse_pin(&b64), Some([7; 32]));
+        assert_eq!(parse_pin("abcd"), None);
+        assert_eq!(parse_pin(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn only_aead_suites_are_offered() {
+        for suite in provider().cipher_suites.iter() {
+            let name = format!("{:?}", suite.suite());
+            assert!(name.contains("GCM") || name.contains("CHACHA20_POLY1305"), "{name}");
+        }
     }
 
     #[test]

@@ -313,3 +313,42 @@ async fn curl_logs_in_and_fetches() {
     assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, message("curlimap1"));
 }
+
+/// SHA-256 (hex) of Dovecot's leaf certificate, as seen over TLS.
+async fn dovecot_leaf_pin() -> String {
+    let d = common::dovecot::dovecot();
+    let tcp = tokio::net::TcpStream::connect(d.imaps).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = client::tls_connector(&d.ca_file).connect(name, tcp).await.unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn upstream_certificate_pins_are_enforced() {
+    logs::capture();
+    let pin = dovecot_leaf_pin().await;
+    let profiles = proxy::profile_for(&["pinned1@example.com", "pinned2@example.com"]);
+    let good = Proxy::start(Options {
+        profiles: profiles.clone(),
+        imap_extra: format!("upstream_pin_sha256 = [{pin:?}]"),
+        ..Options::default()
+    })
+    .await;
+    let user = proxy::add_user(&good, "pinned1", "pin-pw");
+    let mut c = connect(&good).await;
+    assert!(login_quoted(&mut c, &user).await.starts_with("a1 OK"));
+
+    let bad = Proxy::start(Options {
+        profiles,
+        imap_extra: format!("upstream_pin_sha256 = [{:?}]", "00".repeat(32)),
+        ..Options::default()
+    })
+    .await;
+    let user = proxy::add_user(&bad, "pinned2", "pin-pw");
+    let mut c = connect(&bad).await;
+    assert!(login_quoted(&mut c, &user).await.starts_with("a1 NO [UNAVAILABLE]"));
+    drop(c);
+    logs::wait_for_audit(&user.mail, &["matches none of the configured pins"]).await;
+}

@@ -118,6 +118,9 @@ impl Upstream {
         hostname: &str,
         timeout: Duration,
     ) -> Result<Self, TlsError> {
+        if config.upstream_tls_insecure_no_verify {
+            tracing::warn!(%protocol, upstream = %config.upstream, "upstream certificates are NOT verified (upstream_tls_insecure_no_verify); anyone on the path can read every password");
+        }
         let name = config.upstream_server_name.clone().unwrap_or_else(|| config.upstream_host().to_owned());
         let server_name = ServerName::try_from(name.clone()).map_err(|e| TlsError::File {
             what: "upstream server name",
@@ -128,7 +131,7 @@ impl Upstream {
             protocol,
             address: config.upstream.clone(),
             server_name,
-            connector: TlsConnector::from(tls::client_config(ca_file)?),
+            connector: TlsConnector::from(tls::upstream_client_config(ca_file, &config.upstream_trust())?),
             tls: config.upstream_tls,
             timeout,
             hostname: hostname.to_owned(),

@@ -38,6 +38,8 @@ pub struct Options {
     pub limits: String,
     /// The `[lockout]` table's lines; by default no refusal delay, so tests stay fast.
     pub lockout: String,
+    /// Extra lines for the `[imap]` table.
+    pub imap_extra: String,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             smtp_starttls: false,
             limits: String::new(),
             lockout: "failure_delay_ms = 0".to_owned(),
+            imap_extra: String::new(),
         }
     }
 }
@@ -137,6 +140,7 @@ profiles = "profiles.toml"
 listen = ["127.0.0.1:0"]
 upstream = "{imap}"
 upstream_ca_file = {ca:?}
+{imap_extra}
 
 [pop3]
 listen = ["127.0.0.1:0"]
@@ -153,6 +157,7 @@ upstream_ca_file = {ca:?}
             key = issued.key_file.display().to_string(),
             limits = options.limits,
             lockout = options.lockout,
+            imap_extra = options.imap_extra,
             imap = upstream(dovecot.imaps),
             pop3 = upstream(dovecot.pop3s),
             smtp = upstream(smtp_upstream),
