@@ -27,6 +27,8 @@ pub enum Outcome {
     Abandoned,
     /// The server shut down before the client logged in.
     Shutdown,
+    /// Refused before the greeting: the client's address holds too many connections.
+    Busy,
 }
 
 impl Outcome {
@@ -40,6 +42,7 @@ impl Outcome {
             Outcome::TimedOut => "timeout",
             Outcome::Abandoned => "abandoned",
             Outcome::Shutdown => "shutdown",
+            Outcome::Busy => "busy",
         }
     }
 }

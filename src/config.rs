@@ -141,6 +141,10 @@ pub struct Limits {
     pub max_literal: usize,
     /// Most connections open at once, all protocols together.
     pub max_connections: usize,
+    /// Most logged-in sessions one user may hold at once, all protocols together.
+    pub max_sessions_per_user: usize,
+    /// Most connections one client address may hold at once (offices behind NAT share one).
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -153,6 +157,8 @@ impl Default for Limits {
             max_line: crate::limits::DEFAULT_MAX_LINE,
             max_literal: crate::limits::DEFAULT_MAX_LITERAL,
             max_connections: 20_000,
+            max_sessions_per_user: 30,
+            max_connections_per_ip: 500,
         }
     }
 }
@@ -344,8 +350,14 @@ impl Config {
         if l.max_literal == 0 || l.max_literal > 16 * 1024 * 1024 {
             return Err(invalid("limits.max_literal", "must be between 1 and 16777216 bytes"));
         }
-        if l.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_sessions_per_user", l.max_sessions_per_user),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         let lockout = &self.lockout;
         if lockout.window_secs == 0 {

@@ -10,6 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::sessions::SessionLimits;
 use crate::access::{Lockout, Profiles};
 use crate::config::{Config, Limits};
 use crate::directory::Directory;
@@ -63,6 +64,8 @@ pub struct Server {
     directory: ArcSwap<Directory>,
     /// Lockout after repeated password failures.
     pub lockout: Lockout,
+    /// Concurrent session limits per user and per address.
+    pub sessions: Arc<SessionLimits>,
     profiles: ArcSwap<Profiles>,
     vault: ArcSwap<Vault>,
     upstreams: HashMap<Protocol, Upstream>,
@@ -101,6 +104,7 @@ impl Server {
             hostname: config.server.hostname.clone(),
             directory: ArcSwap::from_pointee(directory),
             lockout: Lockout::new(config.lockout.clone()),
+            sessions: SessionLimits::new(config.limits.max_sessions_per_user, config.limits.max_connections_per_ip),
             profiles: ArcSwap::from_pointee(profiles),
             vault: ArcSwap::from_pointee(vault),
             upstreams,

@@ -222,3 +222,48 @@ async fn a_thousand_connections_from_one_address_do_not_stop_service() {
     let growth = common::rss_kib().saturating_sub(rss_before);
     assert!(growth < 64 * 1024, "memory grew by {growth} KiB after 1,000 connections closed");
 }
+
+#[tokio::test]
+async fn connections_per_address_are_limited_politely() {
+    let limits = "max_connections_per_ip = 3".to_owned();
+    let (proxy, user) = start("hostile-perip", Options { limits, ..Options::default() }).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect(&proxy).await);
+    }
+    let mut c = client::connect_tls(proxy.imaps, &proxy.ca_file).await;
+    assert_eq!(c.read_line().await, "* BYE [UNAVAILABLE] Too many connections from your address; try again later");
+    c.expect_closed().await;
+    // Another address is unaffected.
+    let mut other = client::connect_tls_from("127.0.0.2".parse().unwrap(), proxy.imaps, &proxy.ca_file).await;
+    assert!(other.read_line().await.starts_with("* OK"));
+    drop(held);
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    still_serves(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn sessions_per_user_are_limited() {
+    let limits = "max_sessions_per_user = 2".to_owned();
+    let (proxy, user) = start("hostile-peruser", Options { limits, ..Options::default() }).await;
+    let mut sessions = Vec::new();
+    for i in 0..2 {
+        let mut c = connect(&proxy).await;
+        c.send(format!("s{i} LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
+        assert!(c.read_until_tagged(&format!("s{i}")).await.pop().unwrap().starts_with(&format!("s{i} OK")));
+        sessions.push(c);
+    }
+    let mut c = connect(&proxy).await;
+    c.send(format!("s3 LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
+    assert!(c.read_until_tagged("s3").await.pop().unwrap().starts_with("s3 NO [UNAVAILABLE]"));
+    drop(c);
+    logs::wait_for_audit(&user.mail, &["too many concurrent sessions for the user (limit 2)"]).await;
+    // Ending one session frees its slot.
+    let mut first = sessions.remove(0);
+    first.send(b"x LOGOUT\r\n").await;
+    first.read_to_end_or_close().await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_serves(&proxy, &user).await;
+}

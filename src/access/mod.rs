@@ -9,6 +9,7 @@ use crate::protocol::Protocol;
 
 pub mod lockout;
 pub mod profiles;
+pub mod sessions;
 
 pub use lockout::Lockout;
 pub use profiles::{Profile, Profiles};

@@ -588,6 +588,10 @@ impl Dialogue for ImapDialogue {
     fn shutting_down(&self) -> Vec<u8> {
         b"* BYE Server shutting down\r\n".to_vec()
     }
+
+    fn too_many_connections(&self) -> Vec<u8> {
+        b"* BYE [UNAVAILABLE] Too many connections from your address; try again later\r\n".to_vec()
+    }
 }
 
 #[cfg(test)]

@@ -127,6 +127,9 @@ pub trait Dialogue: Send {
     fn timed_out(&self) -> Vec<u8>;
     /// Goodbye sent when the server is shutting down before the client logged in.
     fn shutting_down(&self) -> Vec<u8>;
+    /// Goodbye sent instead of the greeting when the client's address holds too many
+    /// connections already.
+    fn too_many_connections(&self) -> Vec<u8>;
 }
 
 /// Builds the dialogue for `protocol`.

@@ -199,6 +199,10 @@ impl Dialogue for Pop3Dialogue {
     fn shutting_down(&self) -> Vec<u8> {
         b"-ERR Server shutting down\r\n".to_vec()
     }
+
+    fn too_many_connections(&self) -> Vec<u8> {
+        b"-ERR [SYS/TEMP] Too many connections from your address; try again later\r\n".to_vec()
+    }
 }
 
 #[cfg(test)]

@@ -200,6 +200,10 @@ impl Dialogue for SmtpDialogue {
     fn shutting_down(&self) -> Vec<u8> {
         format!("421 4.3.2 {} Server shutting down\r\n", self.hostname).into_bytes()
     }
+
+    fn too_many_connections(&self) -> Vec<u8> {
+        format!("421 4.7.0 {} Too many connections from your address; try again later\r\n", self.hostname).into_bytes()
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 
+use crate::access::sessions::UserSlot;
 use crate::access::{self, Denial, Grant};
 use crate::directory::DirectoryError;
 use crate::protocol::{Credentials, Protocol};
@@ -28,6 +29,8 @@ pub enum Refusal {
 
 /// A login that got through: the upstream session and the profile that admitted it.
 pub struct Admitted {
+    /// The user's session slot, held while the session lives.
+    pub slot: UserSlot,
     /// The logged-in upstream session.
     pub upstream: LoggedIn,
     /// The profile and allow entry that matched.
@@ -85,6 +88,9 @@ async fn decide(server: &Server, protocol: Protocol, ip: IpAddr, credentials: &C
     };
     server.lockout.record_success(&user);
     let grant = access::check_profiles(&profiles, &user, &groups, protocol, ip).map_err(Refusal::Denied)?;
+    let slot = server.sessions.try_user(&user).ok_or_else(|| {
+        Refusal::Unavailable(format!("too many concurrent sessions for the user (limit {})", server.sessions.per_user()))
+    })?;
 
     let stored = server
         .vault()
@@ -108,7 +114,7 @@ async fn decide(server: &Server, protocol: Protocol, ip: IpAddr, credentials: &C
             UpstreamError::Refused(_) => Refusal::Unavailable(e.to_string()),
             other => Refusal::Unavailable(format!("upstream: {other}")),
         })?;
-    Ok(Admitted { upstream, grant })
+    Ok(Admitted { slot, upstream, grant })
 }
 
 fn directory_refusal(error: DirectoryError) -> Refusal {

@@ -58,6 +58,14 @@ struct Session<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn serve(&mut self) {
+        let Some(_address_slot) = self.server.sessions.try_ip(self.peer.ip()) else {
+            let limit = self.server.sessions.per_ip();
+            self.record.set(Outcome::Busy, format!("too many connections from the client IP (limit {limit})"));
+            let bye = self.dialogue.too_many_connections();
+            let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
+            let _ = self.client.shutdown().await;
+            return;
+        };
         let Some(admitted) = self.pre_login().await else {
             let _ = self.client.shutdown().await;
             return;
@@ -175,7 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Forwards what each side already sent, then splices until the session ends.
     async fn splice(&mut self, admitted: Admitted) {
-        let Admitted { upstream, .. } = admitted;
+        let Admitted { upstream, slot: _slot, .. } = admitted;
         let mut upstream_stream = upstream.stream;
         let counters = Arc::new(Counters::default());
         let pipelined = self.input.split();
