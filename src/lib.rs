@@ -12,6 +12,7 @@ pub mod admin;
 pub mod audit;
 pub mod auditlog;
 pub mod config;
+pub mod control;
 pub mod directory;
 pub mod fsutil;
 pub mod limits;
