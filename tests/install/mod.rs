@@ -87,6 +87,11 @@ upstream_ca_file = {ca:?}
         Install { dir, config, ca_file: pki::pki().ca_file.clone() }
     }
 
+    /// The config file's text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
     /// A path inside the installation.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -179,15 +184,14 @@ impl Daemon {
         });
         let mut daemon = Daemon { child, notify, log, imaps: "0.0.0.0:0".parse().unwrap(), metrics: None };
         daemon.expect_notify("READY=1");
-        let field = |message: &str| -> Option<SocketAddr> {
-            let lines = daemon.log.lock().unwrap();
-            lines.iter().filter(|l| l.contains(message)).find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                v["address"].as_str()?.parse().ok()
-            })
+        let address = |line: String| -> Option<SocketAddr> {
+            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+            v["address"].as_str()?.parse().ok()
         };
-        daemon.imaps = field("\"listening\"").expect("listening address logged");
-        daemon.metrics = field("serving metrics");
+        daemon.imaps = address(daemon.wait_for_log(&["\"listening\""])).expect("listening address logged");
+        if install.config_text().contains("[metrics]") {
+            daemon.metrics = address(daemon.wait_for_log(&["serving metrics"]));
+        }
         daemon
     }
 
