@@ -1,70 +1,158 @@
-//! What the command line does besides serving: checks, users, the vault. These run at the
-//! binary's edge, so errors are `anyhow` with context that tells the admin what to do.
+//! What the command line does: serving, checks, users, the vault, and questions to the
+//! running daemon. These run at the binary's edge, so errors are `anyhow` with context that
+//! tells the admin what to do.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::control::{self, ReloadRequest};
 use crate::directory::DirectoryConfig;
+use crate::notify;
 use crate::secret::Secret;
 use crate::server::{self, Server};
 use crate::vault::{self, UpstreamSecret, Vault};
+
+mod check;
+mod csv;
+mod explain;
+mod probe;
+mod users;
+
+pub use check::check;
+pub use explain::explain;
+pub use probe::probe;
+pub use users::{export, import, list, remove, rotate, show_upstream};
 
 /// Loads the config file, with a hint when it is missing.
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("loading {} (use --config to name another file)", path.display()))
 }
 
-/// Validates the config and everything it refers to, printing what was checked.
-pub async fn check(path: &Path) -> anyhow::Result<()> {
-    let config = load_config(path)?;
-    let profiles = crate::access::Profiles::load(&config.resolve(&config.access.profiles))?;
-    let cert = config.resolve(&config.tls.cert);
-    let key = config.resolve(&config.tls.key);
-    if cert.exists() || !config.tls.generate_self_signed {
-        crate::tls::server_config(&cert, &key, config.tls.min_version)?;
-    }
-    crate::directory::Directory::open(&config.directory, &config.base_dir).await?;
-    for (protocol, p) in config.protocols() {
-        let ca = p.upstream_ca_file.as_ref().map(|f| config.resolve(f));
-        crate::upstream::Upstream::new(protocol, p, ca.as_deref(), &config.server.hostname, config.limits.upstream_timeout())
-            .with_context(|| format!("[{protocol}] upstream"))?;
-        let listen: Vec<String> = p.listen.iter().map(ToString::to_string).collect();
-        println!("{protocol}: listen {} -> upstream {}", listen.join(", "), p.upstream);
-    }
-    println!("profiles: {} loaded from {}", profiles.len(), config.resolve(&config.access.profiles).display());
-    println!("{}: OK", path.display());
-    Ok(())
-}
-
-/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads profiles and the vault.
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP (or `reload` on the control socket)
+/// reloads. Tells systemd when it is ready, reloading and stopping.
 pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let server = Server::from_config(&config).await?;
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let running = server::start(server.clone(), &config, grace).await?;
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let control_path = config.control_socket();
+    let control_stop = CancellationToken::new();
+    match control::bind(&control_path) {
+        Ok(listener) => {
+            tracing::info!(path = %control_path.display(), "control socket ready");
+            tokio::spawn(control::serve(listener, server.clone(), reload_tx, control_stop.clone()));
+        }
+        Err(e) => tracing::error!(path = %control_path.display(), error = %e, "no control socket; postern status will not work"),
+    }
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    notify::ready();
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                let reloaded = match load_config(path) {
-                    Ok(config) => server.reload(&config).await.map_err(anyhow::Error::from),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = reloaded {
-                    tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles, vault and directory stay in force");
-                }
+                let _ = reload(path, &server).await;
+            }
+            Some(answer) = reload_rx.recv() => {
+                let result = reload(path, &server).await.map_err(|e| format!("{e:#}"));
+                let _ = answer.send(result);
             }
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    notify::stopping();
     tracing::info!(grace_secs = grace.as_secs(), "stopping: no new connections; sessions get the grace period");
     running.stop().await;
+    control_stop.cancel();
+    let _ = std::fs::remove_file(&control_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-reads the config file and everything reloadable; logs the outcome.
+async fn reload(path: &Path, server: &Server) -> anyhow::Result<()> {
+    notify::reloading();
+    let result = match load_config(path) {
+        Ok(config) => server.reload(&config).await.map_err(anyhow::Error::from),
+        Err(e) => {
+            server.metrics().reload(false);
+            Err(e)
+        }
+    };
+    match &result {
+        Ok(()) => tracing::info!("reload done"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles, vault, directory and certificate stay in force"),
+    }
+    notify::ready();
+    result
+}
+
+/// Asks the running daemon for its status (and one user's last upstream result).
+pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let socket = config.control_socket();
+    let answer = control::request(&socket, &serde_json::json!({"command": "status"})).await?;
+    let get = |key: &str| answer.get(key).cloned().unwrap_or_default();
+    println!("uptime: {}s", get("uptime_secs"));
+    match get("last_reload").as_u64() {
+        Some(t) => println!("last reload: {}", crate::auditlog::rfc3339(t)),
+        None => println!("last reload: never"),
+    }
+    println!("profiles: {}", get("profiles"));
+    println!("logged-in sessions: {}", get("logged_in"));
+    if let Some(sessions) = answer.get("sessions").and_then(|s| s.as_object()) {
+        for (protocol, counts) in sessions {
+            println!("{protocol}: {} active, {} since start", counts["active"], counts["total"]);
+        }
+    }
+    if let Some(user) = user {
+        let user = normalized(user)?;
+        let answer = control::request(&socket, &serde_json::json!({"command": "user", "user": user})).await?;
+        match answer.get("last_result").filter(|r| !r.is_null()) {
+            Some(r) => println!(
+                "{user}: last upstream login {} over {}: {}",
+                r["at"].as_u64().map(crate::auditlog::rfc3339).unwrap_or_default(),
+                r["protocol"].as_str().unwrap_or("-"),
+                r["message"].as_str().unwrap_or("-")
+            ),
+            None => println!("{user}: no upstream login since the daemon started"),
+        }
+    }
+    Ok(())
+}
+
+/// Prints the audit file's lines for `user` since `since` ago (e.g. `1h`).
+pub fn audit(path: &Path, file: Option<&Path>, user: Option<&str>, since: Option<&str>) -> anyhow::Result<()> {
+    let file = match file {
+        Some(file) => file.to_owned(),
+        None => {
+            let config = load_config(path)?;
+            let Some(file) = &config.audit.file else {
+                bail!("no audit file: set [audit] file in {} or pass --file", path.display());
+            };
+            config.resolve(file)
+        }
+    };
+    let since = match since {
+        Some(text) => {
+            let back = crate::auditlog::parse_since(text)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            Some(now.saturating_sub(back).as_secs())
+        }
+        None => None,
+    };
+    let user = user.map(normalized).transpose()?;
+    let filter = crate::auditlog::Filter { user, since };
+    for event in crate::auditlog::read(&file, &filter)? {
+        println!("{event}");
+    }
     Ok(())
 }
 
@@ -138,13 +226,13 @@ pub fn cert_generate(hostname: &str, cert: &Path, key: &Path) -> anyhow::Result<
     Ok(())
 }
 
-fn normalized(user: &str) -> anyhow::Result<String> {
+pub(crate) fn normalized(user: &str) -> anyhow::Result<String> {
     crate::session::login::normalize_user(user)
         .map_err(|_| anyhow::anyhow!("`{user}` is not a usable user name: give the full mail address, without spaces"))
 }
 
 /// Reads a secret: hidden prompt (asked twice) on a terminal, else one line of stdin.
-fn read_secret(prompt: &str) -> anyhow::Result<Secret> {
+pub(crate) fn read_secret(prompt: &str) -> anyhow::Result<Secret> {
     let secret = if std::io::stdin().is_terminal() {
         let first = Secret::new(rpassword::prompt_password(format!("{prompt}: "))?);
         let again = Secret::new(rpassword::prompt_password(format!("{prompt} (again): "))?);

@@ -6,7 +6,7 @@
 //! is written here except the user name, and never a password or token.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crate::protocol::Protocol;
 
@@ -55,6 +55,8 @@ pub struct SessionRecord {
     /// The client's address and port.
     pub client: SocketAddr,
     started: Instant,
+    /// Wall-clock time the session was accepted, for the audit file.
+    pub started_at: SystemTime,
     /// The user name of the last login attempt (directory identity).
     pub user: Option<String>,
     /// A login mode taken from the user name, e.g. `recent` for POP3 `recent:` logins.
@@ -84,6 +86,7 @@ impl SessionRecord {
             protocol,
             client,
             started: Instant::now(),
+            started_at: SystemTime::now(),
             user: None,
             mode: None,
             mechanism: None,
@@ -119,6 +122,26 @@ impl SessionRecord {
             attempt = self.attempts,
             "login refused"
         );
+    }
+
+    /// The session's audit line as a JSON object, for the audit file.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "event": "session",
+            "protocol": self.protocol.name(),
+            "client": self.client.to_string(),
+            "user": self.user.as_deref().unwrap_or("-"),
+            "mode": self.mode.unwrap_or("-"),
+            "mechanism": self.mechanism.unwrap_or("-"),
+            "outcome": self.outcome.as_str(),
+            "reason": self.reason,
+            "profile": self.profile.as_deref().unwrap_or("-"),
+            "upstream": self.upstream,
+            "attempts": self.attempts,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "duration_ms": self.started.elapsed().as_millis() as u64,
+        })
     }
 
     /// Writes the session's audit line.

@@ -67,6 +67,9 @@ pub struct Config {
     /// `[audit]`: the audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Folder relative paths are resolved against: the config file's folder.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -82,6 +85,10 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Seconds logged-in sessions may keep running after a stop is requested.
     pub shutdown_grace_secs: u64,
+    /// The control socket `postern status` talks to; `state_dir/control.sock` when absent.
+    pub control_socket: Option<PathBuf>,
+    /// Apply edits of the profiles file without a reload (checked every second).
+    pub watch_profiles: bool,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +97,8 @@ impl Default for ServerConfig {
             hostname: "localhost".to_owned(),
             state_dir: PathBuf::from("/var/lib/postern"),
             shutdown_grace_secs: 30,
+            control_socket: None,
+            watch_profiles: true,
         }
     }
 }
@@ -262,6 +271,16 @@ pub enum LogFormat {
 pub struct AuditConfig {
     /// Log format for the whole process, audit lines included.
     pub format: LogFormat,
+    /// Also append one JSON line per session to this file (mode 0600), for `postern audit`.
+    pub file: Option<PathBuf>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9425`; off when absent.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -285,6 +304,14 @@ impl Config {
     /// `path` made absolute against the config file's folder.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         self.base_dir.join(path)
+    }
+
+    /// The control socket's path.
+    pub fn control_socket(&self) -> PathBuf {
+        match &self.server.control_socket {
+            Some(path) => self.resolve(path),
+            None => self.resolve(&self.server.state_dir).join("control.sock"),
+        }
     }
 
     /// The configured protocols, in a fixed order.
@@ -369,6 +396,17 @@ impl Config {
         if lockout.max_failure_delay_ms > 60_000 {
             return Err(invalid("lockout.max_failure_delay_ms", "must be at most 60000: longer holds connections for nothing"));
         }
+        if let Some(metrics) = self.metrics.listen {
+            if metrics.port() != 0 && seen.contains(&metrics) {
+                return Err(invalid("metrics.listen", &format!("{metrics} is also a mail listener")));
+            }
+        }
+        if self.server.control_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid("server.control_socket", "must be a file path; leave it out for state_dir/control.sock"));
+        }
+        if self.audit.file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid("audit.file", "must be a file path; leave it out to log to the journal only"));
+        }
         if self.server.hostname.is_empty() || self.server.hostname.contains(char::is_whitespace) {
             return Err(invalid("server.hostname", "must be a host name without spaces"));
         }
@@ -437,6 +475,20 @@ mod tests {
     fn bad_pins_name_their_key() {
         let text = MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_pin_sha256 = [\"nope\"]");
         assert!(parse(&text).unwrap_err().to_string().contains("imap.upstream_pin_sha256"));
+    }
+
+    #[test]
+    fn service_keys_parse_and_are_validated() {
+        let text = format!("{MINIMAL}\n[metrics]\nlisten = \"127.0.0.1:9425\"\n");
+        let c = parse(&text.replace("[tls]", "[audit]\nfile = \"audit.jsonl\"\n[tls]")).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9425".parse().unwrap()));
+        assert_eq!(c.audit.file.as_deref(), Some(Path::new("audit.jsonl")));
+        assert_eq!(c.control_socket(), PathBuf::from("/var/lib/postern/control.sock"));
+        assert!(c.server.watch_profiles);
+        let err = parse(&format!("{MINIMAL}\n[metrics]\nlisten = \"127.0.0.1:10993\"\n")).unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[metrics]\nport = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

@@ -65,10 +65,12 @@ async fn handle(tcp: TcpStream, peer: std::net::SocketAddr, protocol: Protocol, 
     let client = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
+            server.metrics().tls_failure(protocol);
             tracing::debug!(%protocol, %peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            server.metrics().tls_failure(protocol);
             tracing::debug!(%protocol, %peer, "TLS handshake timed out");
             return;
         }

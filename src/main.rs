@@ -1,11 +1,16 @@
 //! The `postern` command line: parses arguments, sets up logging, and calls the library.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use postern::admin::{self, SecretSource};
 use postern::config::LogFormat;
+use postern::protocol::Protocol;
+
+/// Exit status of operational failures; clap exits with 2 on usage errors.
+const FAILURE: u8 = 1;
 
 /// Authenticating IMAP/POP3/SMTP TLS proxy.
 #[derive(Parser)]
@@ -20,10 +25,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy until SIGTERM; SIGHUP reloads profiles and the vault.
+    /// Run the proxy until SIGTERM; SIGHUP reloads profiles, vault, directory and certificate.
     Serve,
-    /// Validate the configuration and the files it names, explaining any error.
+    /// Validate the configuration and the files it names (present, private), explaining any error.
     Check,
+    /// Ask the running daemon for uptime, sessions and reloads over its control socket.
+    Status {
+        /// Also show this user's last upstream login result.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Log in upstream with a user's stored credential and print OK or the upstream's answer.
+    Probe {
+        /// The user's mail address.
+        user: String,
+        /// The upstream to try.
+        #[arg(long, value_enum, default_value = "imap")]
+        protocol: ProtocolArg,
+    },
+    /// Read the audit file: the access history of users.
+    Audit {
+        /// Only this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this recent, e.g. 90s, 15m, 1h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// The audit file; `[audit] file` of the config when absent.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Security profiles.
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// The vault of upstream credentials.
     #[command(subcommand)]
     Vault(VaultCommand),
@@ -33,6 +67,37 @@ enum Command {
     /// Certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Imap,
+    Pop3,
+    Smtp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Imap => Protocol::Imap,
+            ProtocolArg::Pop3 => Protocol::Pop3,
+            ProtocolArg::Smtp => Protocol::Smtp,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Explain which profiles apply to a user and whether an address may log in.
+    Explain {
+        /// The user's mail address.
+        user: String,
+        /// The client address, IPv4 or IPv6.
+        ip: IpAddr,
+        /// The protocol the client would use.
+        #[arg(long, value_enum, default_value = "imap")]
+        protocol: ProtocolArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,6 +126,49 @@ enum UserCommand {
         /// Upstream login name, when it differs from the mail address.
         #[arg(long)]
         upstream_user: Option<String>,
+    },
+    /// Replace a user's upstream password, keeping the old one as "previous" until confirmed.
+    Rotate {
+        /// The user's mail address.
+        user: String,
+        /// Read the new password from standard input instead of generating one.
+        #[arg(long, conflicts_with = "confirm")]
+        stdin: bool,
+        /// The new password works upstream: forget the previous one.
+        #[arg(long)]
+        confirm: bool,
+    },
+    /// Remove a user's upstream credential (and file-directory entry); live sessions close on reload.
+    Remove {
+        /// The user's mail address.
+        user: String,
+    },
+    /// List users: whether an upstream credential is stored and when it last changed (never secrets).
+    List,
+    /// Show what is stored for a user; the secret only with --reveal, which is audited.
+    ShowUpstream {
+        /// The user's mail address.
+        user: String,
+        /// Print the secret itself.
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Import upstream passwords from CSV with a header `user,password[,upstream_user]`.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Store the valid rows even when some are rejected.
+        #[arg(long)]
+        skip_invalid: bool,
+    },
+    /// Export stored credentials as CSV; secrets only with --reveal (audited).
+    Export {
+        /// Write here (mode 0600) instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Include the secrets.
+        #[arg(long)]
+        reveal: bool,
     },
 }
 
@@ -101,7 +209,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(FAILURE);
         }
     };
     let config = cli.config.as_path();
@@ -109,12 +217,27 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve => admin::serve(config).await,
             Command::Check => admin::check(config).await,
+            Command::Status { user } => admin::status(config, user.as_deref()).await,
+            Command::Probe { user, protocol } => admin::probe(config, &user, protocol.into()).await,
+            Command::Audit { user, since, file } => admin::audit(config, file.as_deref(), user.as_deref(), since.as_deref()),
+            Command::Access(AccessCommand::Explain { user, ip, protocol }) => {
+                admin::explain(config, &user, ip, protocol.into()).await
+            }
             Command::Vault(VaultCommand::Init) => admin::vault_init(config),
             Command::User(UserCommand::SetPassword { user }) => admin::set_password(config, &user),
             Command::User(UserCommand::SetUpstream { user, generate, upstream_user, .. }) => {
                 let source = if generate { SecretSource::Generate } else { SecretSource::Stdin };
                 admin::set_upstream(config, &user, source, upstream_user)
             }
+            Command::User(UserCommand::Rotate { user, stdin, confirm }) => {
+                let source = if stdin { SecretSource::Stdin } else { SecretSource::Generate };
+                admin::rotate(config, &user, source, confirm)
+            }
+            Command::User(UserCommand::Remove { user }) => admin::remove(config, &user),
+            Command::User(UserCommand::List) => admin::list(config),
+            Command::User(UserCommand::ShowUpstream { user, reveal }) => admin::show_upstream(config, &user, reveal),
+            Command::User(UserCommand::Import { file, skip_invalid }) => admin::import(config, &file, skip_invalid),
+            Command::User(UserCommand::Export { output, reveal }) => admin::export(config, output.as_deref(), reveal),
             Command::Cert(CertCommand::Generate { hostname, cert, key }) => admin::cert_generate(&hostname, &cert, &key),
         }
     });
@@ -122,7 +245,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(FAILURE)
         }
     }
 }

@@ -214,6 +214,8 @@ pub struct VaultListing {
     pub kind: SecretKind,
     /// When it was set, in seconds since the Unix epoch.
     pub changed: u64,
+    /// Whether a rotation left the previous secret waiting for confirmation.
+    pub has_previous: bool,
 }
 
 /// The vault file as stored.
@@ -234,6 +236,16 @@ struct StoredEntry {
     kind: SecretKind,
     changed: u64,
     sealed: String,
+    /// The secret a rotation replaced, kept until the new one is confirmed upstream;
+    /// sealed with its own associated data so it cannot pass for the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<Box<StoredEntry>>,
+}
+
+/// The name under which a user's previous secret is sealed; user names hold no control
+/// characters, so it never equals a real user's.
+fn previous_slot(user: &str) -> String {
+    format!("{user}\u{0}previous")
 }
 
 /// The encrypted store of upstream credentials under the state directory.
@@ -366,10 +378,69 @@ impl Vault {
             upstream_user: secret.upstream_user,
             kind: secret.kind,
             changed: secret.changed,
+            previous: None,
         };
         let mut users = self.users.clone();
         users.insert(user, entry);
         self.commit(users)
+    }
+
+    /// Replaces `user`'s secret with `secret`, keeping the replaced one as "previous" until
+    /// [`Vault::confirm`]. Returns `false` (and changes nothing) when `user` has no secret.
+    pub fn rotate(&mut self, user: &str, secret: UpstreamSecret) -> Result<bool, VaultError> {
+        let user = normalize_user(user)?;
+        let Some(old) = self.get(&user)? else {
+            return Ok(false);
+        };
+        let slot = previous_slot(&user);
+        let previous = StoredEntry {
+            sealed: self.seal(&slot, old.kind, old.upstream_user.as_deref(), &old.secret)?,
+            upstream_user: old.upstream_user,
+            kind: old.kind,
+            changed: old.changed,
+            previous: None,
+        };
+        let entry = StoredEntry {
+            sealed: self.seal(&user, secret.kind, secret.upstream_user.as_deref(), &secret.secret)?,
+            upstream_user: secret.upstream_user,
+            kind: secret.kind,
+            changed: secret.changed,
+            previous: Some(Box::new(previous)),
+        };
+        let mut users = self.users.clone();
+        users.insert(user, entry);
+        self.commit(users)?;
+        Ok(true)
+    }
+
+    /// The secret the last rotation replaced, while it waits for confirmation.
+    pub fn previous(&self, user: &str) -> Result<Option<UpstreamSecret>, VaultError> {
+        let user = user.to_lowercase();
+        let Some(previous) = self.users.get(&user).and_then(|e| e.previous.as_deref()) else {
+            return Ok(None);
+        };
+        let secret = self
+            .open_sealed(&previous_slot(&user), previous)
+            .map_err(|_| VaultError::Decrypt { user: format!("{user} (previous secret)") })?;
+        Ok(Some(UpstreamSecret {
+            upstream_user: previous.upstream_user.clone(),
+            kind: previous.kind,
+            secret,
+            changed: previous.changed,
+        }))
+    }
+
+    /// Forgets the previous secret of `user` (the new one works upstream); `false` if
+    /// there was none.
+    pub fn confirm(&mut self, user: &str) -> Result<bool, VaultError> {
+        let user = user.to_lowercase();
+        let mut users = self.users.clone();
+        match users.get_mut(&user) {
+            Some(entry) if entry.previous.is_some() => entry.previous = None,
+            _ => return Ok(false),
+        }
+        self.commit(users)?;
+        Ok(true)
     }
 
     /// Removes `user`'s credential and writes the vault file; `false` if there was none.
@@ -393,6 +464,7 @@ impl Vault {
                 upstream_user: e.upstream_user.clone(),
                 kind: e.kind,
                 changed: e.changed,
+                has_previous: e.previous.is_some(),
             })
             .collect()
     }
@@ -644,6 +716,36 @@ mod tests {
             Vault::open(&dir).unwrap().contains("a@example.com"),
             "init must not reset the vault"
         );
+    }
+
+    #[test]
+    fn rotation_keeps_the_previous_secret_until_confirmed() {
+        let (_tmp, dir) = init_dir();
+        let mut vault = Vault::open(&dir).unwrap();
+        assert!(!vault.rotate("r@example.com", UpstreamSecret::password(Secret::new("new"))).unwrap());
+        vault.set("r@example.com", UpstreamSecret::password(Secret::new("old"))).unwrap();
+        assert!(vault.rotate("R@example.com", UpstreamSecret::password(Secret::new("new"))).unwrap());
+        let vault = Vault::open(&dir).unwrap();
+        assert_eq!(vault.get("r@example.com").unwrap().unwrap().secret.expose(), "new");
+        assert_eq!(vault.previous("r@example.com").unwrap().unwrap().secret.expose(), "old");
+        assert!(vault.list()[0].has_previous);
+        let text = fs::read_to_string(dir.join(VAULT_FILE)).unwrap();
+        assert!(!text.contains("old") && !text.contains("new\""), "{text}");
+
+        let mut swapped: VaultFile = toml::from_str(&text).unwrap();
+        let entry = swapped.users.get_mut("r@example.com").unwrap();
+        let previous = entry.previous.as_mut().unwrap();
+        std::mem::swap(&mut entry.sealed, &mut previous.sealed);
+        write_vault_file(&dir.join(VAULT_FILE), &swapped).unwrap();
+        let vault = Vault::open(&dir).unwrap();
+        assert!(vault.get("r@example.com").is_err() && vault.previous("r@example.com").is_err());
+
+        let mut vault = Vault::open(&dir).unwrap();
+        vault.set("r@example.com", UpstreamSecret::password(Secret::new("old"))).unwrap();
+        vault.rotate("r@example.com", UpstreamSecret::password(Secret::new("new"))).unwrap();
+        assert!(vault.confirm("r@example.com").unwrap());
+        assert!(!vault.confirm("r@example.com").unwrap());
+        assert!(Vault::open(&dir).unwrap().previous("r@example.com").unwrap().is_none());
     }
 
     #[test]

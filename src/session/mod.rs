@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::audit::{Outcome, SessionRecord};
 use crate::limits::MAX_LOGIN_ATTEMPTS;
+use crate::metrics::LoginResult;
 use crate::protocol::{self, Dialogue, Protocol, Step};
 use crate::relay::{self, Counters};
 use crate::server::{Server, Shutdown};
@@ -27,6 +28,7 @@ where
 {
     let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer);
     async move {
+        let _active = server.metrics().session_started(protocol);
         let record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
         let mut session = Session {
             dialogue: protocol::dialogue(protocol, &server.dialogue_settings(protocol)),
@@ -40,6 +42,7 @@ where
         };
         session.serve().await;
         session.record.emit();
+        session.server.audit_to_file(&session.record);
     }
     .instrument(span)
     .await
@@ -93,6 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.record.user = Some(login::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
                     self.record.mechanism = Some(credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
+                    let started = std::time::Instant::now();
                     let decision = tokio::select! {
                         decision = login::admit(&self.server, self.protocol, self.peer.ip(), &credentials) => decision,
                         () = self.shutdown.stop_accepting.cancelled() => {
@@ -102,6 +106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             return None;
                         }
                     };
+                    self.count_login(&decision, started.elapsed());
                     match decision {
                         Ok(admitted) => {
                             let reply = self.dialogue.accepted(&admitted.upstream.info);
@@ -131,6 +136,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if self.record.attempts >= MAX_LOGIN_ATTEMPTS {
                         return None;
                     }
+                }
+            }
+        }
+    }
+
+    /// Updates the login metrics and the user's last upstream result.
+    fn count_login(&self, decision: &Result<Admitted, Refusal>, elapsed: std::time::Duration) {
+        let metrics = self.server.metrics();
+        metrics.login_latency.observe(elapsed);
+        let user = self.record.user.as_deref().unwrap_or("-");
+        let last = self.server.last_results();
+        match decision {
+            Ok(_) => {
+                metrics.login(LoginResult::Ok);
+                last.record(user, self.protocol, true, "OK");
+            }
+            Err(Refusal::Denied(denial)) => metrics.login(LoginResult::Denied(*denial)),
+            Err(Refusal::Unavailable(reason)) => {
+                let result = LoginResult::unavailable(reason);
+                metrics.login(result);
+                if matches!(result, LoginResult::UpstreamRefused | LoginResult::UpstreamUnavailable) {
+                    last.record(user, self.protocol, false, reason.as_str());
                 }
             }
         }
@@ -203,12 +230,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let idle = self.server.limits.idle_timeout();
         let close = self.shutdown.close_sessions.clone();
+        let server = self.server.clone();
+        let user = self.record.user.clone().unwrap_or_default();
+        let registration = server.live().register(user, self.protocol, self.peer.ip());
+        let revoked = registration.revoked();
         let end = relay::splice(&mut self.client, upstream_stream, idle, counters.clone(), async move {
-            close.cancelled().await
+            tokio::select! {
+                () = close.cancelled() => {}
+                () = revoked => {}
+            }
         })
         .await;
         self.record.bytes_up = counters.up.load(Ordering::Relaxed);
         self.record.bytes_down = counters.down.load(Ordering::Relaxed);
-        self.record.set(Outcome::LoggedIn, end.describe());
+        server.metrics().relayed(self.protocol, self.record.bytes_up, self.record.bytes_down);
+        match registration.revoked_reason() {
+            Some(reason) => self.record.set(Outcome::LoggedIn, reason),
+            None => self.record.set(Outcome::LoggedIn, end.describe()),
+        }
     }
 }

@@ -1,0 +1,79 @@
+//! `postern access explain USER IP`: the password-free part of the access decision, spelled
+//! out: which profiles apply to the user and why each does or does not let the address in.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use super::{load_config, normalized};
+use crate::access::{self, Profiles};
+use crate::directory::{Directory, DirectoryError};
+use crate::protocol::Protocol;
+
+/// Prints the decision for `user` connecting from `ip` over `protocol`.
+pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let user = normalized(user)?;
+    let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
+    println!("{user} from {ip} over {protocol}");
+    println!(
+        "address in any profile with mail access: {}",
+        if profiles.any_allows(ip) { "yes" } else { "no (refused before the directory is asked)" }
+    );
+    let directory = Directory::open(&config.directory, &config.base_dir).await?;
+    let groups = match directory.lookup(&user).await {
+        Ok(entry) => match entry.groups {
+            Some(groups) => {
+                println!("directory: known; groups: {}", if groups.is_empty() { "-".into() } else { groups.join(", ") });
+                Some(groups)
+            }
+            None => {
+                println!("directory: known; groups are only known after a password check, so group profiles are not shown");
+                None
+            }
+        },
+        Err(DirectoryError::UnknownUser) => {
+            println!("directory: unknown user");
+            println!("decision: refused: {}", access::Denial::UnknownUser);
+            return Ok(());
+        }
+        Err(e) => {
+            println!("directory: cannot tell ({e}); profiles by user name only");
+            None
+        }
+    };
+    let groups = groups.unwrap_or_default();
+    let applicable = profiles.for_user(&user, &groups);
+    if applicable.is_empty() {
+        println!("profiles: none applies to {user}");
+    }
+    for profile in &applicable {
+        let protocols = match &profile.protocols {
+            None => "all protocols".to_owned(),
+            Some(list) => list.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+        };
+        let verdict = if !profile.mail_access {
+            "mail access is off".to_owned()
+        } else if !profile.covers(protocol) {
+            format!("does not cover {protocol}")
+        } else {
+            match profile.matching_entry(ip) {
+                Some(entry) => format!("allow entry {entry} matches"),
+                None => {
+                    let entries: Vec<String> = profile.allow.iter().map(ToString::to_string).collect();
+                    format!("no allow entry matches {ip} (entries: {})", if entries.is_empty() { "none".into() } else { entries.join(", ") })
+                }
+            }
+        };
+        println!("profile {:?} ({}; {protocols}): {verdict}", profile.name, if profile.mail_access { "mail access on" } else { "mail access off" });
+    }
+    match access::check_profiles(&profiles, &user, &groups, protocol, ip) {
+        Ok(grant) => println!("decision: allowed by profile {:?} ({}), if the password is right", grant.profile, grant.entry),
+        Err(denial) => println!("decision: refused: {denial}"),
+    }
+    let state_dir = config.resolve(&config.server.state_dir);
+    if state_dir.join(crate::vault::KEY_FILE).exists() {
+        let stored = crate::vault::Vault::open(&state_dir)?.contains(&user);
+        println!("upstream credential: {}", if stored { "stored" } else { "missing (the login would be refused)" });
+    }
+    Ok(())
+}

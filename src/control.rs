@@ -1,0 +1,185 @@
+//! The control socket: a Unix socket (mode 0600) where `postern status` and other admin
+//! commands ask the running daemon questions. One JSON request per line, one JSON answer
+//! per line:
+//!
+//! ```text
+//! {"command":"status"}                 -> uptime, sessions per protocol, reloads
+//! {"command":"user","user":"a@x"}      -> the user's last upstream login result
+//! {"command":"reload"}                 -> what SIGHUP does, with the result
+//! {"command":"unlock","user":"a@x"}    -> reserved for lockout; answers "unsupported"
+//! ```
+//!
+//! Answers always carry `"ok": true|false`; failures carry `"error"`.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Protocol;
+use crate::server::Server;
+
+/// Most bytes read from one control connection; requests are tiny.
+const MAX_CONNECTION_INPUT: u64 = 64 * 1024;
+
+/// How long a client may take to send its request or read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A reload asked for over the socket; the daemon answers on the channel.
+pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+
+/// Why talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Nothing listens on the socket: the daemon is not running (or uses another socket).
+    #[error("cannot reach the daemon at {path}: {source} (is postern running, with this config?)")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The exchange broke off or the answer was not JSON.
+    #[error("control socket {path}: {message}")]
+    Exchange {
+        /// The socket.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
+enum Request {
+    Status,
+    User { user: String },
+    Reload,
+    Unlock { user: String },
+}
+
+/// Binds the control socket at `path` with mode 0600, replacing a stale socket left by a
+/// previous run (but never another kind of file).
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket; remove it or set server.control_socket"));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers requests on `listener` until `stop` is cancelled.
+pub async fn serve(listener: UnixListener, server: Arc<Server>, reload: mpsc::Sender<ReloadRequest>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let server = server.clone();
+        let reload = reload.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(IO_TIMEOUT, answer_connection(stream, &server, &reload)).await;
+        });
+    }
+}
+
+async fn answer_connection(stream: UnixStream, server: &Server, reload: &mpsc::Sender<ReloadRequest>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_CONNECTION_INPUT));
+    let mut line = String::new();
+    while lines.read_line(&mut line).await? != 0 {
+        let answer = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(request) => answer(request, server, reload).await,
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        write.write_all(format!("{answer}\n").as_bytes()).await?;
+        line.clear();
+    }
+    Ok(())
+}
+
+async fn answer(request: Request, server: &Server, reload: &mpsc::Sender<ReloadRequest>) -> Value {
+    match request {
+        Request::Status => status(server),
+        Request::User { user } => {
+            let user = user.trim().to_lowercase();
+            json!({"ok": true, "user": user, "last_result": server.last_results().get(&user)})
+        }
+        Request::Reload => {
+            let (tx, rx) = oneshot::channel();
+            if reload.send(tx).await.is_err() {
+                return json!({"ok": false, "error": "the daemon is stopping"});
+            }
+            match rx.await {
+                Ok(Ok(())) => json!({"ok": true}),
+                Ok(Err(e)) => json!({"ok": false, "error": e}),
+                Err(_) => json!({"ok": false, "error": "the reload was abandoned"}),
+            }
+        }
+        Request::Unlock { user } => json!({"ok": false, "user": user, "error": "unsupported: lockout is not enabled in this build"}),
+    }
+}
+
+fn status(server: &Server) -> Value {
+    let metrics = server.metrics();
+    let mut sessions = serde_json::Map::new();
+    for protocol in [Protocol::Imap, Protocol::Pop3, Protocol::Smtp] {
+        sessions.insert(
+            protocol.name().into(),
+            json!({"active": metrics.active(protocol), "total": metrics.total(protocol)}),
+        );
+    }
+    json!({
+        "ok": true,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": server.uptime().as_secs(),
+        "sessions": sessions,
+        "logged_in": server.live().len(),
+        "last_reload": server.last_reload(),
+        "profiles": server.profiles().len(),
+    })
+}
+
+/// Sends one request to the daemon behind the socket at `path` and returns its answer.
+pub async fn request(path: &Path, request: &Value) -> Result<Value, ControlError> {
+    let exchange = |message: String| ControlError::Exchange { path: path.to_owned(), message };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let work = async {
+        let (read, mut write) = stream.into_split();
+        write.write_all(format!("{request}\n").as_bytes()).await?;
+        write.shutdown().await?;
+        let mut line = String::new();
+        BufReader::new(read).read_line(&mut line).await?;
+        Ok::<_, io::Error>(line)
+    };
+    let line = tokio::time::timeout(Duration::from_secs(60), work)
+        .await
+        .map_err(|_| exchange("no answer within 60 s".into()))?
+        .map_err(|e| exchange(e.to_string()))?;
+    serde_json::from_str(&line).map_err(|e| exchange(format!("the answer is not JSON: {e}")))
+}

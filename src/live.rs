@@ -1,0 +1,145 @@
+//! Live logged-in sessions, so a reload can close the ones whose user no longer passes the
+//! access decision, and each user's last upstream login result for `postern status`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Protocol;
+
+/// One logged-in session as the registry sees it.
+#[derive(Debug)]
+pub struct LiveSession {
+    /// The user (directory identity, lower case).
+    pub user: String,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The client's address.
+    pub ip: IpAddr,
+    revoke: CancellationToken,
+    reason: OnceLock<String>,
+}
+
+impl LiveSession {
+    /// Closes the session; the first reason given is the one its audit line shows.
+    pub fn revoke(&self, reason: impl Into<String>) {
+        let _ = self.reason.set(reason.into());
+        self.revoke.cancel();
+    }
+}
+
+/// The sessions logged in now.
+#[derive(Debug, Default)]
+pub struct LiveSessions {
+    next: AtomicU64,
+    sessions: DashMap<u64, Arc<LiveSession>>,
+}
+
+/// A session's registration; unregisters when dropped.
+#[derive(Debug)]
+pub struct Registration<'a> {
+    id: u64,
+    session: Arc<LiveSession>,
+    registry: &'a LiveSessions,
+}
+
+impl Registration<'_> {
+    /// Completes when the session has been revoked.
+    pub fn revoked(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.session.revoke.clone().cancelled_owned()
+    }
+
+    /// Why the session was revoked, if it was.
+    pub fn revoked_reason(&self) -> Option<&str> {
+        self.session.reason.get().map(String::as_str)
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.sessions.remove(&self.id);
+    }
+}
+
+impl LiveSessions {
+    /// Registers a session that has just logged in.
+    pub fn register(&self, user: String, protocol: Protocol, ip: IpAddr) -> Registration<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(LiveSession { user, protocol, ip, revoke: CancellationToken::new(), reason: OnceLock::new() });
+        self.sessions.insert(id, session.clone());
+        Registration { id, session, registry: self }
+    }
+
+    /// A snapshot of the sessions logged in now.
+    pub fn snapshot(&self) -> Vec<Arc<LiveSession>> {
+        self.sessions.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Number of sessions logged in now.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is logged in.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
+/// The result of a user's last upstream login.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LastResult {
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Whether the upstream accepted the stored credential.
+    pub ok: bool,
+    /// `OK`, or what went wrong (the upstream's answer when it refused).
+    pub message: String,
+}
+
+/// Each user's last upstream login result, in memory only.
+#[derive(Debug, Default)]
+pub struct LastResults(DashMap<String, LastResult>);
+
+impl LastResults {
+    /// Records the result of an upstream login for `user`.
+    pub fn record(&self, user: &str, protocol: Protocol, ok: bool, message: impl Into<String>) {
+        let at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.0.insert(user.to_owned(), LastResult { at, protocol, ok, message: message.into() });
+    }
+
+    /// The last result of `user`, if any login reached the upstream since start.
+    pub fn get(&self, user: &str) -> Option<LastResult> {
+        self.0.get(&user.to_lowercase()).map(|r| r.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn registrations_leave_on_drop_and_revocation_keeps_the_first_reason() {
+        let live = LiveSessions::default();
+        let a = live.register("a@x".into(), Protocol::Imap, IpAddr::from([127, 0, 0, 1]));
+        let b = live.register("b@x".into(), Protocol::Pop3, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(live.len(), 2);
+        for s in live.snapshot().iter().filter(|s| s.user == "a@x") {
+            s.revoke("first");
+            s.revoke("second");
+        }
+        a.revoked().await;
+        assert_eq!(a.revoked_reason(), Some("first"));
+        assert_eq!(b.revoked_reason(), None);
+        drop(a);
+        assert_eq!(live.len(), 1);
+        drop(b);
+        assert!(live.is_empty());
+    }
+}

@@ -1,0 +1,54 @@
+//! Applying edits of the profiles file without a reload: the file's size, modification
+//! time and inode are polled every second (no inotify, so it works on any file system and
+//! with editors that replace the file), and a changed file is loaded and applied. A file
+//! that does not parse is logged and the profiles in force stay.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::access::Profiles;
+use crate::server::Server;
+
+/// How often the file is checked; a change applies within this plus the load time.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Fingerprint { len: meta.len(), modified: meta.modified().ok(), inode: meta.ino() })
+}
+
+/// Watches the profiles file at `path` until `stop` is cancelled.
+pub async fn watch_profiles(server: Arc<Server>, path: PathBuf, stop: CancellationToken) {
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if seen.is_none() {
+            tracing::error!(path = %path.display(), "the profiles file is gone; the profiles in force stay");
+            continue;
+        }
+        match Profiles::load(&path) {
+            Ok(profiles) => server.apply_profiles(profiles).await,
+            Err(e) => tracing::error!(error = %e, "the changed profiles file is invalid; the profiles in force stay"),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! `postern serve` as systemd runs it: readiness and reload notifications, live reload that
+//! keeps sessions, the profiles watch, closing sessions whose user lost access, SIGTERM
+//! draining, metrics and the control socket. Runs the real binary against Dovecot.
+
+mod common;
+mod install;
+
+use std::time::{Duration, Instant};
+
+use common::client::{self, MailClient};
+use install::{Daemon, Install, expect_code, profiles_for, scrape};
+
+async fn connect(daemon: &Daemon, install: &Install) -> MailClient {
+    let mut c = client::connect_tls(daemon.imaps, &install.ca_file).await;
+    let greeting = c.read_line().await;
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    c
+}
+
+async fn tagged(c: &mut MailClient, tag: &str, command: &str) -> String {
+    c.send(format!("{tag} {command}\r\n").as_bytes()).await;
+    c.read_until_tagged(tag).await.pop().expect("tagged line")
+}
+
+/// Logs in and returns the open session; panics unless the login succeeds.
+async fn session(daemon: &Daemon, install: &Install, user: &str) -> MailClient {
+    let mut c = connect(daemon, install).await;
+    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} dir-pw")).await;
+    assert!(answer.starts_with("l1 OK"), "login of {user}: {answer}\n{}", daemon.log());
+    c
+}
+
+async fn login_answer(daemon: &Daemon, install: &Install, user: &str) -> String {
+    let mut c = connect(daemon, install).await;
+    tagged(&mut c, "l1", &format!("LOGIN {user} dir-pw")).await
+}
+
+async fn still_works(c: &mut MailClient) {
+    assert!(tagged(c, "n1", "NOOP").await.starts_with("n1 OK"));
+}
+
+/// Waits until the audit file has a line for `user` containing `needle`.
+fn wait_for_audit(install: &Install, user: &str, needle: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = install::audit_lines(&install.path("audit.jsonl"));
+        if let Some(line) = lines.iter().find(|l| l["user"] == user && l.to_string().contains(needle)) {
+            return line.clone();
+        }
+        assert!(Instant::now() < deadline, "no audit line for {user} with {needle:?}: {lines:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_login_and_status_reports_the_last_upstream_result() {
+    let install = Install::new(&profiles_for(&["m1@example.com"]), "", "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    install.add_user("m1@example.com", "dir-pw");
+    let daemon = Daemon::start(&install);
+    let metrics = daemon.metrics.expect("metrics address logged");
+
+    let mut c = session(&daemon, &install, "m1@example.com").await;
+    assert!(login_answer(&daemon, &install, "m1@example.com").await.starts_with("l1 OK"));
+    let mut wrong = connect(&daemon, &install).await;
+    assert!(tagged(&mut wrong, "w1", "LOGIN m1@example.com not-the-pw").await.starts_with("w1 NO"));
+
+    let text = scrape(metrics);
+    assert_eq!(metric(&text, "postern_logins_total{outcome=\"ok\",reason=\"ok\"}"), 2);
+    assert_eq!(metric(&text, "postern_logins_total{outcome=\"denied\",reason=\"wrong password\"}"), 1);
+    assert!(metric(&text, "postern_sessions_total{protocol=\"imap\"}") >= 3);
+    assert!(metric(&text, "postern_sessions_active{protocol=\"imap\"}") >= 1);
+    assert_eq!(metric(&text, "postern_login_seconds_count"), 3);
+
+    let out = expect_code(&install.run(&["status", "--user", "m1@example.com"], ""), 0);
+    assert!(out.contains("uptime:") && out.contains("imap: "), "{out}");
+    assert!(out.contains("m1@example.com: last upstream login") && out.contains(": OK"), "{out}");
+    let out = expect_code(&install.run(&["status", "--user", "never@example.com"], ""), 0);
+    assert!(out.contains("no upstream login since the daemon started"), "{out}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(install.path("state/control.sock")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    still_works(&mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_keeps_sessions_applies_profiles_rejects_broken_files_and_closes_revoked_users() {
+    let install = Install::new(&profiles_for(&["r1@example.com"]), "watch_profiles = false", "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    install.add_user("r1@example.com", "dir-pw");
+    install.add_user("r2@example.com", "dir-pw");
+    let mut daemon = Daemon::start(&install);
+    let mut r1 = session(&daemon, &install, "r1@example.com").await;
+    assert!(login_answer(&daemon, &install, "r2@example.com").await.starts_with("l1 NO"));
+
+    std::fs::write(install.path("profiles.toml"), profiles_for(&["r1@example.com", "r2@example.com"])).unwrap();
+    daemon.signal("HUP");
+    let reloading = daemon.expect_notify("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    daemon.expect_notify("READY=1");
+    let mut r2 = session(&daemon, &install, "r2@example.com").await;
+    still_works(&mut r1).await;
+
+    std::fs::write(install.path("profiles.toml"), "[[profile]]\nname = \"broken\"\nallow = [\"not-an-address\"]\n").unwrap();
+    daemon.signal("HUP");
+    daemon.expect_notify("RELOADING=1");
+    daemon.expect_notify("READY=1");
+    daemon.wait_for_log(&["reload failed", "not-an-address"]);
+    still_works(&mut r1).await;
+    still_works(&mut r2).await;
+    assert!(login_answer(&daemon, &install, "r2@example.com").await.starts_with("l1 OK"), "old profiles stay in force");
+    assert_eq!(metric(&scrape(daemon.metrics.unwrap()), "postern_reloads_total{result=\"failed\"}"), 1);
+
+    std::fs::write(install.path("profiles.toml"), profiles_for(&["r1@example.com"])).unwrap();
+    daemon.signal("HUP");
+    daemon.expect_notify("READY=1");
+    r2.expect_closed().await;
+    let line = wait_for_audit(&install, "r2@example.com", "closed: profile change no longer allows this client");
+    assert_eq!(line["outcome"], "logged-in");
+    still_works(&mut r1).await;
+
+    expect_code(&install.run(&["user", "remove", "r1@example.com"], ""), 0);
+    daemon.signal("HUP");
+    r1.expect_closed().await;
+    wait_for_audit(&install, "r1@example.com", "closed: the user's upstream credential was removed from the vault");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_edits_apply_within_two_seconds_without_a_reload() {
+    let install = Install::new(&profiles_for(&["w1@example.com"]), "", "");
+    install.add_user("w1@example.com", "dir-pw");
+    install.add_user("w2@example.com", "dir-pw");
+    let daemon = Daemon::start(&install);
+    let mut w1 = session(&daemon, &install, "w1@example.com").await;
+
+    std::fs::write(install.path("profiles.toml"), "[[profile]\nbroken").unwrap();
+    daemon.wait_for_log(&["the changed profiles file is invalid"]);
+    still_works(&mut w1).await;
+    assert!(login_answer(&daemon, &install, "w1@example.com").await.starts_with("l1 OK"));
+
+    std::fs::write(install.path("profiles.toml"), profiles_for(&["w2@example.com"])).unwrap();
+    let written = Instant::now();
+    w1.expect_closed().await;
+    assert!(written.elapsed() < Duration::from_secs(3), "took {:?}", written.elapsed());
+    wait_for_audit(&install, "w1@example.com", "closed: profile change no longer allows this client (no profile applies to the user)");
+    assert!(login_answer(&daemon, &install, "w2@example.com").await.starts_with("l1 OK"));
+    assert!(login_answer(&daemon, &install, "w1@example.com").await.starts_with("l1 NO"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_lets_sessions_finish_then_closes_them() {
+    let install = Install::new(&profiles_for(&["t1@example.com", "t2@example.com"]), "shutdown_grace_secs = 2", "");
+    install.add_user("t1@example.com", "dir-pw");
+    install.add_user("t2@example.com", "dir-pw");
+    let mut daemon = Daemon::start(&install);
+    let mut finishing = session(&daemon, &install, "t1@example.com").await;
+    let mut lingering = session(&daemon, &install, "t2@example.com").await;
+
+    daemon.signal("TERM");
+    daemon.expect_notify("STOPPING=1");
+    let stopped_at = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(daemon.imaps).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    still_works(&mut finishing).await;
+    still_works(&mut lingering).await;
+    assert!(tagged(&mut finishing, "o1", "LOGOUT").await.starts_with("o1 OK"));
+    wait_for_audit(&install, "t1@example.com", "\"reason\":\"closed\"");
+
+    lingering.expect_closed().await;
+    let code = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{}", daemon.log());
+    let took = stopped_at.elapsed();
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(6), "grace of 2 s, took {took:?}");
+    wait_for_audit(&install, "t2@example.com", "server shutdown");
+    assert!(!install.path("state/control.sock").exists(), "the control socket is removed");
+}
