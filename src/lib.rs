@@ -15,6 +15,7 @@ pub mod directory;
 pub mod fsutil;
 pub mod limits;
 pub mod listener;
+pub mod oauth;
 pub mod protocol;
 pub mod relay;
 pub mod secret;
