@@ -76,7 +76,11 @@ fn dovecot_xoauth2_logins(mail: &str, expected: usize) -> usize {
     }
     let n = count();
     if n != expected {
-        eprintln!("Dovecot login lines for {mail}: {:#?}\nlog tail:\n{}", dovecot.login_lines(mail), dovecot.log_tail(30));
+        eprintln!(
+            "Dovecot login lines for {mail}: {:#?}\nlog tail:\n{}",
+            dovecot.login_lines(mail),
+            dovecot.log_tail(30)
+        );
     }
     n
 }
@@ -222,7 +226,11 @@ async fn a_token_expiring_mid_run_is_renewed_once_for_concurrent_logins() {
     let started = tokio::time::Instant::now();
     assert!(imap_login(&proxy, &mail, "dir-pw-e1").await.starts_with("a1 OK"));
     assert!(imap_login(&proxy, &mail, "dir-pw-e1").await.starts_with("a1 OK"));
-    assert!(started.elapsed() < Duration::from_secs(3), "two logins took {:?}; too slow for this test", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "two logins took {:?}; too slow for this test",
+        started.elapsed()
+    );
     assert_eq!(token_server().grants(&mail), 1);
 
     // Past the first token's expiry, five sessions log in at once: one renewal serves all.
@@ -255,7 +263,8 @@ async fn token_endpoint_outage_is_an_upstream_outage() {
 
     let answer = imap_login(&proxy, &mail, "dir-pw-o1").await;
     assert!(answer.starts_with("a1 NO [UNAVAILABLE]"), "{answer}");
-    let audit = logs::wait_for_audit(&mail, &["\"outcome\":\"unavailable\"", "no OAuth2 token for", "unreachable"]).await;
+    let audit =
+        logs::wait_for_audit(&mail, &["\"outcome\":\"unavailable\"", "no OAuth2 token for", "unreachable"]).await;
     assert!(audit.contains("cannot connect"), "{audit}");
     let metrics = proxy.server.oauth.as_ref().unwrap().metrics().snapshot();
     assert_eq!((metrics.requests, metrics.failures), (1, 1));
@@ -336,7 +345,9 @@ async fn probe_helper_logs_in_upstream_without_a_client() {
     logs::capture();
     let mail = oauth::add_user("g-probe1", "dir-pw-pr1");
     let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
-    for protocol in [postern::protocol::Protocol::Imap, postern::protocol::Protocol::Pop3, postern::protocol::Protocol::Smtp] {
+    for protocol in
+        [postern::protocol::Protocol::Imap, postern::protocol::Protocol::Pop3, postern::protocol::Protocol::Smtp]
+    {
         let logged_in = postern::session::login::login_upstream(&proxy.server, protocol, &mail, "", None).await;
         assert!(logged_in.is_ok(), "{protocol}: {:?}", logged_in.err());
     }

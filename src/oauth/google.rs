@@ -48,8 +48,8 @@ impl ServiceAccount {
         let what = "service account key file";
         let text = read_private_file(path, what)?;
         let file_error = |message: String| SetupError::File { what, path: path.to_owned(), message };
-        let key: KeyFile = serde_json::from_str(&text)
-            .map_err(|e| file_error(format!("not a service account JSON key ({e})")))?;
+        let key: KeyFile =
+            serde_json::from_str(&text).map_err(|e| file_error(format!("not a service account JSON key ({e})")))?;
         if let Some(kind) = &key.kind
             && kind != "service_account"
         {
@@ -65,12 +65,7 @@ impl ServiceAccount {
             None => (key.token_uri.clone().unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned()), "token_uri"),
         };
         let token_url = HttpsUrl::parse(&url_text).map_err(|e| file_error(format!("{key_name}: {e}")))?;
-        Ok(Self {
-            client_email: key.client_email,
-            signer,
-            token_url,
-            scope: scope.unwrap_or(DEFAULT_SCOPE).to_owned(),
-        })
+        Ok(Self { client_email: key.client_email, signer, token_url, scope: scope.unwrap_or(DEFAULT_SCOPE).to_owned() })
     }
 
     /// The token endpoint.

@@ -43,10 +43,8 @@ struct Failure {
 
 /// Posts `form` to `url` and reads the token from the answer.
 pub async fn request(client: &HttpsClient, url: &HttpsUrl, form: Form) -> Result<Issued, TokenError> {
-    let response = client
-        .post_form(url, form)
-        .await
-        .map_err(|source| TokenError::Unreachable { url: url.to_string(), source })?;
+    let response =
+        client.post_form(url, form).await.map_err(|source| TokenError::Unreachable { url: url.to_string(), source })?;
     parse(url, response.status, &response.body)
 }
 
@@ -72,12 +70,15 @@ fn parse(url: &HttpsUrl, status: u16, body: &[u8]) -> Result<Issued, TokenError>
         return Err(bad(format!("token_type is {:?}, not Bearer", printable(kind, 40))));
     }
     let token = success.access_token;
-    if token.is_empty() || token.expose().len() > MAX_TOKEN_LEN || !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+    if token.is_empty() || token.expose().len() > MAX_TOKEN_LEN || !token.expose().bytes().all(|b| b.is_ascii_graphic())
+    {
         return Err(bad("access_token is empty, too long or not printable ASCII".to_owned()));
     }
     let lifetime = match success.expires_in {
         None => DEFAULT_LIFETIME,
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(Duration::from_secs).ok_or_else(|| bad("expires_in is not a whole number".into()))?,
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(Duration::from_secs).ok_or_else(|| bad("expires_in is not a whole number".into()))?
+        }
         // Some endpoints (Microsoft's v1) send it as a string.
         Some(serde_json::Value::String(s)) => {
             s.parse().map(Duration::from_secs).map_err(|_| bad("expires_in is not a whole number".into()))?
@@ -106,12 +107,14 @@ mod tests {
 
     #[test]
     fn success_answers_give_token_lifetime_and_rotation() {
-        let issued = parse(&url(), 200, br#"{"access_token":"ya29.abc","token_type":"Bearer","expires_in":3599}"#).unwrap();
+        let issued =
+            parse(&url(), 200, br#"{"access_token":"ya29.abc","token_type":"Bearer","expires_in":3599}"#).unwrap();
         assert_eq!(issued.token.expose(), "ya29.abc");
         assert_eq!(issued.lifetime, Duration::from_secs(3599));
         assert!(issued.refresh_token.is_none());
         let issued =
-            parse(&url(), 200, br#"{"access_token":"t","token_type":"bearer","expires_in":"60","refresh_token":"r2"}"#).unwrap();
+            parse(&url(), 200, br#"{"access_token":"t","token_type":"bearer","expires_in":"60","refresh_token":"r2"}"#)
+                .unwrap();
         assert_eq!(issued.lifetime, Duration::from_secs(60));
         assert_eq!(issued.refresh_token.unwrap().expose(), "r2");
         assert_eq!(parse(&url(), 200, br#"{"access_token":"t"}"#).unwrap().lifetime, DEFAULT_LIFETIME);
@@ -119,8 +122,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_oauth_error_but_never_the_token() {
-        let err = parse(&url(), 400, br#"{"error":"invalid_grant","error_description":"Token has been\nrevoked."}"#).unwrap_err();
-        assert_eq!(err.to_string(), "token endpoint https://login.example/token refused the request (HTTP 400): invalid_grant: Token has beenrevoked.");
+        let err = parse(&url(), 400, br#"{"error":"invalid_grant","error_description":"Token has been\nrevoked."}"#)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "token endpoint https://login.example/token refused the request (HTTP 400): invalid_grant: Token has beenrevoked."
+        );
         let err = parse(&url(), 503, b"<html>down</html>").unwrap_err();
         assert!(matches!(err, TokenError::Status { status: 503, .. }), "{err}");
         for body in [

@@ -78,7 +78,8 @@ impl HttpsUrl {
         if host.is_empty() {
             return Err(bad("has no host"));
         }
-        let server_name = ServerName::try_from(host.clone()).map_err(|_| bad("host is not a valid DNS name or IP address"))?;
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|_| bad("host is not a valid DNS name or IP address"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         Ok(Self {
             text: text.to_owned(),
@@ -169,15 +170,11 @@ impl HttpsClient {
     }
 
     async fn exchange(&self, url: &HttpsUrl, form: Form) -> Result<Response, HttpError> {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port))
-            .await
-            .map_err(|e| HttpError::Connect(e.to_string()))?;
+        let tcp =
+            TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| HttpError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = self
-            .connector
-            .connect(url.server_name.clone(), tcp)
-            .await
-            .map_err(|e| HttpError::Tls(e.to_string()))?;
+        let tls =
+            self.connector.connect(url.server_name.clone(), tcp).await.map_err(|e| HttpError::Tls(e.to_string()))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| HttpError::Exchange(e.to_string()))?;
@@ -225,7 +222,8 @@ mod tests {
 
     #[test]
     fn form_fields_are_percent_encoded() {
-        let form = Form::new().field("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer").field("k y", "a+b/c=d&é~");
+        let form =
+            Form::new().field("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer").field("k y", "a+b/c=d&é~");
         assert_eq!(
             std::str::from_utf8(&form.0).unwrap(),
             "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&k%20y=a%2Bb%2Fc%3Dd%26%C3%A9~"

@@ -79,9 +79,7 @@ impl RsaSigner {
         let claims = serde_json::to_vec(claims).map_err(|_| JwtError::Sign)?;
         let mut jwt = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
         let mut signature = vec![0u8; self.key.public_modulus_len()];
-        self.key
-            .sign(&RSA_PKCS1_SHA256, &self.rng, jwt.as_bytes(), &mut signature)
-            .map_err(|_| JwtError::Sign)?;
+        self.key.sign(&RSA_PKCS1_SHA256, &self.rng, jwt.as_bytes(), &mut signature).map_err(|_| JwtError::Sign)?;
         jwt.push('.');
         jwt.push_str(&URL_SAFE_NO_PAD.encode(signature));
         Ok(Secret::new(jwt))
@@ -107,7 +105,8 @@ mod tests {
     fn signed_jwt_verifies_with_the_public_key_and_carries_the_claims() {
         let key = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
         let signer = RsaSigner::from_pkcs8_pem(&pem_of(&key), Some("kid-1".into())).unwrap();
-        let claims = Claims { iss: "sa@p.iam", sub: "a@example.com", scope: "s", aud: "https://t/token", iat: 10, exp: 3610 };
+        let claims =
+            Claims { iss: "sa@p.iam", sub: "a@example.com", scope: "s", aud: "https://t/token", iat: 10, exp: 3610 };
         let jwt = signer.sign(&claims).unwrap();
         let parts: Vec<&str> = jwt.expose().split('.').collect();
         assert_eq!(parts.len(), 3);

@@ -35,10 +35,14 @@ impl App {
             (Some(url), _) => url.to_owned(),
             (None, Some(tenant)) => format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
             (None, None) => {
-                return Err(SetupError::Config { key: "tenant", message: "required with source = \"microsoft\"".into() });
+                return Err(SetupError::Config {
+                    key: "tenant",
+                    message: "required with source = \"microsoft\"".into(),
+                });
             }
         };
-        let token_url = HttpsUrl::parse(&url_text).map_err(|e| SetupError::Config { key: "token_url", message: e.to_string() })?;
+        let token_url =
+            HttpsUrl::parse(&url_text).map_err(|e| SetupError::Config { key: "token_url", message: e.to_string() })?;
         Ok(Self {
             client_id: client_id.to_owned(),
             client_secret: read_secret_file(secret_file)?,

@@ -144,7 +144,10 @@ pub struct TokenSource {
 
 impl std::fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSource").field("source", &self.source().name()).field("token_url", &self.token_url()).finish_non_exhaustive()
+        f.debug_struct("TokenSource")
+            .field("source", &self.source().name())
+            .field("token_url", &self.token_url())
+            .finish_non_exhaustive()
     }
 }
 
@@ -162,11 +165,18 @@ impl TokenSource {
     /// Rotated refresh tokens are written to the vault in `state_dir`.
     pub fn new(oauth: &OAuthConfig, base_dir: &Path, state_dir: PathBuf) -> Result<Self, SetupError> {
         let resolve = |p: &Path| base_dir.join(p);
-        let missing = |key: &'static str| SetupError::Config { key, message: format!("required with source = \"{}\"", oauth.source.name()) };
+        let missing = |key: &'static str| SetupError::Config {
+            key,
+            message: format!("required with source = \"{}\"", oauth.source.name()),
+        };
         let grant = match oauth.source {
             OAuthSource::GoogleServiceAccount => {
                 let key = oauth.service_account_key.as_deref().ok_or_else(|| missing("service_account_key"))?;
-                Grant::Google(google::ServiceAccount::load(&resolve(key), oauth.token_url.as_deref(), oauth.scope.as_deref())?)
+                Grant::Google(google::ServiceAccount::load(
+                    &resolve(key),
+                    oauth.token_url.as_deref(),
+                    oauth.scope.as_deref(),
+                )?)
             }
             OAuthSource::Microsoft => {
                 let client_id = oauth.client_id.as_deref().ok_or_else(|| missing("client_id"))?;
@@ -276,7 +286,9 @@ impl TokenSource {
                 rotated = issued.refresh_token.is_some(),
                 "token endpoint issued an access token"
             ),
-            Err(error) => tracing::warn!(source = self.source().name(), mailbox, latency_ms, %error, "token endpoint request failed"),
+            Err(error) => {
+                tracing::warn!(source = self.source().name(), mailbox, latency_ms, %error, "token endpoint request failed")
+            }
         }
         result
     }
@@ -284,7 +296,12 @@ impl TokenSource {
     /// Replaces `user`'s stored refresh token `used` by `rotated` and returns the updated
     /// vault, or `None` when the vault no longer holds `used` for the user (an admin changed
     /// it meanwhile; theirs wins).
-    pub async fn store_rotated_refresh_token(&self, user: &str, used: &Secret, rotated: Secret) -> Result<Option<Vault>, VaultError> {
+    pub async fn store_rotated_refresh_token(
+        &self,
+        user: &str,
+        used: &Secret,
+        rotated: Secret,
+    ) -> Result<Option<Vault>, VaultError> {
         let user = user.to_owned();
         let used = used.clone();
         let state_dir = self.state_dir.clone();
@@ -317,11 +334,18 @@ pub(crate) fn read_private_file(path: &Path, what: &'static str) -> Result<Zeroi
         return Err(SetupError::UnsafePermissions { what, path: path.to_owned(), mode });
     }
     if meta.len() > MAX_KEY_FILE {
-        return Err(SetupError::File { what, path: path.to_owned(), message: format!("larger than {MAX_KEY_FILE} bytes") });
+        return Err(SetupError::File {
+            what,
+            path: path.to_owned(),
+            message: format!("larger than {MAX_KEY_FILE} bytes"),
+        });
     }
     let bytes = Zeroizing::new(fs::read(path).map_err(io_error)?);
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| SetupError::File { what, path: path.to_owned(), message: "not UTF-8 text".into() })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| SetupError::File {
+        what,
+        path: path.to_owned(),
+        message: "not UTF-8 text".into(),
+    })?;
     Ok(Zeroizing::new(text.to_owned()))
 }
 
@@ -331,7 +355,11 @@ pub(crate) fn read_secret_file(path: &Path) -> Result<Secret, SetupError> {
     let text = read_private_file(path, what)?;
     let secret = text.trim();
     if secret.is_empty() || secret.contains(['\r', '\n']) {
-        return Err(SetupError::File { what, path: path.to_owned(), message: "must hold the secret on a single line".into() });
+        return Err(SetupError::File {
+            what,
+            path: path.to_owned(),
+            message: "must hold the secret on a single line".into(),
+        });
     }
     Ok(Secret::new(secret))
 }
@@ -371,7 +399,9 @@ mod tests {
             fs::write(&path, text).unwrap();
             fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
         };
-        write(r#"{"type":"service_account","client_email":"sa@p.iam.gserviceaccount.com","private_key":"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}"#);
+        write(
+            r#"{"type":"service_account","client_email":"sa@p.iam.gserviceaccount.com","private_key":"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}"#,
+        );
         let err = google::ServiceAccount::load(&path, None, None).unwrap_err().to_string();
         assert!(err.contains("private_key") && !err.contains("AAAA"), "{err}");
         write(r#"{"type":"authorized_user","client_email":"x","private_key":"k"}"#);

@@ -20,8 +20,14 @@ pub struct Client {
 
 impl Client {
     /// A client at `token_url`; `secret_file` holds the client secret, if the client has one.
-    pub fn load(token_url: &str, client_id: &str, secret_file: Option<&Path>, scope: Option<&str>) -> Result<Self, SetupError> {
-        let token_url = HttpsUrl::parse(token_url).map_err(|e| SetupError::Config { key: "token_url", message: e.to_string() })?;
+    pub fn load(
+        token_url: &str,
+        client_id: &str,
+        secret_file: Option<&Path>,
+        scope: Option<&str>,
+    ) -> Result<Self, SetupError> {
+        let token_url =
+            HttpsUrl::parse(token_url).map_err(|e| SetupError::Config { key: "token_url", message: e.to_string() })?;
         Ok(Self {
             client_id: client_id.to_owned(),
             client_secret: secret_file.map(read_secret_file).transpose()?,

@@ -1,6 +1,6 @@
 //! The access decision for one login, in order: user name → lockout → any profile lists the
-//! address at all → directory lookup → the user's profiles → password → stored upstream
-//! credential → upstream login.
+//! address at all → directory lookup → the user's profiles → password → upstream credential
+//! (the stored password, or an OAuth2 access token) → upstream login.
 //!
 //! Cheap checks run first so strangers never reach the directory, and a disallowed address
 //! never gets a password checked.

@@ -75,8 +75,8 @@ async fn read_tagged<S: AsyncRead + AsyncWrite + Unpin>(
         let line = conn.read_line().await?;
         if let Some(rest) = strip_prefix_ci(&line, "* CAPABILITY ") {
             *capabilities = Some(rest.trim().to_owned());
-        } else if line.starts_with('+') {
-            let text = line[1..].trim();
+        } else if let Some(rest) = line.strip_prefix('+') {
+            let text = rest.trim();
             if !text.is_empty() {
                 tracing::debug!(challenge = %excerpt(&sasl_error_text(text)), "upstream SASL error challenge");
                 *challenge = Some(text.to_owned());

@@ -118,7 +118,8 @@ fn start() -> TokenServer {
 
     let dir = tempfile::Builder::new().prefix("postern-oauth-").tempdir().expect("token server dir").keep();
     let issued = pki::pki().issue_in("oauth", &dir);
-    let tls = postern::tls::server_config(&issued.cert_file, &issued.key_file, TlsVersion::Tls12).expect("token server TLS");
+    let tls =
+        postern::tls::server_config(&issued.cert_file, &issued.key_file, TlsVersion::Tls12).expect("token server TLS");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("token server address");
@@ -130,7 +131,8 @@ fn start() -> TokenServer {
     std::thread::Builder::new()
         .name("oauth-test-server".into())
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
             runtime.block_on(serve(listener, TlsAcceptor::from(tls), Arc::new(shared)));
         })
         .expect("spawn token server");
@@ -282,9 +284,12 @@ fn issue(state: &mut State, subject: &str, scope: &str, refresh_token: Option<St
     *state.grants.entry(subject.to_owned()).or_default() += 1;
     let lifetime = state.lifetimes.get(subject).copied().unwrap_or(DEFAULT_LIFETIME);
     let token = format!("at-{}", random_hex(24));
-    state.tokens.insert(token.clone(), Issued { subject: subject.to_owned(), expires: now() + lifetime, revoked: false });
+    state
+        .tokens
+        .insert(token.clone(), Issued { subject: subject.to_owned(), expires: now() + lifetime, revoked: false });
     state.secrets.push(token.clone());
-    let mut answer = serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": scope});
+    let mut answer =
+        serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": scope});
     if let Some(r) = refresh_token {
         answer["refresh_token"] = r.into();
     }
