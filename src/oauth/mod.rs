@@ -248,9 +248,16 @@ impl TokenSource {
     }
 
     /// Forgets `token` for `mailbox` after the upstream refused it, so the next login asks for
-    /// a new one instead of presenting a revoked token until it expires.
-    pub async fn forget(&self, mailbox: &str, token: &Secret) {
+    /// a new one instead of presenting a revoked token until it expires. Returns whether a
+    /// new token may help. Microsoft's application token is kept: it is shared by all
+    /// mailboxes, and a refusal there almost always means the mailbox was not granted to the
+    /// application, which a new token would not change.
+    pub async fn forget(&self, mailbox: &str, token: &Secret) -> bool {
+        if matches!(self.grant, Grant::Microsoft(_)) {
+            return false;
+        }
         self.cache.forget(&self.cache_key(mailbox), token).await;
+        true
     }
 
     /// Microsoft's application token is the same for every mailbox.

@@ -178,8 +178,7 @@ pub async fn login_upstream(
         if let (UpstreamError::Refused(_), Some((mailbox, from_cache)), Some(oauth), UpstreamAuth::XOAuth2 { token, .. }) =
             (&error, &credential.oauth, &server.oauth, &credential.auth)
         {
-            oauth.forget(mailbox, token).await;
-            if *from_cache && !retried {
+            if oauth.forget(mailbox, token).await && *from_cache && !retried {
                 retried = true;
                 tracing::info!(user, %error, "upstream refused a cached OAuth2 token; retrying with a new one");
                 credential = upstream_credential(server, protocol, user, upstream_prefix).await?;
