@@ -107,6 +107,7 @@ async fn google_service_account_imap_login_and_fetch() {
     assert!(imap_login(&proxy, &mail, "dir-pw-g1").await.starts_with("a1 OK"));
     assert_eq!(token_server().grants(&mail), 1);
     let metrics = proxy.server.oauth.as_ref().unwrap().metrics().snapshot();
+    eprintln!("token endpoint metrics: {metrics:?}");
     assert!(metrics.requests >= 1 && metrics.cache_hits >= 1 && metrics.mean_latency().is_some(), "{metrics:?}");
     // The directory password still decides.
     assert_eq!(imap_login(&proxy, &mail, "wrong-pw").await, format!("a1 {DENIAL}"));
