@@ -70,6 +70,8 @@ pub struct Config {
     /// `[metrics]`: the Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[oauth]`: where OAuth2 access tokens for `upstream_auth = "xoauth2"` come from.
+    pub oauth: Option<OAuthConfig>,
     /// Folder relative paths are resolved against: the config file's folder.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -234,6 +236,156 @@ pub struct ProtocolConfig {
     /// Accept any upstream certificate. Never in production: a warning is logged at start.
     #[serde(default)]
     pub upstream_tls_insecure_no_verify: bool,
+    /// How Postern logs in upstream: a stored password (default) or an OAuth2 token.
+    #[serde(default)]
+    pub upstream_auth: UpstreamAuthMode,
+}
+
+/// How Postern proves itself to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuthMode {
+    /// The password or app password stored in the vault (IMAP `LOGIN`, POP3 `USER`/`PASS`,
+    /// SMTP `AUTH PLAIN`).
+    #[default]
+    Password,
+    /// An access token from the `[oauth]` source, sent with SASL `XOAUTH2`.
+    Xoauth2,
+}
+
+/// Where access tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OAuthSource {
+    /// A Google service account with domain-wide delegation: a signed JWT per user,
+    /// exchanged with the JWT-bearer grant (RFC 7523).
+    GoogleServiceAccount,
+    /// A Microsoft Entra (Azure AD) application: the client-credentials grant, one token
+    /// for every mailbox the application may open.
+    Microsoft,
+    /// A refresh token per user, stored in the vault, traded at `token_url`.
+    RefreshToken,
+}
+
+impl OAuthSource {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            OAuthSource::GoogleServiceAccount => "google-service-account",
+            OAuthSource::Microsoft => "microsoft",
+            OAuthSource::RefreshToken => "refresh-token",
+        }
+    }
+}
+
+/// `[oauth]`: one token source shared by every protocol whose `upstream_auth` is `"xoauth2"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// `"google-service-account"`, `"microsoft"` or `"refresh-token"`.
+    pub source: OAuthSource,
+    /// Google: the service account's JSON key file (mode 0600 or stricter).
+    pub service_account_key: Option<PathBuf>,
+    /// Microsoft: the directory (tenant) id or domain.
+    pub tenant: Option<String>,
+    /// Microsoft and refresh-token: the application's client id.
+    pub client_id: Option<String>,
+    /// Microsoft and refresh-token: a file holding the client secret (mode 0600 or stricter).
+    pub client_secret_file: Option<PathBuf>,
+    /// The token endpoint. Google: defaults to the key file's `token_uri`; Microsoft:
+    /// defaults to `https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token`;
+    /// refresh-token: required.
+    pub token_url: Option<String>,
+    /// The scope asked for. Defaults: `https://mail.google.com/` (Google),
+    /// `https://outlook.office365.com/.default` (Microsoft), none (refresh-token).
+    pub scope: Option<String>,
+    /// Extra PEM CA certificates trusted for the token endpoint, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Seconds one token request may take, connection included.
+    #[serde(default = "default_oauth_timeout")]
+    pub timeout_secs: u64,
+    /// A cached token is renewed when fewer than this many seconds (or half its
+    /// lifetime, whichever is less) remain.
+    #[serde(default = "default_refresh_margin")]
+    pub refresh_margin_secs: u64,
+}
+
+fn default_oauth_timeout() -> u64 {
+    10
+}
+
+fn default_refresh_margin() -> u64 {
+    60
+}
+
+impl OAuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid { key: format!("oauth.{key}"), message };
+        let source = self.source.name();
+        let require = |key: &str, present: bool| {
+            if present { Ok(()) } else { Err(invalid(key, format!("required with source = \"{source}\""))) }
+        };
+        let forbid = |key: &str, present: bool| {
+            if present { Err(invalid(key, format!("not used with source = \"{source}\"; remove it"))) } else { Ok(()) }
+        };
+        match self.source {
+            OAuthSource::GoogleServiceAccount => {
+                require("service_account_key", self.service_account_key.is_some())?;
+                forbid("tenant", self.tenant.is_some())?;
+                forbid("client_id", self.client_id.is_some())?;
+                forbid("client_secret_file", self.client_secret_file.is_some())?;
+            }
+            OAuthSource::Microsoft => {
+                require("tenant", self.tenant.is_some() || self.token_url.is_some())?;
+                require("client_id", self.client_id.is_some())?;
+                require("client_secret_file", self.client_secret_file.is_some())?;
+                forbid("service_account_key", self.service_account_key.is_some())?;
+            }
+            OAuthSource::RefreshToken => {
+                require("token_url", self.token_url.is_some())?;
+                require("client_id", self.client_id.is_some())?;
+                forbid("service_account_key", self.service_account_key.is_some())?;
+                forbid("tenant", self.tenant.is_some())?;
+            }
+        }
+        if let Some(tenant) = &self.tenant
+            && (tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+        {
+            return Err(invalid("tenant", "expected a tenant id (a GUID) or domain, e.g. \"example.onmicrosoft.com\"".into()));
+        }
+        if let Some(id) = &self.client_id
+            && (id.is_empty() || id.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(invalid("client_id", "must be a non-empty id without spaces".into()));
+        }
+        if let Some(url) = &self.token_url
+            && !url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        {
+            return Err(invalid("token_url", "must be an https:// URL: tokens only travel over verified TLS".into()));
+        }
+        if let Some(scope) = &self.scope
+            && (scope.trim().is_empty() || scope.chars().any(char::is_control))
+        {
+            return Err(invalid("scope", "must be a non-empty, space-separated list of scopes".into()));
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > 300 {
+            return Err(invalid("timeout_secs", "must be between 1 and 300 seconds".into()));
+        }
+        if self.refresh_margin_secs > 3000 {
+            return Err(invalid("refresh_margin_secs", "must be at most 3000 seconds (tokens usually live an hour)".into()));
+        }
+        Ok(())
+    }
+
+    /// See [`OAuthConfig::timeout_secs`].
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    /// See [`OAuthConfig::refresh_margin_secs`].
+    pub fn refresh_margin(&self) -> Duration {
+        Duration::from_secs(self.refresh_margin_secs)
+    }
 }
 
 impl ProtocolConfig {
@@ -359,6 +511,12 @@ impl Config {
             if p.max_message_size.is_some() && protocol != Protocol::Smtp {
                 return Err(invalid(&format!("{name}.max_message_size"), "only applies to [smtp]"));
             }
+            if p.upstream_auth == UpstreamAuthMode::Xoauth2 && self.oauth.is_none() {
+                return Err(invalid(
+                    &format!("{name}.upstream_auth"),
+                    "\"xoauth2\" needs an [oauth] table saying where access tokens come from",
+                ));
+            }
         }
         let l = &self.limits;
         for (key, value) in [
@@ -409,6 +567,9 @@ impl Config {
         }
         if self.server.hostname.is_empty() || self.server.hostname.contains(char::is_whitespace) {
             return Err(invalid("server.hostname", "must be a host name without spaces"));
+        }
+        if let Some(oauth) = &self.oauth {
+            oauth.validate()?;
         }
         Ok(())
     }
@@ -489,6 +650,38 @@ mod tests {
         assert!(err.contains("metrics.listen"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[metrics]\nport = 1\n")).unwrap_err().to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn xoauth2_needs_an_oauth_table() {
+        let text = MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_auth = \"xoauth2\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("imap.upstream_auth") && err.contains("[oauth]"), "{err}");
+        let google = format!("{text}\n[oauth]\nsource = \"google-service-account\"\nservice_account_key = \"sa.json\"\n");
+        let c = parse(&google).unwrap();
+        assert_eq!(c.imap.as_ref().unwrap().upstream_auth, UpstreamAuthMode::Xoauth2);
+        assert_eq!(c.oauth.as_ref().unwrap().refresh_margin(), Duration::from_secs(60));
+        assert_eq!(parse(MINIMAL).unwrap().imap.unwrap().upstream_auth, UpstreamAuthMode::Password);
+    }
+
+    #[test]
+    fn oauth_keys_are_checked_per_source() {
+        let with = |table: &str| parse(&format!("{MINIMAL}\n[oauth]\n{table}\n")).map(|_| ()).map_err(|e| e.to_string());
+        let err = with("source = \"google-service-account\"").unwrap_err();
+        assert!(err.contains("oauth.service_account_key") && err.contains("required"), "{err}");
+        let err = with("source = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"").unwrap_err();
+        assert!(err.contains("oauth.client_secret_file"), "{err}");
+        let err = with("source = \"microsoft\"\ntenant = \"a/b\"\nclient_id = \"c\"\nclient_secret_file = \"s\"").unwrap_err();
+        assert!(err.contains("oauth.tenant"), "{err}");
+        let err = with("source = \"refresh-token\"\nclient_id = \"c\"\ntoken_url = \"http://x/token\"").unwrap_err();
+        assert!(err.contains("oauth.token_url") && err.contains("https"), "{err}");
+        let err = with("source = \"refresh-token\"\nclient_id = \"c\"\ntoken_url = \"https://x/t\"\ntenant = \"t\"").unwrap_err();
+        assert!(err.contains("oauth.tenant") && err.contains("not used"), "{err}");
+        let err = with("source = \"google-service-account\"\nservice_account_key = \"k\"\ntimeout_secs = 0").unwrap_err();
+        assert!(err.contains("oauth.timeout_secs"), "{err}");
+        let err = with("source = \"google\"").unwrap_err();
+        assert!(err.contains("source"), "{err}");
+        with("source = \"microsoft\"\ntenant = \"example.onmicrosoft.com\"\nclient_id = \"c\"\nclient_secret_file = \"s\"").unwrap();
     }
 
     #[test]

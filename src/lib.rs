@@ -20,6 +20,7 @@ pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod notify;
+pub mod oauth;
 pub mod protocol;
 pub mod relay;
 pub mod secret;

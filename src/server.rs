@@ -49,6 +49,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The OAuth2 token source could not be set up (key file, client secret, CA).
+    #[error("oauth: {0}")]
+    OAuth(#[from] crate::oauth::SetupError),
     /// A listen address could not be bound.
     #[error("cannot listen on {address} for {protocol}: {source} (is another process using the port?)")]
     Bind {
@@ -86,6 +89,8 @@ pub struct Server {
     upstreams: HashMap<Protocol, Upstream>,
     smtp_max_size: Option<u64>,
     tls: ArcSwap<TlsAcceptor>,
+    /// Where OAuth2 access tokens come from, when some upstream uses XOAUTH2.
+    pub oauth: Option<crate::oauth::TokenSource>,
     metrics: Arc<Metrics>,
     live: LiveSessions,
     last_results: LastResults,
@@ -151,6 +156,7 @@ impl Server {
                 Upstream::new(protocol, p, ca.as_deref(), &config.server.hostname, config.limits.upstream_timeout())?;
             upstreams.insert(protocol, upstream);
         }
+        let oauth = crate::oauth::TokenSource::from_config(config)?;
         tracing::info!(profiles = profiles.len(), "loaded security profiles");
         Ok(Arc::new(Self {
             limits: config.limits.clone(),
@@ -163,6 +169,7 @@ impl Server {
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
             tls: ArcSwap::from_pointee(tls),
+            oauth,
             metrics: Arc::new(Metrics::default()),
             live: LiveSessions::default(),
             last_results: LastResults::default(),

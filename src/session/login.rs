@@ -1,6 +1,6 @@
 //! The access decision for one login, in order: user name → address throttle → lockout →
 //! any profile lists the address at all → directory lookup → the user's profiles → password
-//! → stored upstream credential → upstream login.
+//! → upstream credential (the stored password, or an OAuth2 access token) → upstream login.
 //!
 //! Cheap checks run first so strangers never reach the directory, and a disallowed address
 //! never gets a password checked.
@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use crate::access::sessions::UserSlot;
 use crate::access::{self, Denial, Grant};
+use crate::config::UpstreamAuthMode;
 use crate::directory::DirectoryError;
 use crate::protocol::{Credentials, Protocol};
 use crate::server::Server;
@@ -92,29 +93,126 @@ async fn decide(server: &Server, protocol: Protocol, ip: IpAddr, credentials: &C
         Refusal::Unavailable(format!("too many concurrent sessions for the user (limit {})", server.sessions.per_user()))
     })?;
 
-    let stored = server
-        .vault()
-        .get(&user)
-        .map_err(|e| Refusal::Unavailable(format!("vault: {e}")))?
-        .ok_or(Refusal::Denied(Denial::NoUpstreamCredential))?;
-    let upstream_user = format!("{}{}", credentials.upstream_prefix, stored.upstream_user.as_deref().unwrap_or(&user));
-    let auth = match stored.kind {
-        SecretKind::Password => UpstreamAuth::Password { user: upstream_user, password: stored.secret },
-        SecretKind::RefreshToken => {
-            return Err(Refusal::Unavailable(
-                "the stored credential is an OAuth2 refresh token, but no token endpoint is configured".into(),
-            ));
-        }
-    };
-    let upstream = server
-        .upstream(protocol)
-        .login(&auth, credentials.client_hello.as_deref())
-        .await
-        .map_err(|e| match e {
-            UpstreamError::Refused(_) => Refusal::Unavailable(e.to_string()),
-            other => Refusal::Unavailable(format!("upstream: {other}")),
-        })?;
+    let upstream = login_upstream(
+        server,
+        protocol,
+        &user,
+        &credentials.upstream_prefix,
+        credentials.client_hello.as_deref(),
+    )
+    .await?;
     Ok(Admitted { slot, upstream, grant })
+}
+
+/// The credential presented upstream for one login.
+pub struct UpstreamCredential {
+    /// What the upstream login sends.
+    pub auth: UpstreamAuth,
+    /// For an OAuth2 token: the mailbox it is for, and whether it came from the cache.
+    oauth: Option<(String, bool)>,
+}
+
+/// Builds what Postern presents upstream for `user` (already [`normalize_user`]d) on
+/// `protocol`, as that protocol's `upstream_auth` says:
+///
+/// - `"password"`: the password stored in the vault (none stored: denied);
+/// - `"xoauth2"`: an access token from the `[oauth]` source for the user's mailbox (the
+///   vault's upstream login name if one is stored, else the address). With the
+///   refresh-token source the vault must hold the user's refresh token; a rotated one is
+///   written back. Without a token the login is an outage, never a wrong password.
+///
+/// `upstream_prefix` (POP3's `recent:`) is put in front of the upstream login name.
+pub async fn upstream_credential(
+    server: &Server,
+    protocol: Protocol,
+    user: &str,
+    upstream_prefix: &str,
+) -> Result<UpstreamCredential, Refusal> {
+    let stored = server.vault().get(user).map_err(|e| Refusal::Unavailable(format!("vault: {e}")))?;
+    match server.upstream(protocol).auth_mode() {
+        UpstreamAuthMode::Password => {
+            let stored = stored.ok_or(Refusal::Denied(Denial::NoUpstreamCredential))?;
+            let upstream_user = format!("{upstream_prefix}{}", stored.upstream_user.as_deref().unwrap_or(user));
+            match stored.kind {
+                SecretKind::Password => {
+                    Ok(UpstreamCredential { auth: UpstreamAuth::Password { user: upstream_user, password: stored.secret }, oauth: None })
+                }
+                SecretKind::RefreshToken => Err(Refusal::Unavailable(format!(
+                    "the stored credential is an OAuth2 refresh token, but {protocol}.upstream_auth is \"password\""
+                ))),
+            }
+        }
+        UpstreamAuthMode::Xoauth2 => {
+            let oauth = server.oauth.as_ref().ok_or_else(|| {
+                Refusal::Unavailable(format!("{protocol}.upstream_auth is \"xoauth2\" but no [oauth] source is set up"))
+            })?;
+            let mailbox = stored.as_ref().and_then(|s| s.upstream_user.clone()).unwrap_or_else(|| user.to_owned());
+            let refresh_token = if oauth.needs_refresh_token() {
+                let stored = stored.as_ref().ok_or(Refusal::Denied(Denial::NoUpstreamCredential))?;
+                if stored.kind != SecretKind::RefreshToken {
+                    return Err(Refusal::Unavailable(format!(
+                        "the stored credential is a {}, but the refresh-token source needs the user's refresh token",
+                        stored.kind
+                    )));
+                }
+                Some(&stored.secret)
+            } else {
+                None
+            };
+            let token = oauth
+                .access_token(&mailbox, refresh_token)
+                .await
+                .map_err(|e| Refusal::Unavailable(format!("no OAuth2 token for {mailbox}: {e}")))?;
+            if let (Some(rotated), Some(used)) = (token.refresh_token, refresh_token) {
+                match oauth.store_rotated_refresh_token(user, used, rotated).await {
+                    Ok(Some(vault)) => server.set_vault(vault),
+                    Ok(None) => tracing::info!(user, "refresh token rotated, but the vault entry changed meanwhile; kept it"),
+                    Err(e) => tracing::error!(user, error = %e, "cannot store the rotated refresh token; renewals may fail"),
+                }
+            }
+            Ok(UpstreamCredential {
+                auth: UpstreamAuth::XOAuth2 { user: format!("{upstream_prefix}{mailbox}"), token: token.token },
+                oauth: Some((mailbox, token.from_cache)),
+            })
+        }
+    }
+}
+
+/// Builds the upstream credential of `user` and logs in upstream with it: what a client
+/// login does once the directory said yes, and what `postern probe USER` runs.
+///
+/// A cached OAuth2 token the upstream refuses may have been revoked early: it is forgotten
+/// and the login tried once more with a new token. Every upstream failure is an outage.
+pub async fn login_upstream(
+    server: &Server,
+    protocol: Protocol,
+    user: &str,
+    upstream_prefix: &str,
+    client_hello: Option<&str>,
+) -> Result<LoggedIn, Refusal> {
+    let upstream = server.upstream(protocol);
+    let mut credential = upstream_credential(server, protocol, user, upstream_prefix).await?;
+    let mut retried = false;
+    loop {
+        let error = match upstream.login(&credential.auth, client_hello).await {
+            Ok(logged_in) => return Ok(logged_in),
+            Err(e) => e,
+        };
+        if let (UpstreamError::Refused(_), Some((mailbox, from_cache)), Some(oauth), UpstreamAuth::XOAuth2 { token, .. }) =
+            (&error, &credential.oauth, &server.oauth, &credential.auth)
+        {
+            if oauth.forget(mailbox, token).await && *from_cache && !retried {
+                retried = true;
+                tracing::info!(user, %error, "upstream refused a cached OAuth2 token; retrying with a new one");
+                credential = upstream_credential(server, protocol, user, upstream_prefix).await?;
+                continue;
+            }
+        }
+        return Err(match error {
+            UpstreamError::Refused(_) => Refusal::Unavailable(error.to_string()),
+            other => Refusal::Unavailable(format!("upstream: {other}")),
+        });
+    }
 }
 
 fn directory_refusal(error: DirectoryError) -> Refusal {

@@ -2,7 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt};
+use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt, refused};
 use crate::protocol::imap::{self, Astring};
 use crate::protocol::{UpstreamInfo, sasl};
 
@@ -23,6 +23,7 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
         .is_some_and(|c| c.split_ascii_whitespace().any(|w| w.eq_ignore_ascii_case("LITERAL+")));
 
     let mut capabilities = None;
+    let mut challenge = None;
     let done = match auth {
         UpstreamAuth::Password { user, password } => {
             check_line_safe("upstream user name", user)?;
@@ -33,24 +34,26 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
             append_astring(&mut conn, &mut command, password.expose(), literal_plus).await?;
             command.extend_from_slice(b"\r\n");
             conn.send(&command).await?;
-            read_tagged(&mut conn, TAG, &mut capabilities).await?
+            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge).await?
         }
         UpstreamAuth::XOAuth2 { user, token } => {
-            let ir = sasl::encode_xoauth2(user, token.expose());
-            conn.send(format!("{TAG} AUTHENTICATE XOAUTH2 {ir}\r\n").as_bytes()).await?;
-            read_tagged(&mut conn, TAG, &mut capabilities).await?
+            check_line_safe("upstream user name", user)?;
+            let ir = zeroize::Zeroizing::new(sasl::encode_xoauth2(user, token.expose()));
+            let command = zeroize::Zeroizing::new(format!("{TAG} AUTHENTICATE XOAUTH2 {}\r\n", ir.as_str()));
+            conn.send(command.as_bytes()).await?;
+            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge).await?
         }
     };
     let (status, text) = done;
     if !status.eq_ignore_ascii_case("OK") {
-        return Err(UpstreamError::Refused(excerpt(&format!("{status} {text}"))));
+        return Err(refused(&format!("{status} {text}"), challenge.as_deref()));
     }
     if capabilities.is_none() {
         capabilities = bracket_capabilities(&text);
     }
     if capabilities.is_none() {
         conn.send(format!("{CAPA_TAG} CAPABILITY\r\n").as_bytes()).await?;
-        let (status, text) = read_tagged(&mut conn, CAPA_TAG, &mut capabilities).await?;
+        let (status, text) = read_tagged(&mut conn, CAPA_TAG, &mut capabilities, &mut None).await?;
         if !status.eq_ignore_ascii_case("OK") {
             return Err(UpstreamError::Protocol(excerpt(&text)));
         }
@@ -60,20 +63,23 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
 }
 
 /// Reads responses up to the tagged one, noting capabilities; answers a SASL error
-/// challenge (`+ base64`) with an empty line, as XOAUTH2 requires.
+/// challenge (`+ base64`) with an empty line, as XOAUTH2 requires, and keeps it in
+/// `challenge` for the refusal.
 async fn read_tagged<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     tag: &str,
     capabilities: &mut Option<String>,
+    challenge: &mut Option<String>,
 ) -> Result<(String, String), UpstreamError> {
     loop {
         let line = conn.read_line().await?;
         if let Some(rest) = strip_prefix_ci(&line, "* CAPABILITY ") {
             *capabilities = Some(rest.trim().to_owned());
-        } else if line.starts_with('+') {
-            let challenge = line[1..].trim();
-            if !challenge.is_empty() {
-                tracing::debug!(challenge = %excerpt(&sasl_error_text(challenge)), "upstream SASL error challenge");
+        } else if let Some(rest) = line.strip_prefix('+') {
+            let text = rest.trim();
+            if !text.is_empty() {
+                tracing::debug!(challenge = %excerpt(&sasl_error_text(text)), "upstream SASL error challenge");
+                *challenge = Some(text.to_owned());
             }
             conn.send(b"\r\n").await?;
         } else if let Some(rest) = line.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{ProtocolConfig, UpstreamTls};
+use crate::config::{ProtocolConfig, UpstreamAuthMode, UpstreamTls};
 use crate::protocol::{Protocol, UpstreamInfo};
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
@@ -105,6 +105,7 @@ pub struct Upstream {
     server_name: ServerName<'static>,
     connector: TlsConnector,
     tls: UpstreamTls,
+    auth_mode: UpstreamAuthMode,
     timeout: Duration,
     hostname: String,
 }
@@ -133,6 +134,7 @@ impl Upstream {
             server_name,
             connector: TlsConnector::from(tls::upstream_client_config(ca_file, &config.upstream_trust())?),
             tls: config.upstream_tls,
+            auth_mode: config.upstream_auth,
             timeout,
             hostname: hostname.to_owned(),
         })
@@ -141,6 +143,11 @@ impl Upstream {
     /// The upstream's `host:port`, for logs.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// How logins to this upstream authenticate (`upstream_auth` in the config).
+    pub fn auth_mode(&self) -> UpstreamAuthMode {
+        self.auth_mode
     }
 
     /// Connects, secures and logs in with `auth`. `client_hello` is the client's SMTP `EHLO`
@@ -230,6 +237,39 @@ fn check_line_safe(what: &str, value: &str) -> Result<(), UpstreamError> {
     Ok(())
 }
 
+/// Describes a SASL XOAUTH2 error challenge for logs and errors. The provider sends base64
+/// of a JSON object such as `{"status":"401","schemes":"bearer","scope":"..."}`; the result
+/// reads `XOAUTH2 status=401 schemes=bearer scope=...`. Nothing in it is secret.
+fn xoauth2_error(challenge: &str) -> String {
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(challenge.trim())
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).ok());
+    let Some(fields) = decoded else {
+        return "XOAUTH2 error challenge that is not base64 JSON".to_owned();
+    };
+    let mut out = String::from("XOAUTH2");
+    for key in ["status", "schemes", "scope"] {
+        let value = match fields.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => continue,
+        };
+        let value: String = value.chars().filter(|c| !c.is_control()).take(120).collect();
+        out.push_str(&format!(" {key}={value}"));
+    }
+    out
+}
+
+/// A refusal carrying the upstream's answer and, if one came, its XOAUTH2 error challenge.
+fn refused(answer: &str, challenge: Option<&str>) -> UpstreamError {
+    match challenge {
+        Some(c) => UpstreamError::Refused(format!("{} ({})", excerpt(answer), xoauth2_error(c))),
+        None => UpstreamError::Refused(excerpt(answer)),
+    }
+}
+
 /// Shortens an upstream answer for logs and errors.
 fn excerpt(line: &str) -> String {
     const MAX: usize = 300;
@@ -241,4 +281,23 @@ fn excerpt(line: &str) -> String {
         end -= 1;
     }
     format!("{}...", &line[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn xoauth2_error_challenges_are_summarised() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(
+            xoauth2_error(&b64(r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#)),
+            "XOAUTH2 status=401 schemes=bearer scope=https://mail.google.com/"
+        );
+        assert_eq!(xoauth2_error(&b64(r#"{"status":400}"#)), "XOAUTH2 status=400");
+        assert!(xoauth2_error("%%%").contains("not base64 JSON"));
+        let err = refused("NO [AUTHENTICATIONFAILED] nope", Some(&b64(r#"{"status":"401"}"#)));
+        assert_eq!(err.to_string(), "upstream refused the stored credential: NO [AUTHENTICATIONFAILED] nope (XOAUTH2 status=401)");
+    }
 }

@@ -1,6 +1,6 @@
 //! POP3 login upstream: greeting, `USER`/`PASS` or `AUTH XOAUTH2`.
 
-use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt};
+use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt, refused};
 use crate::protocol::{UpstreamInfo, sasl};
 
 pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -> Result<LoggedIn, UpstreamError> {
@@ -8,6 +8,7 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
     if !greeting.starts_with("+OK") {
         return Err(UpstreamError::Protocol(excerpt(&greeting)));
     }
+    let mut challenge = None;
     let answer = match auth {
         UpstreamAuth::Password { user, password } => {
             check_line_safe("upstream user name", user)?;
@@ -27,10 +28,13 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
             conn.read_line().await?
         }
         UpstreamAuth::XOAuth2 { user, token } => {
-            let ir = sasl::encode_xoauth2(user, token.expose());
-            conn.send(format!("AUTH XOAUTH2 {ir}\r\n").as_bytes()).await?;
+            check_line_safe("upstream user name", user)?;
+            let ir = zeroize::Zeroizing::new(sasl::encode_xoauth2(user, token.expose()));
+            let command = zeroize::Zeroizing::new(format!("AUTH XOAUTH2 {}\r\n", ir.as_str()));
+            conn.send(command.as_bytes()).await?;
             let mut answer = conn.read_line().await?;
             if answer.starts_with('+') && !answer.starts_with("+OK") {
+                challenge = Some(answer[1..].trim().to_owned());
                 conn.send(b"\r\n").await?;
                 answer = conn.read_line().await?;
             }
@@ -38,7 +42,7 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
         }
     };
     if !answer.starts_with("+OK") {
-        return Err(UpstreamError::Refused(excerpt(&answer)));
+        return Err(refused(&answer, challenge.as_deref()));
     }
     let (stream, leftover) = conn.into_parts();
     Ok(LoggedIn { stream, info: UpstreamInfo::default(), leftover })

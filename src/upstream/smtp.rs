@@ -3,7 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt};
+use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt, refused};
 use crate::protocol::{UpstreamInfo, sasl};
 
 /// A complete (possibly multi-line) SMTP reply.
@@ -85,6 +85,7 @@ pub(super) async fn login(
     greeting: bool,
 ) -> Result<LoggedIn, UpstreamError> {
     greet_and_hello(&mut conn, hello, greeting).await?;
+    let mut challenge = None;
     let answer = match auth {
         UpstreamAuth::Password { user, password } => {
             check_line_safe("upstream user name", user)?;
@@ -95,10 +96,13 @@ pub(super) async fn login(
             read_reply(&mut conn).await?
         }
         UpstreamAuth::XOAuth2 { user, token } => {
-            let ir = sasl::encode_xoauth2(user, token.expose());
-            conn.send(format!("AUTH XOAUTH2 {ir}\r\n").as_bytes()).await?;
+            check_line_safe("upstream user name", user)?;
+            let ir = zeroize::Zeroizing::new(sasl::encode_xoauth2(user, token.expose()));
+            let command = zeroize::Zeroizing::new(format!("AUTH XOAUTH2 {}\r\n", ir.as_str()));
+            conn.send(command.as_bytes()).await?;
             let mut answer = read_reply(&mut conn).await?;
             if answer.code == 334 {
+                challenge = answer.lines.first().and_then(|l| l.get(4..)).map(|c| c.trim().to_owned());
                 conn.send(b"\r\n").await?;
                 answer = read_reply(&mut conn).await?;
             }
@@ -107,7 +111,7 @@ pub(super) async fn login(
     };
     match answer.code {
         235 => {}
-        500..=599 => return Err(UpstreamError::Refused(answer.text())),
+        500..=599 => return Err(refused(&answer.text(), challenge.as_deref())),
         _ => return Err(UpstreamError::Protocol(answer.text())),
     }
     let (stream, leftover) = conn.into_parts();

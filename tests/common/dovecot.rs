@@ -5,6 +5,12 @@
 //! passwd-file of users added at run time, maildir mailboxes, and submission relaying to the
 //! [`sink`](super::sink). Like Gmail, a POP3 login as `recent:<user>` reaches `<user>`'s mailbox.
 //!
+//! SASL XOAUTH2 and OAUTHBEARER logins are checked by two oauth2 passdbs against the
+//! [`oauth`](super::oauth) test server's introspection endpoints (over HTTPS, trusting the
+//! test CA): one for per-user tokens (the token's `email` must be the login name), one for
+//! the Microsoft-style application token (only the domain must match). Password logins
+//! never reach them.
+//!
 //! Dovecot runs under `sh`, which stops it (and removes the folder) when the test process
 //! exits and closes the shell's stdin, although the static is never dropped.
 
@@ -134,6 +140,11 @@ fn start() -> Dovecot {
         fs::create_dir(dir.join(sub)).expect("dovecot sub dir");
     }
     let issued = super::pki::pki().issue_in("dovecot", &dir);
+    // The token server must be up before its URLs go into the config.
+    let tokens = super::oauth::token_server();
+    for (name, app) in [("oauth2-user.conf.ext", false), ("oauth2-app.conf.ext", true)] {
+        fs::write(dir.join(name), oauth2_args(&tokens.introspection_url(app), app)).expect("write oauth2 passdb args");
+    }
     let passwd_file = dir.join("passwd");
     fs::write(&passwd_file, "").expect("empty passwd-file");
     let log_file = dir.join("dovecot.log");
@@ -236,7 +247,7 @@ log_path = {log}
 auth_verbose = yes
 # Failed logins still answer after about half a second (Dovecot's flush interval).
 auth_failure_delay = 0
-auth_mechanisms = plain login
+auth_mechanisms = plain login xoauth2 oauthbearer
 auth_username_chars =
 login_log_format_elements = user=<%u> orig_user=<%{{orig_user}}> method=%m rip=%r lip=%l mpid=%e %c session=<%{{session}}>
 protocols = imap pop3 submission
@@ -277,6 +288,17 @@ passdb {{
 userdb {{
   driver = passwd-file
   args = username_format=%u {passwd}
+}}
+# Bearer tokens, for XOAUTH2 and OAUTHBEARER only: per-user tokens, then application tokens.
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {d}/oauth2-user.conf.ext
+}}
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {d}/oauth2-app.conf.ext
 }}
 # (userdbs take no username_filter in 2.3; other names just are not found here.)
 userdb {{
@@ -325,6 +347,16 @@ service submission-login {{
         relay_ip = relay.ip(),
         relay_port = relay.port(),
         prefix_len = RECENT_PREFIX.len(),
+    )
+}
+
+/// The oauth2 passdb settings for introspection at `url`. Application tokens are valid for a
+/// whole domain, so only the domain part of the login name is compared for them.
+fn oauth2_args(url: &str, app: bool) -> String {
+    let username_format = if app { "%d" } else { "%Lu" };
+    format!(
+        "introspection_mode = post\nintrospection_url = {url}\nusername_attribute = email\nusername_format = {username_format}\nactive_attribute = active\nactive_value = true\ntls_ca_cert_file = {}\n",
+        super::pki::pki().ca_file.display()
     )
 }
 

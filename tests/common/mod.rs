@@ -9,6 +9,7 @@ pub mod client;
 pub mod dovecot;
 pub mod logs;
 pub mod mail;
+pub mod oauth;
 pub mod pki;
 pub mod proxy;
 pub mod sink;

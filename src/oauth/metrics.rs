@@ -1,0 +1,91 @@
+//! Counters of token endpoint traffic and latency, kept lock-free so a metrics exporter can
+//! read them at any time with [`TokenMetrics::snapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Live counters of one token source.
+#[derive(Debug, Default)]
+pub struct TokenMetrics {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    cache_hits: AtomicU64,
+    latency_total_us: AtomicU64,
+    latency_last_us: AtomicU64,
+    latency_max_us: AtomicU64,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsSnapshot {
+    /// Requests sent to the token endpoint.
+    pub requests: u64,
+    /// Of those, the ones that produced no token.
+    pub failures: u64,
+    /// Logins served from the cache without a request.
+    pub cache_hits: u64,
+    /// Latency of the last request.
+    pub last_latency: Duration,
+    /// Highest latency seen.
+    pub max_latency: Duration,
+    /// Sum of all latencies (with `requests`, the mean).
+    pub total_latency: Duration,
+}
+
+impl MetricsSnapshot {
+    /// Mean latency per request, if any was made.
+    pub fn mean_latency(&self) -> Option<Duration> {
+        u32::try_from(self.requests).ok().filter(|&n| n > 0).map(|n| self.total_latency / n)
+    }
+}
+
+impl TokenMetrics {
+    /// Counts one request to the endpoint that took `latency`.
+    pub(crate) fn record_request(&self, latency: Duration, ok: bool) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_total_us.fetch_add(us, Ordering::Relaxed);
+        self.latency_last_us.store(us, Ordering::Relaxed);
+        self.latency_max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Counts one token served from the cache.
+    pub(crate) fn record_hit(&self) {
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
+        MetricsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            last_latency: us(&self.latency_last_us),
+            max_latency: us(&self.latency_max_us),
+            total_latency: us(&self.latency_total_us),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_aggregates_requests() {
+        let m = TokenMetrics::default();
+        assert_eq!(m.snapshot().mean_latency(), None);
+        m.record_request(Duration::from_millis(10), true);
+        m.record_request(Duration::from_millis(30), false);
+        m.record_hit();
+        let s = m.snapshot();
+        assert_eq!((s.requests, s.failures, s.cache_hits), (2, 1, 1));
+        assert_eq!(s.last_latency, Duration::from_millis(30));
+        assert_eq!(s.max_latency, Duration::from_millis(30));
+        assert_eq!(s.mean_latency(), Some(Duration::from_millis(20)));
+    }
+}

@@ -1,0 +1,356 @@
+//! Upstream logins with OAuth2 (SASL XOAUTH2), end to end: clients log in to the proxy with
+//! their directory password (slapd); the proxy gets a token from the local HTTPS token
+//! server and opens the upstream session on Dovecot, whose oauth2 passdb validates the token
+//! at the token server's introspection endpoint.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::client::{self, MailClient};
+use common::logs;
+use common::oauth::{self, APP_SUBJECT, OAuthProxy, Source, token_server};
+
+const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
+
+async fn imap_connect(proxy: &OAuthProxy) -> MailClient {
+    let mut c = client::connect_tls(proxy.imaps, &proxy.ca_file).await;
+    let greeting = c.read_line().await;
+    assert!(greeting.starts_with("* OK"), "greeting: {greeting}");
+    c
+}
+
+async fn tagged(c: &mut MailClient, tag: &str, command: &str) -> String {
+    c.send(format!("{tag} {command}\r\n").as_bytes()).await;
+    c.read_until_tagged(tag).await.pop().expect("tagged line")
+}
+
+/// Logs in over IMAP and returns the tagged answer.
+async fn imap_login(proxy: &OAuthProxy, mail: &str, password: &str) -> String {
+    let mut c = imap_connect(proxy).await;
+    let answer = tagged(&mut c, "a1", &format!("LOGIN {mail} {password}")).await;
+    if answer.starts_with("a1 OK") {
+        assert!(tagged(&mut c, "a2", "SELECT INBOX").await.starts_with("a2 OK"));
+        assert!(tagged(&mut c, "a3", "LOGOUT").await.starts_with("a3 OK"));
+    }
+    answer
+}
+
+async fn smtp_reply(c: &mut MailClient) -> (String, Vec<String>) {
+    let mut lines = Vec::new();
+    loop {
+        let line = c.read_line().await;
+        let last = line.as_bytes().get(3) != Some(&b'-');
+        lines.push(line);
+        if last {
+            return (lines[0][..3].to_owned(), lines);
+        }
+    }
+}
+
+fn message(marker: &str) -> Vec<u8> {
+    format!("From: a@example.com\r\nTo: b@example.net\r\nSubject: {marker}\r\nMessage-ID: <{marker}@example.com>\r\n\r\nHello {marker}.\r\n")
+        .into_bytes()
+}
+
+/// Every secret the token server handed out or holds must be absent from the logs.
+fn assert_no_secret_logged() {
+    let logged = logs::all();
+    for secret in token_server().secrets() {
+        assert!(!logged.contains(&secret), "a secret ({}...) was logged", &secret[..6.min(secret.len())]);
+    }
+    for line in token_server().private_key_pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!logged.contains(line), "a private key line was logged");
+    }
+}
+
+/// How many upstream sessions Dovecot logged for `mail` with XOAUTH2, waiting up to 5 s for
+/// `expected` (Dovecot logs asynchronously).
+fn dovecot_xoauth2_logins(mail: &str, expected: usize) -> usize {
+    let dovecot = common::dovecot::dovecot();
+    let count = || dovecot.login_lines(mail).iter().filter(|l| l.contains("method=XOAUTH2")).count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count() < expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let n = count();
+    if n != expected {
+        eprintln!(
+            "Dovecot login lines for {mail}: {:#?}\nlog tail:\n{}",
+            dovecot.login_lines(mail),
+            dovecot.log_tail(30)
+        );
+    }
+    n
+}
+
+#[tokio::test]
+async fn google_service_account_imap_login_and_fetch() {
+    logs::capture();
+    let mail = oauth::add_user("g-imap1", "dir-pw-g1");
+    common::dovecot::dovecot().deliver(&mail, &message("g-imap1"));
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
+
+    let mut c = imap_connect(&proxy).await;
+    let ok = tagged(&mut c, "a1", &format!("LOGIN {mail} dir-pw-g1")).await;
+    assert!(ok.starts_with("a1 OK [CAPABILITY IMAP4rev1"), "{ok}");
+    assert!(tagged(&mut c, "a2", "SELECT INBOX").await.starts_with("a2 OK"));
+    assert_eq!(c.imap_fetch_body("a3", 1).await, message("g-imap1"));
+    assert!(tagged(&mut c, "a4", "LOGOUT").await.starts_with("a4 OK"));
+
+    assert_eq!(token_server().grants(&mail), 1, "refusals: {:?}", token_server().refusals());
+    assert_eq!(dovecot_xoauth2_logins(&mail, 1), 1);
+    logs::wait_for_audit(&mail, &["\"outcome\":\"logged-in\""]).await;
+
+    // A second session reuses the cached token.
+    assert!(imap_login(&proxy, &mail, "dir-pw-g1").await.starts_with("a1 OK"));
+    assert_eq!(token_server().grants(&mail), 1);
+    let metrics = proxy.server.oauth.as_ref().unwrap().metrics().snapshot();
+    eprintln!("token endpoint metrics: {metrics:?}");
+    assert!(metrics.requests >= 1 && metrics.cache_hits >= 1 && metrics.mean_latency().is_some(), "{metrics:?}");
+    // The directory password still decides.
+    assert_eq!(imap_login(&proxy, &mail, "wrong-pw").await, format!("a1 {DENIAL}"));
+    assert_no_secret_logged();
+}
+
+#[tokio::test]
+async fn google_service_account_pop3_login_and_retr() {
+    logs::capture();
+    let mail = oauth::add_user("g-pop1", "dir-pw-p1");
+    common::dovecot::dovecot().deliver(&mail, &message("g-pop1"));
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
+
+    let mut c = client::connect_tls(proxy.pop3s, &proxy.ca_file).await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    c.send(format!("USER {mail}\r\n").as_bytes()).await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    c.send(b"PASS dir-pw-p1\r\n").await;
+    let answer = c.read_line().await;
+    assert!(answer.starts_with("+OK"), "{answer}");
+    c.send(b"RETR 1\r\n").await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    assert_eq!(c.pop3_multiline().await, message("g-pop1"));
+    c.send(b"QUIT\r\n").await;
+    assert!(c.read_line().await.starts_with("+OK"));
+
+    assert_eq!(dovecot_xoauth2_logins(&mail, 1), 1);
+    assert_eq!(token_server().grants(&mail), 1);
+    assert_no_secret_logged();
+}
+
+#[tokio::test]
+async fn google_service_account_smtp_submission() {
+    logs::capture();
+    let mail = oauth::add_user("g-smtp1", "dir-pw-s1");
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
+
+    let mut c = client::connect_tls(proxy.smtps, &proxy.ca_file).await;
+    assert_eq!(smtp_reply(&mut c).await.0, "220");
+    c.send(b"EHLO client.example\r\n").await;
+    assert_eq!(smtp_reply(&mut c).await.0, "250");
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{mail}\0dir-pw-s1"));
+    c.send(format!("AUTH PLAIN {auth}\r\n").as_bytes()).await;
+    let (code, lines) = smtp_reply(&mut c).await;
+    assert_eq!(code, "235", "{lines:?}");
+    c.send(format!("MAIL FROM:<{mail}>\r\n").as_bytes()).await;
+    assert_eq!(smtp_reply(&mut c).await.0, "250");
+    c.send(b"RCPT TO:<someone@example.net>\r\n").await;
+    assert_eq!(smtp_reply(&mut c).await.0, "250");
+    c.send(b"DATA\r\n").await;
+    assert_eq!(smtp_reply(&mut c).await.0, "354");
+    c.send(&message("g-smtp1-marker")).await;
+    c.send(b".\r\n").await;
+    assert_eq!(smtp_reply(&mut c).await.0, "250");
+    c.send(b"QUIT\r\n").await;
+    assert_eq!(smtp_reply(&mut c).await.0, "221");
+
+    let got = common::sink::sink()
+        .wait_for_async(|m| m.data_contains(b"<g-smtp1-marker@example.com>"), Duration::from_secs(10))
+        .await;
+    assert!(got.is_some(), "the message relayed through the XOAUTH2 submission session reached the sink");
+    assert_eq!(dovecot_xoauth2_logins(&mail, 1), 1);
+    assert_no_secret_logged();
+}
+
+#[tokio::test]
+async fn microsoft_client_credentials_share_one_token_across_mailboxes() {
+    logs::capture();
+    let first = oauth::add_user("ms-imap1", "dir-pw-m1");
+    let second = oauth::add_user("ms-imap2", "dir-pw-m2");
+    let proxy = OAuthProxy::start(Source::Microsoft, &[&first, &second], "").await;
+    let before = token_server().grants(APP_SUBJECT);
+
+    assert!(imap_login(&proxy, &first, "dir-pw-m1").await.starts_with("a1 OK"));
+    assert!(imap_login(&proxy, &second, "dir-pw-m2").await.starts_with("a1 OK"));
+    assert_eq!(token_server().grants(APP_SUBJECT), before + 1, "refusals: {:?}", token_server().refusals());
+    assert_eq!(dovecot_xoauth2_logins(&first, 1), 1);
+    assert_eq!(dovecot_xoauth2_logins(&second, 1), 1);
+    assert_no_secret_logged();
+}
+
+#[tokio::test]
+async fn refresh_tokens_from_the_vault_are_traded_and_rotated_ones_written_back() {
+    logs::capture();
+    let mail = oauth::add_user("rt-imap1", "dir-pw-r1");
+    let proxy = OAuthProxy::start(Source::Refresh, &[&mail], "").await;
+    // No refresh token stored yet: the same denial as a missing password.
+    assert_eq!(imap_login(&proxy, &mail, "dir-pw-r1").await, format!("a1 {DENIAL}"));
+    logs::wait_for_audit(&mail, &["no upstream credential"]).await;
+
+    let original = token_server().new_refresh_token(&mail, true);
+    proxy.store_refresh_token(&mail, &original);
+    assert!(imap_login(&proxy, &mail, "dir-pw-r1").await.starts_with("a1 OK"));
+    assert_eq!(token_server().grants(&mail), 1);
+    let rotated = proxy.stored_refresh_token(&mail);
+    assert_ne!(rotated, original, "the rotated refresh token is stored");
+    assert!(token_server().refresh_token_valid(&rotated) && !token_server().refresh_token_valid(&original));
+    assert_eq!(dovecot_xoauth2_logins(&mail, 1), 1);
+
+    // A revoked refresh token is an outage, not a wrong password.
+    let fresh_proxy = OAuthProxy::start(Source::Refresh, &[&mail], "").await;
+    fresh_proxy.store_refresh_token(&mail, "rt-revoked-long-ago");
+    let answer = imap_login(&fresh_proxy, &mail, "dir-pw-r1").await;
+    assert!(answer.starts_with("a1 NO [UNAVAILABLE]"), "{answer}");
+    let audit = logs::wait_for_audit(&mail, &["\"outcome\":\"unavailable\"", "invalid_grant"]).await;
+    assert!(!audit.contains("rt-revoked-long-ago"), "{audit}");
+    assert_no_secret_logged();
+}
+
+#[tokio::test]
+async fn a_token_expiring_mid_run_is_renewed_once_for_concurrent_logins() {
+    logs::capture();
+    let mail = oauth::add_user("g-expiry1", "dir-pw-e1");
+    token_server().set_lifetime(&mail, 4);
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "refresh_margin_secs = 1").await;
+
+    let started = tokio::time::Instant::now();
+    assert!(imap_login(&proxy, &mail, "dir-pw-e1").await.starts_with("a1 OK"));
+    assert!(imap_login(&proxy, &mail, "dir-pw-e1").await.starts_with("a1 OK"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "two logins took {:?}; too slow for this test",
+        started.elapsed()
+    );
+    assert_eq!(token_server().grants(&mail), 1);
+
+    // Past the first token's expiry, five sessions log in at once: one renewal serves all.
+    tokio::time::sleep_until(started + Duration::from_millis(4500)).await;
+    let logins: Vec<_> = (0..5)
+        .map(|_| {
+            let (imaps, ca, mail) = (proxy.imaps, proxy.ca_file.clone(), mail.clone());
+            tokio::spawn(async move {
+                let mut c = client::connect_tls(imaps, &ca).await;
+                c.read_line().await;
+                tagged(&mut c, "b1", &format!("LOGIN {mail} dir-pw-e1")).await
+            })
+        })
+        .collect();
+    for login in logins {
+        let answer = login.await.unwrap();
+        assert!(answer.starts_with("b1 OK"), "{answer}");
+    }
+    assert_eq!(token_server().grants(&mail), 2);
+    let retried = logs::all().lines().any(|l| l.contains("retrying with a new one") && l.contains(&mail));
+    assert!(!retried, "the expired token was renewed before use, not after a refusal");
+}
+
+#[tokio::test]
+async fn token_endpoint_outage_is_an_upstream_outage() {
+    logs::capture();
+    let mail = oauth::add_user("g-outage1", "dir-pw-o1");
+    let closed = format!("https://localhost:{}/google/token", common::free_port());
+    let proxy = OAuthProxy::start(Source::Google { token_uri: Some(closed) }, &[&mail], "").await;
+
+    let answer = imap_login(&proxy, &mail, "dir-pw-o1").await;
+    assert!(answer.starts_with("a1 NO [UNAVAILABLE]"), "{answer}");
+    let audit =
+        logs::wait_for_audit(&mail, &["\"outcome\":\"unavailable\"", "no OAuth2 token for", "unreachable"]).await;
+    assert!(audit.contains("cannot connect"), "{audit}");
+    let metrics = proxy.server.oauth.as_ref().unwrap().metrics().snapshot();
+    assert_eq!((metrics.requests, metrics.failures), (1, 1));
+    assert_eq!(dovecot_xoauth2_logins(&mail, 0), 0);
+}
+
+#[tokio::test]
+async fn a_revoked_cached_token_is_replaced_once() {
+    logs::capture();
+    let mail = oauth::add_user("g-revoke1", "dir-pw-v1");
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
+    assert!(imap_login(&proxy, &mail, "dir-pw-v1").await.starts_with("a1 OK"));
+    token_server().revoke_issued(&mail);
+
+    assert!(imap_login(&proxy, &mail, "dir-pw-v1").await.starts_with("a1 OK"));
+    assert_eq!(token_server().grants(&mail), 2);
+    assert_eq!(dovecot_xoauth2_logins(&mail, 2), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_the_token_is_reported_with_its_xoauth2_status() {
+    logs::capture();
+    let mail = oauth::add_user("g-blocked1", "dir-pw-b1");
+    token_server().block(&mail);
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
+
+    let answer = imap_login(&proxy, &mail, "dir-pw-b1").await;
+    assert!(answer.starts_with("a1 NO [UNAVAILABLE]"), "{answer}");
+    let audit = logs::wait_for_audit(&mail, &["upstream refused the stored credential", "XOAUTH2 status=401"]).await;
+    assert!(audit.contains("\"outcome\":\"unavailable\""), "{audit}");
+
+    // POP3 and SMTP report the same status.
+    let mut c = client::connect_tls(proxy.pop3s, &proxy.ca_file).await;
+    c.read_line().await;
+    c.send(format!("USER {mail}\r\nPASS dir-pw-b1\r\n").as_bytes()).await;
+    assert!(c.read_line().await.starts_with("+OK"));
+    let answer = c.read_line().await;
+    assert!(answer.starts_with("-ERR"), "{answer}");
+    drop(c);
+    logs::wait_for_audit(&mail, &["\"protocol\":\"pop3\"", "XOAUTH2 status=401"]).await;
+
+    let mut c = client::connect_tls(proxy.smtps, &proxy.ca_file).await;
+    smtp_reply(&mut c).await;
+    c.send(b"EHLO client.example\r\n").await;
+    smtp_reply(&mut c).await;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{mail}\0dir-pw-b1"));
+    c.send(format!("AUTH PLAIN {auth}\r\n").as_bytes()).await;
+    let (code, lines) = smtp_reply(&mut c).await;
+    assert!(code.starts_with('4'), "{lines:?}");
+    drop(c);
+    logs::wait_for_audit(&mail, &["\"protocol\":\"smtp\"", "XOAUTH2 status=401"]).await;
+    assert_eq!(dovecot_xoauth2_logins(&mail, 0), 0);
+    assert_no_secret_logged();
+}
+
+#[tokio::test]
+async fn readable_key_and_secret_files_stop_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    for source in [Source::Google { token_uri: None }, Source::Microsoft] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = oauth::config_text(dir.path(), &source, "");
+        let file = if matches!(source, Source::Microsoft) { "ms-secret" } else { "service-account.json" };
+        std::fs::set_permissions(dir.path().join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::write(dir.path().join("profiles.toml"), "").unwrap();
+        let config = postern::config::Config::load(&path).unwrap();
+        let err = match postern::server::Server::from_config(&config).await {
+            Ok(_) => panic!("{file} with mode 0644 was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(file) && err.contains("chmod 600"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn probe_helper_logs_in_upstream_without_a_client() {
+    logs::capture();
+    let mail = oauth::add_user("g-probe1", "dir-pw-pr1");
+    let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
+    for protocol in
+        [postern::protocol::Protocol::Imap, postern::protocol::Protocol::Pop3, postern::protocol::Protocol::Smtp]
+    {
+        let logged_in = postern::session::login::login_upstream(&proxy.server, protocol, &mail, "", None).await;
+        assert!(logged_in.is_ok(), "{protocol}: {:?}", logged_in.err());
+    }
+    assert_eq!(token_server().grants(&mail), 1);
+}
