@@ -76,6 +76,8 @@ async fn metrics_count_a_login_and_status_reports_the_last_upstream_result() {
     assert!(metric(&text, "postern_sessions_total{protocol=\"imap\"}") >= 3);
     assert!(metric(&text, "postern_sessions_active{protocol=\"imap\"}") >= 1);
     assert_eq!(metric(&text, "postern_login_seconds_count"), 3);
+    assert_eq!(metric(&text, "postern_directory_seconds_count"), 6, "a lookup and a password check per login");
+    assert_eq!(metric(&text, "postern_upstream_login_seconds_count"), 2);
 
     let out = expect_code(&install.run(&["status", "--user", "m1@example.com"], ""), 0);
     assert!(out.contains("uptime:") && out.contains("imap: "), "{out}");

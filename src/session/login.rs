@@ -73,11 +73,17 @@ async fn decide(server: &Server, protocol: Protocol, ip: IpAddr, credentials: &C
         return Err(Refusal::Denied(Denial::IpNotInAnyProfile));
     }
     let directory = server.directory();
-    let entry = directory.lookup(&user).await.map_err(directory_refusal)?;
+    let started = std::time::Instant::now();
+    let entry = directory.lookup(&user).await;
+    server.metrics().directory_latency.observe(started.elapsed());
+    let entry = entry.map_err(directory_refusal)?;
     if let Some(groups) = &entry.groups {
         access::check_profiles(&profiles, &user, groups, protocol, ip).map_err(Refusal::Denied)?;
     }
-    let groups = match directory.verify(&entry, &credentials.password).await {
+    let started = std::time::Instant::now();
+    let verified = directory.verify(&entry, &credentials.password).await;
+    server.metrics().directory_latency.observe(started.elapsed());
+    let groups = match verified {
         Ok(groups) => groups,
         Err(DirectoryError::WrongPassword) => {
             if server.lockout.record_failure(&user, ip) {
@@ -194,7 +200,10 @@ pub async fn login_upstream(
     let mut credential = upstream_credential(server, protocol, user, upstream_prefix).await?;
     let mut retried = false;
     loop {
-        let error = match upstream.login(&credential.auth, client_hello).await {
+        let started = std::time::Instant::now();
+        let result = upstream.login(&credential.auth, client_hello).await;
+        server.metrics().upstream_latency.observe(started.elapsed());
+        let error = match result {
             Ok(logged_in) => return Ok(logged_in),
             Err(e) => e,
         };
