@@ -112,6 +112,11 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
             println!("{protocol}: {} active, {} since start", counts["active"], counts["total"]);
         }
     }
+    let locked = answer.get("locked").and_then(|l| l.as_array()).cloned().unwrap_or_default();
+    println!("locked users: {}", locked.len());
+    for entry in locked {
+        println!("  {} ({}s left; `postern user unlock` lifts it)", entry["user"].as_str().unwrap_or("-"), entry["remaining_secs"]);
+    }
     if let Some(user) = user {
         let user = normalized(user)?;
         let answer = control::request(&socket, &serde_json::json!({"command": "user", "user": user})).await?;
@@ -124,6 +129,22 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
             ),
             None => println!("{user}: no upstream login since the daemon started"),
         }
+    }
+    Ok(())
+}
+
+/// Lifts a user's lockout in the running daemon.
+pub async fn unlock(path: &Path, user: &str) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let user = normalized(user)?;
+    let answer = control::request(&config.control_socket(), &serde_json::json!({"command": "unlock", "user": user})).await?;
+    if answer["ok"] != serde_json::Value::Bool(true) {
+        anyhow::bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
+    }
+    if answer["was_locked"] == serde_json::Value::Bool(true) {
+        println!("{user} unlocked");
+    } else {
+        println!("{user} was not locked; nothing changed");
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! {"command":"status"}                 -> uptime, sessions per protocol, reloads
 //! {"command":"user","user":"a@x"}      -> the user's last upstream login result
 //! {"command":"reload"}                 -> what SIGHUP does, with the result
-//! {"command":"unlock","user":"a@x"}    -> reserved for lockout; answers "unsupported"
+//! {"command":"unlock","user":"a@x"}    -> lifts the user's lockout; says whether it was locked
 //! ```
 //!
 //! Answers always carry `"ok": true|false`; failures carry `"error"`.
@@ -139,7 +139,12 @@ async fn answer(request: Request, server: &Server, reload: &mpsc::Sender<ReloadR
                 Err(_) => json!({"ok": false, "error": "the reload was abandoned"}),
             }
         }
-        Request::Unlock { user } => json!({"ok": false, "user": user, "error": "unsupported: lockout is not enabled in this build"}),
+        Request::Unlock { user } => {
+            let user = user.trim().to_lowercase();
+            let was_locked = server.lockout.unlock(&user);
+            tracing::info!(target: "audit", user = %user, was_locked, "lockout lifted by an admin");
+            json!({"ok": true, "user": user, "was_locked": was_locked})
+        }
     }
 }
 
@@ -160,6 +165,9 @@ fn status(server: &Server) -> Value {
         "logged_in": server.live().len(),
         "last_reload": server.last_reload(),
         "profiles": server.profiles().len(),
+        "locked": server.lockout.locked_users().into_iter()
+            .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.as_secs()}))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -138,6 +138,11 @@ enum UserCommand {
         #[arg(long)]
         confirm: bool,
     },
+    /// Lift a user's lockout after repeated wrong passwords (asks the running daemon).
+    Unlock {
+        /// The user's mail address.
+        user: String,
+    },
     /// Remove a user's upstream credential (and file-directory entry); live sessions close on reload.
     Remove {
         /// The user's mail address.
@@ -234,6 +239,7 @@ fn main() -> ExitCode {
                 admin::rotate(config, &user, source, confirm)
             }
             Command::User(UserCommand::Remove { user }) => admin::remove(config, &user),
+            Command::User(UserCommand::Unlock { user }) => admin::unlock(config, &user).await,
             Command::User(UserCommand::List) => admin::list(config),
             Command::User(UserCommand::ShowUpstream { user, reveal }) => admin::show_upstream(config, &user, reveal),
             Command::User(UserCommand::Import { file, skip_invalid }) => admin::import(config, &file, skip_invalid),

@@ -182,3 +182,27 @@ async fn sigterm_stops_accepting_lets_sessions_finish_then_closes_them() {
     wait_for_audit(&install, "t2@example.com", "server shutdown");
     assert!(!install.path("state/control.sock").exists(), "the control socket is removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_users_show_in_status_and_unlock_lifts_the_lock() {
+    let lockout = "\n[lockout]\nmax_failures = 2\nfailure_delay_ms = 0\n";
+    let install = Install::new(&profiles_for(&["lock1@example.com"]), "", lockout);
+    install.add_user("lock1@example.com", "dir-pw");
+    let daemon = Daemon::start(&install);
+
+    let mut c = connect(&daemon, &install).await;
+    for tag in ["w1", "w2"] {
+        assert!(tagged(&mut c, tag, "LOGIN lock1@example.com wrong").await.starts_with(&format!("{tag} NO")));
+    }
+    assert!(login_answer(&daemon, &install, "lock1@example.com").await.starts_with("l1 NO"), "locked");
+    let status = expect_code(&install.run(&["status"], ""), 0);
+    assert!(status.contains("locked users: 1") && status.contains("lock1@example.com"), "{status}");
+
+    let out = expect_code(&install.run(&["user", "unlock", "Lock1@Example.com"], ""), 0);
+    assert!(out.contains("lock1@example.com unlocked"), "{out}");
+    assert!(login_answer(&daemon, &install, "lock1@example.com").await.starts_with("l1 OK"));
+    let out = expect_code(&install.run(&["user", "unlock", "lock1@example.com"], ""), 0);
+    assert!(out.contains("was not locked"), "{out}");
+    let (_, err) = install::text(&install.run(&["user", "unlock", "bad name"], ""));
+    assert!(err.contains("not a usable user name"), "{err}");
+}
