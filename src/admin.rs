@@ -211,6 +211,8 @@ pub enum SecretSource {
     Generate,
     /// Read it from standard input (e.g. an app password).
     Stdin,
+    /// Read an OAuth2 refresh token from standard input (`[oauth] source = "refresh-token"`).
+    RefreshToken,
 }
 
 /// Stores the upstream credential of `user` in the vault.
@@ -223,8 +225,12 @@ pub fn set_upstream(path: &Path, user: &str, source: SecretSource, upstream_user
     let secret = match source {
         SecretSource::Generate => vault::generate_password(),
         SecretSource::Stdin => read_secret("Upstream password")?,
+        SecretSource::RefreshToken => read_secret("OAuth2 refresh token")?,
     };
-    let mut entry = UpstreamSecret::password(secret.clone());
+    let mut entry = match source {
+        SecretSource::RefreshToken => UpstreamSecret::refresh_token(secret.clone()),
+        _ => UpstreamSecret::password(secret.clone()),
+    };
     if let Some(name) = upstream_user {
         entry = entry.with_upstream_user(name);
     }
@@ -235,6 +241,7 @@ pub fn set_upstream(path: &Path, user: &str, source: SecretSource, upstream_user
             eprintln!("stored a new upstream password for {user}; set the password above on the upstream account now (it is not shown again)");
         }
         SecretSource::Stdin => eprintln!("stored the upstream password for {user}"),
+        SecretSource::RefreshToken => eprintln!("stored the OAuth2 refresh token for {user}"),
     }
     eprintln!("a running postern picks it up on reload (systemctl reload postern, or SIGHUP)");
     Ok(())

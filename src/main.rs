@@ -123,6 +123,9 @@ enum UserCommand {
         /// Read the password (e.g. an app password) from standard input.
         #[arg(long)]
         stdin: bool,
+        /// With --stdin: what is read is the user's OAuth2 refresh token, not a password.
+        #[arg(long, requires = "stdin")]
+        refresh_token: bool,
         /// Upstream login name, when it differs from the mail address.
         #[arg(long)]
         upstream_user: Option<String>,
@@ -230,8 +233,12 @@ fn main() -> ExitCode {
             }
             Command::Vault(VaultCommand::Init) => admin::vault_init(config),
             Command::User(UserCommand::SetPassword { user }) => admin::set_password(config, &user),
-            Command::User(UserCommand::SetUpstream { user, generate, upstream_user, .. }) => {
-                let source = if generate { SecretSource::Generate } else { SecretSource::Stdin };
+            Command::User(UserCommand::SetUpstream { user, generate, refresh_token, upstream_user, .. }) => {
+                let source = match (generate, refresh_token) {
+                    (true, _) => SecretSource::Generate,
+                    (false, true) => SecretSource::RefreshToken,
+                    (false, false) => SecretSource::Stdin,
+                };
                 admin::set_upstream(config, &user, source, upstream_user)
             }
             Command::User(UserCommand::Rotate { user, stdin, confirm }) => {

@@ -68,6 +68,10 @@ fn upstream_credentials_set_list_show_rotate_and_remove() {
     assert_eq!(generated.len(), 24);
     expect_code(&i.run(&["user", "set-upstream", "dave@example.com", "--stdin"], "dave-app-pw\n"), 0);
     expect_code(&i.run(&["user", "set-upstream", "erin@example.com", "--stdin"], "\n"), 1);
+    expect_code(&i.run(&["user", "set-upstream", "erin@example.com", "--refresh-token"], "tok\n"), 2);
+    expect_code(&i.run(&["user", "set-upstream", "erin@example.com", "--stdin", "--refresh-token"], "1//refresh-tok\n"), 0);
+    let listed = expect_code(&i.run(&["user", "list"], ""), 0);
+    assert!(listed.contains("erin@example.com") && listed.contains("refresh-token"), "{listed}");
 
     let list = expect_code(&i.run(&["user", "list"], ""), 0);
     assert!(list.contains(user) && list.contains("dave@example.com") && list.contains("password"), "{list}");

@@ -122,6 +122,9 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
             println!("{protocol}: a port below 1024 needs CAP_NET_BIND_SERVICE (see the systemd unit's comments)");
         }
     }
+    if crate::oauth::TokenSource::from_config(&config).context("[oauth]")?.is_some() {
+        println!("oauth: token source set up");
+    }
     if let Some(metrics) = config.metrics.listen {
         println!("metrics: http://{metrics}/metrics");
     }

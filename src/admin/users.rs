@@ -65,7 +65,7 @@ pub fn rotate(path: &Path, user: &str, source: SecretSource, confirm: bool) -> a
     };
     let secret = match source {
         SecretSource::Generate => vault::generate_password(),
-        SecretSource::Stdin => read_secret("New upstream password")?,
+        SecretSource::Stdin | SecretSource::RefreshToken => read_secret("New upstream secret")?,
     };
     let mut entry = UpstreamSecret::new(current.kind, secret.clone());
     entry.upstream_user = current.upstream_user;
