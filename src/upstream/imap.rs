@@ -2,14 +2,17 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt, refused};
+use super::{Conn, UpstreamAuth, UpstreamError, check_line_safe, excerpt, refused};
 use crate::protocol::imap::{self, Astring};
 use crate::protocol::{UpstreamInfo, sasl};
 
 const TAG: &str = "P1";
 const CAPA_TAG: &str = "P2";
 
-pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -> Result<LoggedIn, UpstreamError> {
+pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    auth: &UpstreamAuth,
+) -> Result<(Conn<S>, UpstreamInfo), UpstreamError> {
     let greeting = conn.read_line().await?;
     if starts_with_ci(&greeting, "* PREAUTH") {
         return Err(UpstreamError::Protocol("upstream greeted with PREAUTH; refusing an unauthenticated session".into()));
@@ -58,8 +61,7 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
             return Err(UpstreamError::Protocol(excerpt(&text)));
         }
     }
-    let (stream, leftover) = conn.into_parts();
-    Ok(LoggedIn { stream, info: UpstreamInfo { capabilities }, leftover })
+    Ok((conn, UpstreamInfo { capabilities }))
 }
 
 /// Reads responses up to the tagged one, noting capabilities; answers a SASL error
@@ -148,6 +150,71 @@ fn strip_prefix_ci<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+    use crate::upstream::script::serve;
+
+    fn password(user: &str, password: &str) -> UpstreamAuth {
+        UpstreamAuth::Password { user: user.into(), password: Secret::new(password) }
+    }
+
+    #[tokio::test]
+    async fn preauth_greetings_are_refused() {
+        let (conn, _server) = serve("* PREAUTH [CAPABILITY IMAP4rev1] hello\r\n", vec![]);
+        let err = login(conn, &password("u", "p")).await.err().unwrap();
+        assert!(err.to_string().contains("PREAUTH"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn capabilities_are_asked_for_when_the_login_answer_has_none() {
+        let (conn, server) = serve(
+            "* OK ready\r\n",
+            vec![
+                ("P1 LOGIN alice@example.com \"p \\\"q\\\"\"", "P1 OK Logged in\r\n"),
+                ("P2 CAPABILITY", "* CAPABILITY IMAP4rev1 IDLE\r\nP2 OK done\r\n* 3 EXISTS\r\n"),
+            ],
+        );
+        let (conn, info) = login(conn, &password("alice@example.com", "p \"q\"")).await.unwrap();
+        assert_eq!(info.capabilities.as_deref(), Some("IMAP4rev1 IDLE"));
+        let (_, leftover) = conn.into_parts();
+        assert_eq!(&leftover[..], b"* 3 EXISTS\r\n", "what follows the login answer belongs to the client");
+        assert_eq!(server.await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn eight_bit_passwords_go_as_literals_after_the_continuation() {
+        let (conn, server) = serve(
+            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
+            vec![("P1 LOGIN u {6}", "+ go on\r\n"), ("pässw", "P1 OK [CAPABILITY IMAP4rev1] in\r\n")],
+        );
+        let (_, info) = login(conn, &password("u", "pässw")).await.unwrap();
+        assert_eq!(info.capabilities.as_deref(), Some("IMAP4rev1"));
+        let seen = server.await.unwrap();
+        assert_eq!(seen[1], "pässw\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_keeps_the_upstream_answer() {
+        let (conn, _server) = serve("* OK ready\r\n", vec![("P1 LOGIN", "P1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")]);
+        match login(conn, &password("u", "p")).await {
+            Err(UpstreamError::Refused(answer)) => assert!(answer.contains("Invalid credentials"), "{answer}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),
+        }
+    }
+
+    #[tokio::test]
+    async fn xoauth2_error_challenges_are_answered_and_reported() {
+        use base64::Engine;
+        let challenge = base64::engine::general_purpose::STANDARD.encode(r#"{"status":"401","schemes":"bearer"}"#);
+        let greeting = "* OK ready\r\n";
+        let reply: &'static str = Box::leak(format!("+ {challenge}\r\n").into_boxed_str());
+        let (conn, server) = serve(greeting, vec![("P1 AUTHENTICATE XOAUTH2 ", reply), ("\r\n", "P1 NO SASL authentication failed\r\n")]);
+        let auth = UpstreamAuth::XOAuth2 { user: "u@example.com".into(), token: Secret::new("tok") };
+        match login(conn, &auth).await {
+            Err(UpstreamError::Refused(answer)) => assert!(answer.contains("status=401"), "{answer}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),
+        }
+        assert_eq!(server.await.unwrap().len(), 2, "the challenge was answered with an empty line");
+    }
 
     #[test]
     fn capabilities_come_from_response_codes() {

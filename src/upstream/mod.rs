@@ -165,7 +165,7 @@ impl Upstream {
         })?;
         let _ = tcp.set_nodelay(true);
         let hello = client_hello.unwrap_or(&self.hostname);
-        match (self.protocol, self.tls) {
+        let logged_in = match (self.protocol, self.tls) {
             (Protocol::Smtp, UpstreamTls::Starttls) => {
                 let tcp = smtp::starttls(Conn::new(tcp), hello).await?;
                 let conn = Conn::new(self.handshake(tcp).await?);
@@ -179,7 +179,10 @@ impl Upstream {
                     Protocol::Smtp => smtp::login(conn, auth, hello, true).await,
                 }
             }
-        }
+        };
+        let (conn, info) = logged_in?;
+        let (stream, leftover) = conn.into_parts();
+        Ok(LoggedIn { stream, info, leftover })
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
@@ -281,6 +284,41 @@ fn excerpt(line: &str) -> String {
         end -= 1;
     }
     format!("{}...", &line[..end])
+}
+
+/// A scripted upstream for the login dialogues' unit tests.
+#[cfg(test)]
+mod script {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+
+    use super::Conn;
+
+    /// Plays a server: sends `greeting`, then for each step reads one line (which must start
+    /// with the step's prefix) and sends the step's reply. Returns the client's side and the
+    /// lines the server received.
+    pub(super) fn serve(
+        greeting: &'static str,
+        steps: Vec<(&'static str, &'static str)>,
+    ) -> (Conn<DuplexStream>, tokio::task::JoinHandle<Vec<String>>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(server);
+            let mut read = BufReader::new(read);
+            write.write_all(greeting.as_bytes()).await.unwrap();
+            let mut seen = Vec::new();
+            for (prefix, reply) in steps {
+                let mut line = String::new();
+                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                assert!(line.starts_with(prefix), "expected {prefix:?}, got {line:?}");
+                seen.push(line);
+                write.write_all(reply.as_bytes()).await.unwrap();
+            }
+            seen
+        });
+        (Conn::new(client), task)
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,14 @@
 //! POP3 login upstream: greeting, `USER`/`PASS` or `AUTH XOAUTH2`.
 
-use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt, refused};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Conn, UpstreamAuth, UpstreamError, check_line_safe, excerpt, refused};
 use crate::protocol::{UpstreamInfo, sasl};
 
-pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -> Result<LoggedIn, UpstreamError> {
+pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    auth: &UpstreamAuth,
+) -> Result<(Conn<S>, UpstreamInfo), UpstreamError> {
     let greeting = conn.read_line().await?;
     if !greeting.starts_with("+OK") {
         return Err(UpstreamError::Protocol(excerpt(&greeting)));
@@ -44,6 +49,34 @@ pub(super) async fn login(mut conn: Conn<UpstreamStream>, auth: &UpstreamAuth) -
     if !answer.starts_with("+OK") {
         return Err(refused(&answer, challenge.as_deref()));
     }
-    let (stream, leftover) = conn.into_parts();
-    Ok(LoggedIn { stream, info: UpstreamInfo::default(), leftover })
+    Ok((conn, UpstreamInfo::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::upstream::script::serve;
+
+    fn auth(password: &str) -> UpstreamAuth {
+        UpstreamAuth::Password { user: "recent:u@example.com".into(), password: Secret::new(password) }
+    }
+
+    #[tokio::test]
+    async fn user_pass_logs_in_with_the_whole_password() {
+        let (conn, server) = serve("+OK ready\r\n", vec![("USER recent:u@example.com", "+OK\r\n"), ("PASS a b \"c\"", "+OK in\r\n")]);
+        login(conn, &auth("a b \"c\"")).await.unwrap();
+        assert_eq!(server.await.unwrap()[1], "PASS a b \"c\"\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_pass_keeps_the_answer_and_a_bad_greeting_is_a_protocol_error() {
+        let (conn, _s) = serve("+OK ready\r\n", vec![("USER", "+OK\r\n"), ("PASS", "-ERR [AUTH] Authentication failed.\r\n")]);
+        match login(conn, &auth("x")).await {
+            Err(UpstreamError::Refused(answer)) => assert!(answer.contains("[AUTH]"), "{answer}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),
+        }
+        let (conn, _s) = serve("-ERR go away\r\n", vec![]);
+        assert!(matches!(login(conn, &auth("x")).await, Err(UpstreamError::Protocol(_))));
+    }
 }

@@ -3,7 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{Conn, LoggedIn, UpstreamAuth, UpstreamError, UpstreamStream, check_line_safe, excerpt, refused};
+use super::{Conn, UpstreamAuth, UpstreamError, check_line_safe, excerpt, refused};
 use crate::protocol::{UpstreamInfo, sasl};
 
 /// A complete (possibly multi-line) SMTP reply.
@@ -78,12 +78,12 @@ pub(super) async fn starttls(mut conn: Conn<TcpStream>, hello: &str) -> Result<T
 }
 
 /// Logs in over TLS. `greeting` is false after STARTTLS, where no new greeting comes.
-pub(super) async fn login(
-    mut conn: Conn<UpstreamStream>,
+pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
     auth: &UpstreamAuth,
     hello: &str,
     greeting: bool,
-) -> Result<LoggedIn, UpstreamError> {
+) -> Result<(Conn<S>, UpstreamInfo), UpstreamError> {
     greet_and_hello(&mut conn, hello, greeting).await?;
     let mut challenge = None;
     let answer = match auth {
@@ -114,6 +114,37 @@ pub(super) async fn login(
         500..=599 => return Err(refused(&answer.text(), challenge.as_deref())),
         _ => return Err(UpstreamError::Protocol(answer.text())),
     }
-    let (stream, leftover) = conn.into_parts();
-    Ok(LoggedIn { stream, info: UpstreamInfo::default(), leftover })
+    Ok((conn, UpstreamInfo::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::upstream::script::serve;
+
+    fn auth() -> UpstreamAuth {
+        UpstreamAuth::Password { user: "u@example.com".into(), password: Secret::new("pw") }
+    }
+
+    #[tokio::test]
+    async fn multi_line_replies_and_auth_plain() {
+        let (conn, server) = serve(
+            "220-mx.example ESMTP\r\n220 ready\r\n",
+            vec![("EHLO client.example", "250-mx.example\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"), ("AUTH PLAIN ", "235 2.7.0 ok\r\n")],
+        );
+        login(conn, &auth(), "client.example", true).await.unwrap();
+        let seen = server.await.unwrap();
+        use base64::Engine;
+        let ir = base64::engine::general_purpose::STANDARD.encode("\0u@example.com\0pw");
+        assert_eq!(seen[1], format!("AUTH PLAIN {ir}\r\n"));
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_are_refusals_and_bad_hello_names_are_not_sent() {
+        let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", "250 ok\r\n"), ("AUTH PLAIN", "535 5.7.8 Bad credentials\r\n")]);
+        assert!(matches!(login(conn, &auth(), "c", true).await, Err(UpstreamError::Refused(_))));
+        let (conn, _s) = serve("220 ready\r\n", vec![]);
+        assert!(matches!(login(conn, &auth(), "c\r\nMAIL FROM:<x>", true).await, Err(UpstreamError::Protocol(_))));
+    }
 }
