@@ -352,3 +352,27 @@ async fn upstream_certificate_pins_are_enforced() {
     drop(c);
     logs::wait_for_audit(&user.mail, &["matches none of the configured pins"]).await;
 }
+
+#[tokio::test]
+async fn untrusted_upstream_certificates_are_refused_unless_explicitly_insecure() {
+    logs::capture();
+    let profiles = proxy::profile_for(&["untrusted1@example.com", "insecure1@example.com"]);
+    let strict = Proxy::start(Options { profiles: profiles.clone(), no_upstream_ca: true, ..Options::default() }).await;
+    let user = proxy::add_user(&strict, "untrusted1", "ut-pw");
+    let mut c = connect(&strict).await;
+    assert!(login_quoted(&mut c, &user).await.starts_with("a1 NO [UNAVAILABLE]"));
+    drop(c);
+    logs::wait_for_audit(&user.mail, &["TLS with", "\"outcome\":\"unavailable\""]).await;
+
+    let insecure = Proxy::start(Options {
+        profiles,
+        no_upstream_ca: true,
+        imap_extra: "upstream_tls_insecure_no_verify = true".to_owned(),
+        ..Options::default()
+    })
+    .await;
+    let user = proxy::add_user(&insecure, "insecure1", "in-pw");
+    let mut c = connect(&insecure).await;
+    assert!(login_quoted(&mut c, &user).await.starts_with("a1 OK"));
+    assert!(logs::all().contains("upstream certificates are NOT verified"), "the insecure option is announced");
+}

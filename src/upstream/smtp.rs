@@ -1,7 +1,6 @@
 //! SMTP submission login upstream: greeting, `EHLO`, optional `STARTTLS`, `AUTH`.
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use super::{Conn, UpstreamAuth, UpstreamError, check_line_safe, excerpt, refused};
 use crate::protocol::{UpstreamInfo, sasl};
@@ -60,7 +59,7 @@ async fn greet_and_hello<S: AsyncRead + AsyncWrite + Unpin>(
 /// Upgrades a plain submission connection with `STARTTLS` and returns the bare TCP stream for
 /// the TLS handshake. Anything the server sent beyond its `220` answer is a protocol error:
 /// bytes read before the handshake must never be trusted after it.
-pub(super) async fn starttls(mut conn: Conn<TcpStream>, hello: &str) -> Result<TcpStream, UpstreamError> {
+pub(super) async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(mut conn: Conn<S>, hello: &str) -> Result<S, UpstreamError> {
     let ehlo = greet_and_hello(&mut conn, hello, true).await?;
     if !ehlo.lines.iter().any(|l| l.get(4..).is_some_and(|e| e.eq_ignore_ascii_case("STARTTLS"))) {
         return Err(UpstreamError::Protocol("upstream does not offer STARTTLS".into()));
@@ -138,6 +137,18 @@ mod tests {
         use base64::Engine;
         let ir = base64::engine::general_purpose::STANDARD.encode("\0u@example.com\0pw");
         assert_eq!(seen[1], format!("AUTH PLAIN {ir}\r\n"));
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_before_the_tls_handshake_are_never_trusted() {
+        let ehlo = "250-mx\r\n250 STARTTLS\r\n";
+        let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", ehlo), ("STARTTLS", "220 go ahead\r\n250 injected\r\n")]);
+        let err = starttls(conn, "c").await.err().expect("refused");
+        assert!(err.to_string().contains("before the TLS handshake"), "{err}");
+        let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", ehlo), ("STARTTLS", "220 go ahead\r\n")]);
+        assert!(starttls(conn, "c").await.is_ok());
+        let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", "250 mx\r\n")]);
+        assert!(starttls(conn, "c").await.err().unwrap().to_string().contains("does not offer STARTTLS"));
     }
 
     #[tokio::test]

@@ -40,6 +40,8 @@ pub struct Options {
     pub lockout: String,
     /// Extra lines for the `[imap]` table.
     pub imap_extra: String,
+    /// Leave out the test CA for the upstreams (system roots only).
+    pub no_upstream_ca: bool,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
             limits: String::new(),
             lockout: "failure_delay_ms = 0".to_owned(),
             imap_extra: String::new(),
+            no_upstream_ca: false,
         }
     }
 }
@@ -111,7 +114,11 @@ impl Proxy {
         };
         let smtp_upstream = if options.smtp_starttls { dovecot.submission_starttls } else { dovecot.submissions };
         let smtp_tls = if options.smtp_starttls { "starttls" } else { "implicit" };
-        let ca = dovecot.ca_file.display().to_string();
+        let ca = if options.no_upstream_ca {
+            String::new()
+        } else {
+            format!("upstream_ca_file = {:?}", dovecot.ca_file.display().to_string())
+        };
         let text = format!(
             r#"
 [server]
@@ -139,19 +146,19 @@ profiles = "profiles.toml"
 [imap]
 listen = ["127.0.0.1:0"]
 upstream = "{imap}"
-upstream_ca_file = {ca:?}
+{ca}
 {imap_extra}
 
 [pop3]
 listen = ["127.0.0.1:0"]
 upstream = "{pop3}"
-upstream_ca_file = {ca:?}
+{ca}
 
 [smtp]
 listen = ["127.0.0.1:0"]
 upstream = "{smtp}"
 upstream_tls = "{smtp_tls}"
-upstream_ca_file = {ca:?}
+{ca}
 "#,
             cert = issued.cert_file.display().to_string(),
             key = issued.key_file.display().to_string(),
