@@ -1,11 +1,14 @@
 //! Text handling shared by the pre-login dialogues: line framing under a length limit,
-//! the checks every user name and password must pass, and the bad-command budget.
+//! the checks every user name and password must pass, the bad-command budget, and the
+//! state machine POP3 and SMTP share.
 
 use std::ops::Deref;
 
 use bytes::BytesMut;
 use zeroize::Zeroize;
 
+use super::Step;
+use super::sasl::SaslExchange;
 use crate::limits::MAX_BAD_COMMANDS;
 use crate::secret::Secret;
 
@@ -98,6 +101,56 @@ pub fn password(raw: &[u8]) -> Option<Secret> {
         return None;
     }
     std::str::from_utf8(raw).ok().map(Secret::new)
+}
+
+/// Where a line-based dialogue (POP3, SMTP) stands; IMAP, with tags and literals, has its own.
+pub enum LineState {
+    /// Waiting for a command.
+    Command,
+    /// In a SASL exchange: the next line answers its challenge.
+    Sasl(SaslExchange),
+    /// A login is with the session, which will call `denied`, `unavailable` or `accepted`.
+    Deciding,
+    /// Logged in or closing: nothing more is read.
+    Finished,
+}
+
+/// What a line-based dialogue does with the next input.
+pub enum NextLine {
+    /// Nothing to handle now: return this step.
+    Step(Step),
+    /// A command line.
+    Command(Line),
+    /// A line answering the SASL exchange's challenge.
+    Sasl(Line, SaslExchange),
+}
+
+impl LineState {
+    /// Frames the next line; an over-long one finishes the dialogue with `too_long`.
+    pub fn next(&mut self, input: &mut BytesMut, max_line: usize, too_long: &[u8]) -> NextLine {
+        if matches!(self, LineState::Deciding | LineState::Finished) {
+            return NextLine::Step(Step::NeedMore);
+        }
+        let line = match take_line(input, max_line) {
+            Framed::Line(line) => line,
+            Framed::Incomplete => return NextLine::Step(Step::NeedMore),
+            Framed::TooLong => {
+                *self = LineState::Finished;
+                return NextLine::Step(Step::Close(too_long.to_vec()));
+            }
+        };
+        match std::mem::replace(self, LineState::Command) {
+            LineState::Sasl(exchange) => NextLine::Sasl(line, exchange),
+            _ => NextLine::Command(line),
+        }
+    }
+
+    /// Back to commands after the session refused the pending login.
+    pub fn refused(&mut self) {
+        if matches!(self, LineState::Deciding) {
+            *self = LineState::Command;
+        }
+    }
 }
 
 /// Counts failed or invalid commands before login.

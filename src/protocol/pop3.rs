@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 
-use super::line::{self, BadCommands, Framed};
+use super::line::{self, BadCommands, LineState, NextLine};
 use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
 use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
 use crate::secret::Secret;
@@ -16,19 +16,10 @@ const RECENT_PREFIX: &str = "recent:";
 const CAPABILITIES: &[u8] = b"+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\n\
 RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION Postern\r\n.\r\n";
 
-enum State {
-    Command,
-    Sasl(SaslExchange),
-    /// A login is with the session, which will call `denied`, `unavailable` or `accepted`.
-    Deciding,
-    /// Logged in or closing: nothing more is read.
-    Finished,
-}
-
 /// POP3 pre-login state machine.
 pub struct Pop3Dialogue {
     max_line: usize,
-    state: State,
+    state: LineState,
     bad: BadCommands,
     /// The user name from `USER`, waiting for `PASS`.
     user: Option<String>,
@@ -39,7 +30,7 @@ impl Pop3Dialogue {
     pub fn new(settings: &DialogueSettings) -> Self {
         Self {
             max_line: settings.max_line,
-            state: State::Command,
+            state: LineState::Command,
             bad: BadCommands::default(),
             user: None,
         }
@@ -48,7 +39,7 @@ impl Pop3Dialogue {
     /// Answers a failed or invalid command, closing once too many have been seen.
     fn fail(&mut self, reply: &str) -> Step {
         if self.bad.record() {
-            self.state = State::Finished;
+            self.state = LineState::Finished;
             return Step::Close(b"-ERR Too many invalid commands\r\n".to_vec());
         }
         Step::Reply(reply.as_bytes().to_vec())
@@ -58,7 +49,7 @@ impl Pop3Dialogue {
         let Some((user, upstream_prefix)) = split_recent(user) else {
             return self.fail("-ERR Invalid user name\r\n");
         };
-        self.state = State::Deciding;
+        self.state = LineState::Deciding;
         Step::Login(Credentials {
             user,
             upstream_prefix,
@@ -86,7 +77,7 @@ impl Pop3Dialogue {
             b"AUTH" => self.auth(rest),
             b"CAPA" => Step::Reply(CAPABILITIES.to_vec()),
             b"QUIT" => {
-                self.state = State::Finished;
+                self.state = LineState::Finished;
                 Step::Close(b"+OK Bye\r\n".to_vec())
             }
             b"APOP" => self.fail("-ERR APOP is not supported; use USER/PASS or AUTH PLAIN\r\n"),
@@ -114,7 +105,7 @@ impl Pop3Dialogue {
     fn sasl(&mut self, exchange: SaslExchange, step: SaslStep) -> Step {
         match step {
             SaslStep::Challenge(challenge) => {
-                self.state = State::Sasl(exchange);
+                self.state = LineState::Sasl(exchange);
                 Step::Reply(format!("+ {challenge}\r\n").into_bytes())
             }
             SaslStep::Done { user, password } => {
@@ -153,42 +144,28 @@ impl Dialogue for Pop3Dialogue {
     }
 
     fn step(&mut self, input: &mut BytesMut) -> Step {
-        if matches!(self.state, State::Deciding | State::Finished) {
-            return Step::NeedMore;
-        }
-        let line = match line::take_line(input, self.max_line) {
-            Framed::Line(line) => line,
-            Framed::Incomplete => return Step::NeedMore,
-            Framed::TooLong => {
-                self.state = State::Finished;
-                return Step::Close(b"-ERR Line too long\r\n".to_vec());
-            }
-        };
-        match std::mem::replace(&mut self.state, State::Command) {
-            State::Sasl(mut exchange) => {
+        match self.state.next(input, self.max_line, b"-ERR Line too long\r\n") {
+            NextLine::Step(step) => step,
+            NextLine::Command(line) => self.command(&line),
+            NextLine::Sasl(line, mut exchange) => {
                 let step = exchange.respond(&line);
                 self.sasl(exchange, step)
             }
-            _ => self.command(&line),
         }
     }
 
     fn denied(&mut self) -> Vec<u8> {
-        if matches!(self.state, State::Deciding) {
-            self.state = State::Command;
-        }
+        self.state.refused();
         format!("-ERR [AUTH] {DENIAL_TEXT}\r\n").into_bytes()
     }
 
     fn unavailable(&mut self) -> Vec<u8> {
-        if matches!(self.state, State::Deciding) {
-            self.state = State::Command;
-        }
+        self.state.refused();
         b"-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n".to_vec()
     }
 
     fn accepted(&mut self, _upstream: &UpstreamInfo) -> Vec<u8> {
-        self.state = State::Finished;
+        self.state = LineState::Finished;
         b"+OK Logged in.\r\n".to_vec()
     }
 

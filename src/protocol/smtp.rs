@@ -6,25 +6,16 @@
 
 use bytes::BytesMut;
 
-use super::line::{self, BadCommands, Framed};
+use super::line::{self, BadCommands, LineState, NextLine};
 use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
 use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
-
-enum State {
-    Command,
-    Sasl(SaslExchange),
-    /// A login is with the session, which will call `denied`, `unavailable` or `accepted`.
-    Deciding,
-    /// Logged in or closing: nothing more is read.
-    Finished,
-}
 
 /// SMTP submission pre-login state machine.
 pub struct SmtpDialogue {
     max_line: usize,
     hostname: String,
     max_size: Option<u64>,
-    state: State,
+    state: LineState,
     bad: BadCommands,
     /// The name from the latest `EHLO`/`HELO`; `AUTH` needs one.
     hello: Option<String>,
@@ -37,7 +28,7 @@ impl SmtpDialogue {
             max_line: settings.max_line,
             hostname: settings.hostname.clone(),
             max_size: settings.smtp_max_size,
-            state: State::Command,
+            state: LineState::Command,
             bad: BadCommands::default(),
             hello: None,
         }
@@ -46,7 +37,7 @@ impl SmtpDialogue {
     /// Answers a failed or invalid command, closing once too many have been seen.
     fn fail(&mut self, reply: &str) -> Step {
         if self.bad.record() {
-            self.state = State::Finished;
+            self.state = LineState::Finished;
             let bye = format!("421 4.7.0 {} Too many invalid commands\r\n", self.hostname);
             return Step::Close(bye.into_bytes());
         }
@@ -63,7 +54,7 @@ impl SmtpDialogue {
             }
             b"RSET" | b"NOOP" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
             b"QUIT" => {
-                self.state = State::Finished;
+                self.state = LineState::Finished;
                 Step::Close(b"221 2.0.0 Bye\r\n".to_vec())
             }
             b"STARTTLS" => self.fail("503 5.5.1 TLS already active\r\n"),
@@ -114,11 +105,11 @@ impl SmtpDialogue {
     fn sasl(&mut self, exchange: SaslExchange, step: SaslStep) -> Step {
         match step {
             SaslStep::Challenge(challenge) => {
-                self.state = State::Sasl(exchange);
+                self.state = LineState::Sasl(exchange);
                 Step::Reply(format!("334 {challenge}\r\n").into_bytes())
             }
             SaslStep::Done { user, password } => {
-                self.state = State::Deciding;
+                self.state = LineState::Deciding;
                 Step::Login(Credentials {
                     user,
                     upstream_prefix: String::new(),
@@ -150,42 +141,28 @@ impl Dialogue for SmtpDialogue {
     }
 
     fn step(&mut self, input: &mut BytesMut) -> Step {
-        if matches!(self.state, State::Deciding | State::Finished) {
-            return Step::NeedMore;
-        }
-        let line = match line::take_line(input, self.max_line) {
-            Framed::Line(line) => line,
-            Framed::Incomplete => return Step::NeedMore,
-            Framed::TooLong => {
-                self.state = State::Finished;
-                return Step::Close(b"500 5.5.2 Line too long\r\n".to_vec());
-            }
-        };
-        match std::mem::replace(&mut self.state, State::Command) {
-            State::Sasl(mut exchange) => {
+        match self.state.next(input, self.max_line, b"500 5.5.2 Line too long\r\n") {
+            NextLine::Step(step) => step,
+            NextLine::Command(line) => self.command(&line),
+            NextLine::Sasl(line, mut exchange) => {
                 let step = exchange.respond(&line);
                 self.sasl(exchange, step)
             }
-            _ => self.command(&line),
         }
     }
 
     fn denied(&mut self) -> Vec<u8> {
-        if matches!(self.state, State::Deciding) {
-            self.state = State::Command;
-        }
+        self.state.refused();
         format!("535 5.7.8 {DENIAL_TEXT}\r\n").into_bytes()
     }
 
     fn unavailable(&mut self) -> Vec<u8> {
-        if matches!(self.state, State::Deciding) {
-            self.state = State::Command;
-        }
+        self.state.refused();
         b"454 4.7.0 Mail service temporarily unavailable, try again later\r\n".to_vec()
     }
 
     fn accepted(&mut self, _upstream: &UpstreamInfo) -> Vec<u8> {
-        self.state = State::Finished;
+        self.state = LineState::Finished;
         b"235 2.7.0 Authentication successful\r\n".to_vec()
     }
 
