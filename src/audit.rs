@@ -47,6 +47,25 @@ impl Outcome {
     }
 }
 
+/// What an audit line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The end of a session, whatever happened in it.
+    Session,
+    /// One refused login attempt; a session with several leaves a trace of each.
+    LoginRefused,
+}
+
+impl Event {
+    /// The event as written to the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Session => "session",
+            Event::LoginRefused => "login refused",
+        }
+    }
+}
+
 /// Everything the audit line of one session says, filled in as the session goes.
 #[derive(Debug)]
 pub struct SessionRecord {
@@ -106,28 +125,10 @@ impl SessionRecord {
         self.reason = reason.into();
     }
 
-    /// Writes an audit line for a refused login attempt, so a session with several attempts
-    /// leaves a trace of each, not only of the last.
-    pub fn emit_refusal(&self) {
-        tracing::info!(
-            target: "audit",
-            protocol = self.protocol.name(),
-            client = %self.client,
-            user = self.user.as_deref().unwrap_or("-"),
-            mode = self.mode.unwrap_or("-"),
-            mechanism = self.mechanism.unwrap_or("-"),
-            outcome = self.outcome.as_str(),
-            reason = %self.reason,
-            upstream = %self.upstream,
-            attempt = self.attempts,
-            "login refused"
-        );
-    }
-
-    /// The session's audit line as a JSON object, for the audit file.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The record as a JSON object, for the audit file.
+    pub fn to_json(&self, event: Event) -> serde_json::Value {
         serde_json::json!({
-            "event": "session",
+            "event": event.as_str(),
             "protocol": self.protocol.name(),
             "client": self.client.to_string(),
             "user": self.user.as_deref().unwrap_or("-"),
@@ -144,8 +145,8 @@ impl SessionRecord {
         })
     }
 
-    /// Writes the session's audit line.
-    pub fn emit(&self) {
+    /// Writes the audit line for `event` to the `audit` log target.
+    pub fn emit(&self, event: Event) {
         tracing::info!(
             target: "audit",
             protocol = self.protocol.name(),
@@ -161,7 +162,8 @@ impl SessionRecord {
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            "session"
+            "{}",
+            event.as_str()
         );
     }
 }

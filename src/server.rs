@@ -206,10 +206,12 @@ impl Server {
         Some(self.last_reload.load(Ordering::Relaxed)).filter(|&t| t != 0)
     }
 
-    /// Writes a session's line to the audit file, when one is configured.
-    pub fn audit_to_file(&self, record: &crate::audit::SessionRecord) {
+    /// Writes `record`'s audit line for `event` to the log and, when one is configured, to
+    /// the audit file.
+    pub fn audit(&self, record: &crate::audit::SessionRecord, event: crate::audit::Event) {
+        record.emit(event);
         if let Some(file) = self.audit_file.load().as_ref() {
-            file.write(record.started_at, record.to_json());
+            file.write(record.started_at, record.to_json(event));
         }
     }
 

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::audit::{Outcome, SessionRecord};
+use crate::audit::{Event, Outcome, SessionRecord};
 use crate::limits::MAX_LOGIN_ATTEMPTS;
 use crate::metrics::LoginResult;
 use crate::protocol::{self, Dialogue, Protocol, Step};
@@ -41,8 +41,7 @@ where
             shutdown,
         };
         session.serve().await;
-        session.record.emit();
-        session.server.audit_to_file(&session.record);
+        session.server.audit(&session.record, Event::Session);
     }
     .instrument(span)
     .await
@@ -116,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                         Err(Refusal::Denied(denial)) => {
                             self.record.set(Outcome::Denied, denial.reason());
-                            self.record.emit_refusal();
+                            self.server.audit(&self.record, Event::LoginRefused);
                             // Slow down guessing without holding a thread; shutdown cuts it short.
                             let delay = self.server.lockout.failure_delay(self.peer.ip());
                             tokio::select! {
@@ -128,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                         Err(Refusal::Unavailable(reason)) => {
                             self.record.set(Outcome::Unavailable, reason);
-                            self.record.emit_refusal();
+                            self.server.audit(&self.record, Event::LoginRefused);
                             let reply = self.dialogue.unavailable();
                             self.write(&reply, deadline).await?;
                         }
