@@ -143,7 +143,7 @@ mod tests {
     async fn bytes_sent_before_the_tls_handshake_are_never_trusted() {
         let ehlo = "250-mx\r\n250 STARTTLS\r\n";
         let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", ehlo), ("STARTTLS", "220 go ahead\r\n250 injected\r\n")]);
-        let err = starttls(conn, "c").await.err().expect("refused");
+        let err = starttls(conn, "c").await.expect_err("refused");
         assert!(err.to_string().contains("before the TLS handshake"), "{err}");
         let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", ehlo), ("STARTTLS", "220 go ahead\r\n")]);
         assert!(starttls(conn, "c").await.is_ok());
