@@ -596,12 +596,10 @@ impl Dialogue for ImapDialogue {
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
 
     use super::*;
     use crate::limits::MAX_BAD_COMMANDS;
-    use crate::protocol::line::testing::{Decision, fuzz, run, run_all_splits};
+    use crate::protocol::line::testing::{self, Decision, b64, fuzz, run};
 
     const PW: &str = "pä ss\"w\\rd";
     const DENY: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server\r\n";
@@ -619,15 +617,9 @@ mod tests {
         Box::new(ImapDialogue::new(&settings()))
     }
 
-    fn b64(raw: &str) -> String {
-        STANDARD.encode(raw)
-    }
 
     fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
-        let input = input.as_ref();
-        let (log, rest) = run_all_splits(&make, input, Decision::Deny);
-        assert_eq!(log, expected, "input {:?}", String::from_utf8_lossy(input));
-        assert_eq!(String::from_utf8_lossy(&rest), leftover, "input {input:?}");
+        testing::check(&make, input, expected, leftover);
     }
 
     fn login(user: &str, password: &str, mechanism: &str) -> String {

@@ -274,6 +274,21 @@ pub(crate) mod testing {
 
     /// Feeds random byte soup built from `words` in random chunks; only checks that the
     /// dialogue neither panics nor loops, and never yields bad credentials.
+    /// Runs `input` split every way with logins denied, and checks the transcript and what
+    /// is left unread.
+    pub fn check(make: &dyn Fn() -> Box<dyn Dialogue>, input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
+        let input = input.as_ref();
+        let (log, rest) = run_all_splits(make, input, Decision::Deny);
+        assert_eq!(log, expected, "input {:?}", String::from_utf8_lossy(input));
+        assert_eq!(String::from_utf8_lossy(&rest), leftover, "input {:?}", String::from_utf8_lossy(input));
+    }
+
+    /// Standard base64 of `raw`, as SASL clients send it.
+    pub fn b64(raw: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+
     pub fn fuzz(make: &dyn Fn() -> Box<dyn Dialogue>, words: &[&[u8]], seed: u64) {
         let mut rng = StdRng::seed_from_u64(seed);
         for _ in 0..300 {

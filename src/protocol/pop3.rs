@@ -184,12 +184,10 @@ impl Dialogue for Pop3Dialogue {
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
 
     use super::*;
     use crate::limits::MAX_BAD_COMMANDS;
-    use crate::protocol::line::testing::{Decision, fuzz, run, run_all_splits};
+    use crate::protocol::line::testing::{self, Decision, b64, fuzz, run, run_all_splits};
 
     fn settings() -> DialogueSettings {
         DialogueSettings {
@@ -202,16 +200,9 @@ mod tests {
         Box::new(Pop3Dialogue::new(&settings()))
     }
 
-    fn b64(raw: &str) -> String {
-        STANDARD.encode(raw)
-    }
 
-    /// Runs `input` (split every way) with denial; checks the transcript and leftover.
     fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
-        let input = input.as_ref();
-        let (log, rest) = run_all_splits(&make, input, Decision::Deny);
-        assert_eq!(log, expected, "input {input:?}");
-        assert_eq!(String::from_utf8_lossy(&rest), leftover, "input {input:?}");
+        testing::check(&make, input, expected, leftover);
     }
 
     const DENY: &str = "-ERR [AUTH] You are not allowed to access this server\r\n";

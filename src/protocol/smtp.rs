@@ -185,12 +185,10 @@ impl Dialogue for SmtpDialogue {
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
 
     use super::*;
     use crate::limits::MAX_BAD_COMMANDS;
-    use crate::protocol::line::testing::{Decision, fuzz, run, run_all_splits};
+    use crate::protocol::line::testing::{self, Decision, b64, fuzz, run};
 
     fn settings() -> DialogueSettings {
         DialogueSettings {
@@ -205,15 +203,9 @@ mod tests {
         Box::new(SmtpDialogue::new(&settings()))
     }
 
-    fn b64(raw: &str) -> String {
-        STANDARD.encode(raw)
-    }
 
     fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
-        let input = input.as_ref();
-        let (log, rest) = run_all_splits(&make, input, Decision::Deny);
-        assert_eq!(log, expected, "input {input:?}");
-        assert_eq!(String::from_utf8_lossy(&rest), leftover, "input {input:?}");
+        testing::check(&make, input, expected, leftover);
     }
 
     const EHLO: &str = "250-mx.example.net\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
