@@ -33,20 +33,35 @@ impl Target {
     }
 }
 
-/// MB/s (10^6 bytes) of `fetches` whole-message FETCHes of message 1 of user 0, after one
-/// warm-up FETCH, and the message size.
-pub async fn throughput(target: &Target, fetches: usize) -> std::io::Result<(f64, usize)> {
+/// What the FETCH loop measured.
+pub struct Throughput {
+    /// MB/s (10^6 bytes).
+    pub mb_per_sec: f64,
+    /// The target's CPU time per 100 MB moved, milliseconds (when its process is known).
+    pub cpu_ms_per_100mb: Option<f64>,
+    /// The message size.
+    pub size: usize,
+}
+
+/// `fetches` whole-message FETCHes of message 1 of user 0, after one warm-up FETCH.
+pub async fn throughput(target: &Target, fetches: usize) -> std::io::Result<Throughput> {
     let mut imap = target.session(0).await?;
     imap.command("SELECT INBOX").await?;
     let size = imap.command("FETCH 1 BODY.PEEK[]").await?;
+    let cpu_before = target.pid.map(crate::targets::cpu_secs);
     let start = Instant::now();
     let mut total = 0;
     for _ in 0..fetches {
         total += imap.command("FETCH 1 BODY.PEEK[]").await?;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = target.pid.map(crate::targets::cpu_secs).zip(cpu_before).map(|(after, before)| after - before);
     imap.logout().await?;
-    Ok((total as f64 / elapsed / 1e6, size))
+    Ok(Throughput {
+        mb_per_sec: total as f64 / elapsed / 1e6,
+        cpu_ms_per_100mb: cpu.map(|c| c * 1e3 / (total as f64 / 1e8)),
+        size,
+    })
 }
 
 /// Logins per second, latency quantiles and errors.

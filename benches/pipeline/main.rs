@@ -21,7 +21,7 @@
 //! Knobs (environment): `POSTERN_BENCH_SESSIONS` (idle sessions, comma list, default 1000),
 //! `POSTERN_BENCH_CLIENTS` (login concurrency, default 1,50,500), `POSTERN_BENCH_LOGIN_SECS`
 //! (per level, default 4), `POSTERN_BENCH_MESSAGE_MB` (default 32), `POSTERN_BENCH_FETCHES`
-//! (default 8), `POSTERN_BENCH_PEERS` (default haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
+//! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
 //! skip the profile), `POSTERN_BENCH_OUT` (results file).
 
 #[path = "../../tests/common/mod.rs"]
@@ -56,6 +56,25 @@ pub struct User {
 pub struct Users {
     /// In index order.
     pub list: Vec<User>,
+}
+
+/// The bench folder, kept when `POSTERN_KEEP_TEST_DIRS` is set (logs of every target).
+struct Keep(Option<tempfile::TempDir>);
+
+impl Keep {
+    fn path(&self) -> &std::path::Path {
+        self.0.as_ref().map(|d| d.path()).unwrap_or(std::path::Path::new("/tmp"))
+    }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if std::env::var_os("POSTERN_KEEP_TEST_DIRS").is_some() {
+            if let Some(dir) = self.0.take() {
+                let _ = dir.keep();
+            }
+        }
+    }
 }
 
 /// A free loopback address for a listener.
@@ -101,7 +120,7 @@ fn main() {
         fetches: env_num("POSTERN_BENCH_FETCHES", 8),
         noops: 2000,
     };
-    let peers = std::env::var("POSTERN_BENCH_PEERS").unwrap_or_else(|_| "haproxy,nginx".into());
+    let peers = std::env::var("POSTERN_BENCH_TARGETS").unwrap_or_else(|_| "direct,postern,haproxy,nginx".into());
     let max_sessions = plan.sessions.iter().copied().max().unwrap_or(0);
     // The clients hold one descriptor per session; raise our own limit (root may).
     let _ = std::process::Command::new("prlimit")
@@ -136,6 +155,10 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
     dovecot.deliver(&users.list[0].mail, &message(plan.message_mb));
 
     let dir = tempfile::Builder::new().prefix("postern-bench-").tempdir().expect("bench dir");
+    if std::env::var_os("POSTERN_KEEP_TEST_DIRS").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+    }
+    let dir = Keep(Some(dir));
     let issued = pki.issue_in("proxy", dir.path());
     let tls = client::connector(&pki.ca_file);
     let users = Arc::new(users);
@@ -159,9 +182,10 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         credentials: upstream_login.clone(),
         pid: None,
     };
-    rows.push(measure(&direct, &plan, users.list.len()).await);
-
-    {
+    if peers.contains("direct") {
+        rows.push(measure(&direct, &plan, users.list.len()).await);
+    }
+    if peers.contains("postern") {
         let sub = dir.path().join("postern");
         std::fs::create_dir_all(&sub).expect("postern dir");
         let (process, addr) = targets::postern(&sub, &issued, slapd, dovecot, &users);
@@ -244,9 +268,10 @@ async fn measure(target: &Target, plan: &Plan, users: usize) -> Row {
         Err(e) => eprintln!("  NOOP latency failed: {e}"),
     }
     match load::throughput(target, plan.fetches).await {
-        Ok((mbps, size)) => {
-            eprintln!("  throughput: {mbps:.0} MB/s ({size} byte message)");
-            row.throughput = Some(mbps);
+        Ok(t) => {
+            eprintln!("  throughput: {:.0} MB/s, {:?} CPU ms per 100 MB ({} byte message)", t.mb_per_sec, t.cpu_ms_per_100mb, t.size);
+            row.throughput = Some(t.mb_per_sec);
+            row.cpu_per_100mb = t.cpu_ms_per_100mb;
         }
         Err(e) => eprintln!("  throughput failed: {e}"),
     }

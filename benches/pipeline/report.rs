@@ -16,6 +16,8 @@ pub struct Row {
     pub name: &'static str,
     /// FETCH throughput, MB/s.
     pub throughput: Option<f64>,
+    /// The target's CPU time per 100 MB of FETCH, ms.
+    pub cpu_per_100mb: Option<f64>,
     /// Per concurrency level.
     pub logins: Vec<(usize, LoginRate)>,
     /// Per session count.
@@ -68,6 +70,11 @@ pub fn table(rows: &[Row], plan: &Plan) -> String {
         format!("FETCH {} MiB x{}, MB/s", plan.message_mb, plan.fetches),
         &|r| r.throughput,
         &|r| r.throughput.map(|t| format!("{t:.0}")).unwrap_or_else(|| "-".into()),
+    );
+    line(
+        "CPU ms of the proxy per 100 MB of FETCH".into(),
+        &|r| r.cpu_per_100mb,
+        &|r| r.cpu_per_100mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
     );
     for &clients in &plan.clients {
         fn get(r: &Row, clients: usize) -> Option<&LoginRate> {
@@ -169,18 +176,47 @@ pub async fn profile_logins(target: &Target, pid: u32, users: usize, dir: &Path)
             .unwrap_or_default()
     };
     let strip = |text: String, max: usize| {
-        text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(max).collect::<Vec<_>>().join("\n")
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(max)
+            .map(|l| l.trim_end().trim_end_matches(['-', ' ']).to_owned())
+            .collect::<Vec<_>>()
     };
-    let by_dso = strip(report(&["--sort", "dso", "-g", "none"]), 15);
-    let by_symbol = strip(report(&["--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.8"]), 45);
-    if by_symbol.is_empty() {
+    let by_dso = strip(report(&["--sort", "dso", "-g", "none"]), 8);
+    let symbols = strip(report(&["--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.3"]), 400);
+    if symbols.is_empty() {
         return None;
     }
+    // Where the time goes, by kind of work.
+    let mut kinds: Vec<(&str, f64)> = KINDS.iter().map(|(name, _)| (*name, 0.0)).collect();
+    let mut other = 0.0;
+    for line in &symbols {
+        let percent: f64 = line.split('%').next().and_then(|p| p.trim().parse().ok()).unwrap_or(0.0);
+        match KINDS.iter().position(|(_, needles)| needles.iter().any(|n| line.contains(n))) {
+            Some(i) => kinds[i].1 += percent,
+            None => other += percent,
+        }
+    }
+    let mut summary: String = kinds.iter().map(|(name, p)| format!("| {name} | {p:.1}% |\n")).collect();
+    summary += &format!("| everything else (symbols >= 0.3%) | {other:.1}% |\n");
+    let top = symbols.iter().take(40).cloned().collect::<Vec<_>>().join("\n");
     Some(format!(
-        "Postern during 50 concurrent login loops ({:.0} logins/s while sampled at 999 Hz).\n\nBy shared object:\n\n```\n{by_dso}\n```\n\nTop symbols (self time):\n\n```\n{by_symbol}\n```\n",
-        rate.per_sec
+        "Postern during 50 concurrent login loops ({:.0} logins/s while sampled at 999 Hz, `perf record -g`).\n\n| work | share of samples |\n|---|---:|\n{summary}\nBy shared object:\n\n```\n{}\n```\n\nTop symbols (self time):\n\n```\n{top}\n```\n",
+        rate.per_sec,
+        by_dso.join("\n")
     ))
 }
+
+/// Symbol fragments of each kind of work in the profile.
+const KINDS: &[(&str, &[&str])] = &[
+    (
+        "TLS crypto (aws-lc: key exchange, signatures, hashes, AES-GCM)",
+        &["aws_lc", "curve25519", "x25519", "ecp_nistz256", "sha256", "sha512", "aes_", "gcm_", "bn_", "ecdsa", "p256", "fiat_"],
+    ),
+    ("kernel (TCP, scheduling, syscalls)", &["[k]"]),
+    ("allocator (malloc/free)", &["malloc", "free", "_int_", "unlink_chunk", "realloc", "calloc"]),
+    ("memory copies", &["memmove", "memcpy", "memset"]),
+];
 
 /// Writes the results file.
 pub fn write(path: &Path, conditions: &str, plan: &Plan, table: &str, profile: Option<&str>) {

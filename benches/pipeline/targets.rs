@@ -73,6 +73,25 @@ impl Drop for Process {
 
 /// Resident memory of `pid` and its children, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    family(pid).iter().map(|p| status_field(*p, "VmRSS:")).sum()
+}
+
+/// CPU time (user + system) used so far by `pid` and its children, seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let ticks: u64 = family(pid)
+        .iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            // After the command: state is field 3, utime 14 and stime 15.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// `pid` and its direct children (nginx's workers).
+fn family(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -85,7 +104,7 @@ pub fn rss_kib(pid: u32) -> u64 {
             }
         }
     }
-    pids.iter().map(|p| status_field(*p, "VmRSS:")).sum()
+    pids
 }
 
 fn status_field(pid: u32, field: &str) -> u64 {
@@ -210,7 +229,7 @@ pub fn haproxy(dir: &Path, issued: &Issued, dovecot: &Dovecot) -> Option<(Proces
     std::fs::write(&combined, pem).expect("combined pem");
     let config = format!(
         r#"global
-    maxconn 40000
+    maxconn 9500
     nbthread 2
 
 defaults

@@ -248,8 +248,8 @@ fn nofile(clients: u32) -> u32 {
     (clients * 3 + 1024).max(65_536)
 }
 
-/// Settings appended for [`Tuning::max_clients`]: login processes that each serve many
-/// clients (Dovecot's high-performance mode) and imap processes of up to 1,000 clients.
+/// Settings appended for [`Tuning::max_clients`]: login and imap processes that each serve
+/// many clients and live on (Dovecot's high-performance mode), up to 1,000 per imap process.
 fn scale_config(clients: u32) -> String {
     let per_imap = 1000;
     let imap_processes = clients / per_imap + 20;
@@ -266,6 +266,8 @@ service imap-login {{
   client_limit = {nofile}
 }}
 service imap {{
+  service_count = 0
+  process_min_avail = 2
   client_limit = {per_imap}
   process_limit = {imap_processes}
 }}
