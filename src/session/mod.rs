@@ -238,7 +238,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let user = self.record.user.clone().unwrap_or_default();
         let registration = server.live().register(user, self.protocol, self.peer.ip());
         let revoked = registration.revoked();
-        let end = relay::splice(&mut self.client, upstream_stream, idle, counters.clone(), async move {
+        let end = relay::splice(&mut self.client, &mut upstream_stream, idle, counters.clone(), async move {
             tokio::select! {
                 () = close.cancelled() => {}
                 () = revoked => {}
