@@ -336,8 +336,8 @@ mod tests {
 
     #[tokio::test]
     async fn bursts_of_every_size_arrive_intact_both_ways() {
-        let (client_near, mut client_far) = duplex(8 * 1024);
-        let (upstream_near, mut upstream_far) = duplex(8 * 1024);
+        let (client_near, client_far) = duplex(8 * 1024);
+        let (upstream_near, upstream_far) = duplex(8 * 1024);
         let task = tokio::spawn(splice(
             client_near,
             upstream_near,
