@@ -209,10 +209,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Forwards what each side already sent, then splices until the session ends.
     async fn splice(&mut self, admitted: Admitted) {
-        let Admitted { upstream, slot: _slot, .. } = admitted;
-        let mut upstream_stream = upstream.stream;
+        let Admitted { upstream, slot: _slot, grant } = admitted;
+        drop(grant);
+        let crate::upstream::LoggedIn { stream: mut upstream_stream, leftover, .. } = upstream;
         let counters = Arc::new(Counters::default());
-        let pipelined = self.input.split();
+        // The login buffers are not needed while the session lives; only what they hold is.
+        let pipelined = std::mem::take(&mut self.input);
         if !pipelined.is_empty() {
             if upstream_stream.write_all(&pipelined).await.is_err() || upstream_stream.flush().await.is_err() {
                 self.record.set(Outcome::LoggedIn, "upstream failed right after login");
@@ -220,20 +222,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             counters.up.fetch_add(pipelined.len() as u64, Ordering::Relaxed);
         }
-        if !upstream.leftover.is_empty() {
-            if self.client.write_all(&upstream.leftover).await.is_err() || self.client.flush().await.is_err() {
+        drop(pipelined);
+        if !leftover.is_empty() {
+            if self.client.write_all(&leftover).await.is_err() || self.client.flush().await.is_err() {
                 self.record.set(Outcome::LoggedIn, "client failed right after login");
                 return;
             }
-            counters.down.fetch_add(upstream.leftover.len() as u64, Ordering::Relaxed);
+            counters.down.fetch_add(leftover.len() as u64, Ordering::Relaxed);
         }
+        drop(leftover);
         let idle = self.server.limits.idle_timeout();
         let close = self.shutdown.close_sessions.clone();
         let server = self.server.clone();
         let user = self.record.user.clone().unwrap_or_default();
         let registration = server.live().register(user, self.protocol, self.peer.ip());
         let revoked = registration.revoked();
-        let end = relay::splice(&mut self.client, upstream_stream, idle, counters.clone(), async move {
+        let end = relay::splice(&mut self.client, &mut upstream_stream, idle, counters.clone(), async move {
             tokio::select! {
                 () = close.cancelled() => {}
                 () = revoked => {}

@@ -47,6 +47,9 @@ pub struct Dovecot {
     /// connection from its own address as secure, so on loopback it also allows AUTH before
     /// STARTTLS; check [`Dovecot::login_lines`] for `TLS` to prove a client upgraded.
     pub submission_starttls: SocketAddr,
+    /// Plaintext IMAP, only when started with [`Tuning::plain_imap`] (for a peer proxy whose
+    /// upstream side has no TLS). Dovecot counts loopback as secure, so LOGIN works on it.
+    pub imap: Option<SocketAddr>,
     /// CA certificate (PEM) that Dovecot's certificate chains to; its name is `localhost`.
     pub ca_file: PathBuf,
     /// Dovecot's log (logins appear as `Login: user=<name>`).
@@ -68,7 +71,22 @@ static DOVECOT: OnceLock<Dovecot> = OnceLock::new();
 
 /// The shared Dovecot, started (blocking, a second or two) on first use.
 pub fn dovecot() -> &'static Dovecot {
-    DOVECOT.get_or_init(start)
+    DOVECOT.get_or_init(|| start(Tuning::default()))
+}
+
+/// What a benchmark asks of Dovecot beyond the tests' defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tuning {
+    /// Also listen for plaintext IMAP ([`Dovecot::imap`]).
+    pub plain_imap: bool,
+    /// IMAP sessions to hold at once (login processes in high-performance mode, many clients
+    /// per imap process, a higher file-descriptor limit); 0 keeps the test defaults.
+    pub max_clients: u32,
+}
+
+/// The shared Dovecot started with `tuning`; if it already runs, the running one as it is.
+pub fn dovecot_tuned(tuning: Tuning) -> &'static Dovecot {
+    DOVECOT.get_or_init(|| start(tuning))
 }
 
 /// Who Dovecot's processes run as: as root, internal services stay root while login and mail
@@ -129,7 +147,7 @@ fn name_by_id(file: &str, id: u32) -> Option<String> {
         .map(|f| f[0].to_owned())
 }
 
-fn start() -> Dovecot {
+fn start(tuning: Tuning) -> Dovecot {
     let binary = super::require_binary("dovecot", "dovecot-imapd dovecot-pop3d dovecot-submissiond");
     let sink = super::sink::sink();
     let dir = tempfile::Builder::new().prefix("postern-dovecot-").tempdir().expect("dovecot temp dir").keep();
@@ -161,13 +179,22 @@ fn start() -> Dovecot {
     for _attempt in 0..3 {
         let ports = [super::free_port(), super::free_port(), super::free_port(), super::free_port()];
         let addrs = ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
-        let text = config(&dir, &id, &issued, &passwd_file, &log_file, ports, sink.addr);
+        let plain = tuning.plain_imap.then(|| SocketAddr::from(([127, 0, 0, 1], super::free_port())));
+        let mut text = config(&dir, &id, &issued, &passwd_file, &log_file, ports, sink.addr);
+        if let Some(plain) = plain {
+            text = text.replace("  inet_listener imap {\n    port = 0\n", &format!("  inet_listener imap {{\n    port = {}\n", plain.port()));
+        }
+        if tuning.max_clients > 0 {
+            text.push_str(&scale_config(tuning.max_clients));
+        }
         fs::write(&conf, text).expect("write dovecot.conf");
         let stderr_file = dir.join("stderr.log");
         let stderr = fs::File::create(&stderr_file).expect("dovecot stderr file");
         // Dovecot is stopped when our end of the shell's stdin closes, i.e. when we exit; the
         // folder goes too unless it holds a `.keep` file.
         let script = r#""$0" -F -c "$1" & p=$!; cat >/dev/null; kill $p; wait; [ -e "$2/.keep" ] || rm -rf "$2""#;
+        // Many sessions need many descriptors; root may raise its own hard limit.
+        let script = if tuning.max_clients > 0 { format!("ulimit -n {} 2>/dev/null; {script}", nofile(tuning.max_clients)) } else { script.to_owned() };
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -180,7 +207,8 @@ fn start() -> Dovecot {
             .spawn()
             .expect("spawn dovecot");
         let stdin = child.stdin.take().expect("dovecot wrapper stdin");
-        match wait_for_ports(&mut child, &addrs) {
+        let wanted: Vec<SocketAddr> = addrs.iter().copied().chain(plain).collect();
+        match wait_for_ports(&mut child, &wanted) {
             Ok(()) => {
                 if std::env::var_os("POSTERN_KEEP_TEST_DIRS").is_none() {
                     let _ = fs::remove_file(&keep_marker);
@@ -190,6 +218,7 @@ fn start() -> Dovecot {
                     pop3s: addrs[1],
                     submissions: addrs[2],
                     submission_starttls: addrs[3],
+                    imap: plain,
                     ca_file: super::pki::pki().ca_file.clone(),
                     log_file,
                     auth_socket: dir.join("run").join("auth-client"),
@@ -211,6 +240,42 @@ fn start() -> Dovecot {
         }
     }
     panic!("Dovecot failed to start (3 attempts; files kept in {}):\n{}", dir.display(), failures.join("\n---\n"));
+}
+
+/// File descriptors Dovecot's processes need for `clients` sessions (two or three each in the
+/// login process that holds TLS, plus the mail processes).
+fn nofile(clients: u32) -> u32 {
+    (clients * 3 + 1024).max(65_536)
+}
+
+/// Settings appended for [`Tuning::max_clients`]: login and imap processes that each serve
+/// many clients and live on (Dovecot's high-performance mode), up to 1,000 per imap process.
+fn scale_config(clients: u32) -> String {
+    let per_imap = 1000;
+    let imap_processes = clients / per_imap + 20;
+    let nofile = nofile(clients);
+    format!(
+        r#"
+# Scaled for {clients} concurrent sessions.
+mail_max_userip_connections = {clients}
+default_client_limit = {nofile}
+default_vsz_limit = 2G
+service imap-login {{
+  service_count = 0
+  process_min_avail = 2
+  client_limit = {nofile}
+}}
+service imap {{
+  service_count = 0
+  process_min_avail = 2
+  client_limit = {per_imap}
+  process_limit = {imap_processes}
+}}
+service anvil {{
+  client_limit = {nofile}
+}}
+"#
+    )
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -393,6 +458,23 @@ impl Dovecot {
     /// The password may contain any character except NUL (it is stored hex-encoded); the user
     /// name must not contain `:`, `/`, NUL, CR or LF, nor start with `recent:`.
     pub fn add_user(&self, user: &str, password: &str) {
+        self.add_users(&[(user, password)]);
+    }
+
+    /// [`Dovecot::add_user`] for many users at once: one passwd-file write and one wait for
+    /// Dovecot to see it, instead of up to a second per user.
+    pub fn add_users(&self, users: &[(&str, &str)]) {
+        for &(user, password) in users {
+            self.prepare_user(user, password);
+        }
+        self.write_passwd_file();
+        let deadline = Instant::now() + USER_VISIBLE_TIMEOUT;
+        for &(user, password) in users {
+            self.wait_until_visible(user, password, deadline);
+        }
+    }
+
+    fn prepare_user(&self, user: &str, password: &str) {
         assert!(
             !user.is_empty() && user != "." && user != ".." && !user.contains([':', '/', '\0', '\r', '\n', '\t']),
             "test user name {user:?} cannot go into a passwd-file"
@@ -407,17 +489,21 @@ impl Dovecot {
         }
         self.own(&home);
         let hex: String = password.bytes().map(|b| format!("{b:02x}")).collect();
-        {
-            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-            users.insert(user.to_owned(), format!("{user}:{{PLAIN.HEX}}{hex}::::{}::\n", home.display()));
-            let text: String = users.values().map(String::as_str).collect();
-            let tmp = self.dir.join("passwd.tmp");
-            fs::write(&tmp, text).expect("write passwd-file");
-            fs::rename(&tmp, &self.passwd_file).expect("replace passwd-file");
-        }
-        // Dovecot checks the file at most once a second: retry until it has the new version.
-        // Its passdbs and userdbs share one cache of the file, so a passdb check covers both.
-        let deadline = Instant::now() + USER_VISIBLE_TIMEOUT;
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.insert(user.to_owned(), format!("{user}:{{PLAIN.HEX}}{hex}::::{}::\n", home.display()));
+    }
+
+    fn write_passwd_file(&self) {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let text: String = users.values().map(String::as_str).collect();
+        let tmp = self.dir.join("passwd.tmp");
+        fs::write(&tmp, text).expect("write passwd-file");
+        fs::rename(&tmp, &self.passwd_file).expect("replace passwd-file");
+    }
+
+    /// Dovecot checks the file at most once a second: retries until it has the new version.
+    /// Its passdbs and userdbs share one cache of the file, so a passdb check covers both.
+    fn wait_until_visible(&self, user: &str, password: &str, deadline: Instant) {
         for name in [user.to_owned(), format!("{RECENT_PREFIX}{user}")] {
             loop {
                 match self.auth_test(&name, password) {

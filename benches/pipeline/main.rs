@@ -1,0 +1,302 @@
+//! End-to-end pipeline benchmark: Postern against the proxies an operator would otherwise
+//! deploy, same workload, same run, all on loopback.
+//!
+//! Starts the test CA, a real slapd and a real Dovecot (IMAPS, plus plaintext IMAP for nginx),
+//! then for each target — Dovecot directly, Postern (release binary, LDAP directory),
+//! HAProxy TLS-to-TLS and nginx's mail proxy when installed — measures:
+//!
+//! 1. throughput: whole-message FETCH of a large message, repeated (MB/s);
+//! 2. login rate: concurrent TLS connect + LOGIN + LOGOUT loops (logins/s, p50/p99);
+//! 3. idle memory: N sessions logged in and in IDLE, RSS growth per session;
+//! 4. added latency: NOOP round trip, minus Dovecot's own.
+//!
+//! Prints a table with ratios and writes it (with conditions and a `perf` profile of
+//! Postern's login path) to `benches/results/latest.md`.
+//!
+//! ```sh
+//! cargo bench --bench pipeline
+//! POSTERN_BENCH_SESSIONS=1000,10000 cargo bench --bench pipeline
+//! ```
+//!
+//! Knobs (environment): `POSTERN_BENCH_SESSIONS` (idle sessions, comma list, default 1000),
+//! `POSTERN_BENCH_CLIENTS` (login concurrency, default 1,50,500), `POSTERN_BENCH_LOGIN_SECS`
+//! (per level, default 4), `POSTERN_BENCH_MESSAGE_MB` (default 32), `POSTERN_BENCH_FETCHES`
+//! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
+//! skip the profile), `POSTERN_BENCH_OUT` (results file).
+
+#[path = "../../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports, clippy::all)]
+mod common;
+
+mod client;
+mod load;
+mod report;
+mod targets;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::dovecot::{self, Tuning};
+use load::Target;
+use report::Row;
+
+/// One bench user: LDAP password for Postern and nginx, Dovecot password for the rest.
+pub struct User {
+    /// Mail address (also the Dovecot login).
+    pub mail: String,
+    /// Directory password.
+    pub password: String,
+    /// Upstream (Dovecot) password.
+    pub upstream_password: String,
+}
+
+/// All bench users.
+pub struct Users {
+    /// In index order.
+    pub list: Vec<User>,
+}
+
+/// The bench folder, kept when `POSTERN_KEEP_TEST_DIRS` is set (logs of every target).
+struct Keep(Option<tempfile::TempDir>);
+
+impl Keep {
+    fn path(&self) -> &std::path::Path {
+        self.0.as_ref().map(|d| d.path()).unwrap_or(std::path::Path::new("/tmp"))
+    }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if std::env::var_os("POSTERN_KEEP_TEST_DIRS").is_some() {
+            if let Some(dir) = self.0.take() {
+                let _ = dir.keep();
+            }
+        }
+    }
+}
+
+/// A free loopback address for a listener.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], common::free_port()))
+}
+
+fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(default)
+}
+
+/// The bench's workload sizes.
+pub struct Plan {
+    /// Idle-session counts.
+    pub sessions: Vec<usize>,
+    /// Login concurrency levels.
+    pub clients: Vec<usize>,
+    /// Seconds per login level.
+    pub login_secs: u64,
+    /// Message size, MiB.
+    pub message_mb: usize,
+    /// Timed FETCHes.
+    pub fetches: usize,
+    /// NOOP round trips.
+    pub noops: usize,
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; filters make no sense for this harness.
+    let plan = Plan {
+        sessions: env_list("POSTERN_BENCH_SESSIONS", "1000"),
+        clients: env_list("POSTERN_BENCH_CLIENTS", "1,50,500"),
+        login_secs: env_num("POSTERN_BENCH_LOGIN_SECS", 4) as u64,
+        message_mb: env_num("POSTERN_BENCH_MESSAGE_MB", 32),
+        fetches: env_num("POSTERN_BENCH_FETCHES", 8),
+        noops: 2000,
+    };
+    let peers = std::env::var("POSTERN_BENCH_TARGETS").unwrap_or_else(|_| "direct,postern,haproxy,nginx".into());
+    let max_sessions = plan.sessions.iter().copied().max().unwrap_or(0);
+    // The clients hold one descriptor per session; raise our own limit (root may).
+    let _ = std::process::Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={0}:{0}", targets::NOFILE)])
+        .status();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(run(plan, &peers, max_sessions));
+}
+
+async fn run(plan: Plan, peers: &str, max_sessions: usize) {
+    let conditions = report::conditions();
+    eprintln!("starting slapd and Dovecot ...");
+    let pki = common::pki::pki();
+    let slapd = common::slapd::slapd();
+    let dovecot = dovecot::dovecot_tuned(Tuning { plain_imap: true, max_clients: (max_sessions + 1000) as u32 });
+    let user_count = 100;
+    let users = Users {
+        list: (0..user_count)
+            .map(|i| User {
+                mail: format!("bench{i}@example.com"),
+                password: format!("dir-{i}-Pw7"),
+                upstream_password: format!("up-{i}-Qk4"),
+            })
+            .collect(),
+    };
+    eprintln!("adding {} users ...", users.list.len());
+    for (i, user) in users.list.iter().enumerate() {
+        slapd.add_user(&format!("bench{i}"), &user.mail, &user.password, &[]);
+    }
+    let pairs: Vec<(&str, &str)> = users.list.iter().map(|u| (u.mail.as_str(), u.upstream_password.as_str())).collect();
+    dovecot.add_users(&pairs);
+    dovecot.deliver(&users.list[0].mail, &message(plan.message_mb));
+
+    let dir = tempfile::Builder::new().prefix("postern-bench-").tempdir().expect("bench dir");
+    if std::env::var_os("POSTERN_KEEP_TEST_DIRS").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+    }
+    let dir = Keep(Some(dir));
+    let issued = pki.issue_in("proxy", dir.path());
+    let tls = client::connector(&pki.ca_file);
+    let users = Arc::new(users);
+    let directory_login = {
+        let users = users.clone();
+        Arc::new(move |i: usize| (users.list[i].mail.clone(), users.list[i].password.clone()))
+            as Arc<dyn Fn(usize) -> (String, String) + Send + Sync>
+    };
+    let upstream_login = {
+        let users = users.clone();
+        Arc::new(move |i: usize| (users.list[i].mail.clone(), users.list[i].upstream_password.clone()))
+            as Arc<dyn Fn(usize) -> (String, String) + Send + Sync>
+    };
+
+    let mut rows = Vec::new();
+    let mut profile = None;
+    let direct = Target {
+        name: "Dovecot direct",
+        addr: dovecot.imaps,
+        tls: Some(tls.clone()),
+        credentials: upstream_login.clone(),
+        pid: None,
+    };
+    if peers.contains("direct") {
+        rows.push(measure(&direct, &plan, users.list.len()).await);
+    }
+    if peers.contains("postern") {
+        let sub = dir.path().join("postern");
+        std::fs::create_dir_all(&sub).expect("postern dir");
+        let (process, addr) = targets::postern(&sub, &issued, slapd, dovecot, &users);
+        let target = Target {
+            name: "Postern",
+            addr,
+            tls: Some(tls.clone()),
+            credentials: directory_login.clone(),
+            pid: Some(process.pid()),
+        };
+        rows.push(measure(&target, &plan, users.list.len()).await);
+        if std::env::var("POSTERN_BENCH_PERF").as_deref() != Ok("0") {
+            profile = report::profile_logins(&target, process.pid(), users.list.len(), &sub).await;
+        }
+    }
+    if peers.contains("haproxy") {
+        let sub = dir.path().join("haproxy");
+        std::fs::create_dir_all(&sub).expect("haproxy dir");
+        match targets::haproxy(&sub, &issued, dovecot) {
+            Some((process, addr)) => {
+                let target = Target {
+                    name: "HAProxy TLS-TLS",
+                    addr,
+                    tls: Some(tls.clone()),
+                    credentials: upstream_login.clone(),
+                    pid: Some(process.pid()),
+                };
+                rows.push(measure(&target, &plan, users.list.len()).await);
+            }
+            None => eprintln!("haproxy is not installed (apt-get install haproxy); skipped"),
+        }
+    }
+    if peers.contains("nginx") {
+        let sub = dir.path().join("nginx");
+        std::fs::create_dir_all(&sub).expect("nginx dir");
+        match targets::nginx(&sub, &issued, dovecot, &users).await {
+            Some((process, addr)) => {
+                let target = Target {
+                    name: "nginx mail",
+                    addr,
+                    tls: Some(tls.clone()),
+                    credentials: directory_login.clone(),
+                    pid: Some(process.pid()),
+                };
+                rows.push(measure(&target, &plan, users.list.len()).await);
+            }
+            None => eprintln!("nginx's mail module is not installed (apt-get install nginx libnginx-mod-mail); skipped"),
+        }
+    }
+
+    let table = report::table(&rows, &plan);
+    println!("\n{table}");
+    let out = std::env::var_os("POSTERN_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results/latest.md"));
+    report::write(&out, &conditions, &plan, &table, profile.as_deref());
+    println!("results written to {}", out.display());
+}
+
+/// Every workload against one target.
+async fn measure(target: &Target, plan: &Plan, users: usize) -> Row {
+    eprintln!("== {}", target.name);
+    let mut row = Row { name: target.name, ..Row::default() };
+    if let Some(pid) = target.pid {
+        for &n in &plan.sessions {
+            let idle = load::idle_memory(target, n, users, || targets::rss_kib(pid)).await;
+            eprintln!(
+                "  idle {n}: {} sessions, {} errors, RSS {} -> {} KiB, {:.1} KiB/session",
+                idle.sessions,
+                idle.errors,
+                idle.before_kib,
+                idle.after_kib,
+                idle.per_session_kib()
+            );
+            row.idle.push((n, idle));
+        }
+    }
+    match load::noop_latency(target, plan.noops).await {
+        Ok(latency) => row.noop = Some(latency),
+        Err(e) => eprintln!("  NOOP latency failed: {e}"),
+    }
+    match load::throughput(target, plan.fetches).await {
+        Ok(t) => {
+            eprintln!("  throughput: {:.0} MB/s, {:?} CPU ms per 100 MB ({} byte message)", t.mb_per_sec, t.cpu_ms_per_100mb, t.size);
+            row.throughput = Some(t.mb_per_sec);
+            row.cpu_per_100mb = t.cpu_ms_per_100mb;
+        }
+        Err(e) => eprintln!("  throughput failed: {e}"),
+    }
+    for &clients in &plan.clients {
+        let rate = load::logins(target, clients, users, Duration::from_secs(plan.login_secs)).await;
+        eprintln!(
+            "  logins x{clients}: {:.0}/s p50 {:?} p99 {:?} errors {}",
+            rate.per_sec, rate.p50, rate.p99, rate.errors
+        );
+        row.logins.push((clients, rate));
+        // Let TIME_WAIT sockets and the target's backlog settle between levels.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(pid) = target.pid {
+        row.peak_kib = targets::rss_kib(pid);
+    }
+    row
+}
+
+/// A message of about `mb` MiB with CRLF lines, as a delivery agent would store it.
+fn message(mb: usize) -> Vec<u8> {
+    let mut m = b"From: bench@example.com\r\nTo: bench0@example.com\r\nSubject: large\r\n\r\n".to_vec();
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\r\n";
+    while m.len() < mb * 1024 * 1024 {
+        m.extend_from_slice(line);
+    }
+    m
+}
