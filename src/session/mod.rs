@@ -96,8 +96,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.record.mechanism = Some(credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
                     let started = std::time::Instant::now();
+                    // Boxed: the decision's future is large and only lives during a login, so it
+                    // must not sit inline in every idle session's future.
+                    let admit = Box::pin(login::admit(&self.server, self.protocol, self.peer.ip(), &credentials));
                     let decision = tokio::select! {
-                        decision = login::admit(&self.server, self.protocol, self.peer.ip(), &credentials) => decision,
+                        decision = admit => decision,
                         () = self.shutdown.stop_accepting.cancelled() => {
                             self.record.set(Outcome::Shutdown, "server shut down during login");
                             let bye = self.dialogue.shutting_down();
