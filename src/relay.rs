@@ -256,20 +256,28 @@ enum Filled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+    use tokio::task::JoinHandle;
 
-    #[tokio::test]
-    async fn bytes_flow_both_ways_and_half_close_is_passed_on() {
-        let (client_near, mut client_far) = duplex(64);
-        let (upstream_near, mut upstream_far) = duplex(64);
-        let counters = Arc::new(Counters::default());
+    /// A running splice between two in-memory pipes of `capacity` bytes: the far ends of the
+    /// client and upstream sides, and the splice's task.
+    fn spliced(capacity: usize, idle_secs: u64, counters: Arc<Counters>) -> (DuplexStream, DuplexStream, JoinHandle<End>) {
+        let (client_near, client_far) = duplex(capacity);
+        let (upstream_near, upstream_far) = duplex(capacity);
         let task = tokio::spawn(splice(
             client_near,
             upstream_near,
-            Duration::from_secs(60),
-            counters.clone(),
+            Duration::from_secs(idle_secs),
+            counters,
             std::future::pending(),
         ));
+        (client_far, upstream_far, task)
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_and_half_close_is_passed_on() {
+        let counters = Arc::new(Counters::default());
+        let (mut client_far, mut upstream_far, task) = spliced(64, 60, counters.clone());
         client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
         client_far.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -291,15 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_closing_ends_the_session_even_if_the_client_stays() {
-        let (client_near, mut client_far) = duplex(64);
-        let (upstream_near, mut upstream_far) = duplex(64);
-        let task = tokio::spawn(splice(
-            client_near,
-            upstream_near,
-            Duration::from_secs(60),
-            Arc::new(Counters::default()),
-            std::future::pending(),
-        ));
+        let (mut client_far, mut upstream_far, task) = spliced(64, 60, Arc::new(Counters::default()));
         upstream_far.write_all(b"* BYE\r\n").await.unwrap();
         upstream_far.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -310,15 +310,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_sessions_end_but_active_ones_do_not() {
-        let (client_near, mut client_far) = duplex(64);
-        let (upstream_near, mut upstream_far) = duplex(64);
-        let task = tokio::spawn(splice(
-            client_near,
-            upstream_near,
-            Duration::from_secs(100),
-            Arc::new(Counters::default()),
-            std::future::pending(),
-        ));
+        let (mut client_far, mut upstream_far, task) = spliced(64, 100, Arc::new(Counters::default()));
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(60)).await;
             client_far.write_all(b"x").await.unwrap();
@@ -336,15 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn bursts_of_every_size_arrive_intact_both_ways() {
-        let (client_near, client_far) = duplex(8 * 1024);
-        let (upstream_near, upstream_far) = duplex(8 * 1024);
-        let task = tokio::spawn(splice(
-            client_near,
-            upstream_near,
-            Duration::from_secs(60),
-            Arc::new(Counters::default()),
-            std::future::pending(),
-        ));
+        let (client_far, upstream_far, task) = spliced(8 * 1024, 60, Arc::new(Counters::default()));
         let sizes = [1, INLINE_SIZE - 1, INLINE_SIZE, INLINE_SIZE + 1, BURST_SIZE, 3 * STREAM_SIZE + 17, 1_000_000];
         let down_data: Vec<u8> = sizes.iter().enumerate().flat_map(|(i, &n)| pattern(n, i as u8)).collect();
         let up_data = pattern(700_000, 9);
