@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::directory::DirectoryConfig;
+use crate::stores::directory::DirectoryConfig;
 use crate::protocol::Protocol;
+pub use crate::tls::TlsVersion;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +79,7 @@ pub struct Config {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Name announced in greetings and put in generated certificates.
@@ -105,18 +106,6 @@ impl Default for ServerConfig {
     }
 }
 
-/// Lowest TLS version accepted from clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-pub enum TlsVersion {
-    /// TLS 1.2 and 1.3.
-    #[serde(rename = "1.2")]
-    #[default]
-    Tls12,
-    /// TLS 1.3 only.
-    #[serde(rename = "1.3")]
-    Tls13,
-}
-
 /// `[tls]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,7 +123,7 @@ pub struct TlsConfig {
 }
 
 /// `[limits]`: every timer and size that bounds a connection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Seconds a client has to complete the TLS handshake.
@@ -165,8 +154,8 @@ impl Default for Limits {
             preauth_timeout_secs: 60,
             upstream_timeout_secs: 20,
             idle_timeout_secs: 35 * 60,
-            max_line: crate::limits::DEFAULT_MAX_LINE,
-            max_literal: crate::limits::DEFAULT_MAX_LITERAL,
+            max_line: crate::protocol::limits::DEFAULT_MAX_LINE,
+            max_literal: crate::protocol::limits::DEFAULT_MAX_LITERAL,
             max_connections: 20_000,
             max_sessions_per_user: 30,
             max_connections_per_ip: 500,
@@ -213,7 +202,7 @@ pub enum UpstreamTls {
 }
 
 /// `[imap]`, `[pop3]`, `[smtp]`: one protocol's listeners and upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtocolConfig {
     /// Addresses to listen on, e.g. `["0.0.0.0:10993", "[::]:10993"]`.
@@ -253,6 +242,16 @@ pub enum UpstreamAuthMode {
     Xoauth2,
 }
 
+impl UpstreamAuthMode {
+    /// The value as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamAuthMode::Password => "password",
+            UpstreamAuthMode::Xoauth2 => "xoauth2",
+        }
+    }
+}
+
 /// Where access tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -279,7 +278,7 @@ impl OAuthSource {
 }
 
 /// `[oauth]`: one token source shared by every protocol whose `upstream_auth` is `"xoauth2"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
     /// `"google-service-account"`, `"microsoft"` or `"refresh-token"`.
@@ -428,7 +427,7 @@ pub struct AuditConfig {
 }
 
 /// `[metrics]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9425`; off when absent.
@@ -629,7 +628,7 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let c = parse(include_str!("../proxy.toml.example")).unwrap();
         assert_eq!(c.protocols().count(), 3);
-        crate::access::Profiles::parse(include_str!("../profiles.toml.example")).unwrap();
+        crate::access::profiles::Profiles::parse(include_str!("../profiles.toml.example")).unwrap();
     }
 
     #[test]

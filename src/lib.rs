@@ -4,29 +4,27 @@
 //! source address against the user's security profiles, verifies the password against
 //! the directory, logs in upstream with a stored credential the user never sees, and
 //! then splices bytes both ways.
+//!
+//! The modules follow the path of a connection: [`daemon`] accepts it, [`session`] runs
+//! its dialogue (parsed by [`protocol`]) and asks [`access`] for the decision, which uses
+//! the [`stores`] (directory, vault, OAuth2 tokens); [`upstream`] logs in with the user's
+//! stored credential and the session splices; [`audit`] and [`metrics`] record it. The
+//! [`cli`] holds the admin commands; [`state`] is what every session shares.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod access;
-pub mod admin;
 pub mod audit;
-pub mod auditlog;
+pub mod cli;
 pub mod config;
-pub mod control;
-pub mod directory;
+pub mod daemon;
 pub mod fsutil;
-pub mod limits;
-pub mod listener;
-pub mod live;
 pub mod metrics;
-pub mod notify;
-pub mod oauth;
 pub mod protocol;
-pub mod relay;
 pub mod secret;
-pub mod server;
 pub mod session;
+pub mod state;
+pub mod stores;
 pub mod tls;
 pub mod upstream;
-pub mod vault;
-pub mod watch;
+pub mod user;

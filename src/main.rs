@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use postern::admin::{self, SecretSource};
+use postern::cli::{self, SecretSource};
+use postern::daemon;
 use postern::config::LogFormat;
 use postern::protocol::Protocol;
 
@@ -209,7 +210,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
-        Command::Serve => admin::load_config(&cli.config).map(|c| c.audit.format).unwrap_or_default(),
+        Command::Serve => cli::load_config(&cli.config).map(|c| c.audit.format).unwrap_or_default(),
         _ => LogFormat::Text,
     };
     init_logging(format);
@@ -223,35 +224,35 @@ fn main() -> ExitCode {
     let config = cli.config.as_path();
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve => admin::serve(config).await,
-            Command::Check => admin::check(config).await,
-            Command::Status { user } => admin::status(config, user.as_deref()).await,
-            Command::Probe { user, protocol } => admin::probe(config, &user, protocol.into()).await,
-            Command::Audit { user, since, file } => admin::audit(config, file.as_deref(), user.as_deref(), since.as_deref()),
+            Command::Serve => daemon::serve(config).await,
+            Command::Check => cli::check(config).await,
+            Command::Status { user } => cli::status(config, user.as_deref()).await,
+            Command::Probe { user, protocol } => cli::probe(config, &user, protocol.into()).await,
+            Command::Audit { user, since, file } => cli::audit(config, file.as_deref(), user.as_deref(), since.as_deref()),
             Command::Access(AccessCommand::Explain { user, ip, protocol }) => {
-                admin::explain(config, &user, ip, protocol.into()).await
+                cli::explain(config, &user, ip, protocol.into()).await
             }
-            Command::Vault(VaultCommand::Init) => admin::vault_init(config),
-            Command::User(UserCommand::SetPassword { user }) => admin::set_password(config, &user),
+            Command::Vault(VaultCommand::Init) => cli::vault_init(config),
+            Command::User(UserCommand::SetPassword { user }) => cli::set_password(config, &user),
             Command::User(UserCommand::SetUpstream { user, generate, refresh_token, upstream_user, .. }) => {
                 let source = match (generate, refresh_token) {
                     (true, _) => SecretSource::Generate,
                     (false, true) => SecretSource::RefreshToken,
                     (false, false) => SecretSource::Stdin,
                 };
-                admin::set_upstream(config, &user, source, upstream_user)
+                cli::set_upstream(config, &user, source, upstream_user)
             }
             Command::User(UserCommand::Rotate { user, stdin, confirm }) => {
                 let source = if stdin { SecretSource::Stdin } else { SecretSource::Generate };
-                admin::rotate(config, &user, source, confirm)
+                cli::rotate(config, &user, source, confirm)
             }
-            Command::User(UserCommand::Remove { user }) => admin::remove(config, &user),
-            Command::User(UserCommand::Unlock { user }) => admin::unlock(config, &user).await,
-            Command::User(UserCommand::List) => admin::list(config),
-            Command::User(UserCommand::ShowUpstream { user, reveal }) => admin::show_upstream(config, &user, reveal),
-            Command::User(UserCommand::Import { file, skip_invalid }) => admin::import(config, &file, skip_invalid),
-            Command::User(UserCommand::Export { output, reveal }) => admin::export(config, output.as_deref(), reveal),
-            Command::Cert(CertCommand::Generate { hostname, cert, key }) => admin::cert_generate(&hostname, &cert, &key),
+            Command::User(UserCommand::Remove { user }) => cli::remove(config, &user),
+            Command::User(UserCommand::Unlock { user }) => cli::unlock(config, &user).await,
+            Command::User(UserCommand::List) => cli::list(config),
+            Command::User(UserCommand::ShowUpstream { user, reveal }) => cli::show_upstream(config, &user, reveal),
+            Command::User(UserCommand::Import { file, skip_invalid }) => cli::import(config, &file, skip_invalid),
+            Command::User(UserCommand::Export { output, reveal }) => cli::export(config, output.as_deref(), reveal),
+            Command::Cert(CertCommand::Generate { hostname, cert, key }) => cli::cert_generate(&hostname, &cert, &key),
         }
     });
     match result {

@@ -13,7 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::Denial;
 use crate::protocol::Protocol;
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp];
@@ -21,84 +20,19 @@ const PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-/// How one login attempt ended, as counted (`outcome`, `reason` labels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoginResult {
-    /// Logged in upstream.
-    Ok,
-    /// Refused for this reason.
-    Denied(Denial),
-    /// The directory could not decide.
-    DirectoryUnavailable,
-    /// The upstream refused the stored credential.
-    UpstreamRefused,
-    /// The upstream could not be reached or broke the login.
-    UpstreamUnavailable,
-    /// The vault could not be read, or the credential cannot be used.
-    CredentialUnusable,
+/// How one login attempt ended, as counted: the `outcome` and `reason` labels. The access
+/// decision names them (`Refusal::labels`), one pair per kind of refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LoginResult {
+    /// `ok`, `denied` or `unavailable`.
+    pub outcome: &'static str,
+    /// Why, from a bounded set.
+    pub reason: &'static str,
 }
 
-const DENIALS: [Denial; 10] = [
-    Denial::InvalidUserName,
-    Denial::Locked,
-    Denial::IpNotInAnyProfile,
-    Denial::UnknownUser,
-    Denial::NoProfile,
-    Denial::MailAccessOff,
-    Denial::ProtocolNotAllowed,
-    Denial::IpNotAllowed,
-    Denial::WrongPassword,
-    Denial::NoUpstreamCredential,
-];
-const LOGIN_RESULTS: usize = DENIALS.len() + 5;
-
 impl LoginResult {
-    /// Classifies the reason of an unavailable login (free text) into a bounded label.
-    pub fn unavailable(reason: &str) -> Self {
-        if reason.starts_with("upstream refused") {
-            LoginResult::UpstreamRefused
-        } else if reason.starts_with("upstream") {
-            LoginResult::UpstreamUnavailable
-        } else if reason.starts_with("directory") {
-            LoginResult::DirectoryUnavailable
-        } else {
-            LoginResult::CredentialUnusable
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            LoginResult::Ok => 0,
-            LoginResult::DirectoryUnavailable => 1,
-            LoginResult::UpstreamRefused => 2,
-            LoginResult::UpstreamUnavailable => 3,
-            LoginResult::CredentialUnusable => 4,
-            LoginResult::Denied(d) => 5 + DENIALS.iter().position(|x| *x == d).unwrap_or(0),
-        }
-    }
-
-    fn from_index(index: usize) -> Self {
-        match index {
-            0 => LoginResult::Ok,
-            1 => LoginResult::DirectoryUnavailable,
-            2 => LoginResult::UpstreamRefused,
-            3 => LoginResult::UpstreamUnavailable,
-            4 => LoginResult::CredentialUnusable,
-            i => LoginResult::Denied(DENIALS[(i - 5) % DENIALS.len()]),
-        }
-    }
-
-    /// The `outcome` and `reason` labels.
-    pub fn labels(self) -> (&'static str, &'static str) {
-        match self {
-            LoginResult::Ok => ("ok", "ok"),
-            LoginResult::Denied(d) => ("denied", d.reason()),
-            LoginResult::DirectoryUnavailable => ("unavailable", "directory unavailable"),
-            LoginResult::UpstreamRefused => ("unavailable", "upstream refused the stored credential"),
-            LoginResult::UpstreamUnavailable => ("unavailable", "upstream unavailable"),
-            LoginResult::CredentialUnusable => ("unavailable", "stored credential unusable"),
-        }
-    }
+    /// A login that got through.
+    pub const OK: LoginResult = LoginResult { outcome: "ok", reason: "ok" };
 }
 
 /// A latency histogram with fixed buckets; observations are lock-free.
@@ -169,7 +103,7 @@ fn slot(protocol: Protocol) -> usize {
 pub struct Metrics {
     sessions_active: PerProtocol,
     sessions_total: PerProtocol,
-    logins: [AtomicU64; LOGIN_RESULTS],
+    logins: std::sync::Mutex<std::collections::BTreeMap<LoginResult, u64>>,
     bytes_up: PerProtocol,
     bytes_down: PerProtocol,
     tls_failures: PerProtocol,
@@ -217,12 +151,12 @@ impl Metrics {
 
     /// Counts one login attempt.
     pub fn login(&self, result: LoginResult) {
-        self.logins[result.index()].fetch_add(1, Ordering::Relaxed);
+        *self.logins.lock().unwrap_or_else(|e| e.into_inner()).entry(result).or_default() += 1;
     }
 
     /// Login attempts counted with `result`.
     pub fn logins(&self, result: LoginResult) -> u64 {
-        self.logins[result.index()].load(Ordering::Relaxed)
+        self.logins.lock().unwrap_or_else(|e| e.into_inner()).get(&result).copied().unwrap_or(0)
     }
 
     /// Adds the bytes a finished splice relayed.
@@ -256,13 +190,8 @@ impl Metrics {
             out,
             "# HELP postern_logins_total Login attempts by outcome and reason.\n# TYPE postern_logins_total counter"
         );
-        for (i, counter) in self.logins.iter().enumerate() {
-            let (outcome, reason) = LoginResult::from_index(i).labels();
-            let _ = writeln!(
-                out,
-                "postern_logins_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
+        for (LoginResult { outcome, reason }, count) in self.logins.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "postern_logins_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {count}");
         }
         self.bytes_up.render(&mut out, "postern_bytes_up_total", "counter", "Bytes relayed client to upstream by finished sessions.");
         self.bytes_down.render(&mut out, "postern_bytes_down_total", "counter", "Bytes relayed upstream to client by finished sessions.");
@@ -346,20 +275,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn login_results_round_trip_through_their_index() {
-        for i in 0..LOGIN_RESULTS {
-            assert_eq!(LoginResult::from_index(i).index(), i);
-        }
-        assert_eq!(LoginResult::unavailable("upstream refused the stored credential: NO"), LoginResult::UpstreamRefused);
-        assert_eq!(LoginResult::unavailable("directory unavailable: down"), LoginResult::DirectoryUnavailable);
-    }
-
-    #[test]
     fn render_counts_logins_and_fills_histograms_cumulatively() {
         let m = Arc::new(Metrics::default());
         let guard = m.session_started(Protocol::Pop3);
-        m.login(LoginResult::Ok);
-        m.login(LoginResult::Denied(Denial::WrongPassword));
+        m.login(LoginResult::OK);
+        m.login(LoginResult { outcome: "denied", reason: "wrong password" });
         m.login_latency.observe(Duration::from_millis(30));
         m.login_latency.observe(Duration::from_secs(100));
         let text = m.render();

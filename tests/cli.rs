@@ -137,7 +137,7 @@ fn import_validates_every_row_first_and_export_hides_secrets() {
 #[test]
 fn access_explain_names_the_profile_or_the_reason() {
     let i = install();
-    postern::directory::file::set_password(&i.path("users.toml"), "alice@example.com", &postern::secret::Secret::new("pw")).unwrap();
+    postern::stores::directory::file::set_password(&i.path("users.toml"), "alice@example.com", &postern::secret::Secret::new("pw")).unwrap();
     let out = expect_code(&i.run(&["access", "explain", "alice@example.com", "127.0.0.1"], ""), 0);
     assert!(out.contains("allow entry 127.0.0.1/32 matches") && out.contains("decision: allowed by profile \"loopback\""), "{out}");
     assert!(out.contains("upstream credential: missing"), "{out}");

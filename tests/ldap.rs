@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::slapd::{Slapd, slapd};
-use postern::directory::ldap::{LdapConfig, LdapDirectory};
-use postern::directory::{Directory, DirectoryConfig, DirectoryError};
+use postern::stores::directory::ldap::{LdapConfig, LdapDirectory};
+use postern::stores::directory::{Directory, DirectoryConfig, DirectoryError};
 use postern::secret::Secret;
 
 /// Service-account search mode against `url`, plus `extra` TOML lines.

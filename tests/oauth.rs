@@ -106,7 +106,7 @@ async fn google_service_account_imap_login_and_fetch() {
     // A second session reuses the cached token.
     assert!(imap_login(&proxy, &mail, "dir-pw-g1").await.starts_with("a1 OK"));
     assert_eq!(token_server().grants(&mail), 1);
-    let metrics = proxy.server.oauth.as_ref().unwrap().metrics().snapshot();
+    let metrics = proxy.server.upstreams.oauth().unwrap().metrics().snapshot();
     eprintln!("token endpoint metrics: {metrics:?}");
     assert!(metrics.requests >= 1 && metrics.cache_hits >= 1 && metrics.mean_latency().is_some(), "{metrics:?}");
     // The directory password still decides.
@@ -267,7 +267,7 @@ async fn token_endpoint_outage_is_an_upstream_outage() {
     let audit =
         logs::wait_for_audit(&mail, &["\"outcome\":\"unavailable\"", "no OAuth2 token for", "unreachable"]).await;
     assert!(audit.contains("cannot connect"), "{audit}");
-    let metrics = proxy.server.oauth.as_ref().unwrap().metrics().snapshot();
+    let metrics = proxy.server.upstreams.oauth().unwrap().metrics().snapshot();
     assert_eq!((metrics.requests, metrics.failures), (1, 1));
     assert_eq!(dovecot_xoauth2_logins(&mail, 0), 0);
 }
@@ -333,7 +333,7 @@ async fn readable_key_and_secret_files_stop_the_start() {
         std::fs::write(&path, text).unwrap();
         std::fs::write(dir.path().join("profiles.toml"), "").unwrap();
         let config = postern::config::Config::load(&path).unwrap();
-        let err = match postern::server::Server::from_config(&config).await {
+        let err = match postern::state::State::from_config(&config).await {
             Ok(_) => panic!("{file} with mode 0644 was accepted"),
             Err(e) => e.to_string(),
         };
@@ -349,7 +349,7 @@ async fn probe_helper_logs_in_upstream_without_a_client() {
     for protocol in
         [postern::protocol::Protocol::Imap, postern::protocol::Protocol::Pop3, postern::protocol::Protocol::Smtp]
     {
-        let logged_in = postern::session::login::login_upstream(&proxy.server, protocol, &mail, "", None).await;
+        let logged_in = proxy.server.upstreams.login(protocol, &mail, "", None, &|_| {}).await;
         assert!(logged_in.is_ok(), "{protocol}: {:?}", logged_in.err());
     }
     assert_eq!(token_server().grants(&mail), 1);

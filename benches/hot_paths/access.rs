@@ -5,7 +5,8 @@ use std::hint::black_box;
 use std::net::IpAddr;
 
 use criterion::{Criterion, Throughput};
-use postern::access::{Profiles, check_profiles};
+use postern::access::decision::check_profiles;
+use postern::access::profiles::Profiles;
 use postern::protocol::Protocol;
 
 const ENTRIES: usize = 1_000;

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use criterion::Criterion;
 use postern::secret::Secret;
-use postern::vault::{UpstreamSecret, Vault};
+use postern::stores::vault::{UpstreamSecret, Vault};
 use tempfile::TempDir;
 
 const USERS: usize = 10_000;

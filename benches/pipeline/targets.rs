@@ -145,7 +145,7 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
 /// Dovecot's IMAPS as upstream.
 pub fn postern(dir: &Path, issued: &Issued, slapd: &Slapd, dovecot: &Dovecot, users: &Users) -> (Process, SocketAddr) {
     use postern::secret::Secret;
-    use postern::vault::{UpstreamSecret, Vault};
+    use postern::stores::vault::{UpstreamSecret, Vault};
     let addr = free_addr();
     let state = dir.join("state");
     Vault::init(&state).expect("vault init");

@@ -159,7 +159,8 @@ impl Profiles {
                 .map(|line| parse_allow_entry(line).map_err(|e| format!("{at}, allow: {e}")))
                 .collect::<Result<Vec<_>, _>>()?;
             for user in entry.users {
-                profiles.by_user.entry(user.trim().to_lowercase()).or_default().push(index);
+                let user = crate::user::normalize(&user).map_err(|e| format!("{at}, users: {e}"))?;
+                profiles.by_user.entry(user).or_default().push(index);
             }
             for group in entry.groups {
                 profiles.by_group.entry(group.trim().to_lowercase()).or_default().push(index);

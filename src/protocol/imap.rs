@@ -9,6 +9,7 @@
 use bytes::BytesMut;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::fields;
 use super::line::{self, BadCommands, Framed};
 use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
 use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
@@ -430,8 +431,8 @@ impl ImapDialogue {
         let [user, password] = args else {
             return self.bad(Some(&tag), "LOGIN needs a user name and a password");
         };
-        let user = user.astring().and_then(line::user_name);
-        let password = password.astring().and_then(line::password);
+        let user = user.astring().and_then(fields::user_name);
+        let password = password.astring().and_then(fields::password);
         let (Some(user), Some(password)) = (user, password) else {
             return self.bad(Some(&tag), "Invalid user name or password");
         };
@@ -598,7 +599,7 @@ impl Dialogue for ImapDialogue {
 mod tests {
 
     use super::*;
-    use crate::limits::MAX_BAD_COMMANDS;
+    use crate::protocol::limits::MAX_BAD_COMMANDS;
     use crate::protocol::line::testing::{self, Decision, b64, fuzz, run};
 
     const PW: &str = "pä ss\"w\\rd";

@@ -9,8 +9,7 @@ use zeroize::Zeroize;
 
 use super::Step;
 use super::sasl::SaslExchange;
-use crate::limits::MAX_BAD_COMMANDS;
-use crate::secret::Secret;
+use crate::protocol::limits::MAX_BAD_COMMANDS;
 
 /// One line taken from the client's input, without its terminator.
 ///
@@ -77,30 +76,6 @@ pub fn split_verb(line: &[u8]) -> (&[u8], &[u8]) {
 /// The space-separated words of `text`, ignoring repeated spaces.
 pub fn words(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     text.split(|&b| b == b' ').filter(|w| !w.is_empty())
-}
-
-/// Checks a user name as sent by the client and returns it trimmed.
-///
-/// It must be UTF-8 and non-empty, with no control characters: they have no place in a
-/// mail address and could forge log lines or protocol lines upstream.
-pub fn user_name(raw: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(raw).ok()?.trim();
-    if text.is_empty() || text.chars().any(char::is_control) {
-        return None;
-    }
-    Some(text.to_owned())
-}
-
-/// Checks a password as sent by the client.
-///
-/// Any UTF-8 is allowed except NUL, CR and LF, which no upstream syntax can carry.
-/// Empty passwords are refused outright: a directory may treat an empty simple bind
-/// as an anonymous bind that "succeeds".
-pub fn password(raw: &[u8]) -> Option<Secret> {
-    if raw.is_empty() || raw.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n')) {
-        return None;
-    }
-    std::str::from_utf8(raw).ok().map(Secret::new)
 }
 
 /// Where a line-based dialogue (POP3, SMTP) stands; IMAP, with tags and literals, has its own.
@@ -359,33 +334,6 @@ mod tests {
         assert_eq!(line_of(&mut b, 5), None);
         let mut b = BytesMut::from(&b"abcde"[..]);
         assert_eq!(line_of(&mut b, 5).unwrap(), b"<too long>");
-    }
-
-    #[test]
-    fn field_checks() {
-        assert_eq!(
-            user_name(b"  Alice@Example.com ").as_deref(),
-            Some("Alice@Example.com")
-        );
-        assert_eq!(user_name(b"j\xc3\xbcrgen").as_deref(), Some("jürgen"));
-        for bad in [
-            &b""[..],
-            b"   ",
-            b"a\0b",
-            b"a\rb",
-            b"a\nb",
-            b"a\x1bb",
-            b"\xff",
-        ] {
-            assert_eq!(user_name(bad), None);
-        }
-        assert_eq!(
-            password("pä ss\"w\\rd ".as_bytes()).unwrap().expose(),
-            "pä ss\"w\\rd "
-        );
-        for bad in [&b""[..], b"a\0", b"a\r", b"\nb", b"\xc3"] {
-            assert!(password(bad).is_none());
-        }
     }
 
     #[test]

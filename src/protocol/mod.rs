@@ -9,7 +9,9 @@ use bytes::BytesMut;
 
 use crate::secret::Secret;
 
+pub mod fields;
 pub mod imap;
+pub mod limits;
 pub mod line;
 pub mod pop3;
 pub mod sasl;
@@ -98,8 +100,8 @@ pub struct DialogueSettings {
 impl Default for DialogueSettings {
     fn default() -> Self {
         Self {
-            max_line: crate::limits::DEFAULT_MAX_LINE,
-            max_literal: crate::limits::DEFAULT_MAX_LITERAL,
+            max_line: crate::protocol::limits::DEFAULT_MAX_LINE,
+            max_literal: crate::protocol::limits::DEFAULT_MAX_LITERAL,
             hostname: "postern".to_owned(),
             smtp_max_size: None,
         }

@@ -5,6 +5,7 @@
 
 use bytes::BytesMut;
 
+use super::fields;
 use super::line::{self, BadCommands, LineState, NextLine};
 use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
 use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
@@ -62,14 +63,14 @@ impl Pop3Dialogue {
     fn command(&mut self, line: &[u8]) -> Step {
         let (verb, rest) = line::split_verb(line);
         match verb.to_ascii_uppercase().as_slice() {
-            b"USER" => match line::user_name(rest) {
+            b"USER" => match fields::user_name(rest) {
                 Some(user) => {
                     self.user = Some(user);
                     Step::Reply(b"+OK\r\n".to_vec())
                 }
                 None => self.fail("-ERR Invalid user name\r\n"),
             },
-            b"PASS" => match (self.user.take(), line::password(rest)) {
+            b"PASS" => match (self.user.take(), fields::password(rest)) {
                 (None, _) => self.fail("-ERR USER first\r\n"),
                 (Some(_), None) => self.fail("-ERR Invalid password\r\n"),
                 (Some(user), Some(password)) => self.login(user, password, "USER/PASS"),
@@ -186,7 +187,7 @@ impl Dialogue for Pop3Dialogue {
 mod tests {
 
     use super::*;
-    use crate::limits::MAX_BAD_COMMANDS;
+    use crate::protocol::limits::MAX_BAD_COMMANDS;
     use crate::protocol::line::testing::{self, Decision, b64, fuzz, run, run_all_splits};
 
     fn settings() -> DialogueSettings {

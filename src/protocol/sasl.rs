@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
-use super::line;
+use super::fields;
 use crate::secret::Secret;
 
 /// Why a SASL response could not be decoded or used.
@@ -196,7 +196,7 @@ impl SaslExchange {
         let step = match std::mem::replace(&mut self.awaiting, Awaiting::Nothing) {
             Awaiting::PlainResponse => plain(line),
             Awaiting::LoginUser => match decode_login_field(line) {
-                Ok(user) => match line::user_name(user.expose().as_bytes()) {
+                Ok(user) => match fields::user_name(user.expose().as_bytes()) {
                     Some(user) => {
                         self.awaiting = Awaiting::LoginPassword(user);
                         return SaslStep::Challenge(PASSWORD_CHALLENGE);
@@ -221,7 +221,7 @@ impl SaslExchange {
 /// Turns a PLAIN response into credentials, refusing foreign authorization identities.
 fn plain(line: &[u8]) -> Result<SaslStep, SaslError> {
     let response = decode_plain(line)?;
-    let user = line::user_name(response.authcid.as_bytes()).ok_or(SaslError::Malformed)?;
+    let user = fields::user_name(response.authcid.as_bytes()).ok_or(SaslError::Malformed)?;
     let authzid = response.authzid.trim();
     if !authzid.is_empty() && !authzid.eq_ignore_ascii_case(&user) {
         return Err(SaslError::ForeignAuthzid);

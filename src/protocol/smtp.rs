@@ -187,7 +187,7 @@ impl Dialogue for SmtpDialogue {
 mod tests {
 
     use super::*;
-    use crate::limits::MAX_BAD_COMMANDS;
+    use crate::protocol::limits::MAX_BAD_COMMANDS;
     use crate::protocol::line::testing::{self, Decision, b64, fuzz, run};
 
     fn settings() -> DialogueSettings {

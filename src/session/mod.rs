@@ -11,18 +11,20 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::audit::{Event, Outcome, SessionRecord};
-use crate::limits::MAX_LOGIN_ATTEMPTS;
+use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
 use crate::metrics::LoginResult;
 use crate::protocol::{self, Dialogue, Protocol, Step};
-use crate::relay::{self, Counters};
-use crate::server::{Server, Shutdown};
+use crate::state::{State, Shutdown};
 
-pub mod login;
+pub mod registry;
+pub mod relay;
 
-use login::{Admitted, Refusal};
+use relay::Counters;
+
+use crate::access::decision::{self, Admitted, Refusal};
 
 /// Runs the session of a client whose TLS handshake is done, and writes its audit line.
-pub async fn run<S>(server: Arc<Server>, protocol: Protocol, client: S, peer: SocketAddr, shutdown: Shutdown)
+pub async fn run<S>(server: Arc<State>, protocol: Protocol, client: S, peer: SocketAddr, shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -48,7 +50,7 @@ where
 }
 
 struct Session<S> {
-    server: Arc<Server>,
+    server: Arc<State>,
     protocol: Protocol,
     dialogue: Box<dyn Dialogue>,
     client: S,
@@ -92,13 +94,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Step::Login(credentials) => {
                     self.record.attempts += 1;
-                    self.record.user = Some(login::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
+                    self.record.user = Some(decision::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
                     self.record.mechanism = Some(credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
                     let started = std::time::Instant::now();
                     // Boxed: the decision's future is large and only lives during a login, so it
                     // must not sit inline in every idle session's future.
-                    let admit = Box::pin(login::admit(&self.server, self.protocol, self.peer.ip(), &credentials));
+                    let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), &credentials));
                     let decision = tokio::select! {
                         decision = admit => decision,
                         () = self.shutdown.stop_accepting.cancelled() => {
@@ -129,7 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             self.write(&reply, deadline).await?;
                         }
                         Err(Refusal::Unavailable(reason)) => {
-                            self.record.set(Outcome::Unavailable, reason);
+                            self.record.set(Outcome::Unavailable, reason.to_string());
                             self.server.audit(&self.record, Event::LoginRefused);
                             let reply = self.dialogue.unavailable();
                             self.write(&reply, deadline).await?;
@@ -151,15 +153,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let last = self.server.last_results();
         match decision {
             Ok(_) => {
-                metrics.login(LoginResult::Ok);
+                metrics.login(LoginResult::OK);
                 last.record(user, self.protocol, true, "OK");
             }
-            Err(Refusal::Denied(denial)) => metrics.login(LoginResult::Denied(*denial)),
-            Err(Refusal::Unavailable(reason)) => {
-                let result = LoginResult::unavailable(reason);
-                metrics.login(result);
-                if matches!(result, LoginResult::UpstreamRefused | LoginResult::UpstreamUnavailable) {
-                    last.record(user, self.protocol, false, reason.as_str());
+            Err(refusal) => {
+                let (outcome, reason) = refusal.labels();
+                metrics.login(LoginResult { outcome, reason });
+                if refusal.is_upstream() {
+                    last.record(user, self.protocol, false, refusal.to_string());
                 }
             }
         }

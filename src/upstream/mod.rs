@@ -17,6 +17,7 @@ use crate::protocol::{Protocol, UpstreamInfo};
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
 
+pub mod credential;
 mod imap;
 mod pop3;
 mod smtp;

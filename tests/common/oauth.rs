@@ -36,8 +36,9 @@ use tokio_rustls::TlsAcceptor;
 
 use postern::config::{Config, TlsVersion};
 use postern::secret::Secret;
-use postern::server::{self, Running, Server};
-use postern::vault::{UpstreamSecret, Vault};
+use postern::daemon::{self, Running};
+use postern::state::State as ProxyState;
+use postern::stores::vault::{UpstreamSecret, Vault};
 
 use super::{dovecot, pki, slapd};
 
@@ -434,7 +435,7 @@ pub struct OAuthProxy {
     /// The CA clients must trust.
     pub ca_file: PathBuf,
     /// The running server (for its token source and metrics).
-    pub server: Arc<Server>,
+    pub server: Arc<ProxyState>,
     /// The config text, for tests that tweak and reload it.
     pub config_text: String,
     config: Config,
@@ -542,8 +543,8 @@ impl OAuthProxy {
         std::fs::write(&config_path, &text).expect("write config");
         std::fs::write(dir.path().join("profiles.toml"), super::proxy::profile_for(users)).expect("write profiles");
         let config = Config::load(&config_path).expect("test config is valid");
-        let server = Server::from_config(&config).await.expect("proxy starts");
-        let running = server::start(server.clone(), &config, Duration::from_secs(1)).await.expect("proxy listens");
+        let server = ProxyState::from_config(&config).await.expect("proxy starts");
+        let running = daemon::start(server.clone(), &config, Duration::from_secs(1)).await.expect("proxy listens");
         let addr = |p: postern::protocol::Protocol| running.addresses[&p][0];
         OAuthProxy {
             imaps: addr(postern::protocol::Protocol::Imap),
@@ -567,7 +568,7 @@ impl OAuthProxy {
     pub fn store_refresh_token(&self, user: &str, refresh_token: &str) {
         let mut vault = Vault::open(&self.state_dir()).expect("vault");
         vault.set(user, UpstreamSecret::refresh_token(Secret::new(refresh_token))).expect("vault set");
-        self.server.set_vault(Vault::open(&self.state_dir()).expect("vault"));
+        self.server.upstreams.set_vault(Vault::open(&self.state_dir()).expect("vault"));
     }
 
     /// The refresh token stored for `user` now.

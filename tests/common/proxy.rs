@@ -9,8 +9,9 @@ use std::time::Duration;
 use postern::config::Config;
 use postern::protocol::Protocol;
 use postern::secret::Secret;
-use postern::server::{self, Running, Server};
-use postern::vault::{UpstreamSecret, Vault};
+use postern::daemon::{self, Running};
+use postern::state::State;
+use postern::stores::vault::{UpstreamSecret, Vault};
 
 use super::{dovecot, pki, slapd};
 
@@ -78,7 +79,7 @@ pub struct Proxy {
     /// The config file.
     pub config_path: PathBuf,
     config: Config,
-    server: Arc<Server>,
+    server: Arc<State>,
     running: Option<Running>,
     _dir: tempfile::TempDir,
 }
@@ -173,8 +174,8 @@ upstream_tls = "{smtp_tls}"
         std::fs::write(&config_path, &text).expect("write config");
         std::fs::write(d.join("profiles.toml"), &options.profiles).expect("write profiles");
         let config = Config::load(&config_path).expect("test config is valid");
-        let server = Server::from_config(&config).await.expect("proxy starts");
-        let running = server::start(server.clone(), &config, Duration::from_secs(2)).await.expect("proxy listens");
+        let server = State::from_config(&config).await.expect("proxy starts");
+        let running = daemon::start(server.clone(), &config, Duration::from_secs(2)).await.expect("proxy listens");
         let addr = |p: Protocol| running.addresses[&p][0];
         Proxy {
             imaps: addr(Protocol::Imap),
@@ -190,7 +191,7 @@ upstream_tls = "{smtp_tls}"
     }
 
     /// The running server's shared state.
-    pub fn server(&self) -> &Server {
+    pub fn server(&self) -> &State {
         &self.server
     }
 
@@ -209,7 +210,7 @@ upstream_tls = "{smtp_tls}"
     /// Sets `user`'s password in the file directory and reloads.
     pub async fn set_file_password(&self, user: &str, password: &str) {
         let path = self.config.base_dir.join("users.toml");
-        postern::directory::file::set_password(&path, user, &Secret::new(password)).expect("set password");
+        postern::stores::directory::file::set_password(&path, user, &Secret::new(password)).expect("set password");
         self.server.reload(&self.config).await.expect("reload");
     }
 
@@ -221,9 +222,9 @@ upstream_tls = "{smtp_tls}"
 
     /// Re-reads profiles and vault (what SIGHUP does, minus the directory).
     pub fn reload(&self) {
-        let profiles = postern::access::Profiles::load(&self.config.base_dir.join("profiles.toml")).expect("profiles");
+        let profiles = postern::access::profiles::Profiles::load(&self.config.base_dir.join("profiles.toml")).expect("profiles");
         self.server.set_profiles(profiles);
-        self.server.set_vault(Vault::open(&self.state_dir()).expect("vault"));
+        self.server.upstreams.set_vault(Vault::open(&self.state_dir()).expect("vault"));
     }
 
     /// Stops the proxy (grace period 2 s).

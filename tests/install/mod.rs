@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postern::secret::Secret;
-use postern::vault::{UpstreamSecret, Vault};
+use postern::stores::vault::{UpstreamSecret, Vault};
 
 use crate::common::{dovecot, pki};
 
@@ -100,7 +100,7 @@ upstream_ca_file = {ca:?}
     /// Creates `mail` with directory password `password` and a Dovecot account whose
     /// password is stored in the vault.
     pub fn add_user(&self, mail: &str, password: &str) {
-        postern::directory::file::set_password(&self.path("users.toml"), mail, &Secret::new(password)).expect("set password");
+        postern::stores::directory::file::set_password(&self.path("users.toml"), mail, &Secret::new(password)).expect("set password");
         let upstream = format!("up-{mail}-Qw7");
         dovecot::dovecot().add_user(mail, &upstream);
         self.set_upstream(mail, &upstream);

@@ -1,13 +1,15 @@
 //! `postern access explain USER IP`: the password-free part of the access decision, spelled
 //! out: which profiles apply to the user and why each does or does not let the address in.
+//! It runs the decision's own evaluation (`access::decision::evaluate`).
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use super::{load_config, normalized};
-use crate::access::{self, Profiles};
-use crate::directory::{Directory, DirectoryError};
+use crate::access::decision::{Denial, Verdict, evaluate};
+use crate::access::profiles::Profiles;
 use crate::protocol::Protocol;
+use crate::stores::directory::{Directory, DirectoryError};
 
 /// Prints the decision for `user` connecting from `ip` over `protocol`.
 pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) -> anyhow::Result<()> {
@@ -33,7 +35,7 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
         },
         Err(DirectoryError::UnknownUser) => {
             println!("directory: unknown user");
-            println!("decision: refused: {}", access::Denial::UnknownUser);
+            println!("decision: refused: {}", Denial::UnknownUser);
             return Ok(());
         }
         Err(e) => {
@@ -42,37 +44,34 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
         }
     };
     let groups = groups.unwrap_or_default();
-    let applicable = profiles.for_user(&user, &groups);
-    if applicable.is_empty() {
+    let evaluation = evaluate(&profiles, &user, &groups, protocol, ip);
+    if evaluation.profiles.is_empty() {
         println!("profiles: none applies to {user}");
     }
-    for profile in &applicable {
+    for (profile, verdict) in &evaluation.profiles {
         let protocols = match &profile.protocols {
             None => "all protocols".to_owned(),
             Some(list) => list.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
         };
-        let verdict = if !profile.mail_access {
-            "mail access is off".to_owned()
-        } else if !profile.covers(protocol) {
-            format!("does not cover {protocol}")
-        } else {
-            match profile.matching_entry(ip) {
-                Some(entry) => format!("allow entry {entry} matches"),
-                None => {
-                    let entries: Vec<String> = profile.allow.iter().map(ToString::to_string).collect();
-                    format!("no allow entry matches {ip} (entries: {})", if entries.is_empty() { "none".into() } else { entries.join(", ") })
-                }
+        let verdict = match verdict {
+            Verdict::MailAccessOff => "mail access is off".to_owned(),
+            Verdict::ProtocolNotCovered => format!("does not cover {protocol}"),
+            Verdict::Allows(entry) => format!("allow entry {entry} matches"),
+            Verdict::AddressNotListed => {
+                let entries: Vec<String> = profile.allow.iter().map(ToString::to_string).collect();
+                format!("no allow entry matches {ip} (entries: {})", if entries.is_empty() { "none".into() } else { entries.join(", ") })
             }
         };
-        println!("profile {:?} ({}; {protocols}): {verdict}", profile.name, if profile.mail_access { "mail access on" } else { "mail access off" });
+        let switch = if profile.mail_access { "mail access on" } else { "mail access off" };
+        println!("profile {:?} ({switch}; {protocols}): {verdict}", profile.name);
     }
-    match access::check_profiles(&profiles, &user, &groups, protocol, ip) {
+    match evaluation.decision {
         Ok(grant) => println!("decision: allowed by profile {:?} ({}), if the password is right", grant.profile, grant.entry),
         Err(denial) => println!("decision: refused: {denial}"),
     }
     let state_dir = config.resolve(&config.server.state_dir);
-    if state_dir.join(crate::vault::KEY_FILE).exists() {
-        let stored = crate::vault::Vault::open(&state_dir)?.contains(&user);
+    if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
+        let stored = crate::stores::vault::Vault::open(&state_dir)?.contains(&user);
         println!("upstream credential: {}", if stored { "stored" } else { "missing (the login would be refused)" });
     }
     Ok(())

@@ -1,5 +1,5 @@
-//! The control socket: a Unix socket (mode 0600) where `postern status` and other admin
-//! commands ask the running daemon questions. One JSON request per line, one JSON answer
+//! The daemon's side of the control socket: a Unix socket (mode 0600) where `postern
+//! status` and other admin commands (`crate::cli::control`) ask the running daemon questions. One JSON request per line, one JSON answer
 //! per line:
 //!
 //! ```text
@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Protocol;
-use crate::server::Server;
+use crate::state::State;
 
 /// Most bytes read from one control connection; requests are tiny.
 const MAX_CONNECTION_INPUT: u64 = 64 * 1024;
@@ -34,27 +34,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A reload asked for over the socket; the daemon answers on the channel.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
-
-/// Why talking to the daemon failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// Nothing listens on the socket: the daemon is not running (or uses another socket).
-    #[error("cannot reach the daemon at {path}: {source} (is postern running, with this config?)")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// The exchange broke off or the answer was not JSON.
-    #[error("control socket {path}: {message}")]
-    Exchange {
-        /// The socket.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
-}
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
@@ -85,7 +64,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Answers requests on `listener` until `stop` is cancelled.
-pub async fn serve(listener: UnixListener, server: Arc<Server>, reload: mpsc::Sender<ReloadRequest>, stop: CancellationToken) {
+pub async fn serve(listener: UnixListener, server: Arc<State>, reload: mpsc::Sender<ReloadRequest>, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -106,7 +85,7 @@ pub async fn serve(listener: UnixListener, server: Arc<Server>, reload: mpsc::Se
     }
 }
 
-async fn answer_connection(stream: UnixStream, server: &Server, reload: &mpsc::Sender<ReloadRequest>) -> io::Result<()> {
+async fn answer_connection(stream: UnixStream, server: &State, reload: &mpsc::Sender<ReloadRequest>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_CONNECTION_INPUT));
     let mut line = String::new();
@@ -121,11 +100,13 @@ async fn answer_connection(stream: UnixStream, server: &Server, reload: &mpsc::S
     Ok(())
 }
 
-async fn answer(request: Request, server: &Server, reload: &mpsc::Sender<ReloadRequest>) -> Value {
+async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRequest>) -> Value {
     match request {
         Request::Status => status(server),
         Request::User { user } => {
-            let user = user.trim().to_lowercase();
+            let Ok(user) = crate::user::normalize(&user) else {
+                return json!({"ok": false, "error": "not a usable user name"});
+            };
             json!({"ok": true, "user": user, "last_result": server.last_results().get(&user)})
         }
         Request::Reload => {
@@ -140,7 +121,9 @@ async fn answer(request: Request, server: &Server, reload: &mpsc::Sender<ReloadR
             }
         }
         Request::Unlock { user } => {
-            let user = user.trim().to_lowercase();
+            let Ok(user) = crate::user::normalize(&user) else {
+                return json!({"ok": false, "error": "not a usable user name"});
+            };
             let was_locked = server.lockout.unlock(&user);
             tracing::info!(target: "audit", user = %user, was_locked, "lockout lifted by an admin");
             json!({"ok": true, "user": user, "was_locked": was_locked})
@@ -148,7 +131,7 @@ async fn answer(request: Request, server: &Server, reload: &mpsc::Sender<ReloadR
     }
 }
 
-fn status(server: &Server) -> Value {
+fn status(server: &State) -> Value {
     let metrics = server.metrics();
     let mut sessions = serde_json::Map::new();
     for protocol in [Protocol::Imap, Protocol::Pop3, Protocol::Smtp] {
@@ -169,25 +152,4 @@ fn status(server: &Server) -> Value {
             .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.as_secs()}))
             .collect::<Vec<_>>(),
     })
-}
-
-/// Sends one request to the daemon behind the socket at `path` and returns its answer.
-pub async fn request(path: &Path, request: &Value) -> Result<Value, ControlError> {
-    let exchange = |message: String| ControlError::Exchange { path: path.to_owned(), message };
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
-    let work = async {
-        let (read, mut write) = stream.into_split();
-        write.write_all(format!("{request}\n").as_bytes()).await?;
-        write.shutdown().await?;
-        let mut line = String::new();
-        BufReader::new(read).read_line(&mut line).await?;
-        Ok::<_, io::Error>(line)
-    };
-    let line = tokio::time::timeout(Duration::from_secs(60), work)
-        .await
-        .map_err(|_| exchange("no answer within 60 s".into()))?
-        .map_err(|e| exchange(e.to_string()))?;
-    serde_json::from_str(&line).map_err(|e| exchange(format!("the answer is not JSON: {e}")))
 }

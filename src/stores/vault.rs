@@ -147,6 +147,14 @@ pub enum SecretKind {
 }
 
 impl SecretKind {
+    /// The kind with its article, for messages ("a password").
+    pub fn article(self) -> &'static str {
+        match self {
+            SecretKind::Password => "a password",
+            SecretKind::RefreshToken => "an OAuth2 refresh token",
+        }
+    }
+
     /// The name used in the vault file and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -352,7 +360,7 @@ impl Vault {
 
     /// The decrypted credential of `user`, if one is stored.
     pub fn get(&self, user: &str) -> Result<Option<UpstreamSecret>, VaultError> {
-        let user = user.to_lowercase();
+        let user = normalize_user(user)?;
         let Some(entry) = self.users.get(&user) else {
             return Ok(None);
         };
@@ -415,7 +423,7 @@ impl Vault {
 
     /// The secret the last rotation replaced, while it waits for confirmation.
     pub fn previous(&self, user: &str) -> Result<Option<UpstreamSecret>, VaultError> {
-        let user = user.to_lowercase();
+        let user = normalize_user(user)?;
         let Some(previous) = self.users.get(&user).and_then(|e| e.previous.as_deref()) else {
             return Ok(None);
         };
@@ -433,7 +441,7 @@ impl Vault {
     /// Forgets the previous secret of `user` (the new one works upstream); `false` if
     /// there was none.
     pub fn confirm(&mut self, user: &str) -> Result<bool, VaultError> {
-        let user = user.to_lowercase();
+        let user = normalize_user(user)?;
         let mut users = self.users.clone();
         match users.get_mut(&user) {
             Some(entry) if entry.previous.is_some() => entry.previous = None,
@@ -445,7 +453,7 @@ impl Vault {
 
     /// Removes `user`'s credential and writes the vault file; `false` if there was none.
     pub fn remove(&mut self, user: &str) -> Result<bool, VaultError> {
-        let user = user.to_lowercase();
+        let user = normalize_user(user)?;
         if !self.users.contains_key(&user) {
             return Ok(false);
         }
@@ -471,7 +479,7 @@ impl Vault {
 
     /// Whether a credential is stored for `user`.
     pub fn contains(&self, user: &str) -> bool {
-        self.users.contains_key(&user.to_lowercase())
+        normalize_user(user).is_ok_and(|user| self.users.contains_key(&user))
     }
 
     /// Writes `users` to disk, then adopts them.
@@ -649,10 +657,7 @@ fn push_field(buf: &mut Vec<u8>, field: &[u8]) {
 }
 
 fn normalize_user(user: &str) -> Result<String, VaultError> {
-    if user.is_empty() || user.chars().any(char::is_control) {
-        return Err(VaultError::InvalidUser(user.to_owned()));
-    }
-    Ok(user.to_lowercase())
+    crate::user::normalize(user).map_err(|e| VaultError::InvalidUser(e.0))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), VaultError> {

@@ -4,21 +4,16 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::{self, ReloadRequest};
-use crate::directory::DirectoryConfig;
-use crate::notify;
+use crate::stores::directory::DirectoryConfig;
 use crate::secret::Secret;
-use crate::server::{self, Server};
-use crate::vault::{self, UpstreamSecret, Vault};
+use crate::stores::vault::{self, UpstreamSecret, Vault};
 
 mod check;
+pub mod control;
 mod csv;
 mod explain;
 mod probe;
@@ -34,66 +29,6 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("loading {} (use --config to name another file)", path.display()))
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; SIGHUP (or `reload` on the control socket)
-/// reloads. Tells systemd when it is ready, reloading and stopping.
-pub async fn serve(path: &Path) -> anyhow::Result<()> {
-    let config = load_config(path)?;
-    let server = Server::from_config(&config).await?;
-    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    let running = server::start(server.clone(), &config, grace).await?;
-    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
-    let control_path = config.control_socket();
-    let control_stop = CancellationToken::new();
-    match control::bind(&control_path) {
-        Ok(listener) => {
-            tracing::info!(path = %control_path.display(), "control socket ready");
-            tokio::spawn(control::serve(listener, server.clone(), reload_tx, control_stop.clone()));
-        }
-        Err(e) => tracing::error!(path = %control_path.display(), error = %e, "no control socket; postern status will not work"),
-    }
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    notify::ready();
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => {
-                let _ = reload(path, &server).await;
-            }
-            Some(answer) = reload_rx.recv() => {
-                let result = reload(path, &server).await.map_err(|e| format!("{e:#}"));
-                let _ = answer.send(result);
-            }
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-    notify::stopping();
-    tracing::info!(grace_secs = grace.as_secs(), "stopping: no new connections; sessions get the grace period");
-    running.stop().await;
-    control_stop.cancel();
-    let _ = std::fs::remove_file(&control_path);
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Re-reads the config file and everything reloadable; logs the outcome.
-async fn reload(path: &Path, server: &Server) -> anyhow::Result<()> {
-    notify::reloading();
-    let result = match load_config(path) {
-        Ok(config) => server.reload(&config).await.map_err(anyhow::Error::from),
-        Err(e) => {
-            server.metrics().reload(false);
-            Err(e)
-        }
-    };
-    match &result {
-        Ok(()) => tracing::info!("reload done"),
-        Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles, vault, directory and certificate stay in force"),
-    }
-    notify::ready();
-    result
-}
-
 /// Asks the running daemon for its status (and one user's last upstream result).
 pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
     let config = load_config(path)?;
@@ -102,7 +37,7 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
     let get = |key: &str| answer.get(key).cloned().unwrap_or_default();
     println!("uptime: {}s", get("uptime_secs"));
     match get("last_reload").as_u64() {
-        Some(t) => println!("last reload: {}", crate::auditlog::rfc3339(t)),
+        Some(t) => println!("last reload: {}", crate::audit::file::rfc3339(t)),
         None => println!("last reload: never"),
     }
     println!("profiles: {}", get("profiles"));
@@ -123,7 +58,7 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
         match answer.get("last_result").filter(|r| !r.is_null()) {
             Some(r) => println!(
                 "{user}: last upstream login {} over {}: {}",
-                r["at"].as_u64().map(crate::auditlog::rfc3339).unwrap_or_default(),
+                r["at"].as_u64().map(crate::audit::file::rfc3339).unwrap_or_default(),
                 r["protocol"].as_str().unwrap_or("-"),
                 r["message"].as_str().unwrap_or("-")
             ),
@@ -163,15 +98,15 @@ pub fn audit(path: &Path, file: Option<&Path>, user: Option<&str>, since: Option
     };
     let since = match since {
         Some(text) => {
-            let back = crate::auditlog::parse_since(text)?;
+            let back = crate::audit::file::parse_since(text)?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             Some(now.saturating_sub(back).as_secs())
         }
         None => None,
     };
     let user = user.map(normalized).transpose()?;
-    let filter = crate::auditlog::Filter { user, since };
-    for event in crate::auditlog::read(&file, &filter)? {
+    let filter = crate::audit::file::Filter { user, since };
+    for event in crate::audit::file::read(&file, &filter)? {
         println!("{event}");
     }
     Ok(())
@@ -198,7 +133,7 @@ pub fn set_password(path: &Path, user: &str) -> anyhow::Result<()> {
     let user = normalized(user)?;
     let password = read_secret("New directory password")?;
     let users = config.resolve(&file.path);
-    crate::directory::file::set_password(&users, &user, &password)?;
+    crate::stores::directory::file::set_password(&users, &user, &password)?;
     println!("password set for {user} in {}", users.display());
     eprintln!("a running postern picks it up on reload (systemctl reload postern, or SIGHUP)");
     Ok(())
@@ -255,8 +190,7 @@ pub fn cert_generate(hostname: &str, cert: &Path, key: &Path) -> anyhow::Result<
 }
 
 pub(crate) fn normalized(user: &str) -> anyhow::Result<String> {
-    crate::session::login::normalize_user(user)
-        .map_err(|_| anyhow::anyhow!("`{user}` is not a usable user name: give the full mail address, without spaces"))
+    Ok(crate::user::normalize(user)?)
 }
 
 /// Reads a secret: hidden prompt (asked twice) on a terminal, else one line of stdin.

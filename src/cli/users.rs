@@ -9,9 +9,9 @@ use anyhow::{Context, bail};
 
 use super::{SecretSource, csv, load_config, normalized, read_secret};
 use crate::config::Config;
-use crate::directory::DirectoryConfig;
+use crate::stores::directory::DirectoryConfig;
 use crate::secret::Secret;
-use crate::vault::{self, UpstreamSecret, Vault};
+use crate::stores::vault::{self, UpstreamSecret, Vault};
 
 fn open_vault(config: &Config) -> anyhow::Result<Vault> {
     let state_dir = config.resolve(&config.server.state_dir);
@@ -37,14 +37,14 @@ fn audit_reveal(config: &Config, what: &str, users: &[String]) -> anyhow::Result
         let file = config.resolve(file);
         for user in users {
             let event = serde_json::json!({"event": "reveal", "user": user, "operator": operator, "what": what});
-            crate::auditlog::append(&file, event).context("the secret was not shown because the reveal cannot be audited")?;
+            crate::audit::file::append(&file, event).context("the secret was not shown because the reveal cannot be audited")?;
         }
     }
     Ok(())
 }
 
 fn date(unix: u64) -> String {
-    crate::auditlog::rfc3339(unix)
+    crate::audit::file::rfc3339(unix)
 }
 
 /// Replaces `user`'s upstream secret, keeping the old one as "previous"; or, with
@@ -91,7 +91,7 @@ pub fn remove(path: &Path, user: &str) -> anyhow::Result<()> {
         removed.push("upstream credential");
     }
     if let DirectoryConfig::File(file) = &config.directory {
-        if crate::directory::file::remove_user(&config.resolve(&file.path), &user)? {
+        if crate::stores::directory::file::remove_user(&config.resolve(&file.path), &user)? {
             removed.push("directory entry");
         }
     }
@@ -110,7 +110,7 @@ pub fn list(path: &Path) -> anyhow::Result<()> {
     let mut users: std::collections::BTreeMap<String, Option<vault::VaultListing>> =
         vault.list().into_iter().map(|l| (l.user.clone(), Some(l))).collect();
     if let DirectoryConfig::File(file) = &config.directory {
-        let directory = crate::directory::file::FileDirectory::open(file, &config.base_dir)?;
+        let directory = crate::stores::directory::file::FileDirectory::open(file, &config.base_dir)?;
         for (user, _) in directory.users() {
             users.entry(user.to_owned()).or_insert(None);
         }

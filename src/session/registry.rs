@@ -116,7 +116,7 @@ impl LastResults {
 
     /// The last result of `user`, if any login reached the upstream since start.
     pub fn get(&self, user: &str) -> Option<LastResult> {
-        self.0.get(&user.to_lowercase()).map(|r| r.clone())
+        self.0.get(user).map(|r| r.clone())
     }
 }
 

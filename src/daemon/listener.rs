@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::Protocol;
-use crate::server::{Server, Shutdown};
+use crate::state::{State, Shutdown};
 use crate::session;
 
 /// Longest pause after repeated accept errors (e.g. out of file descriptors).
@@ -20,7 +20,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 pub async fn accept_loop(
     listener: TcpListener,
     protocol: Protocol,
-    server: Arc<Server>,
+    server: Arc<State>,
     permits: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: Shutdown,
@@ -59,7 +59,7 @@ pub async fn accept_loop(
     }
 }
 
-async fn handle(tcp: TcpStream, peer: std::net::SocketAddr, protocol: Protocol, server: Arc<Server>, shutdown: Shutdown) {
+async fn handle(tcp: TcpStream, peer: std::net::SocketAddr, protocol: Protocol, server: Arc<State>, shutdown: Shutdown) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(server.limits.handshake_timeout(), server.tls().accept(tcp)).await;
     let client = match handshake {

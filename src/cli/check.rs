@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 
 use crate::config::Config;
-use crate::directory::DirectoryConfig;
+use crate::stores::directory::DirectoryConfig;
 
 /// How private a file must be.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,7 @@ fn named_files(config: &Config) -> Vec<(String, std::path::PathBuf, Secrecy)> {
         }
     }
     let state_dir = config.resolve(&config.server.state_dir);
-    for name in [crate::vault::KEY_FILE, crate::vault::VAULT_FILE] {
+    for name in [crate::stores::vault::KEY_FILE, crate::stores::vault::VAULT_FILE] {
         let path = state_dir.join(name);
         if path.exists() {
             files.push((format!("vault {name}"), path, Secrecy::Secret));
@@ -100,16 +100,16 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
         }
         bail!("{} file problem(s); fix them and run check again", problems.len());
     }
-    let profiles = crate::access::Profiles::load(&config.resolve(&config.access.profiles))?;
+    let profiles = crate::access::profiles::Profiles::load(&config.resolve(&config.access.profiles))?;
     let cert = config.resolve(&config.tls.cert);
     let key = config.resolve(&config.tls.key);
     if cert.exists() || !config.tls.generate_self_signed {
         crate::tls::server_config(&cert, &key, config.tls.min_version)?;
     }
-    crate::directory::Directory::open(&config.directory, &config.base_dir).await?;
+    crate::stores::directory::Directory::open(&config.directory, &config.base_dir).await?;
     let state_dir = config.resolve(&config.server.state_dir);
-    if state_dir.join(crate::vault::KEY_FILE).exists() {
-        let vault = crate::vault::Vault::open(&state_dir)?;
+    if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
+        let vault = crate::stores::vault::Vault::open(&state_dir)?;
         println!("vault: {} credential(s) in {}", vault.list().len(), vault.path().display());
     }
     for (protocol, p) in config.protocols() {
@@ -122,7 +122,7 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
             println!("{protocol}: a port below 1024 needs CAP_NET_BIND_SERVICE (see the systemd unit's comments)");
         }
     }
-    if crate::oauth::TokenSource::from_config(&config).context("[oauth]")?.is_some() {
+    if crate::stores::oauth::TokenSource::from_config(&config).context("[oauth]")?.is_some() {
         println!("oauth: token source set up");
     }
     if let Some(metrics) = config.metrics.listen {

@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::access::Profiles;
-use crate::server::Server;
+use crate::access::decision::revalidate;
+use crate::access::profiles::Profiles;
+use crate::state::State;
 
 /// How often the file is checked; a change applies within this plus the load time.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -30,7 +31,7 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
 }
 
 /// Watches the profiles file at `path` until `stop` is cancelled.
-pub async fn watch_profiles(server: Arc<Server>, path: PathBuf, stop: CancellationToken) {
+pub async fn watch_profiles(server: Arc<State>, path: PathBuf, stop: CancellationToken) {
     let mut seen = fingerprint(&path);
     loop {
         tokio::select! {
@@ -47,7 +48,11 @@ pub async fn watch_profiles(server: Arc<Server>, path: PathBuf, stop: Cancellati
             continue;
         }
         match Profiles::load(&path) {
-            Ok(profiles) => server.apply_profiles(profiles).await,
+            Ok(profiles) => {
+                tracing::info!(profiles = profiles.len(), "applied the changed security profiles");
+                server.set_profiles(profiles);
+                revalidate(&server).await;
+            }
             Err(e) => tracing::error!(error = %e, "the changed profiles file is invalid; the profiles in force stay"),
         }
     }

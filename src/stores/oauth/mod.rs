@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 use crate::config::{Config, OAuthConfig, OAuthSource};
 use crate::secret::Secret;
 use crate::tls::TlsError;
-use crate::vault::{SecretKind, UpstreamSecret, Vault, VaultError};
+use crate::stores::vault::{SecretKind, UpstreamSecret, Vault, VaultError};
 
 mod cache;
 pub mod google;

@@ -126,7 +126,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::oauth::http::HttpError;
+    use crate::stores::oauth::http::HttpError;
 
     fn issued(token: &str, secs: u64) -> Issued {
         Issued { token: Secret::new(token), lifetime: Duration::from_secs(secs), refresh_token: None }

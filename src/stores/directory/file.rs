@@ -111,7 +111,7 @@ impl FileDirectory {
 
     /// See [`super::Directory::lookup`].
     pub fn lookup(&self, user: &str) -> Result<Entry, DirectoryError> {
-        let user = user.to_lowercase();
+        let user = crate::user::normalize(user).map_err(|_| DirectoryError::UnknownUser)?;
         let record = self.users.get(&user).ok_or(DirectoryError::UnknownUser)?;
         Ok(Entry {
             user,
@@ -193,7 +193,7 @@ pub fn set_groups(path: &Path, user: &str, groups: &[String]) -> Result<(), Dire
 /// Removes `user` from the users file at `path`; `false` if they were not in it.
 pub fn remove_user(path: &Path, user: &str) -> Result<bool, DirectoryError> {
     let mut users = read_users_or_empty(path)?;
-    if users.remove(&user.to_lowercase()).is_none() {
+    if users.remove(&valid_user(user)?).is_none() {
         return Ok(false);
     }
     write_users(path, users)?;
@@ -242,7 +242,8 @@ fn load_users(path: &Path) -> Result<Option<BTreeMap<String, UserRecord>>, Direc
                 "the password of {name:?} is not an argon2id PHC string"
             )));
         }
-        if users.insert(name.to_lowercase(), record).is_some() {
+        let key = crate::user::normalize(&name).map_err(|e| invalid(e.to_string()))?;
+        if users.insert(key, record).is_some() {
             return Err(invalid(format!(
                 "user {name:?} appears more than once (names ignore case)"
             )));
@@ -272,12 +273,7 @@ fn write_users(path: &Path, users: BTreeMap<String, UserRecord>) -> Result<(), D
 }
 
 fn valid_user(user: &str) -> Result<String, DirectoryError> {
-    if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(DirectoryError::Config(format!(
-            "invalid user name {user:?}"
-        )));
-    }
-    Ok(user.to_lowercase())
+    crate::user::normalize(user).map_err(|e| DirectoryError::Config(e.to_string()))
 }
 
 #[cfg(test)]

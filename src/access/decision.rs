@@ -1,0 +1,442 @@
+//! The access decision, in one place. A login runs it in order: user name → address
+//! throttle → lockout → any profile lists the address at all → directory lookup → the
+//! user's profiles → password → session cap; then the upstream login with the user's
+//! stored credential (`crate::upstream::credential`).
+//!
+//! Cheap checks run first so strangers never reach the directory, and a disallowed address
+//! never gets a password checked. The per-profile evaluation ([`evaluate`]) is the same for
+//! a login, the re-check of live sessions after a change ([`revalidate`]) and
+//! `postern access explain`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::profiles::{Profile, Profiles};
+use super::slots::UserSlot;
+use crate::protocol::{Credentials, Protocol};
+use crate::state::State;
+use crate::stores::directory::DirectoryError;
+use crate::upstream::LoggedIn;
+use crate::upstream::credential::LoginError;
+
+/// The precise reason a login was refused. The client never sees it (every refusal reads
+/// the same); the audit log does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Denial {
+    /// The user name is not a usable mail address.
+    InvalidUserName,
+    /// Too many recent password failures for this user.
+    Locked,
+    /// Too many recent failed logins from the client's address.
+    Throttled,
+    /// The client's address is in no profile at all.
+    IpNotInAnyProfile,
+    /// The directory does not know the user.
+    UnknownUser,
+    /// No profile applies to the user.
+    NoProfile,
+    /// Profiles apply, but none has mail access switched on.
+    MailAccessOff,
+    /// Profiles apply, but none covers this protocol.
+    ProtocolNotAllowed,
+    /// Profiles apply, but none lists the client's address.
+    IpNotAllowed,
+    /// The directory password is wrong.
+    WrongPassword,
+    /// No upstream credential is stored for the user.
+    NoUpstreamCredential,
+}
+
+impl Denial {
+    /// The reason as written to the audit log and the metrics' `reason` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Denial::InvalidUserName => "invalid user name",
+            Denial::Locked => "locked out after repeated password failures",
+            Denial::Throttled => "client IP throttled after repeated failed logins",
+            Denial::IpNotInAnyProfile => "client IP not in any profile",
+            Denial::UnknownUser => "unknown user",
+            Denial::NoProfile => "no profile applies to the user",
+            Denial::MailAccessOff => "user's profiles do not grant mail access",
+            Denial::ProtocolNotAllowed => "protocol not allowed by the user's profiles",
+            Denial::IpNotAllowed => "client IP not allowed by the user's profiles",
+            Denial::WrongPassword => "wrong password",
+            Denial::NoUpstreamCredential => "no upstream credential stored for the user",
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// Why a login that the profiles and the password allowed still could not be completed:
+/// a service is down or refused us. The client is told to try later.
+#[derive(Debug, thiserror::Error)]
+pub enum Outage {
+    /// The directory could not answer.
+    #[error("directory: {0}")]
+    Directory(DirectoryError),
+    /// The user already has the most concurrent sessions allowed.
+    #[error("too many concurrent sessions for the user (limit {limit})")]
+    SessionCap {
+        /// The per-user limit.
+        limit: usize,
+    },
+    /// The upstream side failed: vault, credential, token endpoint or upstream server.
+    #[error(transparent)]
+    Upstream(LoginError),
+}
+
+/// Why a login did not get through.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Refused; the client sees the one denial text.
+    #[error("{0}")]
+    Denied(Denial),
+    /// Could not be decided or completed; the client is told to try later.
+    #[error(transparent)]
+    Unavailable(Outage),
+}
+
+impl Outage {
+    /// The bounded `reason` label of the metrics: one per kind of outage.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outage::Directory(_) => "directory unavailable",
+            Outage::SessionCap { .. } => "too many concurrent sessions for the user",
+            Outage::Upstream(e) => match e {
+                LoginError::NoCredential => Denial::NoUpstreamCredential.reason(),
+                LoginError::Vault(_) => "vault unreadable",
+                LoginError::WrongKind { .. } => "stored credential of the wrong kind",
+                LoginError::NoTokenSource(_) => "no OAuth2 token source",
+                LoginError::Token { .. } => "OAuth2 token unavailable",
+                LoginError::Refused { .. } => "upstream refused the stored credential",
+                LoginError::Unreachable { .. } => "upstream unavailable",
+            },
+        }
+    }
+}
+
+impl Refusal {
+    /// The metrics' `outcome` and `reason` labels of this refusal.
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            Refusal::Denied(denial) => ("denied", denial.reason()),
+            Refusal::Unavailable(outage) => ("unavailable", outage.label()),
+        }
+    }
+
+    /// Whether the refusal came from the upstream side (vault, token, upstream server),
+    /// which is what a user's last upstream result reports.
+    pub fn is_upstream(&self) -> bool {
+        matches!(self, Refusal::Unavailable(Outage::Upstream(_)))
+    }
+}
+
+impl From<LoginError> for Refusal {
+    fn from(error: LoginError) -> Self {
+        match error {
+            LoginError::NoCredential => Refusal::Denied(Denial::NoUpstreamCredential),
+            other => Refusal::Unavailable(Outage::Upstream(other)),
+        }
+    }
+}
+
+impl From<DirectoryError> for Refusal {
+    fn from(error: DirectoryError) -> Self {
+        match error {
+            DirectoryError::UnknownUser => Refusal::Denied(Denial::UnknownUser),
+            DirectoryError::WrongPassword => Refusal::Denied(Denial::WrongPassword),
+            e @ (DirectoryError::Unavailable(_) | DirectoryError::Config(_)) => Refusal::Unavailable(Outage::Directory(e)),
+        }
+    }
+}
+
+/// Which profile let a login through, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The profile's name.
+    pub profile: String,
+    /// The allow entry that matched the client's address.
+    pub entry: ipnet::IpNet,
+}
+
+/// What one profile says about one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The profile's mail access switch is off.
+    MailAccessOff,
+    /// The profile does not cover the protocol.
+    ProtocolNotCovered,
+    /// No allow entry contains the address.
+    AddressNotListed,
+    /// This allow entry contains the address.
+    Allows(ipnet::IpNet),
+}
+
+/// The profiles applying to a user, each with its verdict, and the decision they make.
+#[derive(Debug)]
+pub struct Evaluation<'a> {
+    /// Each applicable profile in file order, with what it says.
+    pub profiles: Vec<(&'a Profile, Verdict)>,
+    /// The decision: the first profile that allows, or the most specific refusal.
+    pub decision: Result<Grant, Denial>,
+}
+
+/// Evaluates the profiles applying to `user` (normalized) with directory `groups` for a
+/// client at `ip` using `protocol`.
+pub fn evaluate<'a>(profiles: &'a Profiles, user: &str, groups: &[String], protocol: Protocol, ip: IpAddr) -> Evaluation<'a> {
+    let verdicts: Vec<(&Profile, Verdict)> = profiles
+        .for_user(user, groups)
+        .into_iter()
+        .map(|p| {
+            let verdict = if !p.mail_access {
+                Verdict::MailAccessOff
+            } else if !p.covers(protocol) {
+                Verdict::ProtocolNotCovered
+            } else {
+                p.matching_entry(ip).map_or(Verdict::AddressNotListed, |entry| Verdict::Allows(*entry))
+            };
+            (p, verdict)
+        })
+        .collect();
+    let allowed = verdicts.iter().find_map(|(p, v)| match v {
+        Verdict::Allows(entry) => Some(Grant { profile: p.name.clone(), entry: *entry }),
+        _ => None,
+    });
+    let decision = match allowed {
+        Some(grant) => Ok(grant),
+        None if verdicts.is_empty() => Err(Denial::NoProfile),
+        None if verdicts.iter().all(|(_, v)| *v == Verdict::MailAccessOff) => Err(Denial::MailAccessOff),
+        None if verdicts.iter().all(|(_, v)| matches!(v, Verdict::MailAccessOff | Verdict::ProtocolNotCovered)) => {
+            Err(Denial::ProtocolNotAllowed)
+        }
+        None => Err(Denial::IpNotAllowed),
+    };
+    Evaluation { profiles: verdicts, decision }
+}
+
+/// The decision of [`evaluate`] alone.
+pub fn check_profiles(profiles: &Profiles, user: &str, groups: &[String], protocol: Protocol, ip: IpAddr) -> Result<Grant, Denial> {
+    evaluate(profiles, user, groups, protocol, ip).decision
+}
+
+/// The user name as the decision sees it: [`crate::user::normalize`], refused as
+/// [`Denial::InvalidUserName`].
+pub fn normalize_user(user: &str) -> Result<String, Denial> {
+    crate::user::normalize(user).map_err(|_| Denial::InvalidUserName)
+}
+
+/// A login that got through: the upstream session and the profile that admitted it.
+pub struct Admitted {
+    /// The user's session slot, held while the session lives.
+    pub slot: UserSlot,
+    /// The logged-in upstream session.
+    pub upstream: LoggedIn,
+    /// The profile and allow entry that matched.
+    pub grant: Grant,
+}
+
+/// Runs the whole decision for `credentials` from `ip`, and logs in upstream if it passes.
+/// Every refusal is counted against the client's address; wrong passwords also against the
+/// user.
+pub async fn admit(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
+    let result = decide(state, protocol, ip, credentials).await;
+    if let Err(Refusal::Denied(denial)) = &result {
+        if *denial != Denial::WrongPassword {
+            state.lockout.record_address_failure(ip);
+        }
+    }
+    result
+}
+
+async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
+    let user = normalize_user(&credentials.user).map_err(Refusal::Denied)?;
+    if state.lockout.is_throttled(ip) {
+        return Err(Refusal::Denied(Denial::Throttled));
+    }
+    if state.lockout.is_locked(&user) {
+        return Err(Refusal::Denied(Denial::Locked));
+    }
+    let profiles = state.profiles();
+    if !profiles.any_allows(ip) {
+        return Err(Refusal::Denied(Denial::IpNotInAnyProfile));
+    }
+    let directory = state.directory();
+    let started = Instant::now();
+    let entry = directory.lookup(&user).await;
+    state.metrics().directory_latency.observe(started.elapsed());
+    let entry = entry?;
+    if let Some(groups) = &entry.groups {
+        check_profiles(&profiles, &user, groups, protocol, ip).map_err(Refusal::Denied)?;
+    }
+    let started = Instant::now();
+    let verified = directory.verify(&entry, &credentials.password).await;
+    state.metrics().directory_latency.observe(started.elapsed());
+    let groups = match verified {
+        Ok(groups) => groups,
+        Err(DirectoryError::WrongPassword) => {
+            if state.lockout.record_failure(&user, ip) {
+                tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
+            }
+            return Err(Refusal::Denied(Denial::WrongPassword));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.lockout.record_success(&user);
+    let grant = check_profiles(&profiles, &user, &groups, protocol, ip).map_err(Refusal::Denied)?;
+    let slot = state
+        .sessions
+        .try_user(&user)
+        .ok_or(Refusal::Unavailable(Outage::SessionCap { limit: state.sessions.per_user() }))?;
+    let metrics = state.metrics();
+    let observe = |elapsed| metrics.upstream_latency.observe(elapsed);
+    let upstream = state
+        .upstreams
+        .login(protocol, &user, &credentials.upstream_prefix, credentials.client_hello.as_deref(), &observe)
+        .await?;
+    Ok(Admitted { slot, upstream, grant })
+}
+
+/// Re-runs the password-free part of the decision for every live session with the
+/// profiles, vault and directory in force now, and closes the sessions that no longer
+/// pass; returns how many.
+///
+/// Groups are looked up again only when some profile names groups. A directory that
+/// cannot answer, or does not tell groups without a password, keeps sessions open: only a
+/// definite "no" closes one.
+pub async fn revalidate(state: &State) -> usize {
+    let sessions = state.live().snapshot();
+    if sessions.is_empty() {
+        return 0;
+    }
+    let profiles = state.profiles();
+    let vault = state.upstreams.vault();
+    let directory = state.directory();
+    let mut groups_of: HashMap<String, Result<Option<Vec<String>>, &'static str>> = HashMap::new();
+    let mut closed = 0;
+    for session in sessions {
+        let reason = if !vault.contains(&session.user) {
+            Some("closed: the user's upstream credential was removed from the vault".to_owned())
+        } else {
+            if !groups_of.contains_key(&session.user) {
+                let groups = if profiles.uses_groups() {
+                    match directory.lookup(&session.user).await {
+                        Ok(entry) => Ok(entry.groups),
+                        Err(DirectoryError::UnknownUser) => Err("closed: the user was removed from the directory"),
+                        Err(e) => {
+                            tracing::warn!(user = %session.user, error = %e, "cannot re-check the groups of a live session; it stays open");
+                            Ok(None)
+                        }
+                    }
+                } else {
+                    Ok(Some(Vec::new()))
+                };
+                groups_of.insert(session.user.clone(), groups);
+            }
+            match &groups_of[&session.user] {
+                Err(reason) => Some((*reason).to_owned()),
+                Ok(groups) => {
+                    let known = groups.as_deref().unwrap_or_default();
+                    match check_profiles(&profiles, &session.user, known, session.protocol, session.ip) {
+                        Ok(_) => None,
+                        Err(_) if groups.is_none() => None,
+                        Err(denial) => Some(format!("closed: profile change no longer allows this client ({denial})")),
+                    }
+                }
+            }
+        };
+        if let Some(reason) = reason {
+            tracing::info!(user = %session.user, protocol = %session.protocol, ip = %session.ip, reason, "closing a live session");
+            session.revoke(reason);
+            closed += 1;
+        }
+    }
+    state.metrics().revoked(closed as u64);
+    closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profiles() -> Profiles {
+        Profiles::parse(
+            r#"
+            [[profile]]
+            name = "office"
+            allow = ["127.0.0.1/32"]
+            users = ["alice@example.com", "dave@example.com"]
+            protocols = ["imap", "smtp"]
+            [[profile]]
+            name = "off"
+            mail_access = false
+            allow = ["0.0.0.0/0"]
+            users = ["bob@example.com"]
+            [[profile]]
+            name = "remote"
+            allow = ["192.0.2.0/24"]
+            groups = ["travellers"]
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn check(user: &str, groups: &[&str], protocol: Protocol, addr: &str) -> Result<Grant, Denial> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        check_profiles(&profiles(), user, &groups, protocol, ip(addr))
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_reason() {
+        assert_eq!(check("carol@example.com", &[], Protocol::Imap, "127.0.0.1"), Err(Denial::NoProfile));
+        assert_eq!(check("bob@example.com", &[], Protocol::Imap, "127.0.0.1"), Err(Denial::MailAccessOff));
+        assert_eq!(check("alice@example.com", &[], Protocol::Pop3, "127.0.0.1"), Err(Denial::ProtocolNotAllowed));
+        assert_eq!(check("alice@example.com", &[], Protocol::Imap, "127.0.0.2"), Err(Denial::IpNotAllowed));
+        assert_eq!(check("alice@example.com", &[], Protocol::Imap, "127.0.0.1").unwrap().profile, "office");
+        assert_eq!(check("dave@example.com", &["Travellers"], Protocol::Pop3, "192.0.2.50").unwrap().profile, "remote");
+    }
+
+    #[test]
+    fn a_disabled_profile_does_not_hide_why_an_enabled_one_refuses() {
+        assert_eq!(check("bob@example.com", &["travellers"], Protocol::Imap, "198.51.100.1"), Err(Denial::IpNotAllowed));
+        assert_eq!(check("bob@example.com", &["travellers"], Protocol::Imap, "192.0.2.1").unwrap().profile, "remote");
+    }
+
+    #[test]
+    fn the_evaluation_gives_each_profile_its_verdict_in_file_order() {
+        let p = profiles();
+        let groups = vec!["travellers".to_owned()];
+        let e = evaluate(&p, "alice@example.com", &groups, Protocol::Pop3, ip("192.0.2.9"));
+        let verdicts: Vec<(&str, Verdict)> = e.profiles.iter().map(|(p, v)| (p.name.as_str(), v.clone())).collect();
+        assert_eq!(
+            verdicts,
+            [("office", Verdict::ProtocolNotCovered), ("remote", Verdict::Allows("192.0.2.0/24".parse().unwrap()))]
+        );
+        assert_eq!(e.decision.unwrap().profile, "remote");
+    }
+
+    #[test]
+    fn a_missing_upstream_credential_is_a_denial_and_other_upstream_failures_are_outages() {
+        assert!(matches!(Refusal::from(LoginError::NoCredential), Refusal::Denied(Denial::NoUpstreamCredential)));
+        let refused = LoginError::Refused { address: "u:1".into(), answer: "NO".into() };
+        assert!(matches!(Refusal::from(refused), Refusal::Unavailable(Outage::Upstream(LoginError::Refused { .. }))));
+        assert!(matches!(Refusal::from(DirectoryError::UnknownUser), Refusal::Denied(Denial::UnknownUser)));
+        let down = DirectoryError::Unavailable("down".into());
+        assert!(matches!(Refusal::from(down), Refusal::Unavailable(Outage::Directory(_))));
+    }
+
+    #[test]
+    fn invalid_user_names_are_a_denial() {
+        assert_eq!(normalize_user(" Alice@Example.COM ").unwrap(), "alice@example.com");
+        assert_eq!(normalize_user("a b"), Err(Denial::InvalidUserName));
+    }
+}

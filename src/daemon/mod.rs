@@ -1,0 +1,197 @@
+//! The running daemon: binds the listeners, serves the control socket and the metrics
+//! endpoint, watches the profiles file, reloads on SIGHUP and stops on SIGTERM in two
+//! stages (no new logins, then, after the grace period, every session closed).
+
+pub mod control;
+pub mod listener;
+pub mod notify;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::protocol::Protocol;
+use crate::state::{LoadError, Shutdown, State};
+use control::ReloadRequest;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration names something that cannot be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The metrics address could not be bound.
+    #[error("cannot listen on {address} for metrics: {source} (is another process using the port?)")]
+    MetricsBind {
+        /// The address.
+        address: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A listen address could not be bound.
+    #[error("cannot listen on {address} for {protocol}: {source} (is another process using the port?)")]
+    Bind {
+        /// The protocol.
+        protocol: Protocol,
+        /// The address.
+        address: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    use anyhow::Context;
+    Config::load(path).with_context(|| format!("loading {} (use --config to name another file)", path.display()))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP (or `reload` on the control socket)
+/// reloads. Tells systemd when it is ready, reloading and stopping.
+pub async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let server = State::from_config(&config).await?;
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let running = start(server.clone(), &config, grace).await?;
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let control_path = config.control_socket();
+    let control_stop = CancellationToken::new();
+    match control::bind(&control_path) {
+        Ok(listener) => {
+            tracing::info!(path = %control_path.display(), "control socket ready");
+            tokio::spawn(control::serve(listener, server.clone(), reload_tx, control_stop.clone()));
+        }
+        Err(e) => tracing::error!(path = %control_path.display(), error = %e, "no control socket; postern status will not work"),
+    }
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    notify::ready();
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                let _ = reload(path, &server).await;
+            }
+            Some(answer) = reload_rx.recv() => {
+                let result = reload(path, &server).await.map_err(|e| format!("{e:#}"));
+                let _ = answer.send(result);
+            }
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    notify::stopping();
+    tracing::info!(grace_secs = grace.as_secs(), "stopping: no new connections; sessions get the grace period");
+    running.stop().await;
+    control_stop.cancel();
+    let _ = std::fs::remove_file(&control_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-reads the config file and everything reloadable; logs the outcome.
+async fn reload(path: &Path, server: &State) -> anyhow::Result<()> {
+    notify::reloading();
+    let result = match load_config(path) {
+        Ok(config) => match server.reload(&config).await {
+            Ok(()) => {
+                crate::access::decision::revalidate(server).await;
+                Ok(())
+            }
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
+        Err(e) => {
+            server.metrics().reload(false);
+            Err(e)
+        }
+    };
+    match &result {
+        Ok(()) => tracing::info!("reload done"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles, vault, directory and certificate stay in force"),
+    }
+    notify::ready();
+    result
+}
+
+/// A server whose listeners are bound and accepting.
+pub struct Running {
+    /// The bound addresses per protocol (useful when the config asked for port 0).
+    pub addresses: HashMap<Protocol, Vec<SocketAddr>>,
+    /// The bound metrics address, when `[metrics] listen` is set.
+    pub metrics_address: Option<SocketAddr>,
+    /// Stops the server when cancelled.
+    pub shutdown: Shutdown,
+    tasks: TaskTracker,
+    grace: Duration,
+    helpers: CancellationToken,
+}
+
+impl Running {
+    /// Stops accepting, lets logged-in sessions run for the grace period, then closes them,
+    /// and returns when every session has ended.
+    pub async fn stop(self) {
+        self.shutdown.stop_accepting.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+            tracing::info!(sessions = self.tasks.len(), "grace period over; closing remaining sessions");
+            self.shutdown.close_sessions.cancel();
+            self.tasks.wait().await;
+        }
+        self.helpers.cancel();
+    }
+}
+
+/// Binds every configured listener of `config` and starts accepting.
+pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Result<Running, StartError> {
+    let shutdown = Shutdown::default();
+    let tasks = TaskTracker::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+    let mut addresses: HashMap<Protocol, Vec<SocketAddr>> = HashMap::new();
+    let mut bound = Vec::new();
+    for (protocol, p) in config.protocols() {
+        for &address in &p.listen {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| StartError::Bind { protocol, address, source })?;
+            let local = listener.local_addr().map_err(|source| StartError::Bind { protocol, address, source })?;
+            tracing::info!(%protocol, address = %local, upstream = server.upstream(protocol).address(), "listening");
+            addresses.entry(protocol).or_default().push(local);
+            bound.push((protocol, listener));
+        }
+    }
+    let helpers = CancellationToken::new();
+    let metrics_address = match config.metrics.listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| StartError::MetricsBind { address, source })?;
+            let local = listener.local_addr().map_err(|source| StartError::MetricsBind { address, source })?;
+            tracing::info!(address = %local, "serving metrics at /metrics");
+            tokio::spawn(crate::metrics::serve(listener, server.metrics().clone(), helpers.clone()));
+            Some(local)
+        }
+        None => None,
+    };
+    if config.server.watch_profiles {
+        let path = config.resolve(&config.access.profiles);
+        tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
+    }
+    for (protocol, listener) in bound {
+        let accept = listener::accept_loop(
+            listener,
+            protocol,
+            server.clone(),
+            permits.clone(),
+            tasks.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(accept);
+    }
+    Ok(Running { addresses, metrics_address, shutdown, tasks, grace, helpers })
+}

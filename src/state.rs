@@ -1,0 +1,278 @@
+//! What every session shares: the profiles, directory, vault, upstreams, limits and
+//! counters in force now, swapped whole on reload. Starting and stopping listeners is the
+//! daemon's business (`crate::daemon`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::access::lockout::Lockout;
+use crate::access::profiles::Profiles;
+use crate::access::slots::SessionLimits;
+use crate::audit::file::AuditFile;
+use crate::config::{Config, Limits, MetricsConfig, OAuthConfig, ProtocolConfig};
+use crate::metrics::Metrics;
+use crate::protocol::{DialogueSettings, Protocol};
+use crate::session::registry::{LastResults, LiveSessions};
+use crate::stores::directory::Directory;
+use crate::stores::vault::Vault;
+use crate::upstream::Upstream;
+use crate::upstream::credential::{SetupUpstreamsError, Upstreams};
+
+/// Why the shared state could not be loaded (at start or on reload).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// TLS certificate, key or CA problem.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The profiles file is missing or invalid.
+    #[error(transparent)]
+    Profiles(#[from] crate::access::profiles::ProfilesError),
+    /// The directory configuration is unusable.
+    #[error("directory: {0}")]
+    Directory(#[from] crate::stores::directory::DirectoryError),
+    /// The vault could not be opened.
+    #[error(transparent)]
+    Vault(#[from] crate::stores::vault::VaultError),
+    /// The audit file could not be opened.
+    #[error(transparent)]
+    AuditFile(#[from] crate::audit::file::AuditFileError),
+    /// An upstream or the OAuth2 token source could not be set up.
+    #[error(transparent)]
+    Upstreams(#[from] SetupUpstreamsError),
+}
+
+/// The two stages of stopping: first no new logins, then (after a grace period) every
+/// spliced session is closed too.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled when the server stops accepting; sessions not yet logged in say goodbye.
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when the grace period is over; logged-in sessions are closed.
+    pub close_sessions: CancellationToken,
+}
+
+/// Everything sessions share.
+pub struct State {
+    /// Timeouts and sizes.
+    pub limits: Limits,
+    hostname: String,
+    directory: ArcSwap<Directory>,
+    /// Lockout after repeated password failures.
+    pub lockout: Lockout,
+    /// Concurrent session limits per user and per address.
+    pub sessions: Arc<SessionLimits>,
+    profiles: ArcSwap<Profiles>,
+    /// The upstreams, with the vault and OAuth2 token source that log in to them.
+    pub upstreams: Upstreams,
+    smtp_max_size: Option<u64>,
+    tls: ArcSwap<TlsAcceptor>,
+    metrics: Arc<Metrics>,
+    live: LiveSessions,
+    last_results: LastResults,
+    audit_file: ArcSwapOption<AuditFile>,
+    started: Instant,
+    last_reload: AtomicU64,
+    reload_lock: tokio::sync::Mutex<()>,
+    restart_only: RestartOnly,
+}
+
+/// The parts of a config that only a restart applies.
+#[derive(Debug, PartialEq)]
+struct RestartOnly {
+    protocols: Vec<(Protocol, ProtocolConfig)>,
+    limits: Limits,
+    hostname: String,
+    state_dir: PathBuf,
+    control_socket: PathBuf,
+    metrics: MetricsConfig,
+    oauth: Option<OAuthConfig>,
+}
+
+impl RestartOnly {
+    fn of(config: &Config) -> Self {
+        Self {
+            protocols: config.protocols().map(|(p, c)| (p, c.clone())).collect(),
+            limits: config.limits.clone(),
+            hostname: config.server.hostname.clone(),
+            state_dir: config.server.state_dir.clone(),
+            control_socket: config.control_socket(),
+            metrics: config.metrics.clone(),
+            oauth: config.oauth.clone(),
+        }
+    }
+}
+
+fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, LoadError> {
+    let cert = config.resolve(&config.tls.cert);
+    let key = config.resolve(&config.tls.key);
+    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version)?))
+}
+
+fn open_audit_file(config: &Config) -> Result<Option<Arc<AuditFile>>, LoadError> {
+    Ok(match &config.audit.file {
+        Some(path) => Some(Arc::new(AuditFile::open(&config.resolve(path))?)),
+        None => None,
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl State {
+    /// Loads everything the config names. Generates the self-signed certificate if the
+    /// config asks for it and the files are missing.
+    pub async fn from_config(config: &Config) -> Result<Arc<Self>, LoadError> {
+        let cert = config.resolve(&config.tls.cert);
+        let key = config.resolve(&config.tls.key);
+        if config.tls.generate_self_signed && !cert.exists() && !key.exists() {
+            crate::tls::generate_self_signed(&config.server.hostname, &cert, &key)?;
+            tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; clients will warn until a real one is installed");
+        }
+        let tls = tls_acceptor(config)?;
+        let audit_file = open_audit_file(config)?;
+        let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
+        let directory = Directory::open(&config.directory, &config.base_dir).await?;
+        let state_dir = config.resolve(&config.server.state_dir);
+        if Vault::init(&state_dir)? {
+            tracing::warn!(state_dir = %state_dir.display(), "created a new, empty vault; store upstream credentials with `postern user set-upstream`");
+        }
+        let vault = Vault::open(&state_dir)?;
+        let upstreams = Upstreams::from_config(config, vault)?;
+        tracing::info!(profiles = profiles.len(), "loaded security profiles");
+        Ok(Arc::new(Self {
+            limits: config.limits.clone(),
+            hostname: config.server.hostname.clone(),
+            directory: ArcSwap::from_pointee(directory),
+            lockout: Lockout::new(config.lockout.clone()),
+            sessions: SessionLimits::new(config.limits.max_sessions_per_user, config.limits.max_connections_per_ip),
+            profiles: ArcSwap::from_pointee(profiles),
+            upstreams,
+            smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
+            tls: ArcSwap::from_pointee(tls),
+            metrics: Arc::new(Metrics::default()),
+            live: LiveSessions::default(),
+            last_results: LastResults::default(),
+            audit_file: ArcSwapOption::new(audit_file),
+            started: Instant::now(),
+            last_reload: AtomicU64::new(0),
+            reload_lock: tokio::sync::Mutex::new(()),
+            restart_only: RestartOnly::of(config),
+        }))
+    }
+
+    /// The metrics every session updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The sessions logged in now.
+    pub fn live(&self) -> &LiveSessions {
+        &self.live
+    }
+
+    /// Each user's last upstream login result.
+    pub fn last_results(&self) -> &LastResults {
+        &self.last_results
+    }
+
+    /// How long the server has been up.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Unix time of the last successful reload; `None` if there was none.
+    pub fn last_reload(&self) -> Option<u64> {
+        Some(self.last_reload.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// Writes `record`'s audit line for `event` to the log and, when one is configured, to
+    /// the audit file.
+    pub fn audit(&self, record: &crate::audit::SessionRecord, event: crate::audit::Event) {
+        record.emit(event);
+        if let Some(file) = self.audit_file.load().as_ref() {
+            file.write(record.started_at, record.to_json(event));
+        }
+    }
+
+    /// The profiles in force now.
+    pub fn profiles(&self) -> Arc<Profiles> {
+        self.profiles.load_full()
+    }
+
+    /// Replaces the profiles for every login from now on.
+    pub fn set_profiles(&self, profiles: Profiles) {
+        self.profiles.store(Arc::new(profiles));
+    }
+
+    /// Re-reads the profiles file, the vault, the directory, the TLS certificate and the
+    /// audit file, all or nothing: on any error the old ones stay in force. The caller then
+    /// re-checks the live sessions (`crate::access::decision::revalidate`).
+    pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let loaded = async {
+            let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
+            let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
+            let tls = tls_acceptor(config)?;
+            let audit_file = open_audit_file(config)?;
+            let directory = Directory::open(&config.directory, &config.base_dir).await?;
+            Ok::<_, LoadError>((profiles, vault, tls, audit_file, directory))
+        }
+        .await;
+        let (profiles, vault, tls, audit_file, directory) = match loaded {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.metrics.reload(false);
+                return Err(e);
+            }
+        };
+        tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
+        if RestartOnly::of(config) != self.restart_only {
+            tracing::warn!("listen addresses, upstreams, [oauth], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only");
+        }
+        self.set_profiles(profiles);
+        self.upstreams.set_vault(vault);
+        self.directory.store(Arc::new(directory));
+        self.tls.store(Arc::new(tls));
+        self.audit_file.store(audit_file);
+        self.metrics.reload(true);
+        self.last_reload.store(unix_now(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The directory in force now.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.load_full()
+    }
+
+    /// The vault in force now.
+    pub fn vault(&self) -> Arc<Vault> {
+        self.upstreams.vault()
+    }
+
+    /// The upstream of `protocol`. Sessions exist only for configured protocols.
+    pub fn upstream(&self, protocol: Protocol) -> &Upstream {
+        self.upstreams.get(protocol).expect("sessions exist only for configured protocols")
+    }
+
+    /// The TLS acceptor for new client connections (the certificate in force now).
+    pub fn tls(&self) -> TlsAcceptor {
+        TlsAcceptor::clone(&self.tls.load())
+    }
+
+    /// Settings for a new session's pre-login dialogue.
+    pub fn dialogue_settings(&self, protocol: Protocol) -> DialogueSettings {
+        DialogueSettings {
+            max_line: self.limits.max_line,
+            max_literal: self.limits.max_literal,
+            hostname: self.hostname.clone(),
+            smtp_max_size: if protocol == Protocol::Smtp { self.smtp_max_size } else { None },
+        }
+    }
+}
