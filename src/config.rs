@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::stores::directory::DirectoryConfig;
 use crate::protocol::Protocol;
+use crate::stores::directory::DirectoryConfig;
 pub use crate::tls::TlsVersion;
 
 /// Why a configuration could not be used.
@@ -350,7 +350,10 @@ impl OAuthConfig {
         if let Some(tenant) = &self.tenant
             && (tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
         {
-            return Err(invalid("tenant", "expected a tenant id (a GUID) or domain, e.g. \"example.onmicrosoft.com\"".into()));
+            return Err(invalid(
+                "tenant",
+                "expected a tenant id (a GUID) or domain, e.g. \"example.onmicrosoft.com\"".into(),
+            ));
         }
         if let Some(id) = &self.client_id
             && (id.is_empty() || id.chars().any(|c| c.is_control() || c.is_whitespace()))
@@ -371,7 +374,10 @@ impl OAuthConfig {
             return Err(invalid("timeout_secs", "must be between 1 and 300 seconds".into()));
         }
         if self.refresh_margin_secs > 3000 {
-            return Err(invalid("refresh_margin_secs", "must be at most 3000 seconds (tokens usually live an hour)".into()));
+            return Err(invalid(
+                "refresh_margin_secs",
+                "must be at most 3000 seconds (tokens usually live an hour)".into(),
+            ));
         }
         Ok(())
     }
@@ -437,16 +443,16 @@ pub struct MetricsConfig {
 impl Config {
     /// Reads, parses and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
         Self::parse(&text, path, base_dir)
     }
 
     /// Parses and validates `text`; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path, base_dir: PathBuf) -> Result<Self, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         config.base_dir = base_dir;
         config.validate()?;
         Ok(config)
@@ -473,7 +479,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: &str| ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() };
+        let invalid =
+            |key: &str, message: &str| ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() };
         if self.protocols().next().is_none() {
             return Err(invalid("imap", "no protocol is configured: add an [imap], [pop3] or [smtp] table"));
         }
@@ -490,10 +497,18 @@ impl Config {
             }
             match p.upstream.rsplit_once(':') {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-                _ => return Err(invalid(&format!("{name}.upstream"), "expected host:port, e.g. \"imap.gmail.com:993\"")),
+                _ => {
+                    return Err(invalid(
+                        &format!("{name}.upstream"),
+                        "expected host:port, e.g. \"imap.gmail.com:993\"",
+                    ));
+                }
             }
             if p.upstream_tls == UpstreamTls::Starttls && protocol != Protocol::Smtp {
-                return Err(invalid(&format!("{name}.upstream_tls"), "\"starttls\" is only supported for smtp; use \"implicit\""));
+                return Err(invalid(
+                    &format!("{name}.upstream_tls"),
+                    "\"starttls\" is only supported for smtp; use \"implicit\"",
+                ));
             }
             if let Some(bad) = p.upstream_pin_sha256.iter().find(|pin| crate::tls::parse_pin(pin).is_none()) {
                 return Err(invalid(
@@ -548,10 +563,16 @@ impl Config {
             return Err(invalid("lockout.window_secs", "must be at least 1 second"));
         }
         if lockout.max_failures > 0 && lockout.lock_secs == 0 {
-            return Err(invalid("lockout.lock_secs", "must be at least 1 second (or set lockout.max_failures = 0 to disable locking)"));
+            return Err(invalid(
+                "lockout.lock_secs",
+                "must be at least 1 second (or set lockout.max_failures = 0 to disable locking)",
+            ));
         }
         if lockout.max_failure_delay_ms > 60_000 {
-            return Err(invalid("lockout.max_failure_delay_ms", "must be at most 60000: longer holds connections for nothing"));
+            return Err(invalid(
+                "lockout.max_failure_delay_ms",
+                "must be at most 60000: longer holds connections for nothing",
+            ));
         }
         if let Some(metrics) = self.metrics.listen {
             if metrics.port() != 0 && seen.contains(&metrics) {
@@ -559,7 +580,10 @@ impl Config {
             }
         }
         if self.server.control_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            return Err(invalid("server.control_socket", "must be a file path; leave it out for state_dir/control.sock"));
+            return Err(invalid(
+                "server.control_socket",
+                "must be a file path; leave it out for state_dir/control.sock",
+            ));
         }
         if self.audit.file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(invalid("audit.file", "must be a file path; leave it out to log to the journal only"));
@@ -618,9 +642,12 @@ mod tests {
         assert!(err.contains("imap.upstream"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[limits]\npreauth_timeout_secs = 0\n")).unwrap_err().to_string();
         assert!(err.contains("limits.preauth_timeout_secs"), "{err}");
-        let err = parse(&MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_tls = \"starttls\""))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&MINIMAL.replace(
+            "upstream = \"imap.gmail.com:993\"",
+            "upstream = \"imap.gmail.com:993\"\nupstream_tls = \"starttls\"",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("imap.upstream_tls"), "{err}");
     }
 
@@ -633,7 +660,10 @@ mod tests {
 
     #[test]
     fn bad_pins_name_their_key() {
-        let text = MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_pin_sha256 = [\"nope\"]");
+        let text = MINIMAL.replace(
+            "upstream = \"imap.gmail.com:993\"",
+            "upstream = \"imap.gmail.com:993\"\nupstream_pin_sha256 = [\"nope\"]",
+        );
         assert!(parse(&text).unwrap_err().to_string().contains("imap.upstream_pin_sha256"));
     }
 
@@ -653,10 +683,14 @@ mod tests {
 
     #[test]
     fn xoauth2_needs_an_oauth_table() {
-        let text = MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nupstream_auth = \"xoauth2\"");
+        let text = MINIMAL.replace(
+            "upstream = \"imap.gmail.com:993\"",
+            "upstream = \"imap.gmail.com:993\"\nupstream_auth = \"xoauth2\"",
+        );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("imap.upstream_auth") && err.contains("[oauth]"), "{err}");
-        let google = format!("{text}\n[oauth]\nsource = \"google-service-account\"\nservice_account_key = \"sa.json\"\n");
+        let google =
+            format!("{text}\n[oauth]\nsource = \"google-service-account\"\nservice_account_key = \"sa.json\"\n");
         let c = parse(&google).unwrap();
         assert_eq!(c.imap.as_ref().unwrap().upstream_auth, UpstreamAuthMode::Xoauth2);
         assert_eq!(c.oauth.as_ref().unwrap().refresh_margin(), Duration::from_secs(60));
@@ -665,18 +699,22 @@ mod tests {
 
     #[test]
     fn oauth_keys_are_checked_per_source() {
-        let with = |table: &str| parse(&format!("{MINIMAL}\n[oauth]\n{table}\n")).map(|_| ()).map_err(|e| e.to_string());
+        let with =
+            |table: &str| parse(&format!("{MINIMAL}\n[oauth]\n{table}\n")).map(|_| ()).map_err(|e| e.to_string());
         let err = with("source = \"google-service-account\"").unwrap_err();
         assert!(err.contains("oauth.service_account_key") && err.contains("required"), "{err}");
         let err = with("source = \"microsoft\"\ntenant = \"t\"\nclient_id = \"c\"").unwrap_err();
         assert!(err.contains("oauth.client_secret_file"), "{err}");
-        let err = with("source = \"microsoft\"\ntenant = \"a/b\"\nclient_id = \"c\"\nclient_secret_file = \"s\"").unwrap_err();
+        let err = with("source = \"microsoft\"\ntenant = \"a/b\"\nclient_id = \"c\"\nclient_secret_file = \"s\"")
+            .unwrap_err();
         assert!(err.contains("oauth.tenant"), "{err}");
         let err = with("source = \"refresh-token\"\nclient_id = \"c\"\ntoken_url = \"http://x/token\"").unwrap_err();
         assert!(err.contains("oauth.token_url") && err.contains("https"), "{err}");
-        let err = with("source = \"refresh-token\"\nclient_id = \"c\"\ntoken_url = \"https://x/t\"\ntenant = \"t\"").unwrap_err();
+        let err = with("source = \"refresh-token\"\nclient_id = \"c\"\ntoken_url = \"https://x/t\"\ntenant = \"t\"")
+            .unwrap_err();
         assert!(err.contains("oauth.tenant") && err.contains("not used"), "{err}");
-        let err = with("source = \"google-service-account\"\nservice_account_key = \"k\"\ntimeout_secs = 0").unwrap_err();
+        let err =
+            with("source = \"google-service-account\"\nservice_account_key = \"k\"\ntimeout_secs = 0").unwrap_err();
         assert!(err.contains("oauth.timeout_secs"), "{err}");
         let err = with("source = \"google\"").unwrap_err();
         assert!(err.contains("source"), "{err}");
@@ -685,7 +723,8 @@ mod tests {
 
     #[test]
     fn no_protocol_is_an_error() {
-        let text = MINIMAL.replace("[imap]\n        listen = [\"127.0.0.1:10993\"]\n        upstream = \"imap.gmail.com:993\"", "");
+        let text = MINIMAL
+            .replace("[imap]\n        listen = [\"127.0.0.1:10993\"]\n        upstream = \"imap.gmail.com:993\"", "");
         assert!(parse(&text).unwrap_err().to_string().contains("no protocol"));
     }
 }

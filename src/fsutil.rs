@@ -18,24 +18,14 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(
-        ".tmp-{}-{:016x}",
-        std::process::id(),
-        OsRng.next_u64()
-    ));
+    tmp_name.push(format!(".tmp-{}-{:016x}", std::process::id(), OsRng.next_u64()));
     let tmp = dir.join(tmp_name);
 
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         if let Ok(old) = fs::metadata(path) {
             // Best effort: only root may give a file away, and then it should.
             let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()));
@@ -51,4 +41,3 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result?;
     File::open(dir)?.sync_all()
 }
-

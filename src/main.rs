@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use postern::cli::{self, SecretSource};
-use postern::daemon;
 use postern::config::LogFormat;
+use postern::daemon;
 use postern::protocol::Protocol;
 
 /// Exit status of operational failures; clap exits with 2 on usage errors.
@@ -228,7 +228,9 @@ fn main() -> ExitCode {
             Command::Check => cli::check(config).await,
             Command::Status { user } => cli::status(config, user.as_deref()).await,
             Command::Probe { user, protocol } => cli::probe(config, &user, protocol.into()).await,
-            Command::Audit { user, since, file } => cli::audit(config, file.as_deref(), user.as_deref(), since.as_deref()),
+            Command::Audit { user, since, file } => {
+                cli::audit(config, file.as_deref(), user.as_deref(), since.as_deref())
+            }
             Command::Access(AccessCommand::Explain { user, ip, protocol }) => {
                 cli::explain(config, &user, ip, protocol.into()).await
             }

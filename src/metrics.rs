@@ -185,7 +185,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         self.sessions_active.render(&mut out, "postern_sessions_active", "gauge", "Client connections open now.");
-        self.sessions_total.render(&mut out, "postern_sessions_total", "counter", "Client connections accepted (after TLS).");
+        self.sessions_total.render(
+            &mut out,
+            "postern_sessions_total",
+            "counter",
+            "Client connections accepted (after TLS).",
+        );
         let _ = writeln!(
             out,
             "# HELP postern_logins_total Login attempts by outcome and reason.\n# TYPE postern_logins_total counter"
@@ -193,9 +198,24 @@ impl Metrics {
         for (LoginResult { outcome, reason }, count) in self.logins.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "postern_logins_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {count}");
         }
-        self.bytes_up.render(&mut out, "postern_bytes_up_total", "counter", "Bytes relayed client to upstream by finished sessions.");
-        self.bytes_down.render(&mut out, "postern_bytes_down_total", "counter", "Bytes relayed upstream to client by finished sessions.");
-        self.tls_failures.render(&mut out, "postern_tls_handshake_failures_total", "counter", "Client TLS handshakes that failed or timed out.");
+        self.bytes_up.render(
+            &mut out,
+            "postern_bytes_up_total",
+            "counter",
+            "Bytes relayed client to upstream by finished sessions.",
+        );
+        self.bytes_down.render(
+            &mut out,
+            "postern_bytes_down_total",
+            "counter",
+            "Bytes relayed upstream to client by finished sessions.",
+        );
+        self.tls_failures.render(
+            &mut out,
+            "postern_tls_handshake_failures_total",
+            "counter",
+            "Client TLS handshakes that failed or timed out.",
+        );
         let _ = writeln!(
             out,
             "# HELP postern_reloads_total Reloads by result.\n# TYPE postern_reloads_total counter\npostern_reloads_total{{result=\"ok\"}} {}\npostern_reloads_total{{result=\"failed\"}} {}",
@@ -207,9 +227,17 @@ impl Metrics {
             "# HELP postern_sessions_revoked_total Live sessions closed because the user no longer passes the access checks.\n# TYPE postern_sessions_revoked_total counter\npostern_sessions_revoked_total {}",
             self.sessions_revoked.load(Ordering::Relaxed)
         );
-        self.directory_latency.render(&mut out, "postern_directory_seconds", "Directory lookup and password check latency.");
+        self.directory_latency.render(
+            &mut out,
+            "postern_directory_seconds",
+            "Directory lookup and password check latency.",
+        );
         self.upstream_latency.render(&mut out, "postern_upstream_login_seconds", "Upstream login latency.");
-        self.login_latency.render(&mut out, "postern_login_seconds", "Whole access decision latency, upstream login included.");
+        self.login_latency.render(
+            &mut out,
+            "postern_login_seconds",
+            "Whole access decision latency, upstream login included.",
+        );
         out
     }
 }

@@ -234,7 +234,9 @@ impl State {
         };
         tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
         if RestartOnly::of(config) != self.restart_only {
-            tracing::warn!("listen addresses, upstreams, [oauth], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only");
+            tracing::warn!(
+                "listen addresses, upstreams, [oauth], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
+            );
         }
         self.set_profiles(profiles);
         self.upstreams.set_vault(vault);

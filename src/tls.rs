@@ -78,7 +78,10 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError
     let validity = parsed.validity();
     let now = x509_parser::time::ASN1Time::now();
     if now < validity.not_before {
-        return Err(file_error(format!("not valid before {}; check the clock or the certificate", validity.not_before)));
+        return Err(file_error(format!(
+            "not valid before {}; check the clock or the certificate",
+            validity.not_before
+        )));
     }
     if now > validity.not_after {
         return Err(file_error(format!("expired on {}; install a renewed certificate", validity.not_after)));

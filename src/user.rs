@@ -15,9 +15,8 @@ pub struct InvalidUserName(pub String);
 /// place in a mail address and could forge log or protocol lines).
 pub fn normalize(raw: &str) -> Result<String, InvalidUserName> {
     let user = raw.trim();
-    let valid = !user.is_empty()
-        && user.len() <= MAX_USER_NAME
-        && !user.chars().any(|c| c.is_control() || c.is_whitespace());
+    let valid =
+        !user.is_empty() && user.len() <= MAX_USER_NAME && !user.chars().any(|c| c.is_control() || c.is_whitespace());
     if valid { Ok(user.to_lowercase()) } else { Err(InvalidUserName(raw.escape_debug().to_string())) }
 }
 

@@ -19,7 +19,8 @@ fn usage_errors_exit_2_and_help_is_everywhere() {
     expect_code(&i.run(&["access", "explain", "a@x", "not-an-ip"], ""), 2);
     expect_code(&i.run(&["probe", "a@x", "--protocol", "gopher"], ""), 2);
     expect_code(&i.run(&["user", "set-upstream", "a@x"], ""), 2);
-    for args in [&["--help"][..], &["user", "import", "--help"], &["access", "explain", "--help"], &["audit", "--help"]] {
+    for args in [&["--help"][..], &["user", "import", "--help"], &["access", "explain", "--help"], &["audit", "--help"]]
+    {
         let out = expect_code(&i.run(args, ""), 0);
         assert!(out.contains("Usage:"), "{out}");
     }
@@ -31,7 +32,16 @@ fn cert_generate_writes_a_private_key_and_reports_unwritable_places() {
     let cert = i.path("gen/c.pem");
     let key = i.path("gen/k.pem");
     std::fs::create_dir(i.path("gen")).unwrap();
-    let args = ["cert", "generate", "--hostname", "mail.test", "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    let args = [
+        "cert",
+        "generate",
+        "--hostname",
+        "mail.test",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
     expect_code(&i.run(&args, ""), 0);
     assert!(std::fs::read_to_string(&cert).unwrap().contains("BEGIN CERTIFICATE"));
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o077, 0);
@@ -55,7 +65,10 @@ fn check_passes_then_flags_a_world_readable_key_and_a_missing_config() {
     let output = i.run(&["check"], "");
     expect_code(&output, 1);
     assert!(text(&output).1.contains("profiles.toml"));
-    let missing = std::process::Command::new(install::POSTERN).args(["--config", "/nonexistent/proxy.toml", "check"]).output().unwrap();
+    let missing = std::process::Command::new(install::POSTERN)
+        .args(["--config", "/nonexistent/proxy.toml", "check"])
+        .output()
+        .unwrap();
     expect_code(&missing, 1);
 }
 
@@ -69,7 +82,10 @@ fn upstream_credentials_set_list_show_rotate_and_remove() {
     expect_code(&i.run(&["user", "set-upstream", "dave@example.com", "--stdin"], "dave-app-pw\n"), 0);
     expect_code(&i.run(&["user", "set-upstream", "erin@example.com", "--stdin"], "\n"), 1);
     expect_code(&i.run(&["user", "set-upstream", "erin@example.com", "--refresh-token"], "tok\n"), 2);
-    expect_code(&i.run(&["user", "set-upstream", "erin@example.com", "--stdin", "--refresh-token"], "1//refresh-tok\n"), 0);
+    expect_code(
+        &i.run(&["user", "set-upstream", "erin@example.com", "--stdin", "--refresh-token"], "1//refresh-tok\n"),
+        0,
+    );
     let listed = expect_code(&i.run(&["user", "list"], ""), 0);
     assert!(listed.contains("erin@example.com") && listed.contains("refresh-token"), "{listed}");
 
@@ -90,7 +106,9 @@ fn upstream_credentials_set_list_show_rotate_and_remove() {
     let list = expect_code(&i.run(&["user", "list"], ""), 0);
     assert!(list.contains("yes (+old)"), "{list}");
     let revealed = expect_code(&i.run(&["user", "show-upstream", user, "--reveal"], ""), 0);
-    assert!(revealed.contains(&format!("secret: {rotated}")) && revealed.contains(&format!("previous secret: {generated}")));
+    assert!(
+        revealed.contains(&format!("secret: {rotated}")) && revealed.contains(&format!("previous secret: {generated}"))
+    );
     expect_code(&i.run(&["user", "rotate", user, "--confirm"], ""), 0);
     expect_code(&i.run(&["user", "rotate", user, "--confirm"], ""), 1);
     expect_code(&i.run(&["user", "rotate", "nobody@example.com"], ""), 1);
@@ -106,7 +124,11 @@ fn upstream_credentials_set_list_show_rotate_and_remove() {
 fn import_validates_every_row_first_and_export_hides_secrets() {
     let i = install();
     let bad = i.path("bad.csv");
-    std::fs::write(&bad, "user,password,upstream_user\nf1@example.com,pw-f1,\nbroken user,pw\nf2@example.com,\"pw,f2\",f2@gmail.com\n").unwrap();
+    std::fs::write(
+        &bad,
+        "user,password,upstream_user\nf1@example.com,pw-f1,\nbroken user,pw\nf2@example.com,\"pw,f2\",f2@gmail.com\n",
+    )
+    .unwrap();
     let output = i.run(&["user", "import", bad.to_str().unwrap()], "");
     expect_code(&output, 1);
     let (_, err) = text(&output);
@@ -137,12 +159,24 @@ fn import_validates_every_row_first_and_export_hides_secrets() {
 #[test]
 fn access_explain_names_the_profile_or_the_reason() {
     let i = install();
-    postern::stores::directory::file::set_password(&i.path("users.toml"), "alice@example.com", &postern::secret::Secret::new("pw")).unwrap();
+    postern::stores::directory::file::set_password(
+        &i.path("users.toml"),
+        "alice@example.com",
+        &postern::secret::Secret::new("pw"),
+    )
+    .unwrap();
     let out = expect_code(&i.run(&["access", "explain", "alice@example.com", "127.0.0.1"], ""), 0);
-    assert!(out.contains("allow entry 127.0.0.1/32 matches") && out.contains("decision: allowed by profile \"loopback\""), "{out}");
+    assert!(
+        out.contains("allow entry 127.0.0.1/32 matches") && out.contains("decision: allowed by profile \"loopback\""),
+        "{out}"
+    );
     assert!(out.contains("upstream credential: missing"), "{out}");
-    let out = expect_code(&i.run(&["access", "explain", "alice@example.com", "192.0.2.7", "--protocol", "pop3"], ""), 0);
-    assert!(out.contains("no allow entry matches 192.0.2.7") && out.contains("refused: client IP not allowed"), "{out}");
+    let out =
+        expect_code(&i.run(&["access", "explain", "alice@example.com", "192.0.2.7", "--protocol", "pop3"], ""), 0);
+    assert!(
+        out.contains("no allow entry matches 192.0.2.7") && out.contains("refused: client IP not allowed"),
+        "{out}"
+    );
     let out = expect_code(&i.run(&["access", "explain", "zed@example.com", "127.0.0.1"], ""), 0);
     assert!(out.contains("unknown user"), "{out}");
     std::fs::write(i.path("profiles.toml"), "[[profile]]\nname = 1\n").unwrap();

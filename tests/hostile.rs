@@ -114,7 +114,8 @@ async fn invalid_base64_in_sasl_is_a_protocol_error() {
     c.send(b"%%%%\r\n").await;
     assert!(c.read_until_tagged("b2").await.pop().unwrap().starts_with("b2 BAD"));
     // The same connection is still in step and can log in.
-    c.send(format!("b3 AUTHENTICATE PLAIN {}\r\n", b64(format!("\0{}\0{}", user.mail, user.password))).as_bytes()).await;
+    c.send(format!("b3 AUTHENTICATE PLAIN {}\r\n", b64(format!("\0{}\0{}", user.mail, user.password))).as_bytes())
+        .await;
     assert!(c.read_until_tagged("b3").await.pop().unwrap().starts_with("b3 OK"));
 }
 
@@ -188,7 +189,11 @@ async fn repeated_wrong_passwords_lock_the_user_and_a_right_one_does_not_tell() 
     }
     let mut c = connect(&proxy).await;
     c.send(format!("l9 LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
-    assert_eq!(c.read_until_tagged("l9").await.pop().unwrap(), format!("l9 {DENIAL}"), "locked: the right password is refused alike");
+    assert_eq!(
+        c.read_until_tagged("l9").await.pop().unwrap(),
+        format!("l9 {DENIAL}"),
+        "locked: the right password is refused alike"
+    );
     drop(c);
     logs::wait_for_audit(&user.mail, &["locked out after repeated password failures"]).await;
     assert!(proxy.server().lockout.unlock(&user.mail));

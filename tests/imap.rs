@@ -280,7 +280,14 @@ sys.stdout.buffer.write(data[0][1])
 m.logout()
 "#;
     let out = Command::new("python3")
-        .args(["-c", script, &proxy.imaps.port().to_string(), &proxy.ca_file.display().to_string(), &user.mail, &user.password])
+        .args([
+            "-c",
+            script,
+            &proxy.imaps.port().to_string(),
+            &proxy.ca_file.display().to_string(),
+            &user.mail,
+            &user.password,
+        ])
         .output()
         .expect("run python3");
     assert!(out.status.success(), "imaplib failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -306,7 +313,13 @@ async fn curl_logs_in_and_fetches() {
     let url = format!("imaps://localhost:{}/INBOX;UID=1", proxy.imaps.port());
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "20", "--resolve", &format!("localhost:{}:127.0.0.1", proxy.imaps.port())])
-        .args(["--cacert", &proxy.ca_file.display().to_string(), "--user", &format!("{}:{}", user.mail, user.password), &url])
+        .args([
+            "--cacert",
+            &proxy.ca_file.display().to_string(),
+            "--user",
+            &format!("{}:{}", user.mail, user.password),
+            &url,
+        ])
         .output()
         .await
         .expect("run curl");

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::slapd::{Slapd, slapd};
+use postern::secret::Secret;
 use postern::stores::directory::ldap::{LdapConfig, LdapDirectory};
 use postern::stores::directory::{Directory, DirectoryConfig, DirectoryError};
-use postern::secret::Secret;
 
 /// Service-account search mode against `url`, plus `extra` TOML lines.
 fn search_config(s: &Slapd, url: &str, extra: &str) -> LdapConfig {
@@ -22,10 +22,8 @@ fn search_config(s: &Slapd, url: &str, extra: &str) -> LdapConfig {
 
 /// Template mode without a service account.
 fn template_config(s: &Slapd, extra: &str) -> LdapConfig {
-    let text = format!(
-        "url = {:?}\nbind_dn_template = \"uid={{user}},{}\"\ntimeout_secs = 3\n{extra}",
-        s.url, s.people_dn
-    );
+    let text =
+        format!("url = {:?}\nbind_dn_template = \"uid={{user}},{}\"\ntimeout_secs = 3\n{extra}", s.url, s.people_dn);
     toml::from_str(&text).unwrap()
 }
 
@@ -156,10 +154,7 @@ async fn passwords_with_quotes_backslashes_spaces_and_utf8() {
     s.add_user("oddpw", "oddpw@example.com", password, &["mail-users"]);
     let dir = open(&search_config(s, &s.url, "")).await;
     assert_member(&login(&dir, "oddpw@example.com", password).await.unwrap(), s, "mail-users");
-    assert!(matches!(
-        login(&dir, "oddpw@example.com", password.trim_end()).await,
-        Err(DirectoryError::WrongPassword)
-    ));
+    assert!(matches!(login(&dir, "oddpw@example.com", password.trim_end()).await, Err(DirectoryError::WrongPassword)));
 }
 
 #[tokio::test]

@@ -69,7 +69,9 @@ async fn no_secret_reaches_the_logs() {
     drop(c);
 
     // The directory down and the file directory paths.
-    let down = Proxy::start(Options { directory: Dir::LdapDown, profiles: proxy::profile_for(&users), ..Options::default() }).await;
+    let down =
+        Proxy::start(Options { directory: Dir::LdapDown, profiles: proxy::profile_for(&users), ..Options::default() })
+            .await;
     let mut c = imap(&down).await;
     c.send(b"5 LOGIN secret-a@example.com Down-Dir-Pw-4411\r\n").await;
     c.read_until_tagged("5").await;

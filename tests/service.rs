@@ -84,14 +84,20 @@ async fn metrics_count_a_login_and_status_reports_the_last_upstream_result() {
     assert!(out.contains("m1@example.com: last upstream login") && out.contains(": OK"), "{out}");
     let out = expect_code(&install.run(&["status", "--user", "never@example.com"], ""), 0);
     assert!(out.contains("no upstream login since the daemon started"), "{out}");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(install.path("state/control.sock")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(install.path("state/control.sock")).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     still_works(&mut c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_keeps_sessions_applies_profiles_rejects_broken_files_and_closes_revoked_users() {
-    let install = Install::new(&profiles_for(&["r1@example.com"]), "watch_profiles = false", "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let install = Install::new(
+        &profiles_for(&["r1@example.com"]),
+        "watch_profiles = false",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
     install.add_user("r1@example.com", "dir-pw");
     install.add_user("r2@example.com", "dir-pw");
     let mut daemon = Daemon::start(&install);
@@ -106,7 +112,8 @@ async fn sighup_keeps_sessions_applies_profiles_rejects_broken_files_and_closes_
     let mut r2 = session(&daemon, &install, "r2@example.com").await;
     still_works(&mut r1).await;
 
-    std::fs::write(install.path("profiles.toml"), "[[profile]]\nname = \"broken\"\nallow = [\"not-an-address\"]\n").unwrap();
+    std::fs::write(install.path("profiles.toml"), "[[profile]]\nname = \"broken\"\nallow = [\"not-an-address\"]\n")
+        .unwrap();
     daemon.signal("HUP");
     daemon.expect_notify("RELOADING=1");
     daemon.expect_notify("READY=1");
@@ -147,7 +154,11 @@ async fn profile_edits_apply_within_two_seconds_without_a_reload() {
     let written = Instant::now();
     w1.expect_closed().await;
     assert!(written.elapsed() < Duration::from_secs(3), "took {:?}", written.elapsed());
-    wait_for_audit(&install, "w1@example.com", "closed: profile change no longer allows this client (no profile applies to the user)");
+    wait_for_audit(
+        &install,
+        "w1@example.com",
+        "closed: profile change no longer allows this client (no profile applies to the user)",
+    );
     assert!(login_answer(&daemon, &install, "w2@example.com").await.starts_with("l1 OK"));
     assert!(login_answer(&daemon, &install, "w1@example.com").await.starts_with("l1 NO"));
 }

@@ -99,7 +99,8 @@ async fn mail_before_auth_is_refused_and_denials_read_the_same() {
     let denial = say(&mut c, &format!("AUTH PLAIN {}", b64(format!("\0{}\0wrong", user.mail))), "535").await;
     assert_eq!(denial, ["535 5.7.8 You are not allowed to access this server"]);
     proxy.set_upstream(&user.mail, "stale-upstream-password");
-    let outage = say(&mut c, &format!("AUTH PLAIN {}", b64(format!("\0{}\0{}", user.mail, user.password))), "454").await;
+    let outage =
+        say(&mut c, &format!("AUTH PLAIN {}", b64(format!("\0{}\0{}", user.mail, user.password))), "454").await;
     assert!(outage[0].starts_with("454 4.7.0"), "{outage:?}");
 }
 
@@ -131,14 +132,18 @@ async fn starttls_upstream_on_port_587_works() {
     let d = common::dovecot::dovecot();
     assert!(d.wait_for_log(&format!("user=<{}>", user.mail), Duration::from_secs(5)));
     let logins = d.login_lines(&user.mail);
-    assert!(!logins.is_empty() && logins.iter().all(|l| l.contains(", TLS")), "upstream login not over TLS: {logins:?}");
+    assert!(
+        !logins.is_empty() && logins.iter().all(|l| l.contains(", TLS")),
+        "upstream login not over TLS: {logins:?}"
+    );
 }
 
 #[tokio::test]
 async fn python_smtplib_sends_a_message() {
     common::require_binary("python3", "python3");
     logs::capture();
-    let proxy = Proxy::start(Options { profiles: proxy::profile_for(&["pysmtp1@example.com"]), ..Options::default() }).await;
+    let proxy =
+        Proxy::start(Options { profiles: proxy::profile_for(&["pysmtp1@example.com"]), ..Options::default() }).await;
     // smtplib encodes credentials as ASCII; quotes, backslashes and spaces still travel in PLAIN.
     let user = proxy::add_user(&proxy, "pysmtp1", "py \"pw\" \\ x");
     let script = r#"
@@ -152,12 +157,16 @@ with smtplib.SMTP_SSL("localhost", port, context=ctx) as s:
     let (port, ca) = (proxy.smtps.port().to_string(), proxy.ca_file.display().to_string());
     let (mail, password) = (user.mail.clone(), user.password.clone());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3").args(["-c", script, &port, &ca, &mail, &password, "pysmtp1-marker"]).output().expect("python3")
+        Command::new("python3")
+            .args(["-c", script, &port, &ca, &mail, &password, "pysmtp1-marker"])
+            .output()
+            .expect("python3")
     })
     .await
     .unwrap();
     assert!(out.status.success(), "smtplib: {}", String::from_utf8_lossy(&out.stderr));
-    let got = sink().wait_for_async(|m| m.data_contains(b"<pysmtp1-marker@example.com>"), Duration::from_secs(10)).await;
+    let got =
+        sink().wait_for_async(|m| m.data_contains(b"<pysmtp1-marker@example.com>"), Duration::from_secs(10)).await;
     assert!(got.is_some_and(|m| m.data_contains(b"sent by smtplib")));
 }
 
@@ -200,7 +209,12 @@ async fn swaks_sends_a_message() {
         .output()
         .await
         .expect("swaks");
-    assert!(out.status.success(), "swaks: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "swaks: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = sink()
         .wait_for_async(|m| m.data_contains(b"<swaks1-marker@example.com>"), Duration::from_secs(10))
         .await

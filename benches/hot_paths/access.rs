@@ -36,11 +36,7 @@ fn last_entry() -> String {
 fn one_big_profile() -> String {
     let mut allow: Vec<String> = (0..ENTRIES - 1).map(entry).collect();
     allow.push(last_entry());
-    let list = allow
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = allow.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
     format!("[[profile]]\nname = \"big\"\nusers = [\"{USER}\"]\nallow = [{list}]\n")
 }
 
@@ -48,11 +44,7 @@ fn one_big_profile() -> String {
 fn many_profiles() -> String {
     let mut text = String::new();
     for i in 0..ENTRIES {
-        let allow = if i == ENTRIES - 1 {
-            last_entry()
-        } else {
-            entry(i)
-        };
+        let allow = if i == ENTRIES - 1 { last_entry() } else { entry(i) };
         let _ = write!(
             text,
             "[[profile]]\nname = \"p{i}\"\nusers = [\"user{i}@example.com\"]\ngroups = [\"team{}\"]\n\
@@ -83,37 +75,14 @@ pub fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("access");
     group.bench_function("check_profiles_1000_entries_match_last", |b| {
-        b.iter(|| {
-            check_profiles(
-                &big,
-                black_box(USER),
-                &groups,
-                Protocol::Imap,
-                black_box(last),
-            )
-        })
+        b.iter(|| check_profiles(&big, black_box(USER), &groups, Protocol::Imap, black_box(last)))
     });
     group.bench_function("check_profiles_1000_entries_no_match", |b| {
-        b.iter(|| {
-            check_profiles(
-                &big,
-                black_box(USER),
-                &groups,
-                Protocol::Imap,
-                black_box(stranger),
-            )
-        })
+        b.iter(|| check_profiles(&big, black_box(USER), &groups, Protocol::Imap, black_box(stranger)))
     });
-    group.bench_function("any_allows_1000_profiles_match_last", |b| {
-        b.iter(|| many.any_allows(black_box(last)))
-    });
-    group.bench_function("any_allows_1000_profiles_no_match", |b| {
-        b.iter(|| many.any_allows(black_box(stranger)))
-    });
-    for (name, text) in [
-        ("parse_1000_entries", &big_text),
-        ("parse_1000_profiles", &many_text),
-    ] {
+    group.bench_function("any_allows_1000_profiles_match_last", |b| b.iter(|| many.any_allows(black_box(last))));
+    group.bench_function("any_allows_1000_profiles_no_match", |b| b.iter(|| many.any_allows(black_box(stranger))));
+    for (name, text) in [("parse_1000_entries", &big_text), ("parse_1000_profiles", &many_text)] {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(name, |b| b.iter(|| Profiles::parse(black_box(text))));
     }

@@ -49,12 +49,7 @@ fn scripts() -> Vec<Script> {
 }
 
 /// Runs `input` through a fresh dialogue, `chunk` bytes at a time, up to the login.
-fn exchange(
-    protocol: Protocol,
-    settings: &DialogueSettings,
-    input: &[u8],
-    chunk: usize,
-) -> Credentials {
+fn exchange(protocol: Protocol, settings: &DialogueSettings, input: &[u8], chunk: usize) -> Credentials {
     let mut d = dialogue(protocol, settings);
     black_box(d.greeting());
     let mut pieces = input.chunks(chunk);
@@ -81,22 +76,10 @@ pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("preauth");
     for script in scripts() {
         let login = exchange(script.protocol, &settings, &script.input, usize::MAX);
-        assert_eq!(
-            (login.user.as_str(), login.password.expose()),
-            (USER, PASSWORD),
-            "{}",
-            script.name
-        );
+        assert_eq!((login.user.as_str(), login.password.expose()), (USER, PASSWORD), "{}", script.name);
         group.throughput(Throughput::Bytes(script.input.len() as u64));
         group.bench_function(script.name, |b| {
-            b.iter(|| {
-                exchange(
-                    script.protocol,
-                    &settings,
-                    black_box(&script.input),
-                    usize::MAX,
-                )
-            })
+            b.iter(|| exchange(script.protocol, &settings, black_box(&script.input), usize::MAX))
         });
     }
     let bytewise = &scripts()[0];

@@ -33,11 +33,7 @@ fn password(i: usize) -> String {
 /// `set` costs nothing.
 fn scratch() -> TempDir {
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm)
-    } else {
-        tempfile::tempdir()
-    };
+    let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() };
     dir.expect("scratch directory")
 }
 
@@ -50,8 +46,7 @@ fn build(root: &Path) -> Vault {
         let dir = root.join(format!("batch{batch}"));
         fs::create_dir(&dir).expect("batch dir");
         fs::copy(state.join(KEY_FILE), dir.join(KEY_FILE)).expect("copy key");
-        fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o600))
-            .expect("key mode");
+        fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o600)).expect("key mode");
         let mut vault = Vault::open(&dir).expect("batch vault");
         for i in batch * BATCH..(batch + 1) * BATCH {
             let secret = UpstreamSecret::password(Secret::new(password(i)));
@@ -87,15 +82,9 @@ pub fn bench(c: &mut Criterion) {
     assert!(vault.get("nobody@example.com").expect("lookup").is_none());
 
     let mut group = c.benchmark_group("vault");
-    group.bench_function("get_1_of_10000", |b| {
-        b.iter(|| vault.get(black_box(&target)))
-    });
-    group.bench_function("get_missing_of_10000", |b| {
-        b.iter(|| vault.get(black_box("nobody@example.com")))
-    });
+    group.bench_function("get_1_of_10000", |b| b.iter(|| vault.get(black_box(&target))));
+    group.bench_function("get_missing_of_10000", |b| b.iter(|| vault.get(black_box("nobody@example.com"))));
     group.sample_size(10);
-    group.bench_function("open_10000", |b| {
-        b.iter(|| Vault::open(black_box(scratch.path().join("state").as_path())))
-    });
+    group.bench_function("open_10000", |b| b.iter(|| Vault::open(black_box(scratch.path().join("state").as_path()))));
     group.finish();
 }

@@ -83,11 +83,7 @@ pub fn free_addr() -> SocketAddr {
 }
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
+    std::env::var(name).unwrap_or_else(|_| default.into()).split(',').filter_map(|s| s.trim().parse().ok()).collect()
 }
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -232,7 +228,9 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
                 };
                 rows.push(measure(&target, &plan, users.list.len()).await);
             }
-            None => eprintln!("nginx's mail module is not installed (apt-get install nginx libnginx-mod-mail); skipped"),
+            None => {
+                eprintln!("nginx's mail module is not installed (apt-get install nginx libnginx-mod-mail); skipped")
+            }
         }
     }
 
@@ -269,7 +267,10 @@ async fn measure(target: &Target, plan: &Plan, users: usize) -> Row {
     }
     match load::throughput(target, plan.fetches).await {
         Ok(t) => {
-            eprintln!("  throughput: {:.0} MB/s, {:?} CPU ms per 100 MB ({} byte message)", t.mb_per_sec, t.cpu_ms_per_100mb, t.size);
+            eprintln!(
+                "  throughput: {:.0} MB/s, {:?} CPU ms per 100 MB ({} byte message)",
+                t.mb_per_sec, t.cpu_ms_per_100mb, t.size
+            );
             row.throughput = Some(t.mb_per_sec);
             row.cpu_per_100mb = t.cpu_ms_per_100mb;
         }

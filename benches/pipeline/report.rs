@@ -66,16 +66,12 @@ pub fn table(rows: &[Row], plan: &Plan) -> String {
         }
         let _ = writeln!(out, "{text}");
     };
-    line(
-        format!("FETCH {} MiB x{}, MB/s", plan.message_mb, plan.fetches),
-        &|r| r.throughput,
-        &|r| r.throughput.map(|t| format!("{t:.0}")).unwrap_or_else(|| "-".into()),
-    );
-    line(
-        "CPU ms of the proxy per 100 MB of FETCH".into(),
-        &|r| r.cpu_per_100mb,
-        &|r| r.cpu_per_100mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
-    );
+    line(format!("FETCH {} MiB x{}, MB/s", plan.message_mb, plan.fetches), &|r| r.throughput, &|r| {
+        r.throughput.map(|t| format!("{t:.0}")).unwrap_or_else(|| "-".into())
+    });
+    line("CPU ms of the proxy per 100 MB of FETCH".into(), &|r| r.cpu_per_100mb, &|r| {
+        r.cpu_per_100mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into())
+    });
     for &clients in &plan.clients {
         fn get(r: &Row, clients: usize) -> Option<&LoginRate> {
             r.logins.iter().find(|(c, _)| *c == clients).map(|(_, l)| l)
@@ -105,11 +101,9 @@ pub fn table(rows: &[Row], plan: &Plan) -> String {
         );
     }
     let direct = rows.iter().find(|r| r.name == "Dovecot direct").and_then(|r| r.noop).map(|(p50, _)| us(p50));
-    line(
-        "NOOP round trip p50 / p99, µs".into(),
-        &|r| r.noop.map(|(p50, _)| us(p50)),
-        &|r| r.noop.map(|(p50, p99)| format!("{:.0} / {:.0}", us(p50), us(p99))).unwrap_or_else(|| "-".into()),
-    );
+    line("NOOP round trip p50 / p99, µs".into(), &|r| r.noop.map(|(p50, _)| us(p50)), &|r| {
+        r.noop.map(|(p50, p99)| format!("{:.0} / {:.0}", us(p50), us(p99))).unwrap_or_else(|| "-".into())
+    });
     line(
         "added NOOP latency vs direct (p50), µs".into(),
         &|r| Some(r.noop.map(|(p50, _)| us(p50))? - direct?),
@@ -118,11 +112,9 @@ pub fn table(rows: &[Row], plan: &Plan) -> String {
             _ => "-".into(),
         },
     );
-    line(
-        "RSS after the run, MiB".into(),
-        &|r| (r.peak_kib > 0).then_some(r.peak_kib as f64 / 1024.0),
-        &|r| if r.peak_kib > 0 { format!("{:.1}", r.peak_kib as f64 / 1024.0) } else { "-".into() },
-    );
+    line("RSS after the run, MiB".into(), &|r| (r.peak_kib > 0).then_some(r.peak_kib as f64 / 1024.0), &|r| {
+        if r.peak_kib > 0 { format!("{:.1}", r.peak_kib as f64 / 1024.0) } else { "-".into() }
+    });
     out
 }
 
@@ -132,7 +124,9 @@ pub fn conditions() -> String {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let date = targets::version("date", "-u");
@@ -211,7 +205,20 @@ pub async fn profile_logins(target: &Target, pid: u32, users: usize, dir: &Path)
 const KINDS: &[(&str, &[&str])] = &[
     (
         "TLS crypto (aws-lc: key exchange, signatures, hashes, AES-GCM)",
-        &["aws_lc", "curve25519", "x25519", "ecp_nistz256", "sha256", "sha512", "aes_", "gcm_", "bn_", "ecdsa", "p256", "fiat_"],
+        &[
+            "aws_lc",
+            "curve25519",
+            "x25519",
+            "ecp_nistz256",
+            "sha256",
+            "sha512",
+            "aes_",
+            "gcm_",
+            "bn_",
+            "ecdsa",
+            "p256",
+            "fiat_",
+        ],
     ),
     ("kernel (TCP, scheduling, syscalls)", &["[k]"]),
     ("allocator (malloc/free)", &["malloc", "free", "_int_", "unlink_chunk", "realloc", "calloc"]),

@@ -56,7 +56,11 @@ impl Process {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}) at start:\n{}", self.name, std::fs::read_to_string(&self.log).unwrap_or_default());
+                panic!(
+                    "{} exited ({status}) at start:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
             assert!(Instant::now() < deadline, "{} did not listen on {addr} within 30 s", self.name);
             std::thread::sleep(Duration::from_millis(50));
@@ -225,7 +229,8 @@ pub fn haproxy(dir: &Path, issued: &Issued, dovecot: &Dovecot) -> Option<(Proces
     let binary = which("haproxy")?;
     let addr = free_addr();
     let combined = dir.join("haproxy.pem");
-    let pem = std::fs::read_to_string(&issued.cert_file).expect("cert") + &std::fs::read_to_string(&issued.key_file).expect("key");
+    let pem = std::fs::read_to_string(&issued.cert_file).expect("cert")
+        + &std::fs::read_to_string(&issued.key_file).expect("key");
     std::fs::write(&combined, pem).expect("combined pem");
     let config = format!(
         r#"global
@@ -345,7 +350,8 @@ async fn auth_http(upstream: SocketAddr, users: &Users) -> SocketAddr {
 
 /// `name` on PATH or in the sbin folders.
 pub fn which(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.extend(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }

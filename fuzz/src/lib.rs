@@ -8,12 +8,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::BytesMut;
-use postern::protocol::sasl::{
-    Mechanism, SaslExchange, SaslStep, decode_login_field, decode_plain, encode_plain,
-};
-use postern::protocol::{
-    Credentials, Dialogue, DialogueSettings, Protocol, Step, UpstreamInfo, dialogue,
-};
+use postern::protocol::sasl::{Mechanism, SaslExchange, SaslStep, decode_login_field, decode_plain, encode_plain};
+use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Step, UpstreamInfo, dialogue};
 
 /// The fuzz targets, by the name of their `fuzz_targets/` file and corpus folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,12 +26,7 @@ pub enum Target {
 
 impl Target {
     /// Every target, in a fixed order.
-    pub const ALL: [Target; 4] = [
-        Target::ImapPreauth,
-        Target::Pop3Preauth,
-        Target::SmtpPreauth,
-        Target::Sasl,
-    ];
+    pub const ALL: [Target; 4] = [Target::ImapPreauth, Target::Pop3Preauth, Target::SmtpPreauth, Target::Sasl];
 
     /// The target's name, as used by `cargo fuzz` and for its corpus folder.
     pub fn name(self) -> &'static str {
@@ -226,22 +217,11 @@ fn has_nul_cr_lf(text: &str) -> bool {
 /// A reply must be whole CRLF-terminated lines with no stray CR or LF, so that nothing
 /// the client sent can split it or forge a line.
 fn check_reply(reply: &[u8]) {
-    assert!(
-        reply.ends_with(b"\r\n"),
-        "reply not CRLF-terminated: {reply:?}"
-    );
+    assert!(reply.ends_with(b"\r\n"), "reply not CRLF-terminated: {reply:?}");
     for (i, &b) in reply.iter().enumerate() {
         match b {
-            b'\r' => assert_eq!(
-                reply.get(i + 1),
-                Some(&b'\n'),
-                "bare CR in reply: {reply:?}"
-            ),
-            b'\n' => assert_eq!(
-                reply.get(i.wrapping_sub(1)),
-                Some(&b'\r'),
-                "bare LF in reply: {reply:?}"
-            ),
+            b'\r' => assert_eq!(reply.get(i + 1), Some(&b'\n'), "bare CR in reply: {reply:?}"),
+            b'\n' => assert_eq!(reply.get(i.wrapping_sub(1)), Some(&b'\r'), "bare LF in reply: {reply:?}"),
             b'\0' => panic!("NUL in reply: {reply:?}"),
             _ => {}
         }
@@ -252,23 +232,11 @@ fn check_reply(reply: &[u8]) {
 fn check_credentials(protocol: Protocol, c: &Credentials) {
     assert!(!c.user.is_empty(), "empty user name");
     assert_eq!(c.user.trim(), c.user, "untrimmed user name");
-    assert!(
-        !c.user.chars().any(char::is_control),
-        "control character in user name"
-    );
+    assert!(!c.user.chars().any(char::is_control), "control character in user name");
     assert!(!c.password.is_empty(), "empty password");
-    assert!(
-        !has_nul_cr_lf(c.password.expose()),
-        "NUL, CR or LF in password"
-    );
-    assert!(
-        !has_nul_cr_lf(&c.upstream_prefix),
-        "NUL, CR or LF in upstream prefix"
-    );
-    assert!(
-        protocol == Protocol::Pop3 || c.upstream_prefix.is_empty(),
-        "{protocol} login with upstream prefix"
-    );
+    assert!(!has_nul_cr_lf(c.password.expose()), "NUL, CR or LF in password");
+    assert!(!has_nul_cr_lf(&c.upstream_prefix), "NUL, CR or LF in upstream prefix");
+    assert!(protocol == Protocol::Pop3 || c.upstream_prefix.is_empty(), "{protocol} login with upstream prefix");
     assert!(!c.mechanism.is_empty(), "no mechanism");
     match (protocol, &c.client_hello) {
         (Protocol::Smtp, Some(hello)) => {
@@ -381,11 +349,7 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
             let before = buf.len();
             let step = d.step(&mut buf);
             assert!(buf.len() <= before, "step grew the buffer");
-            assert_eq!(
-                &buf[..],
-                &stream[fed - buf.len()..fed],
-                "step altered unread input"
-            );
+            assert_eq!(&buf[..], &stream[fed - buf.len()..fed], "step altered unread input");
             let consumed = buf.len() < before;
             match step {
                 Step::NeedMore => break,
@@ -401,17 +365,11 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
                     assert!(consumed, "login without consuming input");
                     check_credentials(protocol, &credentials);
                     if refused == plan.refusals {
-                        let info = UpstreamInfo {
-                            capabilities: plan.capabilities.map(str::to_owned),
-                        };
+                        let info = UpstreamInfo { capabilities: plan.capabilities.map(str::to_owned) };
                         check_reply(&d.accepted(&info));
                         break 'feed;
                     }
-                    let reply = if refused % 2 == 0 {
-                        d.denied()
-                    } else {
-                        d.unavailable()
-                    };
+                    let reply = if refused % 2 == 0 { d.denied() } else { d.unavailable() };
                     check_reply(&reply);
                     refused += 1;
                 }
@@ -439,14 +397,8 @@ pub fn sasl(data: &[u8]) {
     };
     check_decoders(text);
 
-    let mechanism = if mode & 1 == 0 {
-        Mechanism::Plain
-    } else {
-        Mechanism::Login
-    };
-    let mut lines = text
-        .split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+    let mechanism = if mode & 1 == 0 { Mechanism::Plain } else { Mechanism::Login };
+    let mut lines = text.split(|&b| b == b'\n').map(|line| line.strip_suffix(b"\r").unwrap_or(line));
     let initial = if mode & 2 != 0 { lines.next() } else { None };
     let (mut exchange, mut step) = SaslExchange::start(mechanism, initial);
     assert_eq!(exchange.mechanism(), mechanism);
@@ -464,25 +416,16 @@ pub fn sasl(data: &[u8]) {
             }
             SaslStep::Done { user, password } => {
                 assert!(!user.is_empty() && user.trim() == user, "bad user {user:?}");
-                assert!(
-                    !user.chars().any(char::is_control),
-                    "control character in user"
-                );
+                assert!(!user.chars().any(char::is_control), "control character in user");
                 assert!(!password.is_empty(), "empty password");
-                assert!(
-                    !has_nul_cr_lf(password.expose()),
-                    "NUL, CR or LF in password"
-                );
+                assert!(!has_nul_cr_lf(password.expose()), "NUL, CR or LF in password");
                 break true;
             }
             SaslStep::Cancelled | SaslStep::Invalid(_) => break true,
         }
     };
     if over {
-        assert!(
-            matches!(exchange.respond(B64_PLAIN), SaslStep::Invalid(_)),
-            "exchange went on after it ended"
-        );
+        assert!(matches!(exchange.respond(B64_PLAIN), SaslStep::Invalid(_)), "exchange went on after it ended");
     }
     if let Some(first) = text.split(|&b| b == b' ').next() {
         let expected = if first.eq_ignore_ascii_case(b"PLAIN") {
@@ -504,18 +447,14 @@ fn check_decoders(text: &[u8]) {
             assert!(!has_nul_cr_lf(field), "NUL, CR or LF in PLAIN field");
         }
         if plain.authzid.is_empty() && !plain.password.is_empty() {
-            let again =
-                decode_plain(encode_plain(&plain.authcid, plain.password.expose()).as_bytes())
-                    .expect("re-encoded PLAIN decodes");
+            let again = decode_plain(encode_plain(&plain.authcid, plain.password.expose()).as_bytes())
+                .expect("re-encoded PLAIN decodes");
             assert_eq!(again.authcid, plain.authcid);
             assert_eq!(again.password, plain.password);
         }
     }
     if let Ok(field) = decode_login_field(text) {
-        assert!(
-            !has_nul_cr_lf(field.expose()),
-            "NUL, CR or LF in LOGIN field"
-        );
+        assert!(!has_nul_cr_lf(field.expose()), "NUL, CR or LF in LOGIN field");
     }
 
     let encoded = STANDARD.encode(text);
@@ -526,9 +465,7 @@ fn check_decoders(text: &[u8]) {
     }
     let fields: Vec<&[u8]> = text.split(|&b| b == 0).collect();
     let plain_ok = match fields.as_slice() {
-        [authzid, authcid, password] => {
-            !authcid.is_empty() && [authzid, authcid, password].iter().all(|f| field_ok(f))
-        }
+        [authzid, authcid, password] => !authcid.is_empty() && [authzid, authcid, password].iter().all(|f| field_ok(f)),
         _ => false,
     };
     match decode_plain(encoded.as_bytes()) {
@@ -545,9 +482,7 @@ fn check_decoders(text: &[u8]) {
 /// Makes a pseudo-random input for `target`: random header bytes, then a mix of
 /// dictionary words (mostly) and random bytes.
 pub fn random_input(target: Target, rng: &mut XorShift) -> Vec<u8> {
-    let mut input: Vec<u8> = (0..target.header_len())
-        .map(|_| rng.next_u64() as u8)
-        .collect();
+    let mut input: Vec<u8> = (0..target.header_len()).map(|_| rng.next_u64() as u8).collect();
     let words = target.dictionary();
     for _ in 0..1 + rng.below(48) {
         if rng.below(100) < 12 {

@@ -151,7 +151,9 @@ impl From<DirectoryError> for Refusal {
         match error {
             DirectoryError::UnknownUser => Refusal::Denied(Denial::UnknownUser),
             DirectoryError::WrongPassword => Refusal::Denied(Denial::WrongPassword),
-            e @ (DirectoryError::Unavailable(_) | DirectoryError::Config(_)) => Refusal::Unavailable(Outage::Directory(e)),
+            e @ (DirectoryError::Unavailable(_) | DirectoryError::Config(_)) => {
+                Refusal::Unavailable(Outage::Directory(e))
+            }
         }
     }
 }
@@ -189,7 +191,13 @@ pub struct Evaluation<'a> {
 
 /// Evaluates the profiles applying to `user` (normalized) with directory `groups` for a
 /// client at `ip` using `protocol`.
-pub fn evaluate<'a>(profiles: &'a Profiles, user: &str, groups: &[String], protocol: Protocol, ip: IpAddr) -> Evaluation<'a> {
+pub fn evaluate<'a>(
+    profiles: &'a Profiles,
+    user: &str,
+    groups: &[String],
+    protocol: Protocol,
+    ip: IpAddr,
+) -> Evaluation<'a> {
     let verdicts: Vec<(&Profile, Verdict)> = profiles
         .for_user(user, groups)
         .into_iter()
@@ -221,7 +229,13 @@ pub fn evaluate<'a>(profiles: &'a Profiles, user: &str, groups: &[String], proto
 }
 
 /// The decision of [`evaluate`] alone.
-pub fn check_profiles(profiles: &Profiles, user: &str, groups: &[String], protocol: Protocol, ip: IpAddr) -> Result<Grant, Denial> {
+pub fn check_profiles(
+    profiles: &Profiles,
+    user: &str,
+    groups: &[String],
+    protocol: Protocol,
+    ip: IpAddr,
+) -> Result<Grant, Denial> {
     evaluate(profiles, user, groups, protocol, ip).decision
 }
 
@@ -244,7 +258,12 @@ pub struct Admitted {
 /// Runs the whole decision for `credentials` from `ip`, and logs in upstream if it passes.
 /// Every refusal is counted against the client's address; wrong passwords also against the
 /// user.
-pub async fn admit(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
+pub async fn admit(
+    state: &State,
+    protocol: Protocol,
+    ip: IpAddr,
+    credentials: &Credentials,
+) -> Result<Admitted, Refusal> {
     let result = decide(state, protocol, ip, credentials).await;
     if let Err(Refusal::Denied(denial)) = &result {
         if *denial != Denial::WrongPassword {
@@ -407,7 +426,10 @@ mod tests {
 
     #[test]
     fn a_disabled_profile_does_not_hide_why_an_enabled_one_refuses() {
-        assert_eq!(check("bob@example.com", &["travellers"], Protocol::Imap, "198.51.100.1"), Err(Denial::IpNotAllowed));
+        assert_eq!(
+            check("bob@example.com", &["travellers"], Protocol::Imap, "198.51.100.1"),
+            Err(Denial::IpNotAllowed)
+        );
         assert_eq!(check("bob@example.com", &["travellers"], Protocol::Imap, "192.0.2.1").unwrap().profile, "remote");
     }
 

@@ -134,8 +134,8 @@ fn parse_allow_entry(text: &str) -> Result<IpNet, String> {
 impl Profiles {
     /// Reads and parses the profiles file at `path`.
     pub fn load(path: &Path) -> Result<Self, ProfilesError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProfilesError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ProfilesError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|message| ProfilesError::Parse { path: path.to_owned(), message })
     }
 

@@ -68,7 +68,8 @@ impl SessionLimits {
 
     /// A slot for another session of `user`, unless the user is at the limit.
     pub fn try_user(self: &Arc<Self>, user: &str) -> Option<UserSlot> {
-        take(&self.users, &user.to_owned(), self.per_user).then(|| UserSlot { limits: self.clone(), user: user.to_owned() })
+        take(&self.users, &user.to_owned(), self.per_user)
+            .then(|| UserSlot { limits: self.clone(), user: user.to_owned() })
     }
 
     /// A slot for another connection from `ip`, unless the address is at the limit.

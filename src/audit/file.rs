@@ -94,9 +94,10 @@ pub struct Filter {
 
 impl Filter {
     fn matches(&self, event: &serde_json::Value) -> bool {
-        let user_ok = self.user.as_ref().is_none_or(|u| {
-            event.get("user").and_then(|v| v.as_str()).is_some_and(|v| v.eq_ignore_ascii_case(u))
-        });
+        let user_ok = self
+            .user
+            .as_ref()
+            .is_none_or(|u| event.get("user").and_then(|v| v.as_str()).is_some_and(|v| v.eq_ignore_ascii_case(u)));
         let time_ok = self.since.is_none_or(|s| event.get("unix").and_then(|v| v.as_u64()).is_some_and(|t| t >= s));
         user_ok && time_ok
     }

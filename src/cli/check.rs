@@ -114,8 +114,14 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
     }
     for (protocol, p) in config.protocols() {
         let ca = p.upstream_ca_file.as_ref().map(|f| config.resolve(f));
-        crate::upstream::Upstream::new(protocol, p, ca.as_deref(), &config.server.hostname, config.limits.upstream_timeout())
-            .with_context(|| format!("[{protocol}] upstream"))?;
+        crate::upstream::Upstream::new(
+            protocol,
+            p,
+            ca.as_deref(),
+            &config.server.hostname,
+            config.limits.upstream_timeout(),
+        )
+        .with_context(|| format!("[{protocol}] upstream"))?;
         let listen: Vec<String> = p.listen.iter().map(ToString::to_string).collect();
         println!("{protocol}: listen {} -> upstream {}", listen.join(", "), p.upstream);
         if p.listen.iter().any(|a| a.port() != 0 && a.port() < 1024) {

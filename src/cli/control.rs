@@ -36,9 +36,8 @@ pub enum ControlError {
 /// Sends one request to the daemon behind the socket at `path` and returns its answer.
 pub async fn request(path: &Path, request: &Value) -> Result<Value, ControlError> {
     let exchange = |message: String| ControlError::Exchange { path: path.to_owned(), message };
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let stream =
+        UnixStream::connect(path).await.map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
     let work = async {
         let (read, mut write) = stream.into_split();
         write.write_all(format!("{request}\n").as_bytes()).await?;

@@ -51,7 +51,12 @@ pub fn parse(text: &str) -> Result<Vec<Record>, CsvError> {
                 quoted = true;
                 was_quoted = true;
             }
-            '"' => return Err(CsvError { line, message: "a quote inside an unquoted field; quote the whole field".into() }),
+            '"' => {
+                return Err(CsvError {
+                    line,
+                    message: "a quote inside an unquoted field; quote the whole field".into(),
+                });
+            }
             ',' => {
                 fields.push(std::mem::take(&mut field));
                 was_quoted = false;

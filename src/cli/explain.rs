@@ -25,11 +25,16 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
     let groups = match directory.lookup(&user).await {
         Ok(entry) => match entry.groups {
             Some(groups) => {
-                println!("directory: known; groups: {}", if groups.is_empty() { "-".into() } else { groups.join(", ") });
+                println!(
+                    "directory: known; groups: {}",
+                    if groups.is_empty() { "-".into() } else { groups.join(", ") }
+                );
                 Some(groups)
             }
             None => {
-                println!("directory: known; groups are only known after a password check, so group profiles are not shown");
+                println!(
+                    "directory: known; groups are only known after a password check, so group profiles are not shown"
+                );
                 None
             }
         },
@@ -59,14 +64,19 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
             Verdict::Allows(entry) => format!("allow entry {entry} matches"),
             Verdict::AddressNotListed => {
                 let entries: Vec<String> = profile.allow.iter().map(ToString::to_string).collect();
-                format!("no allow entry matches {ip} (entries: {})", if entries.is_empty() { "none".into() } else { entries.join(", ") })
+                format!(
+                    "no allow entry matches {ip} (entries: {})",
+                    if entries.is_empty() { "none".into() } else { entries.join(", ") }
+                )
             }
         };
         let switch = if profile.mail_access { "mail access on" } else { "mail access off" };
         println!("profile {:?} ({switch}; {protocols}): {verdict}", profile.name);
     }
     match evaluation.decision {
-        Ok(grant) => println!("decision: allowed by profile {:?} ({}), if the password is right", grant.profile, grant.entry),
+        Ok(grant) => {
+            println!("decision: allowed by profile {:?} ({}), if the password is right", grant.profile, grant.entry)
+        }
         Err(denial) => println!("decision: refused: {denial}"),
     }
     let state_dir = config.resolve(&config.server.state_dir);

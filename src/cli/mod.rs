@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 
 use crate::config::Config;
-use crate::stores::directory::DirectoryConfig;
 use crate::secret::Secret;
+use crate::stores::directory::DirectoryConfig;
 use crate::stores::vault::{self, UpstreamSecret, Vault};
 
 mod check;
@@ -50,7 +50,11 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
     let locked = answer.get("locked").and_then(|l| l.as_array()).cloned().unwrap_or_default();
     println!("locked users: {}", locked.len());
     for entry in locked {
-        println!("  {} ({}s left; `postern user unlock` lifts it)", entry["user"].as_str().unwrap_or("-"), entry["remaining_secs"]);
+        println!(
+            "  {} ({}s left; `postern user unlock` lifts it)",
+            entry["user"].as_str().unwrap_or("-"),
+            entry["remaining_secs"]
+        );
     }
     if let Some(user) = user {
         let user = normalized(user)?;
@@ -72,7 +76,8 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
 pub async fn unlock(path: &Path, user: &str) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
-    let answer = control::request(&config.control_socket(), &serde_json::json!({"command": "unlock", "user": user})).await?;
+    let answer =
+        control::request(&config.control_socket(), &serde_json::json!({"command": "unlock", "user": user})).await?;
     if answer["ok"] != serde_json::Value::Bool(true) {
         anyhow::bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
     }
@@ -151,7 +156,12 @@ pub enum SecretSource {
 }
 
 /// Stores the upstream credential of `user` in the vault.
-pub fn set_upstream(path: &Path, user: &str, source: SecretSource, upstream_user: Option<String>) -> anyhow::Result<()> {
+pub fn set_upstream(
+    path: &Path,
+    user: &str,
+    source: SecretSource,
+    upstream_user: Option<String>,
+) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
     let state_dir = config.resolve(&config.server.state_dir);
@@ -173,7 +183,9 @@ pub fn set_upstream(path: &Path, user: &str, source: SecretSource, upstream_user
     match source {
         SecretSource::Generate => {
             println!("{}", secret.expose());
-            eprintln!("stored a new upstream password for {user}; set the password above on the upstream account now (it is not shown again)");
+            eprintln!(
+                "stored a new upstream password for {user}; set the password above on the upstream account now (it is not shown again)"
+            );
         }
         SecretSource::Stdin => eprintln!("stored the upstream password for {user}"),
         SecretSource::RefreshToken => eprintln!("stored the OAuth2 refresh token for {user}"),

@@ -49,9 +49,13 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
             }
             bail!("{address} refused the {} credential of {user}", mode.as_str())
         }
-        Err(LoginError::NoCredential) => bail!("no upstream credential is stored for {user}: store one with `postern user set-upstream {user}`"),
+        Err(LoginError::NoCredential) => {
+            bail!("no upstream credential is stored for {user}: store one with `postern user set-upstream {user}`")
+        }
         Err(LoginError::Unreachable { source, .. }) => {
-            bail!("cannot log in to {address}: {source}; the credential was not tried (check the upstream address and the network)")
+            bail!(
+                "cannot log in to {address}: {source}; the credential was not tried (check the upstream address and the network)"
+            )
         }
         Err(other) => bail!("cannot build the upstream credential of {user}: {other}"),
     }

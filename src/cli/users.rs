@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 
 use super::{SecretSource, csv, load_config, normalized, read_secret};
 use crate::config::Config;
-use crate::stores::directory::DirectoryConfig;
 use crate::secret::Secret;
+use crate::stores::directory::DirectoryConfig;
 use crate::stores::vault::{self, UpstreamSecret, Vault};
 
 fn open_vault(config: &Config) -> anyhow::Result<Vault> {
@@ -37,7 +37,8 @@ fn audit_reveal(config: &Config, what: &str, users: &[String]) -> anyhow::Result
         let file = config.resolve(file);
         for user in users {
             let event = serde_json::json!({"event": "reveal", "user": user, "operator": operator, "what": what});
-            crate::audit::file::append(&file, event).context("the secret was not shown because the reveal cannot be audited")?;
+            crate::audit::file::append(&file, event)
+                .context("the secret was not shown because the reveal cannot be audited")?;
         }
     }
     Ok(())
@@ -205,7 +206,8 @@ fn validate_import(text: &str) -> anyhow::Result<(Vec<ImportRow>, Vec<String>)> 
         }
         let upstream_user = upstream_col.map(cell).map(str::trim).filter(|u| !u.is_empty());
         if upstream_user.is_some_and(|u| u.chars().any(|c| c.is_control() || c.is_whitespace())) {
-            rejected.push(format!("line {}: {user}'s upstream_user contains spaces or control characters", record.line));
+            rejected
+                .push(format!("line {}: {user}'s upstream_user contains spaces or control characters", record.line));
             continue;
         }
         accepted.push(ImportRow { user, secret: Secret::new(secret), upstream_user: upstream_user.map(str::to_owned) });
@@ -289,7 +291,8 @@ pub fn export(path: &Path, output: Option<&Path>, reveal: bool) -> anyhow::Resul
     for l in &listings {
         let changed = date(l.changed);
         let pending = if l.has_previous { "yes" } else { "no" };
-        let mut row = vec![l.user.as_str(), l.upstream_user.as_deref().unwrap_or(""), l.kind.as_str(), &changed, pending];
+        let mut row =
+            vec![l.user.as_str(), l.upstream_user.as_deref().unwrap_or(""), l.kind.as_str(), &changed, pending];
         let secret = if reveal { vault.get(&l.user)?.map(|s| s.secret) } else { None };
         if let Some(secret) = &secret {
             row.push(secret.expose());

@@ -50,7 +50,10 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket; remove it or set server.control_socket"));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; remove it or set server.control_socket",
+            ));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -64,7 +67,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Answers requests on `listener` until `stop` is cancelled.
-pub async fn serve(listener: UnixListener, server: Arc<State>, reload: mpsc::Sender<ReloadRequest>, stop: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    server: Arc<State>,
+    reload: mpsc::Sender<ReloadRequest>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -10,8 +10,8 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::Protocol;
-use crate::state::{State, Shutdown};
 use crate::session;
+use crate::state::{Shutdown, State};
 
 /// Longest pause after repeated accept errors (e.g. out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -59,7 +59,13 @@ pub async fn accept_loop(
     }
 }
 
-async fn handle(tcp: TcpStream, peer: std::net::SocketAddr, protocol: Protocol, server: Arc<State>, shutdown: Shutdown) {
+async fn handle(
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    protocol: Protocol,
+    server: Arc<State>,
+    shutdown: Shutdown,
+) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(server.limits.handshake_timeout(), server.tls().accept(tcp)).await;
     let client = match handshake {

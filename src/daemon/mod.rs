@@ -68,7 +68,9 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
             tracing::info!(path = %control_path.display(), "control socket ready");
             tokio::spawn(control::serve(listener, server.clone(), reload_tx, control_stop.clone()));
         }
-        Err(e) => tracing::error!(path = %control_path.display(), error = %e, "no control socket; postern status will not work"),
+        Err(e) => {
+            tracing::error!(path = %control_path.display(), error = %e, "no control socket; postern status will not work")
+        }
     }
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -113,7 +115,10 @@ async fn reload(path: &Path, server: &State) -> anyhow::Result<()> {
     };
     match &result {
         Ok(()) => tracing::info!("reload done"),
-        Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed; the previous profiles, vault, directory and certificate stay in force"),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "reload failed; the previous profiles, vault, directory and certificate stay in force"
+        ),
     }
     notify::ready();
     result
@@ -156,9 +161,11 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
     let mut bound = Vec::new();
     for (protocol, p) in config.protocols() {
         for &address in &p.listen {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|source| StartError::Bind { protocol, address, source })?;
+            let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind {
+                protocol,
+                address,
+                source,
+            })?;
             let local = listener.local_addr().map_err(|source| StartError::Bind { protocol, address, source })?;
             tracing::info!(%protocol, address = %local, upstream = server.upstream(protocol).address(), "listening");
             addresses.entry(protocol).or_default().push(local);
@@ -183,14 +190,8 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
     }
     for (protocol, listener) in bound {
-        let accept = listener::accept_loop(
-            listener,
-            protocol,
-            server.clone(),
-            permits.clone(),
-            tasks.clone(),
-            shutdown.clone(),
-        );
+        let accept =
+            listener::accept_loop(listener, protocol, server.clone(), permits.clone(), tasks.clone(), shutdown.clone());
         tasks.spawn(accept);
     }
     Ok(Running { addresses, metrics_address, shutdown, tasks, grace, helpers })

@@ -33,26 +33,12 @@ mod tests {
 
     #[test]
     fn field_checks() {
-        assert_eq!(
-            user_name(b"  Alice@Example.com ").as_deref(),
-            Some("Alice@Example.com")
-        );
+        assert_eq!(user_name(b"  Alice@Example.com ").as_deref(), Some("Alice@Example.com"));
         assert_eq!(user_name(b"j\xc3\xbcrgen").as_deref(), Some("jürgen"));
-        for bad in [
-            &b""[..],
-            b"   ",
-            b"a\0b",
-            b"a\rb",
-            b"a\nb",
-            b"a\x1bb",
-            b"\xff",
-        ] {
+        for bad in [&b""[..], b"   ", b"a\0b", b"a\rb", b"a\nb", b"a\x1bb", b"\xff"] {
             assert_eq!(user_name(bad), None);
         }
-        assert_eq!(
-            password("pä ss\"w\\rd ".as_bytes()).unwrap().expose(),
-            "pä ss\"w\\rd "
-        );
+        assert_eq!(password("pä ss\"w\\rd ".as_bytes()).unwrap().expose(), "pä ss\"w\\rd ");
         for bad in [&b""[..], b"a\0", b"a\r", b"\nb", b"\xc3"] {
             assert!(password(bad).is_none());
         }

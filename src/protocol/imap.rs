@@ -48,10 +48,7 @@ pub fn encode_astring(value: &str) -> Astring<'_> {
     if !bytes.is_empty() && bytes.iter().all(|&b| is_astring_char(b)) {
         return Astring::Inline(Zeroizing::new(bytes.to_vec()));
     }
-    if bytes
-        .iter()
-        .any(|&b| !b.is_ascii() || matches!(b, b'\0' | b'\r' | b'\n'))
-    {
+    if bytes.iter().any(|&b| !b.is_ascii() || matches!(b, b'\0' | b'\r' | b'\n')) {
         return Astring::Literal(bytes);
     }
     let mut quoted = Zeroizing::new(Vec::with_capacity(bytes.len() + 2));
@@ -187,12 +184,8 @@ impl Command {
                     return literal_marker(&text[i + 1..]).ok_or("Invalid literal");
                 }
                 _ => {
-                    let len = text[i..]
-                        .iter()
-                        .take_while(|&&b| is_astring_char(b))
-                        .count();
-                    self.tokens
-                        .push(Token::Atom(Zeroizing::new(text[i..i + len].to_vec())));
+                    let len = text[i..].iter().take_while(|&&b| is_astring_char(b)).count();
+                    self.tokens.push(Token::Atom(Zeroizing::new(text[i..i + len].to_vec())));
                     self.need_space = true;
                     i += len;
                 }
@@ -237,9 +230,7 @@ fn literal_marker(rest: &[u8]) -> Option<LineEnd> {
     if digits == 0 {
         return None;
     }
-    let size = rest[..digits].iter().fold(0u64, |n, d| {
-        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
-    });
+    let size = rest[..digits].iter().fold(0u64, |n, d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')));
     Some(LineEnd::Literal { size, non_sync })
 }
 
@@ -387,10 +378,7 @@ impl ImapDialogue {
         }
         cmd.literal_used += size;
         let capacity = if cmd.error.is_none() { size } else { 0 };
-        cmd.literal = Some(PendingLiteral {
-            remaining: size,
-            data: Zeroizing::new(Vec::with_capacity(capacity)),
-        });
+        cmd.literal = Some(PendingLiteral { remaining: size, data: Zeroizing::new(Vec::with_capacity(capacity)) });
         self.state = State::Assembling(cmd);
         (!non_sync).then(|| Step::Reply(b"+ Ready for literal data\r\n".to_vec()))
     }
@@ -417,9 +405,7 @@ impl ImapDialogue {
                 reply.extend(tagged(Some(&tag), "OK ID completed"));
                 Step::Reply(reply)
             }
-            (b"CAPABILITY" | b"NOOP" | b"LOGOUT" | b"ID", _) => {
-                self.bad(Some(&tag), "Invalid arguments")
-            }
+            (b"CAPABILITY" | b"NOOP" | b"LOGOUT" | b"ID", _) => self.bad(Some(&tag), "Invalid arguments"),
             (b"STARTTLS", _) => self.bad(Some(&tag), "TLS is already active"),
             (b"LOGIN", _) => self.login(tag, args),
             (b"AUTHENTICATE", _) => self.authenticate(tag, args),
@@ -453,22 +439,14 @@ impl ImapDialogue {
             _ => return self.bad(Some(&tag), "Invalid AUTHENTICATE arguments"),
         };
         let Some(mechanism) = Mechanism::parse(mechanism) else {
-            let reply = tagged(
-                Some(&tag),
-                "NO [CANNOT] Unsupported authentication mechanism",
-            );
+            let reply = tagged(Some(&tag), "NO [CANNOT] Unsupported authentication mechanism");
             return self.fail(reply);
         };
         let (exchange, step) = SaslExchange::start(mechanism, initial);
         self.sasl(tag, exchange, step)
     }
 
-    fn read_sasl(
-        &mut self,
-        tag: Vec<u8>,
-        mut exchange: SaslExchange,
-        input: &mut BytesMut,
-    ) -> Option<Step> {
+    fn read_sasl(&mut self, tag: Vec<u8>, mut exchange: SaslExchange, input: &mut BytesMut) -> Option<Step> {
         match line::take_line(input, self.max_line) {
             Framed::Incomplete => {
                 self.state = State::Sasl { tag, exchange };
@@ -607,17 +585,12 @@ mod tests {
     const READY: &str = "+ Ready for literal data\r\n";
 
     fn settings() -> DialogueSettings {
-        DialogueSettings {
-            max_line: 200,
-            max_literal: 100,
-            ..DialogueSettings::default()
-        }
+        DialogueSettings { max_line: 200, max_literal: 100, ..DialogueSettings::default() }
     }
 
     fn make() -> Box<dyn Dialogue> {
         Box::new(ImapDialogue::new(&settings()))
     }
-
 
     fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
         testing::check(&make, input, expected, leftover);
@@ -638,18 +611,10 @@ mod tests {
         check("a1 CAPABILITY\r\n", &[caps], "");
         check("a1 capability\n", &[caps], "");
         check("x NOOP\r\n", &["x OK NOOP completed\r\n"], "");
-        check(
-            "x LOGOUT\r\ny NOOP\r\n",
-            &["CLOSE * BYE Logging out\r\nx OK LOGOUT completed\r\n"],
-            "y NOOP\r\n",
-        );
+        check("x LOGOUT\r\ny NOOP\r\n", &["CLOSE * BYE Logging out\r\nx OK LOGOUT completed\r\n"], "y NOOP\r\n");
         let id = "* ID (\"name\" \"Postern\")\r\nx OK ID completed\r\n";
         check("x ID NIL\r\n", &[id], "");
-        check(
-            "x ID (\"name\" \"Thunderbird\" \"version\" NIL)\r\n",
-            &[id],
-            "",
-        );
+        check("x ID (\"name\" \"Thunderbird\" \"version\" NIL)\r\n", &[id], "");
         check("x ID (\"name\" {3}\r\nabc)\r\n", &[READY, id], "");
         check("x ID (\"name\" {3+}\r\nabc)\r\n", &[id], "");
         check("x ID (\"name\"\r\n", &["x BAD Invalid arguments\r\n"], "");
@@ -658,12 +623,7 @@ mod tests {
         check("x SELECT INBOX\r\n", &["x BAD Log in first\r\n"], "");
         check(
             "a NOOP\r\nb CAPABILITY\r\nc ID NIL\r\nd NOOP\r\n",
-            &[
-                "a OK NOOP completed\r\n",
-                &caps.replace("a1", "b"),
-                &id.replace('x', "c"),
-                "d OK NOOP completed\r\n",
-            ],
+            &["a OK NOOP completed\r\n", &caps.replace("a1", "b"), &id.replace('x', "c"), "d OK NOOP completed\r\n"],
             "",
         );
         check("x NOOP extra\r\n", &["x BAD Invalid arguments\r\n"], "");
@@ -677,80 +637,28 @@ mod tests {
     #[test]
     fn login_argument_forms() {
         let quoted = "x LOGIN \"alice@example.com\" \"pä ss\\\"w\\\\rd\"\r\n";
-        check(
-            quoted,
-            &[
-                &login("alice@example.com", PW, "LOGIN"),
-                &format!("x {DENY}"),
-            ],
-            "",
-        );
-        check(
-            "x login alice secret\r\n",
-            &[&login("alice", "secret", "LOGIN"), &format!("x {DENY}")],
-            "",
-        );
-        check(
-            "x LOGIN \"jürgen\" \"\"\r\n",
-            &["x BAD Invalid user name or password\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN \"jürgen\" pw\r\n",
-            &[&login("jürgen", "pw", "LOGIN"), &format!("x {DENY}")],
-            "",
-        );
-        check(
-            "x LOGIN \" alice \" pw\r\n",
-            &[&login("alice", "pw", "LOGIN"), &format!("x {DENY}")],
-            "",
-        );
+        check(quoted, &[&login("alice@example.com", PW, "LOGIN"), &format!("x {DENY}")], "");
+        check("x login alice secret\r\n", &[&login("alice", "secret", "LOGIN"), &format!("x {DENY}")], "");
+        check("x LOGIN \"jürgen\" \"\"\r\n", &["x BAD Invalid user name or password\r\n"], "");
+        check("x LOGIN \"jürgen\" pw\r\n", &[&login("jürgen", "pw", "LOGIN"), &format!("x {DENY}")], "");
+        check("x LOGIN \" alice \" pw\r\n", &[&login("alice", "pw", "LOGIN"), &format!("x {DENY}")], "");
 
         let n = PW.len();
         let sync = format!("x LOGIN {{5}}\r\nalice {{{n}}}\r\n{PW}\r\n");
-        check(
-            &sync,
-            &[
-                READY,
-                READY,
-                &login("alice", PW, "LOGIN"),
-                &format!("x {DENY}"),
-            ],
-            "",
-        );
+        check(&sync, &[READY, READY, &login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
         let plus = format!("x LOGIN {{5+}}\r\nalice {{{n}+}}\r\n{PW}\r\n");
-        check(
-            &plus,
-            &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")],
-            "",
-        );
+        check(&plus, &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
         let mixed = format!("x LOGIN \"alice\" {{{n}+}}\r\n{PW}\r\n");
-        check(
-            &mixed,
-            &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")],
-            "",
-        );
-        check(
-            "x LOGIN {0}\r\n pw\r\n",
-            &[READY, "x BAD Invalid user name or password\r\n"],
-            "",
-        );
+        check(&mixed, &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
+        check("x LOGIN {0}\r\n pw\r\n", &[READY, "x BAD Invalid user name or password\r\n"], "");
     }
 
     #[test]
     fn literal_content_is_data() {
-        check(
-            "x LOGIN alice {10}\r\nb LOGOUT\r\n\r\n",
-            &[READY, "x BAD Invalid user name or password\r\n"],
-            "",
-        );
+        check("x LOGIN alice {10}\r\nb LOGOUT\r\n\r\n", &[READY, "x BAD Invalid user name or password\r\n"], "");
         check(
             "x LOGIN alice {8}\r\nb LOGOUT\r\n",
-            &[
-                READY,
-                &login("alice", "b LOGOUT", "LOGIN"),
-                &format!("x {DENY}"),
-            ],
+            &[READY, &login("alice", "b LOGOUT", "LOGIN"), &format!("x {DENY}")],
             "",
         );
     }
@@ -760,44 +668,16 @@ mod tests {
         let invalid = "x BAD Invalid user name or password\r\n";
         check("x LOGIN {3}\r\na\0b pw\r\n", &[READY, invalid], "");
         check("x LOGIN a\\b pw\r\n", &["x BAD Invalid character\r\n"], "");
-        check(
-            "x LOGIN \"a\\nb\" pw\r\n",
-            &["x BAD Invalid escape in quoted string\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN \"a\rb\" pw\r\n",
-            &["x BAD Invalid character in quoted string\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN \"ab pw\r\n",
-            &["x BAD Unterminated quoted string\r\n"],
-            "",
-        );
+        check("x LOGIN \"a\\nb\" pw\r\n", &["x BAD Invalid escape in quoted string\r\n"], "");
+        check("x LOGIN \"a\rb\" pw\r\n", &["x BAD Invalid character in quoted string\r\n"], "");
+        check("x LOGIN \"ab pw\r\n", &["x BAD Unterminated quoted string\r\n"], "");
         check(b"x LOGIN \"a\xffb\" pw\r\n", &[invalid], "");
-        check(
-            "x LOGIN alice\r\n",
-            &["x BAD LOGIN needs a user name and a password\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN a b c\r\n",
-            &["x BAD LOGIN needs a user name and a password\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN \"a\"\"b\"\r\n",
-            &["x BAD Missing space between arguments\r\n"],
-            "",
-        );
+        check("x LOGIN alice\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
+        check("x LOGIN a b c\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
+        check("x LOGIN \"a\"\"b\"\r\n", &["x BAD Missing space between arguments\r\n"], "");
         check("x LOGIN {5}x\r\n", &["x BAD Invalid literal\r\n"], "");
         // A bad command announcing a synchronizing literal is answered at once.
-        check(
-            "x LOGIN a\\b {5}\r\ny NOOP\r\n",
-            &["x BAD Invalid character\r\n", "y OK NOOP completed\r\n"],
-            "",
-        );
+        check("x LOGIN a\\b {5}\r\ny NOOP\r\n", &["x BAD Invalid character\r\n", "y OK NOOP completed\r\n"], "");
         // ...but a LITERAL+ literal's bytes are skipped, even if they look like commands.
         check(
             "x LOGIN a\\b {8+}\r\ny LOGOUT\r\nz NOOP\r\n",
@@ -809,37 +689,12 @@ mod tests {
 
     #[test]
     fn literal_limits() {
-        check(
-            "x LOGIN {101}\r\ny NOOP\r\n",
-            &["x BAD Literal too large\r\n", "y OK NOOP completed\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN {99999999999999999999999999}\r\n",
-            &["x BAD Literal too large\r\n"],
-            "",
-        );
-        check(
-            "x LOGIN {101+}\r\nabc",
-            &["CLOSE * BYE Literal too large\r\n"],
-            "abc",
-        );
+        check("x LOGIN {101}\r\ny NOOP\r\n", &["x BAD Literal too large\r\n", "y OK NOOP completed\r\n"], "");
+        check("x LOGIN {99999999999999999999999999}\r\n", &["x BAD Literal too large\r\n"], "");
+        check("x LOGIN {101+}\r\nabc", &["CLOSE * BYE Literal too large\r\n"], "abc");
         // The literal budget is per command, not per literal.
-        let two = [
-            b"x LOGIN {60}\r\n".as_slice(),
-            &[b'a'; 60],
-            b" {41}\r\ny NOOP\r\n",
-        ]
-        .concat();
-        check(
-            &two,
-            &[
-                READY,
-                "x BAD Literal too large\r\n",
-                "y OK NOOP completed\r\n",
-            ],
-            "",
-        );
+        let two = [b"x LOGIN {60}\r\n".as_slice(), &[b'a'; 60], b" {41}\r\ny NOOP\r\n"].concat();
+        check(&two, &[READY, "x BAD Literal too large\r\n", "y OK NOOP completed\r\n"], "");
         let (log, _) = run(
             make().as_mut(),
             &[b"x LOGIN {60+}\r\n".as_slice(), &[b'a'; 60], b" {41+}\r\n"].concat(),
@@ -867,28 +722,11 @@ mod tests {
         let deny = format!("x {DENY}");
         let plain_login = login("alice", PW, "AUTHENTICATE PLAIN");
         let login_login = login("alice", PW, "AUTHENTICATE LOGIN");
+        check(format!("x AUTHENTICATE PLAIN {plain}\r\n"), &[&plain_login, &deny], "");
+        check(format!("x authenticate plain\r\n{plain}\r\n"), &["+ \r\n", &plain_login, &deny], "");
         check(
-            format!("x AUTHENTICATE PLAIN {plain}\r\n"),
-            &[&plain_login, &deny],
-            "",
-        );
-        check(
-            format!("x authenticate plain\r\n{plain}\r\n"),
-            &["+ \r\n", &plain_login, &deny],
-            "",
-        );
-        check(
-            format!(
-                "x AUTHENTICATE LOGIN\r\n{}\r\n{}\r\n",
-                b64("alice"),
-                b64(PW)
-            ),
-            &[
-                "+ VXNlcm5hbWU6\r\n",
-                "+ UGFzc3dvcmQ6\r\n",
-                &login_login,
-                &deny,
-            ],
+            format!("x AUTHENTICATE LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(PW)),
+            &["+ VXNlcm5hbWU6\r\n", "+ UGFzc3dvcmQ6\r\n", &login_login, &deny],
             "",
         );
         check(
@@ -896,89 +734,36 @@ mod tests {
             &["+ UGFzc3dvcmQ6\r\n", &login_login, &deny],
             "",
         );
-        check(
-            "x AUTHENTICATE PLAIN\r\n*\r\n",
-            &["+ \r\n", "x BAD Authentication cancelled\r\n"],
-            "",
-        );
-        check(
-            "x AUTHENTICATE LOGIN\r\n*\r\n",
-            &["+ VXNlcm5hbWU6\r\n", "x BAD Authentication cancelled\r\n"],
-            "",
-        );
-        check(
-            "x AUTHENTICATE PLAIN =\r\n",
-            &["x BAD Invalid SASL response\r\n"],
-            "",
-        );
-        check(
-            "x AUTHENTICATE PLAIN\r\n!!!!\r\n",
-            &["+ \r\n", "x BAD Invalid SASL response\r\n"],
-            "",
-        );
+        check("x AUTHENTICATE PLAIN\r\n*\r\n", &["+ \r\n", "x BAD Authentication cancelled\r\n"], "");
+        check("x AUTHENTICATE LOGIN\r\n*\r\n", &["+ VXNlcm5hbWU6\r\n", "x BAD Authentication cancelled\r\n"], "");
+        check("x AUTHENTICATE PLAIN =\r\n", &["x BAD Invalid SASL response\r\n"], "");
+        check("x AUTHENTICATE PLAIN\r\n!!!!\r\n", &["+ \r\n", "x BAD Invalid SASL response\r\n"], "");
         let nul = b64("\0al\0ice\0pw");
-        check(
-            format!("x AUTHENTICATE PLAIN {nul}\r\n"),
-            &["x BAD Invalid SASL response\r\n"],
-            "",
-        );
+        check(format!("x AUTHENTICATE PLAIN {nul}\r\n"), &["x BAD Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
         check(format!("x AUTHENTICATE PLAIN {foreign}\r\n"), &[&deny], "");
         let same = b64("alice\0alice\0pw");
-        check(
-            format!("x AUTHENTICATE PLAIN {same}\r\n"),
-            &[&login("alice", "pw", "AUTHENTICATE PLAIN"), &deny],
-            "",
-        );
-        check(
-            "x AUTHENTICATE CRAM-MD5\r\n",
-            &["x NO [CANNOT] Unsupported authentication mechanism\r\n"],
-            "",
-        );
-        check(
-            "x AUTHENTICATE\r\n",
-            &["x BAD Invalid AUTHENTICATE arguments\r\n"],
-            "",
-        );
+        check(format!("x AUTHENTICATE PLAIN {same}\r\n"), &[&login("alice", "pw", "AUTHENTICATE PLAIN"), &deny], "");
+        check("x AUTHENTICATE CRAM-MD5\r\n", &["x NO [CANNOT] Unsupported authentication mechanism\r\n"], "");
+        check("x AUTHENTICATE\r\n", &["x BAD Invalid AUTHENTICATE arguments\r\n"], "");
     }
 
     #[test]
     fn decisions_carry_the_tag_and_keep_pipelined_bytes() {
         let input = b"t7 LOGIN alice pw\r\nt8 SELECT INBOX\r\n";
-        let (log, rest) = run(
-            make().as_mut(),
-            input,
-            Decision::Accept(Some("IMAP4rev1 IDLE")),
-        );
-        assert_eq!(
-            log,
-            [
-                login("alice", "pw", "LOGIN"),
-                "t7 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n".into()
-            ]
-        );
+        let (log, rest) = run(make().as_mut(), input, Decision::Accept(Some("IMAP4rev1 IDLE")));
+        assert_eq!(log, [login("alice", "pw", "LOGIN"), "t7 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n".into()]);
         assert_eq!(rest, b"t8 SELECT INBOX\r\n");
         let (log, _) = run(make().as_mut(), input, Decision::Accept(None));
         assert_eq!(log[1], "t7 OK Logged in\r\n");
-        let (log, _) = run(
-            make().as_mut(),
-            input,
-            Decision::Accept(Some("IMAP4rev1]\r\n* BYE")),
-        );
+        let (log, _) = run(make().as_mut(), input, Decision::Accept(Some("IMAP4rev1]\r\n* BYE")));
         assert_eq!(log[1], "t7 OK Logged in\r\n");
         let (log, rest) = run(make().as_mut(), input, Decision::Unavailable);
-        assert_eq!(
-            log[1],
-            "t7 NO [UNAVAILABLE] Mail service temporarily unavailable, try again later\r\n"
-        );
+        assert_eq!(log[1], "t7 NO [UNAVAILABLE] Mail service temporarily unavailable, try again later\r\n");
         assert_eq!(log[2], "t8 BAD Log in first\r\n");
         assert!(rest.is_empty());
         // Retry after a denial.
-        let (log, _) = run(
-            make().as_mut(),
-            b"a LOGIN x y\r\nb LOGIN x z\r\n",
-            Decision::Deny,
-        );
+        let (log, _) = run(make().as_mut(), b"a LOGIN x y\r\nb LOGIN x z\r\n", Decision::Deny);
         assert_eq!(log[1], format!("a {DENY}"));
         assert_eq!(log[3], format!("b {DENY}"));
     }
@@ -988,10 +773,7 @@ mod tests {
         let input = "x SELECT INBOX\r\n".repeat(MAX_BAD_COMMANDS as usize + 1);
         let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Deny);
         assert_eq!(log.len(), MAX_BAD_COMMANDS as usize);
-        assert_eq!(
-            log.last().unwrap(),
-            "CLOSE x BAD Log in first\r\n* BYE Too many invalid commands\r\n"
-        );
+        assert_eq!(log.last().unwrap(), "CLOSE x BAD Log in first\r\n* BYE Too many invalid commands\r\n");
         assert_eq!(rest, b"x SELECT INBOX\r\n");
     }
 
@@ -1013,9 +795,7 @@ mod tests {
         assert_eq!(inline("pa ss\"w\\rd"), "\"pa ss\\\"w\\\\rd\"");
         assert_eq!(inline("a*b%c(d)"), "\"a*b%c(d)\"");
         for literal in ["pä", "a\r\nb"] {
-            assert!(
-                matches!(encode_astring(literal), Astring::Literal(b) if b == literal.as_bytes())
-            );
+            assert!(matches!(encode_astring(literal), Astring::Literal(b) if b == literal.as_bytes()));
         }
         assert_eq!(literal_header(12, false), "{12}\r\n");
         assert_eq!(literal_header(3, true), "{3+}\r\n");

@@ -53,11 +53,7 @@ pub fn take_line(input: &mut BytesMut, max: usize) -> Framed {
     match input[..window].iter().position(|&b| b == b'\n') {
         Some(lf) => {
             let raw = input.split_to(lf + 1);
-            let len = if lf > 0 && raw[lf - 1] == b'\r' {
-                lf - 1
-            } else {
-                lf
-            };
+            let len = if lf > 0 && raw[lf - 1] == b'\r' { lf - 1 } else { lf };
             Framed::Line(Line { raw, len })
         }
         None if input.len() >= max => Framed::TooLong,
@@ -173,12 +169,7 @@ pub(crate) mod testing {
 
     /// Steps until the dialogue needs more input or is finished, appending to `log`.
     /// Returns false once the dialogue closed or accepted a login.
-    pub fn pump(
-        d: &mut dyn Dialogue,
-        buf: &mut BytesMut,
-        decision: Decision,
-        log: &mut Vec<String>,
-    ) -> bool {
+    pub fn pump(d: &mut dyn Dialogue, buf: &mut BytesMut, decision: Decision, log: &mut Vec<String>) -> bool {
         for _ in 0..100_000 {
             match d.step(buf) {
                 Step::NeedMore => return true,
@@ -197,9 +188,7 @@ pub(crate) mod testing {
                         Decision::Deny => d.denied(),
                         Decision::Unavailable => d.unavailable(),
                         Decision::Accept(caps) => {
-                            let info = UpstreamInfo {
-                                capabilities: caps.map(str::to_owned),
-                            };
+                            let info = UpstreamInfo { capabilities: caps.map(str::to_owned) };
                             let r = d.accepted(&info);
                             log.push(String::from_utf8_lossy(&r).into_owned());
                             return false;
@@ -238,11 +227,7 @@ pub(crate) mod testing {
             } else {
                 buf.extend_from_slice(&input[cut..]);
             }
-            assert_eq!(
-                (&log, &buf.to_vec()),
-                (&whole.0, &whole.1),
-                "split at {cut}"
-            );
+            assert_eq!((&log, &buf.to_vec()), (&whole.0, &whole.1), "split at {cut}");
         }
         whole
     }
@@ -293,12 +278,7 @@ pub(crate) mod testing {
                     break;
                 }
             }
-            let _ = (
-                d.timed_out(),
-                d.shutting_down(),
-                d.denied(),
-                d.unavailable(),
-            );
+            let _ = (d.timed_out(), d.shutting_down(), d.denied(), d.unavailable());
         }
     }
 }

@@ -29,12 +29,7 @@ pub struct Pop3Dialogue {
 impl Pop3Dialogue {
     /// A dialogue for a new connection.
     pub fn new(settings: &DialogueSettings) -> Self {
-        Self {
-            max_line: settings.max_line,
-            state: LineState::Command,
-            bad: BadCommands::default(),
-            user: None,
-        }
+        Self { max_line: settings.max_line, state: LineState::Command, bad: BadCommands::default(), user: None }
     }
 
     /// Answers a failed or invalid command, closing once too many have been seen.
@@ -51,13 +46,7 @@ impl Pop3Dialogue {
             return self.fail("-ERR Invalid user name\r\n");
         };
         self.state = LineState::Deciding;
-        Step::Login(Credentials {
-            user,
-            upstream_prefix,
-            password,
-            mechanism,
-            client_hello: None,
-        })
+        Step::Login(Credentials { user, upstream_prefix, password, mechanism, client_hello: None })
     }
 
     fn command(&mut self, line: &[u8]) -> Step {
@@ -83,8 +72,9 @@ impl Pop3Dialogue {
             }
             b"APOP" => self.fail("-ERR APOP is not supported; use USER/PASS or AUTH PLAIN\r\n"),
             b"STLS" => self.fail("-ERR TLS is already active\r\n"),
-            b"NOOP" | b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"RSET" | b"TOP" | b"UIDL"
-            | b"LAST" => self.fail("-ERR Log in first\r\n"),
+            b"NOOP" | b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"RSET" | b"TOP" | b"UIDL" | b"LAST" => {
+                self.fail("-ERR Log in first\r\n")
+            }
             _ => self.fail("-ERR Unknown command\r\n"),
         }
     }
@@ -117,9 +107,7 @@ impl Pop3Dialogue {
                 self.login(user, password, mechanism)
             }
             SaslStep::Cancelled => self.fail("-ERR Authentication cancelled\r\n"),
-            SaslStep::Invalid(SaslError::ForeignAuthzid) => {
-                self.fail(&format!("-ERR [AUTH] {DENIAL_TEXT}\r\n"))
-            }
+            SaslStep::Invalid(SaslError::ForeignAuthzid) => self.fail(&format!("-ERR [AUTH] {DENIAL_TEXT}\r\n")),
             SaslStep::Invalid(_) => self.fail("-ERR Invalid SASL response\r\n"),
         }
     }
@@ -128,10 +116,7 @@ impl Pop3Dialogue {
 /// Splits off Gmail's `recent:` prefix (any case): (user, upstream prefix).
 fn split_recent(user: String) -> Option<(String, String)> {
     let n = RECENT_PREFIX.len();
-    let has_prefix = user
-        .as_bytes()
-        .get(..n)
-        .is_some_and(|p| p.eq_ignore_ascii_case(RECENT_PREFIX.as_bytes()));
+    let has_prefix = user.as_bytes().get(..n).is_some_and(|p| p.eq_ignore_ascii_case(RECENT_PREFIX.as_bytes()));
     if !has_prefix {
         return Some((user, String::new()));
     }
@@ -191,16 +176,12 @@ mod tests {
     use crate::protocol::line::testing::{self, Decision, b64, fuzz, run, run_all_splits};
 
     fn settings() -> DialogueSettings {
-        DialogueSettings {
-            max_line: 200,
-            ..DialogueSettings::default()
-        }
+        DialogueSettings { max_line: 200, ..DialogueSettings::default() }
     }
 
     fn make() -> Box<dyn Dialogue> {
         Box::new(Pop3Dialogue::new(&settings()))
     }
-
 
     fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
         testing::check(&make, input, expected, leftover);
@@ -211,11 +192,7 @@ mod tests {
     #[test]
     fn greeting_and_simple_commands() {
         assert_eq!(make().greeting(), b"+OK Postern ready.\r\n");
-        check(
-            "CAPA\r\n",
-            &[std::str::from_utf8(CAPABILITIES).unwrap()],
-            "",
-        );
+        check("CAPA\r\n", &[std::str::from_utf8(CAPABILITIES).unwrap()], "");
         check("capa\n", &[std::str::from_utf8(CAPABILITIES).unwrap()], "");
         check("AUTH\r\n", &["+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"], "");
         check("QUIT\r\nUSER x\r\n", &["CLOSE +OK Bye\r\n"], "USER x\r\n");
@@ -223,36 +200,19 @@ mod tests {
         check("RETR 1\r\n", &["-ERR Log in first\r\n"], "");
         check("XYZZY\r\n", &["-ERR Unknown command\r\n"], "");
         check("STLS\r\n", &["-ERR TLS is already active\r\n"], "");
-        check(
-            "APOP a b\r\n",
-            &["-ERR APOP is not supported; use USER/PASS or AUTH PLAIN\r\n"],
-            "",
-        );
+        check("APOP a b\r\n", &["-ERR APOP is not supported; use USER/PASS or AUTH PLAIN\r\n"], "");
         check("PASS x\r\n", &["-ERR USER first\r\n"], "");
-        check(
-            "AUTH CRAM-MD5\r\n",
-            &["-ERR Unsupported authentication mechanism\r\n"],
-            "",
-        );
+        check("AUTH CRAM-MD5\r\n", &["-ERR Unsupported authentication mechanism\r\n"], "");
     }
 
     #[test]
     fn user_pass_keeps_spaces_and_pipelined_bytes() {
         check(
             "USER alice@example.com\r\nPASS pä ss\"w\\rd \r\nSTAT\r\n",
-            &[
-                "+OK\r\n",
-                "LOGIN alice@example.com||pä ss\"w\\rd |USER/PASS|-",
-                DENY,
-                "-ERR Log in first\r\n",
-            ],
+            &["+OK\r\n", "LOGIN alice@example.com||pä ss\"w\\rd |USER/PASS|-", DENY, "-ERR Log in first\r\n"],
             "",
         );
-        let (log, rest) = run(
-            make().as_mut(),
-            b"USER a\r\nPASS b\r\nLIST\r\n",
-            Decision::Accept(None),
-        );
+        let (log, rest) = run(make().as_mut(), b"USER a\r\nPASS b\r\nLIST\r\n", Decision::Accept(None));
         assert_eq!(log.last().unwrap(), "+OK Logged in.\r\n");
         assert_eq!(rest, b"LIST\r\n");
     }
@@ -261,8 +221,7 @@ mod tests {
     fn retry_after_denial_and_unavailable() {
         let input = "USER a\r\nPASS b\r\nPASS c\r\nUSER a\r\nPASS c\r\n";
         let (log, _) = run_all_splits(&make, input.as_bytes(), Decision::Unavailable);
-        let unavailable =
-            "-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n";
+        let unavailable = "-ERR [SYS/TEMP] Mail service temporarily unavailable, try again later\r\n";
         assert_eq!(
             log,
             [
@@ -281,24 +240,12 @@ mod tests {
     fn recent_mode() {
         check(
             "USER Recent:alice@example.com\r\nPASS pw\r\n",
-            &[
-                "+OK\r\n",
-                "LOGIN alice@example.com|recent:|pw|USER/PASS|-",
-                DENY,
-            ],
+            &["+OK\r\n", "LOGIN alice@example.com|recent:|pw|USER/PASS|-", DENY],
             "",
         );
         let ir = b64("\0RECENT:bob@example.com\0pw");
-        check(
-            format!("AUTH PLAIN {ir}\r\n"),
-            &["LOGIN bob@example.com|recent:|pw|AUTH PLAIN|-", DENY],
-            "",
-        );
-        check(
-            "USER recent:\r\nPASS pw\r\n",
-            &["+OK\r\n", "-ERR Invalid user name\r\n"],
-            "",
-        );
+        check(format!("AUTH PLAIN {ir}\r\n"), &["LOGIN bob@example.com|recent:|pw|AUTH PLAIN|-", DENY], "");
+        check("USER recent:\r\nPASS pw\r\n", &["+OK\r\n", "-ERR Invalid user name\r\n"], "");
     }
 
     #[test]
@@ -308,26 +255,13 @@ mod tests {
         let login_line = format!("LOGIN alice||{pw}|AUTH LOGIN|-");
         check(
             format!("AUTH PLAIN {plain}\r\nNOOP\r\n"),
-            &[
-                &format!("LOGIN alice||{pw}|AUTH PLAIN|-"),
-                DENY,
-                "-ERR Log in first\r\n",
-            ],
+            &[&format!("LOGIN alice||{pw}|AUTH PLAIN|-"), DENY, "-ERR Log in first\r\n"],
             "",
         );
-        check(
-            format!("AUTH PLAIN\r\n{plain}\r\n"),
-            &["+ \r\n", &format!("LOGIN alice||{pw}|AUTH PLAIN|-"), DENY],
-            "",
-        );
+        check(format!("AUTH PLAIN\r\n{plain}\r\n"), &["+ \r\n", &format!("LOGIN alice||{pw}|AUTH PLAIN|-"), DENY], "");
         check(
             format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(pw)),
-            &[
-                "+ VXNlcm5hbWU6\r\n",
-                "+ UGFzc3dvcmQ6\r\n",
-                &login_line,
-                DENY,
-            ],
+            &["+ VXNlcm5hbWU6\r\n", "+ UGFzc3dvcmQ6\r\n", &login_line, DENY],
             "",
         );
         check(
@@ -335,16 +269,8 @@ mod tests {
             &["+ UGFzc3dvcmQ6\r\n", &login_line, DENY],
             "",
         );
-        check(
-            "AUTH PLAIN\r\n*\r\n",
-            &["+ \r\n", "-ERR Authentication cancelled\r\n"],
-            "",
-        );
-        check(
-            "AUTH PLAIN ###\r\n",
-            &["-ERR Invalid SASL response\r\n"],
-            "",
-        );
+        check("AUTH PLAIN\r\n*\r\n", &["+ \r\n", "-ERR Authentication cancelled\r\n"], "");
+        check("AUTH PLAIN ###\r\n", &["-ERR Invalid SASL response\r\n"], "");
         check("AUTH PLAIN =\r\n", &["-ERR Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
         check(format!("AUTH PLAIN {foreign}\r\n"), &[DENY], "");
@@ -354,22 +280,10 @@ mod tests {
     fn hostile_fields_are_refused() {
         check("USER a\0b\r\n", &["-ERR Invalid user name\r\n"], "");
         check(b"USER \xc3\r\n", &["-ERR Invalid user name\r\n"], "");
-        check(
-            "USER a\r\nPASS a\rb\r\n",
-            &["+OK\r\n", "-ERR Invalid password\r\n"],
-            "",
-        );
-        check(
-            "USER a\r\nPASS\r\n",
-            &["+OK\r\n", "-ERR Invalid password\r\n"],
-            "",
-        );
+        check("USER a\r\nPASS a\rb\r\n", &["+OK\r\n", "-ERR Invalid password\r\n"], "");
+        check("USER a\r\nPASS\r\n", &["+OK\r\n", "-ERR Invalid password\r\n"], "");
         let nul = b64("\0al\0ice\0pw");
-        check(
-            format!("AUTH PLAIN {nul}\r\n"),
-            &["-ERR Invalid SASL response\r\n"],
-            "",
-        );
+        check(format!("AUTH PLAIN {nul}\r\n"), &["-ERR Invalid SASL response\r\n"], "");
     }
 
     #[test]
@@ -379,10 +293,7 @@ mod tests {
         let input = "STAT\r\n".repeat(MAX_BAD_COMMANDS as usize + 1);
         let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Deny);
         assert_eq!(log.len(), MAX_BAD_COMMANDS as usize);
-        assert_eq!(
-            log.last().unwrap(),
-            "CLOSE -ERR Too many invalid commands\r\n"
-        );
+        assert_eq!(log.last().unwrap(), "CLOSE -ERR Too many invalid commands\r\n");
         assert_eq!(rest, b"STAT\r\n");
     }
 

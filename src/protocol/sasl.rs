@@ -39,10 +39,7 @@ pub struct PlainResponse {
 
 /// Decodes base64 after trimming surrounding whitespace; the result is wiped on drop.
 fn decode_base64(b64: &[u8]) -> Result<Zeroizing<Vec<u8>>, SaslError> {
-    STANDARD
-        .decode(b64.trim_ascii())
-        .map(Zeroizing::new)
-        .map_err(|_| SaslError::InvalidBase64)
+    STANDARD.decode(b64.trim_ascii()).map(Zeroizing::new).map_err(|_| SaslError::InvalidBase64)
 }
 
 /// UTF-8 text of one decoded field, which must not hold NUL, CR or LF.
@@ -167,10 +164,7 @@ impl SaslExchange {
             Mechanism::Plain => Awaiting::PlainResponse,
             Mechanism::Login => Awaiting::LoginUser,
         };
-        let mut exchange = SaslExchange {
-            mechanism,
-            awaiting,
-        };
+        let mut exchange = SaslExchange { mechanism, awaiting };
         let step = match initial {
             Some(b"=") => exchange.respond(b""),
             Some(response) => exchange.respond(response),
@@ -206,11 +200,7 @@ impl SaslExchange {
                 Err(e) => Err(e),
             },
             Awaiting::LoginPassword(user) => decode_login_field(line).and_then(|password| {
-                if password.is_empty() {
-                    Err(SaslError::Malformed)
-                } else {
-                    Ok(SaslStep::Done { user, password })
-                }
+                if password.is_empty() { Err(SaslError::Malformed) } else { Ok(SaslStep::Done { user, password }) }
             }),
             Awaiting::Nothing => Err(SaslError::Malformed),
         };
@@ -229,10 +219,7 @@ fn plain(line: &[u8]) -> Result<SaslStep, SaslError> {
     if response.password.is_empty() {
         return Err(SaslError::Malformed);
     }
-    Ok(SaslStep::Done {
-        user,
-        password: response.password,
-    })
+    Ok(SaslStep::Done { user, password: response.password })
 }
 
 #[cfg(test)]
@@ -262,10 +249,7 @@ mod tests {
         let pw = "pä ss\"w\\rd";
         let encoded = encode_plain("alice@example.com", pw);
         let r = decode_plain(encoded.as_bytes()).unwrap();
-        assert_eq!(
-            (r.authzid.as_str(), r.authcid.as_str()),
-            ("", "alice@example.com")
-        );
+        assert_eq!((r.authzid.as_str(), r.authcid.as_str()), ("", "alice@example.com"));
         assert_eq!(r.password.expose(), pw);
         let spaced = format!("  {encoded} \t");
         assert!(decode_plain(spaced.as_bytes()).is_ok());
@@ -291,10 +275,7 @@ mod tests {
 
         let (mut ex, step) = SaslExchange::start(Mechanism::Plain, None);
         assert!(matches!(step, SaslStep::Challenge("")));
-        assert_eq!(
-            done(ex.respond(&b64(b"alice\0alice\0secret"))),
-            ("alice".into(), "secret".into())
-        );
+        assert_eq!(done(ex.respond(&b64(b"alice\0alice\0secret"))), ("alice".into(), "secret".into()));
 
         let (_, step) = SaslExchange::start(Mechanism::Plain, Some(b"="));
         assert_eq!(invalid(step), SaslError::Malformed);
@@ -324,14 +305,8 @@ mod tests {
     fn login_exchange() {
         let (mut ex, step) = SaslExchange::start(Mechanism::Login, None);
         assert!(matches!(step, SaslStep::Challenge(USERNAME_CHALLENGE)));
-        assert!(matches!(
-            ex.respond(&b64(b" alice ")),
-            SaslStep::Challenge(PASSWORD_CHALLENGE)
-        ));
-        assert_eq!(
-            done(ex.respond(&b64("pä ss".as_bytes()))),
-            ("alice".into(), "pä ss".into())
-        );
+        assert!(matches!(ex.respond(&b64(b" alice ")), SaslStep::Challenge(PASSWORD_CHALLENGE)));
+        assert_eq!(done(ex.respond(&b64("pä ss".as_bytes()))), ("alice".into(), "pä ss".into()));
 
         let (mut ex, step) = SaslExchange::start(Mechanism::Login, Some(&b64(b"alice")));
         assert!(matches!(step, SaslStep::Challenge(PASSWORD_CHALLENGE)));

@@ -49,9 +49,7 @@ impl SmtpDialogue {
         match verb.to_ascii_uppercase().as_slice() {
             b"EHLO" | b"HELO" => self.hello(verb.eq_ignore_ascii_case(b"EHLO"), rest),
             b"AUTH" => self.auth(rest),
-            b"MAIL" | b"RCPT" | b"DATA" | b"BDAT" => {
-                self.fail("530 5.7.0 Authentication required\r\n")
-            }
+            b"MAIL" | b"RCPT" | b"DATA" | b"BDAT" => self.fail("530 5.7.0 Authentication required\r\n"),
             b"RSET" | b"NOOP" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
             b"QUIT" => {
                 self.state = LineState::Finished;
@@ -75,10 +73,8 @@ impl SmtpDialogue {
         if !extended {
             return Step::Reply(format!("250 {}\r\n", self.hostname).into_bytes());
         }
-        let mut reply = format!(
-            "250-{}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
-            self.hostname
-        );
+        let mut reply =
+            format!("250-{}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n", self.hostname);
         if let Some(size) = self.max_size {
             reply.push_str(&format!("250-SIZE {size}\r\n"));
         }
@@ -122,15 +118,9 @@ impl SmtpDialogue {
                 })
             }
             SaslStep::Cancelled => self.fail("501 5.0.0 Authentication cancelled\r\n"),
-            SaslStep::Invalid(SaslError::InvalidBase64) => {
-                self.fail("501 5.5.2 Invalid base64\r\n")
-            }
-            SaslStep::Invalid(SaslError::ForeignAuthzid) => {
-                self.fail(&format!("535 5.7.8 {DENIAL_TEXT}\r\n"))
-            }
-            SaslStep::Invalid(SaslError::Malformed) => {
-                self.fail("501 5.5.2 Invalid SASL response\r\n")
-            }
+            SaslStep::Invalid(SaslError::InvalidBase64) => self.fail("501 5.5.2 Invalid base64\r\n"),
+            SaslStep::Invalid(SaslError::ForeignAuthzid) => self.fail(&format!("535 5.7.8 {DENIAL_TEXT}\r\n")),
+            SaslStep::Invalid(SaslError::Malformed) => self.fail("501 5.5.2 Invalid SASL response\r\n"),
         }
     }
 }
@@ -167,11 +157,7 @@ impl Dialogue for SmtpDialogue {
     }
 
     fn timed_out(&self) -> Vec<u8> {
-        format!(
-            "421 4.4.2 {} Timeout; login took too long\r\n",
-            self.hostname
-        )
-        .into_bytes()
+        format!("421 4.4.2 {} Timeout; login took too long\r\n", self.hostname).into_bytes()
     }
 
     fn shutting_down(&self) -> Vec<u8> {
@@ -203,7 +189,6 @@ mod tests {
         Box::new(SmtpDialogue::new(&settings()))
     }
 
-
     fn check(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
         testing::check(&make, input, expected, leftover);
     }
@@ -220,42 +205,17 @@ mod tests {
         check("HELO client.example\r\n", &["250 mx.example.net\r\n"], "");
         check("EHLO\r\n", &["501 5.5.4 Syntax: EHLO hostname\r\n"], "");
         check("HELO  \r\n", &["501 5.5.4 Syntax: EHLO hostname\r\n"], "");
-        check(
-            "EHLO a\x01b\r\n",
-            &["501 5.5.4 Invalid domain name\r\n"],
-            "",
-        );
-        check(
-            "RSET\r\nNOOP\r\n",
-            &["250 2.0.0 OK\r\n", "250 2.0.0 OK\r\n"],
-            "",
-        );
+        check("EHLO a\x01b\r\n", &["501 5.5.4 Invalid domain name\r\n"], "");
+        check("RSET\r\nNOOP\r\n", &["250 2.0.0 OK\r\n", "250 2.0.0 OK\r\n"], "");
         check("QUIT\r\nNOOP\r\n", &["CLOSE 221 2.0.0 Bye\r\n"], "NOOP\r\n");
         check("STARTTLS\r\n", &["503 5.5.1 TLS already active\r\n"], "");
-        check(
-            "VRFY root\r\n",
-            &["502 5.5.1 Command not implemented\r\n"],
-            "",
-        );
+        check("VRFY root\r\n", &["502 5.5.1 Command not implemented\r\n"], "");
         check("FROB\r\n", &["500 5.5.2 Command unrecognized\r\n"], "");
         check("AUTH PLAIN\r\n", &["503 5.5.1 Send EHLO first\r\n"], "");
-        check(
-            "EHLO c\r\nAUTH\r\n",
-            &[
-                EHLO,
-                "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n",
-            ],
-            "",
-        );
-        check(
-            "EHLO c\r\nAUTH CRAM-MD5\r\n",
-            &[EHLO, "504 5.5.4 Unrecognized authentication type\r\n"],
-            "",
-        );
+        check("EHLO c\r\nAUTH\r\n", &[EHLO, "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"], "");
+        check("EHLO c\r\nAUTH CRAM-MD5\r\n", &[EHLO, "504 5.5.4 Unrecognized authentication type\r\n"], "");
         let mut d = SmtpDialogue::new(&DialogueSettings::default());
-        let Step::Reply(reply) = d.hello(true, b"c") else {
-            panic!("no EHLO reply")
-        };
+        let Step::Reply(reply) = d.hello(true, b"c") else { panic!("no EHLO reply") };
         assert!(!String::from_utf8(reply).unwrap().contains("SIZE"));
     }
 
@@ -278,86 +238,38 @@ mod tests {
         let pw = "pä ss\"w\\rd";
         let plain = b64(&format!("\0alice@example.com\0{pw}"));
         let plain_login = format!("LOGIN alice@example.com||{pw}|AUTH PLAIN|client.example");
-        check(
-            format!("EHLO client.example\r\nAUTH PLAIN {plain}\r\n"),
-            &[EHLO, &plain_login, DENY],
-            "",
-        );
-        check(
-            format!("EHLO client.example\r\nAUTH plain\r\n{plain}\r\n"),
-            &[EHLO, "334 \r\n", &plain_login, DENY],
-            "",
-        );
+        check(format!("EHLO client.example\r\nAUTH PLAIN {plain}\r\n"), &[EHLO, &plain_login, DENY], "");
+        check(format!("EHLO client.example\r\nAUTH plain\r\n{plain}\r\n"), &[EHLO, "334 \r\n", &plain_login, DENY], "");
         let login = format!("LOGIN alice||{pw}|AUTH LOGIN|h");
         check(
-            format!(
-                "HELO h\r\nAUTH LOGIN\r\n{}\r\n{}\r\n",
-                b64("alice"),
-                b64(pw)
-            ),
-            &[
-                "250 mx.example.net\r\n",
-                "334 VXNlcm5hbWU6\r\n",
-                "334 UGFzc3dvcmQ6\r\n",
-                &login,
-                DENY,
-            ],
+            format!("HELO h\r\nAUTH LOGIN\r\n{}\r\n{}\r\n", b64("alice"), b64(pw)),
+            &["250 mx.example.net\r\n", "334 VXNlcm5hbWU6\r\n", "334 UGFzc3dvcmQ6\r\n", &login, DENY],
             "",
         );
         check(
             format!("HELO h\r\nAUTH LOGIN {}\r\n{}\r\n", b64("alice"), b64(pw)),
-            &[
-                "250 mx.example.net\r\n",
-                "334 UGFzc3dvcmQ6\r\n",
-                &login,
-                DENY,
-            ],
+            &["250 mx.example.net\r\n", "334 UGFzc3dvcmQ6\r\n", &login, DENY],
             "",
         );
         check(
             "HELO h\r\nAUTH PLAIN\r\n*\r\n",
-            &[
-                "250 mx.example.net\r\n",
-                "334 \r\n",
-                "501 5.0.0 Authentication cancelled\r\n",
-            ],
+            &["250 mx.example.net\r\n", "334 \r\n", "501 5.0.0 Authentication cancelled\r\n"],
             "",
         );
-        check(
-            "HELO h\r\nAUTH PLAIN @@@\r\n",
-            &["250 mx.example.net\r\n", "501 5.5.2 Invalid base64\r\n"],
-            "",
-        );
-        check(
-            "HELO h\r\nAUTH PLAIN =\r\n",
-            &[
-                "250 mx.example.net\r\n",
-                "501 5.5.2 Invalid SASL response\r\n",
-            ],
-            "",
-        );
+        check("HELO h\r\nAUTH PLAIN @@@\r\n", &["250 mx.example.net\r\n", "501 5.5.2 Invalid base64\r\n"], "");
+        check("HELO h\r\nAUTH PLAIN =\r\n", &["250 mx.example.net\r\n", "501 5.5.2 Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
-        check(
-            format!("HELO h\r\nAUTH PLAIN {foreign}\r\n"),
-            &["250 mx.example.net\r\n", DENY],
-            "",
-        );
+        check(format!("HELO h\r\nAUTH PLAIN {foreign}\r\n"), &["250 mx.example.net\r\n", DENY], "");
         let nul = b64("\0al\0ice\0pw");
         check(
             format!("HELO h\r\nAUTH PLAIN {nul}\r\n"),
-            &[
-                "250 mx.example.net\r\n",
-                "501 5.5.2 Invalid SASL response\r\n",
-            ],
+            &["250 mx.example.net\r\n", "501 5.5.2 Invalid SASL response\r\n"],
             "",
         );
         let login_nul = b64("al\0ice");
         check(
             format!("HELO h\r\nAUTH LOGIN {login_nul}\r\n"),
-            &[
-                "250 mx.example.net\r\n",
-                "501 5.5.2 Invalid SASL response\r\n",
-            ],
+            &["250 mx.example.net\r\n", "501 5.5.2 Invalid SASL response\r\n"],
             "",
         );
     }
@@ -370,10 +282,7 @@ mod tests {
         assert_eq!(log[2], "235 2.7.0 Authentication successful\r\n");
         assert_eq!(rest, b"MAIL FROM:<a@b>\r\n");
         let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Unavailable);
-        assert_eq!(
-            log[2],
-            "454 4.7.0 Mail service temporarily unavailable, try again later\r\n"
-        );
+        assert_eq!(log[2], "454 4.7.0 Mail service temporarily unavailable, try again later\r\n");
         assert_eq!(log[3], "530 5.7.0 Authentication required\r\n");
         assert!(rest.is_empty());
     }
@@ -385,24 +294,15 @@ mod tests {
         let input = "FROB\r\n".repeat(MAX_BAD_COMMANDS as usize + 1);
         let (log, rest) = run(make().as_mut(), input.as_bytes(), Decision::Deny);
         assert_eq!(log.len(), MAX_BAD_COMMANDS as usize);
-        assert_eq!(
-            log.last().unwrap(),
-            "CLOSE 421 4.7.0 mx.example.net Too many invalid commands\r\n"
-        );
+        assert_eq!(log.last().unwrap(), "CLOSE 421 4.7.0 mx.example.net Too many invalid commands\r\n");
         assert_eq!(rest, b"FROB\r\n");
     }
 
     #[test]
     fn session_goodbyes() {
         let d = make();
-        assert_eq!(
-            d.timed_out(),
-            b"421 4.4.2 mx.example.net Timeout; login took too long\r\n"
-        );
-        assert_eq!(
-            d.shutting_down(),
-            b"421 4.3.2 mx.example.net Server shutting down\r\n"
-        );
+        assert_eq!(d.timed_out(), b"421 4.4.2 mx.example.net Timeout; login took too long\r\n");
+        assert_eq!(d.shutting_down(), b"421 4.3.2 mx.example.net Server shutting down\r\n");
     }
 
     #[test]

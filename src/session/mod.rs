@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::audit::{Event, Outcome, SessionRecord};
-use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
 use crate::metrics::LoginResult;
+use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
 use crate::protocol::{self, Dialogue, Protocol, Step};
-use crate::state::{State, Shutdown};
+use crate::state::{Shutdown, State};
 
 pub mod registry;
 pub mod relay;
@@ -88,13 +88,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Step::NeedMore => self.read_more(deadline).await?,
                 Step::Reply(bytes) => self.write(&bytes, deadline).await?,
                 Step::Close(bytes) => {
-                    self.record.set(Outcome::Abandoned, "the pre-login dialogue ended the connection (logout or a protocol limit)");
+                    self.record.set(
+                        Outcome::Abandoned,
+                        "the pre-login dialogue ended the connection (logout or a protocol limit)",
+                    );
                     let _ = self.write(&bytes, deadline).await;
                     return None;
                 }
                 Step::Login(credentials) => {
                     self.record.attempts += 1;
-                    self.record.user = Some(decision::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
+                    self.record.user =
+                        Some(decision::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
                     self.record.mechanism = Some(credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
                     let started = std::time::Instant::now();
@@ -115,7 +119,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Ok(admitted) => {
                             let reply = self.dialogue.accepted(&admitted.upstream.info);
                             self.write(&reply, deadline).await?;
-                            self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
+                            self.record.profile =
+                                Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
                             return Some(admitted);
                         }
                         Err(Refusal::Denied(denial)) => {

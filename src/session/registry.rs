@@ -69,7 +69,8 @@ impl LiveSessions {
     /// Registers a session that has just logged in.
     pub fn register(&self, user: String, protocol: Protocol, ip: IpAddr) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let session = Arc::new(LiveSession { user, protocol, ip, revoke: CancellationToken::new(), reason: OnceLock::new() });
+        let session =
+            Arc::new(LiveSession { user, protocol, ip, revoke: CancellationToken::new(), reason: OnceLock::new() });
         self.sessions.insert(id, session.clone());
         Registration { id, session, registry: self }
     }

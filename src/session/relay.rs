@@ -237,7 +237,11 @@ impl Pump {
     }
 
     /// Nothing to read right now: flush what was written, then wait.
-    fn poll_idle_flush<W: AsyncWrite + ?Sized>(&mut self, cx: &mut Context<'_>, writer: Pin<&mut W>) -> Poll<io::Result<()>> {
+    fn poll_idle_flush<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
         if self.unflushed {
             ready!(writer.poll_flush(cx))?;
             self.unflushed = false;
@@ -261,7 +265,11 @@ mod tests {
 
     /// A running splice between two in-memory pipes of `capacity` bytes: the far ends of the
     /// client and upstream sides, and the splice's task.
-    fn spliced(capacity: usize, idle_secs: u64, counters: Arc<Counters>) -> (DuplexStream, DuplexStream, JoinHandle<End>) {
+    fn spliced(
+        capacity: usize,
+        idle_secs: u64,
+        counters: Arc<Counters>,
+    ) -> (DuplexStream, DuplexStream, JoinHandle<End>) {
         let (client_near, client_far) = duplex(capacity);
         let (upstream_near, upstream_far) = duplex(capacity);
         let task = tokio::spawn(splice(
@@ -384,7 +392,8 @@ mod tests {
     async fn shutdown_ends_the_splice() {
         let (client_near, _client_far) = duplex(64);
         let (upstream_near, _upstream_far) = duplex(64);
-        let end = splice(client_near, upstream_near, Duration::from_secs(60), Arc::new(Counters::default()), async {}).await;
+        let end =
+            splice(client_near, upstream_near, Duration::from_secs(60), Arc::new(Counters::default()), async {}).await;
         assert_eq!(end, End::Shutdown);
     }
 }

@@ -66,9 +66,7 @@ pub enum VaultError {
         path: PathBuf,
     },
     /// The key file can be read by group or others.
-    #[error(
-        "vault key {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`"
-    )]
+    #[error("vault key {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
     UnsafeKeyPermissions {
         /// The key file.
         path: PathBuf,
@@ -84,9 +82,7 @@ pub enum VaultError {
         len: u64,
     },
     /// The vault file can be read by group or others.
-    #[error(
-        "vault file {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`"
-    )]
+    #[error("vault file {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
     UnsafeVaultPermissions {
         /// The vault file.
         path: PathBuf,
@@ -102,9 +98,7 @@ pub enum VaultError {
         message: String,
     },
     /// The vault file was written by a newer format.
-    #[error(
-        "vault file {path} has format version {version}; this build reads version {FORMAT_VERSION}"
-    )]
+    #[error("vault file {path} has format version {version}; this build reads version {FORMAT_VERSION}")]
     UnsupportedVersion {
         /// The vault file.
         path: PathBuf,
@@ -196,12 +190,7 @@ impl UpstreamSecret {
 
     /// A secret of `kind` set now.
     pub fn new(kind: SecretKind, secret: Secret) -> Self {
-        Self {
-            upstream_user: None,
-            kind,
-            secret,
-            changed: unix_now(),
-        }
+        Self { upstream_user: None, kind, secret, changed: unix_now() }
     }
 
     /// The same secret, used with the upstream login name `user`.
@@ -280,25 +269,14 @@ impl Vault {
     /// Creates the state directory (mode 0700), a new key and an empty vault file, leaving
     /// whatever already exists untouched. Returns whether a new key was created.
     pub fn init(state_dir: &Path) -> Result<bool, VaultError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(io_at(state_dir))?;
+        DirBuilder::new().recursive(true).mode(0o700).create(state_dir).map_err(io_at(state_dir))?;
 
         let key_path = state_dir.join(KEY_FILE);
-        let created = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key_path)
-        {
+        let created = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path) {
             Ok(mut file) => {
                 let mut key = Zeroizing::new([0u8; KEY_LEN]);
                 OsRng.fill_bytes(&mut key[..]);
-                file.write_all(&key[..])
-                    .and_then(|()| file.sync_all())
-                    .map_err(io_at(&key_path))?;
+                file.write_all(&key[..]).and_then(|()| file.sync_all()).map_err(io_at(&key_path))?;
                 sync_dir(state_dir)?;
                 true
             }
@@ -308,10 +286,7 @@ impl Vault {
 
         let vault_path = state_dir.join(VAULT_FILE);
         if !vault_path.exists() {
-            let empty = VaultFile {
-                version: FORMAT_VERSION,
-                users: BTreeMap::new(),
-            };
+            let empty = VaultFile { version: FORMAT_VERSION, users: BTreeMap::new() };
             write_vault_file(&vault_path, &empty)?;
         }
         Ok(created)
@@ -328,10 +303,7 @@ impl Vault {
             Ok(meta) => {
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    return Err(VaultError::UnsafeVaultPermissions {
-                        path: vault_path,
-                        mode,
-                    });
+                    return Err(VaultError::UnsafeVaultPermissions { path: vault_path, mode });
                 }
                 let text = fs::read_to_string(&vault_path).map_err(io_at(&vault_path))?;
                 parse_vault_file(&vault_path, &text)?
@@ -340,12 +312,7 @@ impl Vault {
             Err(e) => return Err(io_at(&vault_path)(e)),
         };
 
-        Ok(Self {
-            key_path,
-            vault_path,
-            key,
-            users,
-        })
+        Ok(Self { key_path, vault_path, key, users })
     }
 
     /// The key file this vault was opened with.
@@ -377,12 +344,7 @@ impl Vault {
     pub fn set(&mut self, user: &str, secret: UpstreamSecret) -> Result<(), VaultError> {
         let user = normalize_user(user)?;
         let entry = StoredEntry {
-            sealed: self.seal(
-                &user,
-                secret.kind,
-                secret.upstream_user.as_deref(),
-                &secret.secret,
-            )?,
+            sealed: self.seal(&user, secret.kind, secret.upstream_user.as_deref(), &secret.secret)?,
             upstream_user: secret.upstream_user,
             kind: secret.kind,
             changed: secret.changed,
@@ -484,10 +446,7 @@ impl Vault {
 
     /// Writes `users` to disk, then adopts them.
     fn commit(&mut self, users: BTreeMap<String, StoredEntry>) -> Result<(), VaultError> {
-        let file = VaultFile {
-            version: FORMAT_VERSION,
-            users,
-        };
+        let file = VaultFile { version: FORMAT_VERSION, users };
         write_vault_file(&self.vault_path, &file)?;
         self.users = file.users;
         Ok(())
@@ -507,16 +466,11 @@ impl Vault {
         let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
         let aad = associated_data(user, kind, upstream_user);
-        let payload = Payload {
-            msg: secret.expose().as_bytes(),
-            aad: &aad,
-        };
+        let payload = Payload { msg: secret.expose().as_bytes(), aad: &aad };
         let ciphertext = self
             .cipher()
             .encrypt(Nonce::from_slice(&nonce), payload)
-            .map_err(|_| VaultError::Encrypt {
-                user: user.to_owned(),
-            })?;
+            .map_err(|_| VaultError::Encrypt { user: user.to_owned() })?;
         let mut blob = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&ciphertext);
@@ -524,9 +478,7 @@ impl Vault {
     }
 
     fn open_sealed(&self, user: &str, entry: &StoredEntry) -> Result<Secret, VaultError> {
-        let fail = || VaultError::Decrypt {
-            user: user.to_owned(),
-        };
+        let fail = || VaultError::Decrypt { user: user.to_owned() };
         let blob = BASE64.decode(&entry.sealed).map_err(|_| fail())?;
         if blob.len() < NONCE_LEN + TAG_LEN {
             return Err(fail());
@@ -535,13 +487,7 @@ impl Vault {
         let aad = associated_data(user, entry.kind, entry.upstream_user.as_deref());
         let mut plain = Zeroizing::new(
             self.cipher()
-                .decrypt(
-                    Nonce::from_slice(nonce),
-                    Payload {
-                        msg: ciphertext,
-                        aad: &aad,
-                    },
-                )
+                .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: &aad })
                 .map_err(|_| fail())?,
         );
         match String::from_utf8(std::mem::take(&mut *plain)) {
@@ -565,24 +511,16 @@ pub fn generate_password() -> Secret {
 }
 
 fn write_vault_file(path: &Path, file: &VaultFile) -> Result<(), VaultError> {
-    let text = toml::to_string(file).map_err(|e| VaultError::Corrupt {
-        path: path.to_owned(),
-        message: format!("cannot serialise: {e}"),
-    })?;
+    let text = toml::to_string(file)
+        .map_err(|e| VaultError::Corrupt { path: path.to_owned(), message: format!("cannot serialise: {e}") })?;
     crate::fsutil::write_private_atomic(path, text.as_bytes()).map_err(io_at(path))
 }
 
 fn parse_vault_file(path: &Path, text: &str) -> Result<BTreeMap<String, StoredEntry>, VaultError> {
-    let corrupt = |message: String| VaultError::Corrupt {
-        path: path.to_owned(),
-        message,
-    };
+    let corrupt = |message: String| VaultError::Corrupt { path: path.to_owned(), message };
     let file: VaultFile = toml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
     if file.version != FORMAT_VERSION {
-        return Err(VaultError::UnsupportedVersion {
-            path: path.to_owned(),
-            version: file.version,
-        });
+        return Err(VaultError::UnsupportedVersion { path: path.to_owned(), version: file.version });
     }
     let mut users = BTreeMap::new();
     for (user, entry) in file.users {
@@ -593,9 +531,7 @@ fn parse_vault_file(path: &Path, text: &str) -> Result<BTreeMap<String, StoredEn
         match BASE64.decode(&entry.sealed) {
             Ok(blob) if blob.len() >= NONCE_LEN + TAG_LEN => {}
             _ => {
-                return Err(corrupt(format!(
-                    "entry for {user} has a malformed sealed value"
-                )));
+                return Err(corrupt(format!("entry for {user} has a malformed sealed value")));
             }
         }
         users.insert(user, entry);
@@ -607,25 +543,17 @@ fn read_key(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(VaultError::KeyMissing {
-                path: path.to_owned(),
-            });
+            return Err(VaultError::KeyMissing { path: path.to_owned() });
         }
         Err(e) => return Err(io_at(path)(e)),
     };
     let meta = file.metadata().map_err(io_at(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(VaultError::UnsafeKeyPermissions {
-            path: path.to_owned(),
-            mode,
-        });
+        return Err(VaultError::UnsafeKeyPermissions { path: path.to_owned(), mode });
     }
     if !meta.is_file() || meta.len() != KEY_LEN as u64 {
-        return Err(VaultError::InvalidKey {
-            path: path.to_owned(),
-            len: meta.len(),
-        });
+        return Err(VaultError::InvalidKey { path: path.to_owned(), len: meta.len() });
     }
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     file.read_exact(&mut key[..]).map_err(io_at(path))?;
@@ -661,22 +589,15 @@ fn normalize_user(user: &str) -> Result<String, VaultError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), VaultError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> VaultError + '_ {
-    move |source| VaultError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| VaultError::Io { path: path.to_owned(), source }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -711,16 +632,11 @@ mod tests {
 
         let key = fs::read(&key_path).unwrap();
         let mut vault = Vault::open(&dir).unwrap();
-        vault
-            .set("a@example.com", UpstreamSecret::password(Secret::new("pw")))
-            .unwrap();
+        vault.set("a@example.com", UpstreamSecret::password(Secret::new("pw"))).unwrap();
 
         assert!(!Vault::init(&dir).unwrap());
         assert_eq!(fs::read(&key_path).unwrap(), key);
-        assert!(
-            Vault::open(&dir).unwrap().contains("a@example.com"),
-            "init must not reset the vault"
-        );
+        assert!(Vault::open(&dir).unwrap().contains("a@example.com"), "init must not reset the vault");
     }
 
     #[test]
@@ -757,8 +673,7 @@ mod tests {
     fn round_trip() {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        let secret = UpstreamSecret::refresh_token(Secret::new("1//tok\"en\\ü"))
-            .with_upstream_user("Alice@Gmail.com");
+        let secret = UpstreamSecret::refresh_token(Secret::new("1//tok\"en\\ü")).with_upstream_user("Alice@Gmail.com");
         let changed = secret.changed;
         vault.set("Alice@Example.com", secret).unwrap();
         assert!(vault.contains("alice@example.com"));
@@ -776,9 +691,7 @@ mod tests {
     fn remove_deletes_and_persists() {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        vault
-            .set("a@example.com", UpstreamSecret::password(Secret::new("pw")))
-            .unwrap();
+        vault.set("a@example.com", UpstreamSecret::password(Secret::new("pw"))).unwrap();
         assert!(vault.remove("A@example.com").unwrap());
         assert!(!vault.remove("a@example.com").unwrap());
         assert!(!Vault::open(&dir).unwrap().contains("a@example.com"));
@@ -788,20 +701,12 @@ mod tests {
     fn wrong_key_fails_naming_the_user() {
         let (tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        vault
-            .set(
-                "alice@example.com",
-                UpstreamSecret::password(Secret::new("pw")),
-            )
-            .unwrap();
+        vault.set("alice@example.com", UpstreamSecret::password(Secret::new("pw"))).unwrap();
 
         let other = tmp.path().join("other");
         Vault::init(&other).unwrap();
         fs::copy(dir.join(VAULT_FILE), other.join(VAULT_FILE)).unwrap();
-        let err = Vault::open(&other)
-            .unwrap()
-            .get("alice@example.com")
-            .unwrap_err();
+        let err = Vault::open(&other).unwrap().get("alice@example.com").unwrap_err();
         assert!(matches!(&err, VaultError::Decrypt { user } if user == "alice@example.com"));
         assert!(err.to_string().contains("alice@example.com"));
     }
@@ -810,87 +715,44 @@ mod tests {
     fn swapped_ciphertexts_fail() {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        vault
-            .set(
-                "alice@example.com",
-                UpstreamSecret::password(Secret::new("alice-pw")),
-            )
-            .unwrap();
-        vault
-            .set(
-                "bob@example.com",
-                UpstreamSecret::password(Secret::new("bob-pw")),
-            )
-            .unwrap();
+        vault.set("alice@example.com", UpstreamSecret::password(Secret::new("alice-pw"))).unwrap();
+        vault.set("bob@example.com", UpstreamSecret::password(Secret::new("bob-pw"))).unwrap();
 
         let path = dir.join(VAULT_FILE);
         let mut file: VaultFile = toml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
         let alice = file.users["alice@example.com"].sealed.clone();
-        let bob = std::mem::replace(
-            &mut file.users.get_mut("bob@example.com").unwrap().sealed,
-            alice,
-        );
+        let bob = std::mem::replace(&mut file.users.get_mut("bob@example.com").unwrap().sealed, alice);
         file.users.get_mut("alice@example.com").unwrap().sealed = bob;
         fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
 
         let vault = Vault::open(&dir).unwrap();
-        assert!(matches!(
-            vault.get("alice@example.com"),
-            Err(VaultError::Decrypt { .. })
-        ));
-        assert!(matches!(
-            vault.get("bob@example.com"),
-            Err(VaultError::Decrypt { .. })
-        ));
+        assert!(matches!(vault.get("alice@example.com"), Err(VaultError::Decrypt { .. })));
+        assert!(matches!(vault.get("bob@example.com"), Err(VaultError::Decrypt { .. })));
     }
 
     #[test]
     fn changing_kind_or_upstream_user_fails() {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        vault
-            .set(
-                "a@example.com",
-                UpstreamSecret::password(Secret::new("pw")).with_upstream_user("x@up"),
-            )
-            .unwrap();
+        vault.set("a@example.com", UpstreamSecret::password(Secret::new("pw")).with_upstream_user("x@up")).unwrap();
         let path = dir.join(VAULT_FILE);
         let text = fs::read_to_string(&path).unwrap();
         fs::write(&path, text.replace("x@up", "y@up")).unwrap();
-        assert!(matches!(
-            Vault::open(&dir).unwrap().get("a@example.com"),
-            Err(VaultError::Decrypt { .. })
-        ));
+        assert!(matches!(Vault::open(&dir).unwrap().get("a@example.com"), Err(VaultError::Decrypt { .. })));
         fs::write(&path, text.replace("\"password\"", "\"refresh-token\"")).unwrap();
-        assert!(matches!(
-            Vault::open(&dir).unwrap().get("a@example.com"),
-            Err(VaultError::Decrypt { .. })
-        ));
+        assert!(matches!(Vault::open(&dir).unwrap().get("a@example.com"), Err(VaultError::Decrypt { .. })));
     }
 
     #[test]
     fn nonce_differs_between_writes() {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        vault
-            .set(
-                "a@example.com",
-                UpstreamSecret::password(Secret::new("same")),
-            )
-            .unwrap();
+        vault.set("a@example.com", UpstreamSecret::password(Secret::new("same"))).unwrap();
         let first = sealed_of(&dir, "a@example.com");
-        vault
-            .set(
-                "a@example.com",
-                UpstreamSecret::password(Secret::new("same")),
-            )
-            .unwrap();
+        vault.set("a@example.com", UpstreamSecret::password(Secret::new("same"))).unwrap();
         let second = sealed_of(&dir, "a@example.com");
         assert_ne!(first, second);
-        assert_ne!(
-            BASE64.decode(&first).unwrap()[..NONCE_LEN],
-            BASE64.decode(&second).unwrap()[..NONCE_LEN]
-        );
+        assert_ne!(BASE64.decode(&first).unwrap()[..NONCE_LEN], BASE64.decode(&second).unwrap()[..NONCE_LEN]);
     }
 
     #[test]
@@ -900,14 +762,8 @@ mod tests {
         for mode in [0o644, 0o640, 0o604] {
             fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
             let err = Vault::open(&dir).unwrap_err();
-            assert!(
-                matches!(err, VaultError::UnsafeKeyPermissions { .. }),
-                "{mode:o}: {err}"
-            );
-            assert!(
-                err.to_string()
-                    .contains(&format!("chmod 600 {}", key_path.display()))
-            );
+            assert!(matches!(err, VaultError::UnsafeKeyPermissions { .. }), "{mode:o}: {err}");
+            assert!(err.to_string().contains(&format!("chmod 600 {}", key_path.display())));
         }
     }
 
@@ -916,10 +772,7 @@ mod tests {
         let (_tmp, dir) = init_dir();
         fs::set_permissions(dir.join(VAULT_FILE), fs::Permissions::from_mode(0o644)).unwrap();
         let err = Vault::open(&dir).unwrap_err();
-        assert!(
-            matches!(err, VaultError::UnsafeVaultPermissions { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, VaultError::UnsafeVaultPermissions { .. }), "{err}");
         assert!(err.to_string().contains("chmod 600"));
     }
 
@@ -935,26 +788,16 @@ mod tests {
     fn short_key_and_corrupt_file_are_reported() {
         let (_tmp, dir) = init_dir();
         let vault_path = dir.join(VAULT_FILE);
-        fs::write(
-            &vault_path,
-            "version = 1\n[users.\"a@b\"]\nkind = \"password\"\nbogus = 1\n",
-        )
-        .unwrap();
+        fs::write(&vault_path, "version = 1\n[users.\"a@b\"]\nkind = \"password\"\nbogus = 1\n").unwrap();
         let err = Vault::open(&dir).unwrap_err();
         assert!(matches!(err, VaultError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("line"), "{err}");
 
         fs::write(&vault_path, "version = 2\n").unwrap();
-        assert!(matches!(
-            Vault::open(&dir),
-            Err(VaultError::UnsupportedVersion { version: 2, .. })
-        ));
+        assert!(matches!(Vault::open(&dir), Err(VaultError::UnsupportedVersion { version: 2, .. })));
 
         fs::write(dir.join(KEY_FILE), [0u8; 5]).unwrap();
-        assert!(matches!(
-            Vault::open(&dir),
-            Err(VaultError::InvalidKey { len: 5, .. })
-        ));
+        assert!(matches!(Vault::open(&dir), Err(VaultError::InvalidKey { len: 5, .. })));
     }
 
     #[test]
@@ -962,18 +805,10 @@ mod tests {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
         for i in 0..3 {
-            vault
-                .set(
-                    &format!("u{i}@example.com"),
-                    UpstreamSecret::password(generate_password()),
-                )
-                .unwrap();
+            vault.set(&format!("u{i}@example.com"), UpstreamSecret::password(generate_password())).unwrap();
         }
         vault.remove("u0@example.com").unwrap();
-        let mut names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, [KEY_FILE, VAULT_FILE]);
         assert_eq!(mode(&dir.join(VAULT_FILE)), 0o600);
@@ -984,12 +819,7 @@ mod tests {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
         let secret = "correct-horse-battery-staple";
-        vault
-            .set(
-                "a@example.com",
-                UpstreamSecret::password(Secret::new(secret)),
-            )
-            .unwrap();
+        vault.set("a@example.com", UpstreamSecret::password(Secret::new(secret))).unwrap();
 
         let listing = vault.list();
         assert_eq!(listing.len(), 1);
@@ -1018,9 +848,7 @@ mod tests {
     fn empty_user_is_refused() {
         let (_tmp, dir) = init_dir();
         let mut vault = Vault::open(&dir).unwrap();
-        let err = vault
-            .set("", UpstreamSecret::password(Secret::new("pw")))
-            .unwrap_err();
+        let err = vault.set("", UpstreamSecret::password(Secret::new("pw"))).unwrap_err();
         assert!(matches!(err, VaultError::InvalidUser(_)));
     }
 }

@@ -165,8 +165,12 @@ impl Upstreams {
                 Ok(logged_in) => return Ok(logged_in),
                 Err(e) => e,
             };
-            if let (UpstreamError::Refused(_), Some((mailbox, from_cache)), Some(oauth), UpstreamAuth::XOAuth2 { token, .. }) =
-                (&error, &credential.oauth, &self.oauth, &credential.auth)
+            if let (
+                UpstreamError::Refused(_),
+                Some((mailbox, from_cache)),
+                Some(oauth),
+                UpstreamAuth::XOAuth2 { token, .. },
+            ) = (&error, &credential.oauth, &self.oauth, &credential.auth)
             {
                 if oauth.forget(mailbox, token).await && *from_cache && !retried {
                     retried = true;
@@ -191,7 +195,8 @@ impl Upstreams {
         upstream_prefix: &str,
     ) -> Result<Credential, LoginError> {
         let stored = self.vault().get(user)?;
-        let wrong_kind = |stored: SecretKind, needed: SecretKind| LoginError::WrongKind { protocol, mode, stored, needed };
+        let wrong_kind =
+            |stored: SecretKind, needed: SecretKind| LoginError::WrongKind { protocol, mode, stored, needed };
         match mode {
             UpstreamAuthMode::Password => {
                 let stored = stored.ok_or(LoginError::NoCredential)?;
@@ -199,7 +204,10 @@ impl Upstreams {
                     return Err(wrong_kind(stored.kind, SecretKind::Password));
                 }
                 let upstream_user = format!("{upstream_prefix}{}", stored.upstream_user.as_deref().unwrap_or(user));
-                Ok(Credential { auth: UpstreamAuth::Password { user: upstream_user, password: stored.secret }, oauth: None })
+                Ok(Credential {
+                    auth: UpstreamAuth::Password { user: upstream_user, password: stored.secret },
+                    oauth: None,
+                })
             }
             UpstreamAuthMode::Xoauth2 => {
                 let oauth = self.oauth.as_ref().ok_or(LoginError::NoTokenSource(protocol))?;
@@ -220,8 +228,13 @@ impl Upstreams {
                 if let (Some(rotated), Some(used)) = (token.refresh_token, refresh_token) {
                     match oauth.store_rotated_refresh_token(user, used, rotated).await {
                         Ok(Some(vault)) => self.set_vault(vault),
-                        Ok(None) => tracing::info!(user, "refresh token rotated, but the vault entry changed meanwhile; kept it"),
-                        Err(e) => tracing::error!(user, error = %e, "cannot store the rotated refresh token; renewals may fail"),
+                        Ok(None) => tracing::info!(
+                            user,
+                            "refresh token rotated, but the vault entry changed meanwhile; kept it"
+                        ),
+                        Err(e) => {
+                            tracing::error!(user, error = %e, "cannot store the rotated refresh token; renewals may fail")
+                        }
                     }
                 }
                 Ok(Credential {

@@ -15,7 +15,9 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(Conn<S>, UpstreamInfo), UpstreamError> {
     let greeting = conn.read_line().await?;
     if starts_with_ci(&greeting, "* PREAUTH") {
-        return Err(UpstreamError::Protocol("upstream greeted with PREAUTH; refusing an unauthenticated session".into()));
+        return Err(UpstreamError::Protocol(
+            "upstream greeted with PREAUTH; refusing an unauthenticated session".into(),
+        ));
     }
     if !starts_with_ci(&greeting, "* OK") {
         return Err(UpstreamError::Protocol(excerpt(&greeting)));
@@ -194,7 +196,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_keeps_the_upstream_answer() {
-        let (conn, _server) = serve("* OK ready\r\n", vec![("P1 LOGIN", "P1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")]);
+        let (conn, _server) =
+            serve("* OK ready\r\n", vec![("P1 LOGIN", "P1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")]);
         match login(conn, &password("u", "p")).await {
             Err(UpstreamError::Refused(answer)) => assert!(answer.contains("Invalid credentials"), "{answer}"),
             other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),
@@ -207,7 +210,10 @@ mod tests {
         let challenge = base64::engine::general_purpose::STANDARD.encode(r#"{"status":"401","schemes":"bearer"}"#);
         let greeting = "* OK ready\r\n";
         let reply: &'static str = Box::leak(format!("+ {challenge}\r\n").into_boxed_str());
-        let (conn, server) = serve(greeting, vec![("P1 AUTHENTICATE XOAUTH2 ", reply), ("\r\n", "P1 NO SASL authentication failed\r\n")]);
+        let (conn, server) = serve(
+            greeting,
+            vec![("P1 AUTHENTICATE XOAUTH2 ", reply), ("\r\n", "P1 NO SASL authentication failed\r\n")],
+        );
         let auth = UpstreamAuth::XOAuth2 { user: "u@example.com".into(), token: Secret::new("tok") };
         match login(conn, &auth).await {
             Err(UpstreamError::Refused(answer)) => assert!(answer.contains("status=401"), "{answer}"),

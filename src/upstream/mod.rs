@@ -160,10 +160,9 @@ impl Upstream {
     }
 
     async fn login_inner(&self, auth: &UpstreamAuth, client_hello: Option<&str>) -> Result<LoggedIn, UpstreamError> {
-        let tcp = TcpStream::connect(&self.address).await.map_err(|e| UpstreamError::Connect {
-            address: self.address.clone(),
-            message: e.to_string(),
-        })?;
+        let tcp = TcpStream::connect(&self.address)
+            .await
+            .map_err(|e| UpstreamError::Connect { address: self.address.clone(), message: e.to_string() })?;
         let _ = tcp.set_nodelay(true);
         let hello = client_hello.unwrap_or(&self.hostname);
         let logged_in = match (self.protocol, self.tls) {
@@ -187,10 +186,10 @@ impl Upstream {
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
-        self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| UpstreamError::Tls {
-            address: self.address.clone(),
-            message: e.to_string(),
-        })
+        self.connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Tls { address: self.address.clone(), message: e.to_string() })
     }
 }
 
@@ -337,6 +336,9 @@ mod tests {
         assert_eq!(xoauth2_error(&b64(r#"{"status":400}"#)), "XOAUTH2 status=400");
         assert!(xoauth2_error("%%%").contains("not base64 JSON"));
         let err = refused("NO [AUTHENTICATIONFAILED] nope", Some(&b64(r#"{"status":"401"}"#)));
-        assert_eq!(err.to_string(), "upstream refused the stored credential: NO [AUTHENTICATIONFAILED] nope (XOAUTH2 status=401)");
+        assert_eq!(
+            err.to_string(),
+            "upstream refused the stored credential: NO [AUTHENTICATIONFAILED] nope (XOAUTH2 status=401)"
+        );
     }
 }

@@ -64,14 +64,16 @@ mod tests {
 
     #[tokio::test]
     async fn user_pass_logs_in_with_the_whole_password() {
-        let (conn, server) = serve("+OK ready\r\n", vec![("USER recent:u@example.com", "+OK\r\n"), ("PASS a b \"c\"", "+OK in\r\n")]);
+        let (conn, server) =
+            serve("+OK ready\r\n", vec![("USER recent:u@example.com", "+OK\r\n"), ("PASS a b \"c\"", "+OK in\r\n")]);
         login(conn, &auth("a b \"c\"")).await.unwrap();
         assert_eq!(server.await.unwrap()[1], "PASS a b \"c\"\r\n");
     }
 
     #[tokio::test]
     async fn a_refused_pass_keeps_the_answer_and_a_bad_greeting_is_a_protocol_error() {
-        let (conn, _s) = serve("+OK ready\r\n", vec![("USER", "+OK\r\n"), ("PASS", "-ERR [AUTH] Authentication failed.\r\n")]);
+        let (conn, _s) =
+            serve("+OK ready\r\n", vec![("USER", "+OK\r\n"), ("PASS", "-ERR [AUTH] Authentication failed.\r\n")]);
         match login(conn, &auth("x")).await {
             Err(UpstreamError::Refused(answer)) => assert!(answer.contains("[AUTH]"), "{answer}"),
             other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),

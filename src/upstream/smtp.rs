@@ -59,7 +59,10 @@ async fn greet_and_hello<S: AsyncRead + AsyncWrite + Unpin>(
 /// Upgrades a plain submission connection with `STARTTLS` and returns the bare TCP stream for
 /// the TLS handshake. Anything the server sent beyond its `220` answer is a protocol error:
 /// bytes read before the handshake must never be trusted after it.
-pub(super) async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(mut conn: Conn<S>, hello: &str) -> Result<S, UpstreamError> {
+pub(super) async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    hello: &str,
+) -> Result<S, UpstreamError> {
     let ehlo = greet_and_hello(&mut conn, hello, true).await?;
     if !ehlo.lines.iter().any(|l| l.get(4..).is_some_and(|e| e.eq_ignore_ascii_case("STARTTLS"))) {
         return Err(UpstreamError::Protocol("upstream does not offer STARTTLS".into()));
@@ -130,7 +133,10 @@ mod tests {
     async fn multi_line_replies_and_auth_plain() {
         let (conn, server) = serve(
             "220-mx.example ESMTP\r\n220 ready\r\n",
-            vec![("EHLO client.example", "250-mx.example\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"), ("AUTH PLAIN ", "235 2.7.0 ok\r\n")],
+            vec![
+                ("EHLO client.example", "250-mx.example\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"),
+                ("AUTH PLAIN ", "235 2.7.0 ok\r\n"),
+            ],
         );
         login(conn, &auth(), "client.example", true).await.unwrap();
         let seen = server.await.unwrap();
@@ -153,7 +159,8 @@ mod tests {
 
     #[tokio::test]
     async fn permanent_failures_are_refusals_and_bad_hello_names_are_not_sent() {
-        let (conn, _s) = serve("220 ready\r\n", vec![("EHLO", "250 ok\r\n"), ("AUTH PLAIN", "535 5.7.8 Bad credentials\r\n")]);
+        let (conn, _s) =
+            serve("220 ready\r\n", vec![("EHLO", "250 ok\r\n"), ("AUTH PLAIN", "535 5.7.8 Bad credentials\r\n")]);
         assert!(matches!(login(conn, &auth(), "c", true).await, Err(UpstreamError::Refused(_))));
         let (conn, _s) = serve("220 ready\r\n", vec![]);
         assert!(matches!(login(conn, &auth(), "c\r\nMAIL FROM:<x>", true).await, Err(UpstreamError::Protocol(_))));

@@ -182,7 +182,10 @@ fn start(tuning: Tuning) -> Dovecot {
         let plain = tuning.plain_imap.then(|| SocketAddr::from(([127, 0, 0, 1], super::free_port())));
         let mut text = config(&dir, &id, &issued, &passwd_file, &log_file, ports, sink.addr);
         if let Some(plain) = plain {
-            text = text.replace("  inet_listener imap {\n    port = 0\n", &format!("  inet_listener imap {{\n    port = {}\n", plain.port()));
+            text = text.replace(
+                "  inet_listener imap {\n    port = 0\n",
+                &format!("  inet_listener imap {{\n    port = {}\n", plain.port()),
+            );
         }
         if tuning.max_clients > 0 {
             text.push_str(&scale_config(tuning.max_clients));
@@ -194,7 +197,11 @@ fn start(tuning: Tuning) -> Dovecot {
         // folder goes too unless it holds a `.keep` file.
         let script = r#""$0" -F -c "$1" & p=$!; cat >/dev/null; kill $p; wait; [ -e "$2/.keep" ] || rm -rf "$2""#;
         // Many sessions need many descriptors; root may raise its own hard limit.
-        let script = if tuning.max_clients > 0 { format!("ulimit -n {} 2>/dev/null; {script}", nofile(tuning.max_clients)) } else { script.to_owned() };
+        let script = if tuning.max_clients > 0 {
+            format!("ulimit -n {} 2>/dev/null; {script}", nofile(tuning.max_clients))
+        } else {
+            script.to_owned()
+        };
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(script)

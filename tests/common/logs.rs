@@ -49,10 +49,9 @@ pub fn all() -> String {
 pub async fn wait_for_audit(user: &str, needles: &[&str]) -> String {
     let user_field = format!("\"user\":\"{user}\"");
     for _ in 0..100 {
-        if let Some(line) = all()
-            .lines()
-            .find(|l| l.contains("\"target\":\"audit\"") && l.contains(&user_field) && needles.iter().all(|n| l.contains(n)))
-        {
+        if let Some(line) = all().lines().find(|l| {
+            l.contains("\"target\":\"audit\"") && l.contains(&user_field) && needles.iter().all(|n| l.contains(n))
+        }) {
             return line.to_owned();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -35,8 +35,8 @@ use rand::RngCore;
 use tokio_rustls::TlsAcceptor;
 
 use postern::config::{Config, TlsVersion};
-use postern::secret::Secret;
 use postern::daemon::{self, Running};
+use postern::secret::Secret;
 use postern::state::State as ProxyState;
 use postern::stores::vault::{UpstreamSecret, Vault};
 

@@ -47,8 +47,7 @@ impl Pki {
 
     /// Like [`Pki::issue`], writing the files into `dir`.
     pub fn issue_in(&self, name: &str, dir: &Path) -> Issued {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("params");
+        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("params");
         params.distinguished_name.push(DnType::CommonName, name);
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).expect("sign");

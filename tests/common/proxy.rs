@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern::config::Config;
+use postern::daemon::{self, Running};
 use postern::protocol::Protocol;
 use postern::secret::Secret;
-use postern::daemon::{self, Running};
 use postern::state::State;
 use postern::stores::vault::{UpstreamSecret, Vault};
 
@@ -111,7 +111,11 @@ impl Proxy {
             Dir::File => "kind = \"file\"\npath = \"users.toml\"\n".to_owned(),
         };
         let upstream = |addr: SocketAddr| {
-            if options.upstream_down { format!("127.0.0.1:{}", closed_port()) } else { format!("localhost:{}", addr.port()) }
+            if options.upstream_down {
+                format!("127.0.0.1:{}", closed_port())
+            } else {
+                format!("localhost:{}", addr.port())
+            }
         };
         let smtp_upstream = if options.smtp_starttls { dovecot.submission_starttls } else { dovecot.submissions };
         let smtp_tls = if options.smtp_starttls { "starttls" } else { "implicit" };
@@ -222,7 +226,8 @@ upstream_tls = "{smtp_tls}"
 
     /// Re-reads profiles and vault (what SIGHUP does, minus the directory).
     pub fn reload(&self) {
-        let profiles = postern::access::profiles::Profiles::load(&self.config.base_dir.join("profiles.toml")).expect("profiles");
+        let profiles =
+            postern::access::profiles::Profiles::load(&self.config.base_dir.join("profiles.toml")).expect("profiles");
         self.server.set_profiles(profiles);
         self.server.upstreams.set_vault(Vault::open(&self.state_dir()).expect("vault"));
     }

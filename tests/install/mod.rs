@@ -79,10 +79,12 @@ upstream_ca_file = {ca:?}
         );
         let config = d.join("proxy.toml");
         std::fs::write(&config, text).expect("write config");
-        std::fs::set_permissions(&issued.key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
+        std::fs::set_permissions(&issued.key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod key");
         std::fs::write(d.join("profiles.toml"), profiles).expect("write profiles");
         std::fs::write(d.join("users.toml"), "").expect("write users");
-        std::fs::set_permissions(d.join("users.toml"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod users");
+        std::fs::set_permissions(d.join("users.toml"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod users");
         Vault::init(&d.join("state")).expect("vault init");
         Install { dir, config, ca_file: pki::pki().ca_file.clone() }
     }
@@ -100,7 +102,8 @@ upstream_ca_file = {ca:?}
     /// Creates `mail` with directory password `password` and a Dovecot account whose
     /// password is stored in the vault.
     pub fn add_user(&self, mail: &str, password: &str) {
-        postern::stores::directory::file::set_password(&self.path("users.toml"), mail, &Secret::new(password)).expect("set password");
+        postern::stores::directory::file::set_password(&self.path("users.toml"), mail, &Secret::new(password))
+            .expect("set password");
         let upstream = format!("up-{mail}-Qw7");
         dovecot::dovecot().add_user(mail, &upstream);
         self.set_upstream(mail, &upstream);
@@ -274,9 +277,5 @@ pub fn scrape(address: SocketAddr) -> String {
 
 /// Reads the audit file's lines.
 pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }

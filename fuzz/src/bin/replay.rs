@@ -25,19 +25,12 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
-    let mut options = Options {
-        random: 10_000,
-        seed: 1,
-        targets: Target::ALL.to_vec(),
-        files: Vec::new(),
-    };
+    let mut options = Options { random: 10_000, seed: 1, targets: Target::ALL.to_vec(), files: Vec::new() };
     let mut args = std::env::args().skip(1);
     let mut target = None;
     while let Some(arg) = args.next() {
         let mut number = |name: &str| {
-            args.next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| format!("{name} needs a number\n{USAGE}"))
+            args.next().and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| format!("{name} needs a number\n{USAGE}"))
         };
         match arg.as_str() {
             "--random" => options.random = number("--random")? as usize,
@@ -45,9 +38,10 @@ fn parse_args() -> Result<Options, String> {
             "-h" | "--help" => return Err(USAGE.to_owned()),
             _ if target.is_none() => {
                 let names: Vec<_> = Target::ALL.iter().map(|t| t.name()).collect();
-                target = Some(Target::from_name(&arg).ok_or_else(|| {
-                    format!("unknown target {arg:?}; targets: {}", names.join(", "))
-                })?);
+                target = Some(
+                    Target::from_name(&arg)
+                        .ok_or_else(|| format!("unknown target {arg:?}; targets: {}", names.join(", ")))?,
+                );
             }
             _ => options.files.push(PathBuf::from(arg)),
         }
@@ -66,9 +60,7 @@ fn fuzz_dir() -> &'static Path {
 fn corpus(target: Target) -> std::io::Result<Vec<PathBuf>> {
     let dir = fuzz_dir().join("corpus").join(target.name());
     let mut files = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<Vec<_>, _>>()?,
+        Ok(entries) => entries.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>()?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
@@ -101,8 +93,7 @@ fn run_target(target: Target, options: &Options) -> Result<String, String> {
         corpus(target).map_err(|e| format!("cannot read corpus: {e}"))?
     };
     for file in &files {
-        let input =
-            std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let input = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         if !passes(target, &input) {
             return Err(format!("{} failed", file.display()));
         }
@@ -115,17 +106,10 @@ fn run_target(target: Target, options: &Options) -> Result<String, String> {
         let input = random_input(target, &mut rng);
         if !passes(target, &input) {
             let saved = save_artifact(target, &input, &format!("replay-seed{}-{i}", options.seed));
-            return Err(format!(
-                "random input {i} of seed {} failed; {saved}",
-                options.seed
-            ));
+            return Err(format!("random input {i} of seed {} failed; {saved}", options.seed));
         }
     }
-    Ok(format!(
-        "{} corpus files, {} random inputs",
-        files.len(),
-        options.random
-    ))
+    Ok(format!("{} corpus files, {} random inputs", files.len(), options.random))
 }
 
 fn main() -> ExitCode {
@@ -150,9 +134,5 @@ fn main() -> ExitCode {
         }
     }
     println!("{passed} passed, {failed} failed");
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -67,10 +67,7 @@ pub struct FileDirectory {
 
 impl fmt::Debug for FileDirectory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileDirectory")
-            .field("path", &self.path)
-            .field("users", &self.users.len())
-            .finish()
+        f.debug_struct("FileDirectory").field("path", &self.path).field("users", &self.users.len()).finish()
     }
 }
 
@@ -104,20 +101,14 @@ impl FileDirectory {
 
     /// The users, in name order, with their groups; for listing.
     pub fn users(&self) -> impl Iterator<Item = (&str, &[String])> {
-        self.users
-            .iter()
-            .map(|(name, r)| (name.as_str(), r.groups.as_slice()))
+        self.users.iter().map(|(name, r)| (name.as_str(), r.groups.as_slice()))
     }
 
     /// See [`super::Directory::lookup`].
     pub fn lookup(&self, user: &str) -> Result<Entry, DirectoryError> {
         let user = crate::user::normalize(user).map_err(|_| DirectoryError::UnknownUser)?;
         let record = self.users.get(&user).ok_or(DirectoryError::UnknownUser)?;
-        Ok(Entry {
-            user,
-            dn: None,
-            groups: Some(record.groups.clone()),
-        })
+        Ok(Entry { user, dn: None, groups: Some(record.groups.clone()) })
     }
 
     /// See [`super::Directory::verify`].
@@ -126,21 +117,13 @@ impl FileDirectory {
     /// must not stall the async workers. A user missing from the directory (an entry
     /// from before a reload) is checked against a dummy hash, so the answer takes as long
     /// as for a known user; `lookup` has already told unknown users apart anyway.
-    pub async fn verify(
-        &self,
-        entry: &Entry,
-        password: &Secret,
-    ) -> Result<Vec<String>, DirectoryError> {
+    pub async fn verify(&self, entry: &Entry, password: &Secret) -> Result<Vec<String>, DirectoryError> {
         let record = self.users.get(&entry.user.to_lowercase()).cloned();
-        let phc = record
-            .as_ref()
-            .map_or_else(|| DUMMY_HASH.to_owned(), |r| r.password.clone());
+        let phc = record.as_ref().map_or_else(|| DUMMY_HASH.to_owned(), |r| r.password.clone());
         let password = password.clone();
         let matched = tokio::task::spawn_blocking(move || check_password(&phc, &password))
             .await
-            .map_err(|e| {
-                DirectoryError::Unavailable(format!("password check did not complete: {e}"))
-            })??;
+            .map_err(|e| DirectoryError::Unavailable(format!("password check did not complete: {e}")))??;
         match record {
             None => Err(DirectoryError::UnknownUser),
             Some(_) if !matched => Err(DirectoryError::WrongPassword),
@@ -165,19 +148,14 @@ pub fn hash_password(password: &Secret) -> Result<String, DirectoryError> {
 pub fn set_password(path: &Path, user: &str, password: &Secret) -> Result<(), DirectoryError> {
     let user = valid_user(user)?;
     if password.is_empty() {
-        return Err(DirectoryError::Config(
-            "refusing to set an empty password".into(),
-        ));
+        return Err(DirectoryError::Config("refusing to set an empty password".into()));
     }
     let mut users = read_users_or_empty(path)?;
     let hash = hash_password(password)?;
     users
         .entry(user)
         .and_modify(|r| r.password.clone_from(&hash))
-        .or_insert_with(|| UserRecord {
-            password: hash.clone(),
-            groups: Vec::new(),
-        });
+        .or_insert_with(|| UserRecord { password: hash.clone(), groups: Vec::new() });
     write_users(path, users)
 }
 
@@ -202,14 +180,12 @@ pub fn remove_user(path: &Path, user: &str) -> Result<bool, DirectoryError> {
 
 /// Whether `password` matches the PHC string `phc`.
 fn check_password(phc: &str, password: &Secret) -> Result<bool, DirectoryError> {
-    let hash = PasswordHash::new(phc)
-        .map_err(|e| DirectoryError::Config(format!("stored password hash is unusable: {e}")))?;
+    let hash =
+        PasswordHash::new(phc).map_err(|e| DirectoryError::Config(format!("stored password hash is unusable: {e}")))?;
     match Argon2::default().verify_password(password.expose().as_bytes(), &hash) {
         Ok(()) => Ok(true),
         Err(password_hash::Error::Password) => Ok(false),
-        Err(e) => Err(DirectoryError::Config(format!(
-            "stored password hash is unusable: {e}"
-        ))),
+        Err(e) => Err(DirectoryError::Config(format!("stored password hash is unusable: {e}"))),
     }
 }
 
@@ -224,29 +200,20 @@ fn load_users(path: &Path) -> Result<Option<BTreeMap<String, UserRecord>>, Direc
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
-            return Err(DirectoryError::Config(format!(
-                "cannot read users file {}: {e}",
-                path.display()
-            )));
+            return Err(DirectoryError::Config(format!("cannot read users file {}: {e}", path.display())));
         }
     };
-    let invalid =
-        |msg: String| DirectoryError::Config(format!("users file {}: {msg}", path.display()));
+    let invalid = |msg: String| DirectoryError::Config(format!("users file {}: {msg}", path.display()));
     let file: UsersFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     let mut users = BTreeMap::new();
     for (name, record) in file.users {
-        let is_argon2id =
-            PasswordHash::new(&record.password).is_ok_and(|h| h.algorithm.as_str() == "argon2id");
+        let is_argon2id = PasswordHash::new(&record.password).is_ok_and(|h| h.algorithm.as_str() == "argon2id");
         if !is_argon2id {
-            return Err(invalid(format!(
-                "the password of {name:?} is not an argon2id PHC string"
-            )));
+            return Err(invalid(format!("the password of {name:?} is not an argon2id PHC string")));
         }
         let key = crate::user::normalize(&name).map_err(|e| invalid(e.to_string()))?;
         if users.insert(key, record).is_some() {
-            return Err(invalid(format!(
-                "user {name:?} appears more than once (names ignore case)"
-            )));
+            return Err(invalid(format!("user {name:?} appears more than once (names ignore case)")));
         }
     }
     Ok(Some(users))
@@ -267,9 +234,8 @@ fn warn_if_exposed(path: &Path) {
 fn write_users(path: &Path, users: BTreeMap<String, UserRecord>) -> Result<(), DirectoryError> {
     let text = toml::to_string(&UsersFile { users })
         .map_err(|e| DirectoryError::Config(format!("cannot serialise users file: {e}")))?;
-    crate::fsutil::write_private_atomic(path, text.as_bytes()).map_err(|e| {
-        DirectoryError::Config(format!("cannot write users file {}: {e}", path.display()))
-    })
+    crate::fsutil::write_private_atomic(path, text.as_bytes())
+        .map_err(|e| DirectoryError::Config(format!("cannot write users file {}: {e}", path.display())))
 }
 
 fn valid_user(user: &str) -> Result<String, DirectoryError> {
@@ -281,13 +247,7 @@ mod tests {
     use super::*;
 
     fn directory(path: &Path) -> FileDirectory {
-        FileDirectory::open(
-            &FileConfig {
-                path: path.to_owned(),
-            },
-            Path::new("/"),
-        )
-        .unwrap()
+        FileDirectory::open(&FileConfig { path: path.to_owned() }, Path::new("/")).unwrap()
     }
 
     async fn login(path: &Path, user: &str, password: &str) -> Result<Vec<String>, DirectoryError> {
@@ -306,36 +266,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("users.toml");
         set_password(&path, "Alice@Example.com", &Secret::new("s3cret")).unwrap();
-        set_groups(
-            &path,
-            "alice@example.com",
-            &["staff".into(), "admins".into()],
-        )
-        .unwrap();
+        set_groups(&path, "alice@example.com", &["staff".into(), "admins".into()]).unwrap();
 
-        assert_eq!(
-            login(&path, "alice@example.com", "s3cret").await.unwrap(),
-            ["staff", "admins"]
-        );
-        assert_eq!(
-            login(&path, "ALICE@example.COM", "s3cret").await.unwrap(),
-            ["staff", "admins"]
-        );
-        assert!(matches!(
-            login(&path, "alice@example.com", "s3cret ").await,
-            Err(DirectoryError::WrongPassword)
-        ));
+        assert_eq!(login(&path, "alice@example.com", "s3cret").await.unwrap(), ["staff", "admins"]);
+        assert_eq!(login(&path, "ALICE@example.COM", "s3cret").await.unwrap(), ["staff", "admins"]);
+        assert!(matches!(login(&path, "alice@example.com", "s3cret ").await, Err(DirectoryError::WrongPassword)));
 
         set_password(&path, "alice@example.com", &Secret::new("new")).unwrap();
-        assert!(matches!(
-            login(&path, "alice@example.com", "s3cret").await,
-            Err(DirectoryError::WrongPassword)
-        ));
-        assert_eq!(
-            login(&path, "alice@example.com", "new").await.unwrap(),
-            ["staff", "admins"],
-            "groups kept"
-        );
+        assert!(matches!(login(&path, "alice@example.com", "s3cret").await, Err(DirectoryError::WrongPassword)));
+        assert_eq!(login(&path, "alice@example.com", "new").await.unwrap(), ["staff", "admins"], "groups kept");
     }
 
     #[tokio::test]
@@ -344,39 +283,18 @@ mod tests {
         let path = tmp.path().join("users.toml");
         set_password(&path, "alice@example.com", &Secret::new("pw")).unwrap();
         let dir = directory(&path);
-        assert!(matches!(
-            dir.lookup("bob@example.com"),
-            Err(DirectoryError::UnknownUser)
-        ));
+        assert!(matches!(dir.lookup("bob@example.com"), Err(DirectoryError::UnknownUser)));
 
-        let stale = Entry {
-            user: "bob@example.com".into(),
-            dn: None,
-            groups: None,
-        };
-        assert!(matches!(
-            dir.verify(&stale, &Secret::new("pw")).await,
-            Err(DirectoryError::UnknownUser)
-        ));
-        assert!(matches!(
-            set_groups(&path, "bob@example.com", &[]),
-            Err(DirectoryError::UnknownUser)
-        ));
+        let stale = Entry { user: "bob@example.com".into(), dn: None, groups: None };
+        assert!(matches!(dir.verify(&stale, &Secret::new("pw")).await, Err(DirectoryError::UnknownUser)));
+        assert!(matches!(set_groups(&path, "bob@example.com", &[]), Err(DirectoryError::UnknownUser)));
     }
 
     #[tokio::test]
     async fn awkward_passwords() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("users.toml");
-        for (i, pw) in [
-            "pässwörd ✓ 密码",
-            "quo\"te's",
-            "back\\slash\\",
-            "\" = 1\n[users.x]",
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, pw) in ["pässwörd ✓ 密码", "quo\"te's", "back\\slash\\", "\" = 1\n[users.x]"].iter().enumerate() {
             let user = format!("u{i}@example.com");
             set_password(&path, &user, &Secret::new(*pw)).unwrap();
             assert!(login(&path, &user, pw).await.unwrap().is_empty(), "{pw:?}");
@@ -387,56 +305,34 @@ mod tests {
     #[test]
     fn missing_file_is_empty_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = FileDirectory::open(
-            &FileConfig {
-                path: "users.toml".into(),
-            },
-            tmp.path(),
-        )
-        .unwrap();
+        let dir = FileDirectory::open(&FileConfig { path: "users.toml".into() }, tmp.path()).unwrap();
         assert_eq!(dir.path(), tmp.path().join("users.toml"));
-        assert!(matches!(
-            dir.lookup("a@example.com"),
-            Err(DirectoryError::UnknownUser)
-        ));
+        assert!(matches!(dir.lookup("a@example.com"), Err(DirectoryError::UnknownUser)));
     }
 
     #[test]
     fn malformed_file_names_file_and_position() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("users.toml");
-        std::fs::write(
-            &path,
-            "[users.\"a@example.com\"]\npassword = \"x\"\nshell = \"/bin/sh\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "[users.\"a@example.com\"]\npassword = \"x\"\nshell = \"/bin/sh\"\n").unwrap();
         let err = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DirectoryError::Config(_)));
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
-        assert!(
-            set_password(&path, "a@example.com", &Secret::new("pw")).is_err(),
-            "never clobber a broken file"
-        );
+        assert!(set_password(&path, "a@example.com", &Secret::new("pw")).is_err(), "never clobber a broken file");
 
         std::fs::write(&path, "[users.\"a@example.com\"]\npassword = \"plain\"\n").unwrap();
-        let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path())
-            .unwrap_err()
-            .to_string();
+        let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err().to_string();
         assert!(msg.contains("argon2id") && !msg.contains("plain"), "{msg}");
 
         let hash = hash_password(&Secret::new("pw")).unwrap();
         std::fs::write(
             &path,
-            format!(
-                "[users.\"A@x\"]\npassword = \"{hash}\"\n[users.\"a@x\"]\npassword = \"{hash}\"\n"
-            ),
+            format!("[users.\"A@x\"]\npassword = \"{hash}\"\n[users.\"a@x\"]\npassword = \"{hash}\"\n"),
         )
         .unwrap();
-        let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path())
-            .unwrap_err()
-            .to_string();
+        let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err().to_string();
         assert!(msg.contains("more than once"), "{msg}");
     }
 
@@ -449,15 +345,9 @@ mod tests {
         assert!(remove_user(&path, "B@example.com").unwrap());
         assert!(!remove_user(&path, "b@example.com").unwrap());
 
-        let names: Vec<_> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["users.toml"]);
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
@@ -471,11 +361,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("users.toml");
         set_password(&path, "a@example.com", &pw).unwrap();
-        assert!(
-            !std::fs::read_to_string(&path)
-                .unwrap()
-                .contains(pw.expose())
-        );
+        assert!(!std::fs::read_to_string(&path).unwrap().contains(pw.expose()));
         assert!(set_password(&path, "a@example.com", &Secret::new("")).is_err());
         assert!(set_password(&path, "a b@example.com", &pw).is_err());
     }

@@ -250,7 +250,9 @@ impl LdapDirectory {
         let locate = match (&config.bind_dn_template, &config.base_dn) {
             (Some(template), _) => Locate::Template(template.clone()),
             (None, Some(base_dn)) => Locate::Search { base_dn: base_dn.clone(), filter: config.filter.clone() },
-            (None, None) => return Err(DirectoryError::Config("base_dn or bind_dn_template: one is required".to_owned())),
+            (None, None) => {
+                return Err(DirectoryError::Config("base_dn or bind_dn_template: one is required".to_owned()));
+            }
         };
         let directory = Self {
             url: config.url.clone(),
@@ -277,7 +279,9 @@ impl LdapDirectory {
         };
         match result {
             Ok(()) => tracing::debug!(url = %self.url, "LDAP directory reachable"),
-            Err(e) => tracing::warn!(url = %self.url, error = %e, "LDAP directory not usable at startup; logins fail until it is"),
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "LDAP directory not usable at startup; logins fail until it is")
+            }
         }
     }
 
@@ -397,7 +401,11 @@ impl LdapDirectory {
         } else {
             None
         };
-        let entry = entry.unwrap_or_else(|| SearchEntry { dn: dn.to_owned(), attrs: Default::default(), bin_attrs: Default::default() });
+        let entry = entry.unwrap_or_else(|| SearchEntry {
+            dn: dn.to_owned(),
+            attrs: Default::default(),
+            bin_attrs: Default::default(),
+        });
         self.groups(ldap, &entry, user).await
     }
 
@@ -413,9 +421,8 @@ impl LdapDirectory {
             None => Vec::new(),
         };
         if let Some((base, filter)) = &self.group_search {
-            let filter = filter
-                .replace("{dn}", &escape_filter_value(&entry.dn))
-                .replace("{user}", &escape_filter_value(user));
+            let filter =
+                filter.replace("{dn}", &escape_filter_value(&entry.dn)).replace("{user}", &escape_filter_value(user));
             let found = self.search(ldap, base, Scope::Subtree, &filter, &["1.1".to_owned()], 0).await?;
             dns.extend(found.into_iter().map(|group| group.dn));
         }
@@ -583,7 +590,8 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Direc
     }
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let config_error = |e: &dyn std::fmt::Display| DirectoryError::Config(format!("ca_file {}: {e}", path.display()));
+        let config_error =
+            |e: &dyn std::fmt::Display| DirectoryError::Config(format!("ca_file {}: {e}", path.display()));
         let certs = CertificateDer::pem_file_iter(path)
             .map_err(|e| config_error(&e))?
             .collect::<Result<Vec<_>, _>>()
@@ -821,7 +829,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let parsed: Result<LdapConfig, _> = toml::from_str("url = \"ldap://h\"\nbase_dn = \"x\"\nfliter = \"(a={user})\"");
+        let parsed: Result<LdapConfig, _> =
+            toml::from_str("url = \"ldap://h\"\nbase_dn = \"x\"\nfliter = \"(a={user})\"");
         assert!(parsed.is_err());
     }
 
@@ -833,9 +842,7 @@ mod tests {
 
     #[test]
     fn debug_output_redacts_the_service_password() {
-        let c = config(
-            "url = \"ldap://h\"\nbase_dn = \"x\"\nbind_dn = \"cn=s\"\nbind_password = \"very-secret-pw\"",
-        );
+        let c = config("url = \"ldap://h\"\nbase_dn = \"x\"\nbind_dn = \"cn=s\"\nbind_password = \"very-secret-pw\"");
         assert!(!format!("{c:?}").contains("very-secret-pw"));
     }
 

@@ -25,8 +25,8 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, OAuthConfig, OAuthSource};
 use crate::secret::Secret;
-use crate::tls::TlsError;
 use crate::stores::vault::{SecretKind, UpstreamSecret, Vault, VaultError};
+use crate::tls::TlsError;
 
 mod cache;
 pub mod google;
