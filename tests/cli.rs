@@ -198,6 +198,23 @@ fn probe_prints_ok_or_the_upstream_answer() {
 }
 
 #[test]
+fn probe_of_an_unreachable_upstream_says_it_cannot_connect_not_that_the_credential_was_refused() {
+    let i = install();
+    i.add_user("probe2@example.com", "dir-pw");
+    // A port nothing listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = i.config_text();
+    let upstream = config.lines().find(|l| l.starts_with("upstream = ")).expect("an upstream line").to_owned();
+    std::fs::write(i.path("proxy.toml"), config.replacen(&upstream, &format!("upstream = \"127.0.0.1:{closed}\""), 1))
+        .unwrap();
+    let output = i.run(&["probe", "probe2@example.com", "--protocol", "imap"], "");
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("cannot log in to") && stderr.contains("cannot connect"), "{stderr}");
+    assert!(!stderr.contains("refused the"), "a connection failure is not a refusal: {stderr}");
+}
+
+#[test]
 fn audit_filters_by_user_and_time_and_status_needs_a_daemon() {
     let i = install();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();

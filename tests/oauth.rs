@@ -342,15 +342,23 @@ async fn readable_key_and_secret_files_stop_the_start() {
 }
 
 #[tokio::test]
-async fn probe_helper_logs_in_upstream_without_a_client() {
-    logs::capture();
+async fn probe_logs_in_with_an_oauth2_token_when_upstream_auth_is_xoauth2() {
     let mail = oauth::add_user("g-probe1", "dir-pw-pr1");
     let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
-    for protocol in
-        [postern::protocol::Protocol::Imap, postern::protocol::Protocol::Pop3, postern::protocol::Protocol::Smtp]
-    {
-        let logged_in = proxy.server.upstreams.login(protocol, &mail, "", None, &|_| {}).await;
-        assert!(logged_in.is_ok(), "{protocol}: {:?}", logged_in.err());
+    let config = proxy.dir.path().join("proxy.toml");
+    for (i, protocol) in ["imap", "pop3", "smtp"].into_iter().enumerate() {
+        // The real command, as an admin runs it: no vault entry is needed for a service
+        // account, so only a token can have logged it in.
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["--config", config.to_str().unwrap(), "probe", &mail, "--protocol", protocol])
+            .output()
+            .expect("run postern probe");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{protocol}: {stdout}{stderr}");
+        assert!(stdout.starts_with("OK") && stdout.contains("xoauth2"), "{protocol}: {stdout}");
+        // Each run is a new process with an empty token cache: one grant each.
+        assert_eq!(token_server().grants(&mail), i as u32 + 1, "{protocol}: a token was fetched for the probe");
     }
-    assert_eq!(token_server().grants(&mail), 1);
+    proxy.stop().await;
 }
