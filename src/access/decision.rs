@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use super::lockout::Refused;
 use super::profiles::{Profile, Profiles};
 use super::slots::UserSlot;
 use crate::protocol::{Credentials, Protocol};
@@ -293,20 +294,31 @@ async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Cre
     if let Some(groups) = &entry.groups {
         check_profiles(&profiles, &user, groups, protocol, ip).map_err(Refusal::Denied)?;
     }
+    // The check and its count are one step, before the await: parallel guesses cannot get
+    // more checks than the limits allow.
+    let reservation = state.lockout.reserve(&user, ip).map_err(|refused| {
+        Refusal::Denied(match refused {
+            Refused::Locked => Denial::Locked,
+            Refused::Throttled => Denial::Throttled,
+        })
+    })?;
     let started = Instant::now();
     let verified = directory.verify(&entry, &credentials.password).await;
     state.metrics().directory_latency.observe(started.elapsed());
     let groups = match verified {
-        Ok(groups) => groups,
+        Ok(groups) => {
+            reservation.succeeded();
+            groups
+        }
         Err(DirectoryError::WrongPassword) => {
-            if state.lockout.record_failure(&user, ip) {
+            if reservation.failed() {
                 tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
             }
             return Err(Refusal::Denied(Denial::WrongPassword));
         }
+        // An outage is not the user's fault: the dropped reservation counts as nothing.
         Err(e) => return Err(e.into()),
     };
-    state.lockout.record_success(&user);
     let grant = check_profiles(&profiles, &user, &groups, protocol, ip).map_err(Refusal::Denied)?;
     let slot = state
         .sessions

@@ -2,6 +2,12 @@
 //! throttle against password spraying, and a growing delay before every refusal.
 //!
 //! Only wrong passwords count: a directory or upstream outage is never the user's fault.
+//!
+//! A password check is reserved before it starts ([`Lockout::reserve`]): the reservation
+//! checks the lock and the throttle and counts the attempt as in flight, in one step with
+//! no await in between, so a burst of parallel guesses cannot get more checks than the
+//! limits allow. The reservation then settles as a failure, a success or, dropped (an
+//! outage), as nothing. In a shared store the same step is one atomic operation.
 //! Failures are recorded only for users the directory knows, so an attacker cycling
 //! through made-up names cannot grow the user table; the address table is pruned.
 
@@ -51,13 +57,15 @@ impl Default for LockoutConfig {
 #[derive(Debug, Clone, Copy)]
 struct Counter {
     failures: u32,
+    /// Password checks reserved and not yet settled.
+    in_flight: u32,
     window_start: Instant,
     locked_until: Option<Instant>,
 }
 
 impl Counter {
     fn new(now: Instant) -> Self {
-        Self { failures: 0, window_start: now, locked_until: None }
+        Self { failures: 0, in_flight: 0, window_start: now, locked_until: None }
     }
 
     /// Counts one failure, starting a new window when the old one has passed.
@@ -72,6 +80,90 @@ impl Counter {
 
     fn current(&self, now: Instant, window: Duration) -> u32 {
         if now.duration_since(self.window_start) >= window { 0 } else { self.failures }
+    }
+
+    /// Failures in the window plus checks in flight: what a new check would count against.
+    fn committed(&self, now: Instant, window: Duration) -> u32 {
+        self.current(now, window).saturating_add(self.in_flight)
+    }
+}
+
+/// Why a password check may not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The user is locked, or enough checks for the user are already failed or in flight.
+    Locked,
+    /// The address is throttled, or enough checks from it are already failed or in flight.
+    Throttled,
+}
+
+/// A password check that counts against the limits until it settles. Dropped unsettled
+/// (the directory could not answer), it counts as nothing.
+#[derive(Debug)]
+#[must_use = "a reservation settles as failed or succeeded, or counts as nothing when dropped"]
+pub struct Reservation<'a> {
+    lockout: &'a Lockout,
+    user: Option<String>,
+    ip: IpAddr,
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    /// The password was wrong: the in-flight check becomes a failure of the user and the
+    /// address. Returns true when this failure locked the user.
+    pub fn failed(mut self) -> bool {
+        self.settled = true;
+        let now = Instant::now();
+        let window = self.lockout.window();
+        self.release_address(|c| {
+            c.add(now, window);
+        });
+        let Some(user) = self.user.take() else { return false };
+        let Some(mut counter) = self.lockout.users.get_mut(&user) else { return false };
+        counter.in_flight = counter.in_flight.saturating_sub(1);
+        if counter.locked_until.is_some_and(|until| until > now) {
+            return false;
+        }
+        if counter.add(now, window) >= self.lockout.config.max_failures {
+            counter.locked_until = Some(now + Duration::from_secs(self.lockout.config.lock_secs));
+            counter.failures = 0;
+            return true;
+        }
+        false
+    }
+
+    /// The password was right: the user's failure count starts again (a lock is not
+    /// lifted; it was checked when the reservation was made).
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        self.release_address(|_| {});
+        if let Some(user) = self.user.take() {
+            if let Some(mut counter) = self.lockout.users.get_mut(&user) {
+                counter.in_flight = counter.in_flight.saturating_sub(1);
+                counter.failures = 0;
+            }
+        }
+    }
+
+    fn release_address(&self, then: impl FnOnce(&mut Counter)) {
+        if let Some(mut counter) = self.lockout.addresses.get_mut(&self.ip) {
+            counter.in_flight = counter.in_flight.saturating_sub(1);
+            then(&mut counter);
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.release_address(|_| {});
+        if let Some(user) = self.user.take() {
+            if let Some(mut counter) = self.lockout.users.get_mut(&user) {
+                counter.in_flight = counter.in_flight.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -120,42 +212,58 @@ impl Lockout {
         limit > 0 && self.addresses.get(&ip).is_some_and(|c| c.current(Instant::now(), self.window()) >= limit)
     }
 
-    /// Records a wrong password for `user` from `ip`; returns true when this locked the user.
-    pub fn record_failure(&self, user: &str, ip: IpAddr) -> bool {
+    /// Reserves one password check of `user` from `ip`, or refuses it when the user is
+    /// locked or the failures and checks in flight already reach a limit. The check and the
+    /// count are one step (the user's entry is held while the address's is updated, always
+    /// in that order).
+    pub fn reserve(&self, user: &str, ip: IpAddr) -> Result<Reservation<'_>, Refused> {
         let now = Instant::now();
-        self.record_address_failure(ip);
-        if self.config.max_failures == 0 {
-            return false;
+        let window = self.window();
+        self.prune_addresses(now);
+        let user_limit = self.config.max_failures;
+        let mut user_entry =
+            (user_limit > 0).then(|| self.users.entry(user.to_owned()).or_insert_with(|| Counter::new(now)));
+        if let Some(counter) = &user_entry {
+            if counter.locked_until.is_some_and(|until| until > now) || counter.committed(now, window) >= user_limit {
+                return Err(Refused::Locked);
+            }
         }
-        let mut counter = self.users.entry(user.to_owned()).or_insert_with(|| Counter::new(now));
-        if counter.locked_until.is_some_and(|until| until > now) {
-            return false;
+        {
+            let mut address = self.addresses.entry(ip).or_insert_with(|| Counter::new(now));
+            let ip_limit = self.config.max_failures_per_ip;
+            if ip_limit > 0 && address.committed(now, window) >= ip_limit {
+                return Err(Refused::Throttled);
+            }
+            if now.duration_since(address.window_start) >= window {
+                address.failures = 0;
+                address.window_start = now;
+            }
+            address.in_flight = address.in_flight.saturating_add(1);
         }
-        let failures = counter.add(now, self.window());
-        if failures >= self.config.max_failures {
-            counter.locked_until = Some(now + Duration::from_secs(self.config.lock_secs));
-            counter.failures = 0;
-            return true;
+        if let Some(counter) = user_entry.as_mut() {
+            if now.duration_since(counter.window_start) >= window {
+                counter.failures = 0;
+                counter.window_start = now;
+            }
+            counter.in_flight = counter.in_flight.saturating_add(1);
         }
-        false
+        Ok(Reservation { lockout: self, user: user_entry.map(|_| user.to_owned()), ip, settled: false })
     }
 
     /// Records a refused login from `ip` that was not a password check (unknown user,
     /// address not allowed...): it slows and eventually throttles the address.
     pub fn record_address_failure(&self, ip: IpAddr) {
         let now = Instant::now();
-        if self.addresses.len() > PRUNE_ABOVE {
-            let window = self.window();
-            self.addresses.retain(|_, c| now.duration_since(c.window_start) < window);
-        }
+        self.prune_addresses(now);
         self.addresses.entry(ip).or_insert_with(|| Counter::new(now)).add(now, self.window());
     }
 
-    /// Records a correct password: the user's failure count starts again. It does not
-    /// lift a lock (the lock is checked before the password).
-    pub fn record_success(&self, user: &str) {
-        if let Some(mut counter) = self.users.get_mut(user) {
-            counter.failures = 0;
+    /// Forgets addresses whose window has passed and that have nothing in flight, once the
+    /// table is large.
+    fn prune_addresses(&self, now: Instant) {
+        if self.addresses.len() > PRUNE_ABOVE {
+            let window = self.window();
+            self.addresses.retain(|_, c| c.in_flight > 0 || now.duration_since(c.window_start) < window);
         }
     }
 
@@ -197,6 +305,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// One password check that failed; true when it locked the user.
+    fn record_failure(l: &Lockout, user: &str, ip: IpAddr) -> bool {
+        l.reserve(user, ip).is_ok_and(Reservation::failed)
+    }
+
+    fn record_success(l: &Lockout, user: &str) {
+        if let Ok(r) = l.reserve(user, "192.0.2.250".parse().unwrap()) {
+            r.succeeded();
+        }
+    }
+
     fn lockout(max_failures: u32, window_secs: u64, lock_secs: u64) -> Lockout {
         Lockout::new(LockoutConfig { max_failures, window_secs, lock_secs, ..LockoutConfig::default() })
     }
@@ -205,10 +324,10 @@ mod tests {
     async fn locks_after_n_failures_in_the_window_and_unlocks_after_the_lock_time() {
         let l = lockout(3, 3600, 3600);
         let a = ip("192.0.2.1");
-        assert!(!l.record_failure("u", a));
-        assert!(!l.record_failure("u", a));
+        assert!(!record_failure(&l, "u", a));
+        assert!(!record_failure(&l, "u", a));
         assert!(!l.is_locked("u"));
-        assert!(l.record_failure("u", a), "the third failure locks");
+        assert!(record_failure(&l, "u", a), "the third failure locks");
         assert!(l.is_locked("u"));
         assert!(!l.is_locked("other"));
         assert_eq!(l.locked_users()[0].user, "u");
@@ -223,10 +342,10 @@ mod tests {
     async fn failures_outside_the_window_do_not_add_up() {
         let l = lockout(3, 60, 600);
         let a = ip("192.0.2.1");
-        l.record_failure("u", a);
-        l.record_failure("u", a);
+        record_failure(&l, "u", a);
+        record_failure(&l, "u", a);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(!l.record_failure("u", a));
+        assert!(!record_failure(&l, "u", a));
         assert!(!l.is_locked("u"));
     }
 
@@ -234,11 +353,11 @@ mod tests {
     async fn success_resets_the_count_but_not_a_lock_and_unlock_lifts_it() {
         let l = lockout(2, 600, 600);
         let a = ip("192.0.2.1");
-        l.record_failure("u", a);
-        l.record_success("u");
-        assert!(!l.record_failure("u", a), "the count started again");
-        assert!(l.record_failure("u", a));
-        l.record_success("u");
+        record_failure(&l, "u", a);
+        record_success(&l, "u");
+        assert!(!record_failure(&l, "u", a), "the count started again");
+        assert!(record_failure(&l, "u", a));
+        record_success(&l, "u");
         assert!(l.is_locked("u"), "a right password does not lift a lock");
         assert!(l.unlock("u"));
         assert!(!l.is_locked("u"));
@@ -249,7 +368,7 @@ mod tests {
     async fn zero_disables_user_lockout() {
         let l = lockout(0, 600, 600);
         for _ in 0..100 {
-            assert!(!l.record_failure("u", ip("192.0.2.1")));
+            assert!(!record_failure(&l, "u", ip("192.0.2.1")));
         }
         assert!(!l.is_locked("u"));
     }
@@ -267,7 +386,7 @@ mod tests {
         l.record_address_failure(a);
         l.record_address_failure(a);
         assert_eq!(l.failure_delay(a), Duration::from_millis(200));
-        l.record_failure("x", a);
+        record_failure(&l, "x", a);
         assert_eq!(l.failure_delay(a), Duration::from_millis(250), "capped");
         assert!(!l.is_throttled(a));
         l.record_address_failure(a);
@@ -277,16 +396,45 @@ mod tests {
         assert!(!l.is_throttled(a));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn checks_in_flight_count_against_the_user_and_the_address() {
+        let l = Lockout::new(LockoutConfig { max_failures: 2, max_failures_per_ip: 3, ..LockoutConfig::default() });
+        let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+        let first = l.reserve("u", a).unwrap();
+        let second = l.reserve("u", b).unwrap();
+        assert_eq!(l.reserve("u", a).unwrap_err(), Refused::Locked, "two checks in flight fill the user's budget");
+        drop(first);
+        let third = l.reserve("u", a).expect("an unsettled reservation counts as nothing");
+        assert!(!second.failed());
+        assert!(third.failed(), "the second failure locks");
+        assert_eq!(l.reserve("u", a).unwrap_err(), Refused::Locked);
+        assert!(l.is_locked("u"));
+        let held: Vec<_> = ["v", "w", "x"].iter().map(|u| l.reserve(u, b)).collect();
+        assert!(held[0].is_ok() && held[1].is_ok(), "{held:?}");
+        assert_eq!(held[2].as_ref().unwrap_err(), &Refused::Throttled, "one failure and two in flight from b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_settles_its_reservation_and_resets_the_user() {
+        let l = lockout(2, 600, 600);
+        let a = ip("192.0.2.1");
+        assert!(!record_failure(&l, "u", a));
+        l.reserve("u", a).unwrap().succeeded();
+        assert!(!record_failure(&l, "u", a), "the count started again");
+        assert!(!l.is_locked("u"));
+    }
+
     #[test]
     fn concurrent_failures_are_all_counted() {
-        let l = std::sync::Arc::new(lockout(1000, 600, 600));
+        let config = LockoutConfig { max_failures: 1000, max_failures_per_ip: 0, ..LockoutConfig::default() };
+        let l = std::sync::Arc::new(Lockout::new(config));
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let l = l.clone();
                 std::thread::spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
                     rt.block_on(async {
-                        (0..125).filter(|_| l.record_failure("u", "192.0.2.1".parse().unwrap())).count()
+                        (0..125).filter(|_| record_failure(&l, "u", "192.0.2.1".parse().unwrap())).count()
                     })
                 })
             })
