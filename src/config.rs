@@ -143,8 +143,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most logged-in sessions one user may hold at once, all protocols together.
     pub max_sessions_per_user: usize,
-    /// Most connections one client address may hold at once (offices behind NAT share one).
+    /// Most connections one client address may hold at once (offices behind NAT share one),
+    /// counted from `accept`, before the TLS handshake.
     pub max_connections_per_ip: usize,
+    /// Most unfinished TLS handshakes one client address may have at once; connections
+    /// beyond it are closed at `accept`, so silent connections from one address cannot hold
+    /// the connection permits everyone shares.
+    pub max_handshakes_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -159,6 +164,7 @@ impl Default for Limits {
             max_connections: 20_000,
             max_sessions_per_user: 30,
             max_connections_per_ip: 500,
+            max_handshakes_per_ip: 16,
         }
     }
 }
@@ -553,6 +559,7 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_sessions_per_user", l.max_sessions_per_user),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            ("limits.max_handshakes_per_ip", l.max_handshakes_per_ip),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));

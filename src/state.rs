@@ -151,7 +151,11 @@ impl State {
             hostname: config.server.hostname.clone(),
             directory: ArcSwap::from_pointee(directory),
             lockout: Lockout::new(config.lockout.clone()),
-            sessions: SessionLimits::new(config.limits.max_sessions_per_user, config.limits.max_connections_per_ip),
+            sessions: SessionLimits::new(
+                config.limits.max_sessions_per_user,
+                config.limits.max_connections_per_ip,
+                config.limits.max_handshakes_per_ip,
+            ),
             profiles: ArcSwap::from_pointee(profiles),
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),

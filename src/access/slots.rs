@@ -11,49 +11,70 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-/// Live session counts with their limits.
+/// Live counts with their limits: logged-in sessions per user, connections per address,
+/// and unfinished TLS handshakes per address.
 #[derive(Debug)]
 pub struct SessionLimits {
     per_user: usize,
     per_ip: usize,
+    handshakes_per_ip: usize,
     users: DashMap<String, usize>,
     ips: DashMap<IpAddr, usize>,
+    handshakes: DashMap<IpAddr, usize>,
 }
 
-/// A held per-user slot; freed on drop.
+/// A held slot in one of the counts; freed on drop.
 #[derive(Debug)]
-pub struct UserSlot {
+pub struct Slot<K: Eq + Hash> {
     limits: Arc<SessionLimits>,
-    user: String,
+    count: fn(&SessionLimits) -> &DashMap<K, usize>,
+    key: K,
 }
 
-/// A held per-address slot; freed on drop.
-#[derive(Debug)]
-pub struct IpSlot {
-    limits: Arc<SessionLimits>,
-    ip: IpAddr,
-}
+/// A held per-user session slot.
+pub type UserSlot = Slot<String>;
 
-fn take<K: Eq + Hash + Clone>(map: &DashMap<K, usize>, key: &K, limit: usize) -> bool {
-    let mut count = map.entry(key.clone()).or_insert(0);
-    if *count >= limit {
-        return false;
+/// A held per-address connection or handshake slot.
+pub type IpSlot = Slot<IpAddr>;
+
+impl<K: Eq + Hash> Drop for Slot<K> {
+    fn drop(&mut self) {
+        (self.count)(&self.limits).remove_if_mut(&self.key, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
     }
-    *count += 1;
-    true
-}
-
-fn give_back<K: Eq + Hash>(map: &DashMap<K, usize>, key: &K) {
-    map.remove_if_mut(key, |_, count| {
-        *count = count.saturating_sub(1);
-        *count == 0
-    });
 }
 
 impl SessionLimits {
-    /// Limits of `per_user` logged-in sessions per user and `per_ip` connections per address.
-    pub fn new(per_user: usize, per_ip: usize) -> Arc<Self> {
-        Arc::new(Self { per_user, per_ip, users: DashMap::new(), ips: DashMap::new() })
+    /// Limits of `per_user` logged-in sessions per user, `per_ip` connections per address
+    /// and `handshakes_per_ip` unfinished TLS handshakes per address.
+    pub fn new(per_user: usize, per_ip: usize, handshakes_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_user,
+            per_ip,
+            handshakes_per_ip,
+            users: DashMap::new(),
+            ips: DashMap::new(),
+            handshakes: DashMap::new(),
+        })
+    }
+
+    /// Takes a slot of `key` in `count` unless it is at `limit`: one atomic step under the
+    /// map's shard lock.
+    fn take<K: Eq + Hash + Clone>(
+        self: &Arc<Self>,
+        count: fn(&SessionLimits) -> &DashMap<K, usize>,
+        key: K,
+        limit: usize,
+    ) -> Option<Slot<K>> {
+        let mut held = count(self).entry(key.clone()).or_insert(0);
+        if *held >= limit {
+            return None;
+        }
+        *held += 1;
+        drop(held);
+        Some(Slot { limits: self.clone(), count, key })
     }
 
     /// The per-user limit.
@@ -68,30 +89,23 @@ impl SessionLimits {
 
     /// A slot for another session of `user`, unless the user is at the limit.
     pub fn try_user(self: &Arc<Self>, user: &str) -> Option<UserSlot> {
-        take(&self.users, &user.to_owned(), self.per_user)
-            .then(|| UserSlot { limits: self.clone(), user: user.to_owned() })
+        self.take(|l| &l.users, user.to_owned(), self.per_user)
     }
 
     /// A slot for another connection from `ip`, unless the address is at the limit.
     pub fn try_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        take(&self.ips, &ip, self.per_ip).then(|| IpSlot { limits: self.clone(), ip })
+        self.take(|l| &l.ips, ip, self.per_ip)
+    }
+
+    /// A slot for another unfinished TLS handshake from `ip`, unless the address is at the
+    /// limit; held until the handshake ends.
+    pub fn try_handshake(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        self.take(|l| &l.handshakes, ip, self.handshakes_per_ip)
     }
 
     /// Sessions `user` holds now.
     pub fn user_sessions(&self, user: &str) -> usize {
         self.users.get(user).map_or(0, |c| *c)
-    }
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        give_back(&self.limits.users, &self.user);
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        give_back(&self.limits.ips, &self.ip);
     }
 }
 
@@ -101,7 +115,7 @@ mod tests {
 
     #[test]
     fn slots_are_limited_and_freed_on_drop() {
-        let limits = SessionLimits::new(2, 1);
+        let limits = SessionLimits::new(2, 1, 1);
         let a = limits.try_user("u").unwrap();
         let b = limits.try_user("u").unwrap();
         assert!(limits.try_user("u").is_none());
@@ -115,12 +129,17 @@ mod tests {
         assert!(limits.try_ip(ip).is_none());
         drop(slot);
         assert!(limits.try_ip(ip).is_some());
+        let handshake = limits.try_handshake(ip).unwrap();
+        assert!(limits.try_handshake(ip).is_none());
+        assert!(limits.try_ip(ip).is_some(), "handshakes and connections are counted apart");
+        drop(handshake);
         assert!(limits.ips.is_empty() && limits.users.is_empty(), "freed entries are removed");
+        assert!(limits.handshakes.is_empty());
     }
 
     #[test]
     fn racing_sessions_never_exceed_the_limit() {
-        let limits = SessionLimits::new(10, 10);
+        let limits = SessionLimits::new(10, 10, 10);
         let held = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for _ in 0..8 {

@@ -22,10 +22,19 @@ pub mod relay;
 use relay::Counters;
 
 use crate::access::decision::{self, Admitted, Refusal};
+use crate::access::slots::IpSlot;
 
 /// Runs the session of a client whose TLS handshake is done, and writes its audit line.
-pub async fn run<S>(server: Arc<State>, protocol: Protocol, client: S, peer: SocketAddr, shutdown: Shutdown)
-where
+/// `address_slot` is the client address's connection slot, taken at `accept`; `None` when
+/// the address was over its limit, and the session only says so and closes.
+pub async fn run<S>(
+    server: Arc<State>,
+    protocol: Protocol,
+    client: S,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+    address_slot: Option<IpSlot>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer);
@@ -42,7 +51,7 @@ where
             record,
             shutdown,
         };
-        session.serve().await;
+        session.serve(address_slot).await;
         session.server.audit(&session.record, Event::Session);
     }
     .instrument(span)
@@ -61,8 +70,8 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    async fn serve(&mut self) {
-        let Some(_address_slot) = self.server.sessions.try_ip(self.peer.ip()) else {
+    async fn serve(&mut self, address_slot: Option<IpSlot>) {
+        let Some(_address_slot) = address_slot else {
             let limit = self.server.sessions.per_ip();
             self.record.set(Outcome::Busy, format!("too many connections from the client IP (limit {limit})"));
             let bye = self.dialogue.too_many_connections();
