@@ -290,9 +290,23 @@ async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Cre
     let started = Instant::now();
     let entry = directory.lookup(&user).await;
     state.metrics().directory_latency.observe(started.elapsed());
-    let entry = entry?;
+    // Refusals before the password check cost what the check would have, so the time of
+    // the answer does not tell whether the user exists.
+    let entry = match entry {
+        Ok(entry) => entry,
+        Err(e) => {
+            let refusal = Refusal::from(e);
+            if matches!(refusal, Refusal::Denied(_)) {
+                directory.equalize_refusal(&credentials.password).await;
+            }
+            return Err(refusal);
+        }
+    };
     if let Some(groups) = &entry.groups {
-        check_profiles(&profiles, &user, groups, protocol, ip).map_err(Refusal::Denied)?;
+        if let Err(denial) = check_profiles(&profiles, &user, groups, protocol, ip) {
+            directory.equalize_refusal(&credentials.password).await;
+            return Err(Refusal::Denied(denial));
+        }
     }
     // The check and its count are one step, before the await: parallel guesses cannot get
     // more checks than the limits allow.

@@ -116,6 +116,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), &credentials));
                     let decision = tokio::select! {
                         decision = admit => decision,
+                        // Time queued for the directory or the hashing pool counts too.
+                        () = tokio::time::sleep_until(deadline) => {
+                            self.record.set(Outcome::TimedOut, "no login decision within the pre-login timeout");
+                            let bye = self.dialogue.timed_out();
+                            let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
+                            return None;
+                        }
                         () = self.shutdown.stop_accepting.cancelled() => {
                             self.record.set(Outcome::Shutdown, "server shut down during login");
                             let bye = self.dialogue.shutting_down();

@@ -19,10 +19,14 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use argon2::Argon2;
-use argon2::password_hash::{self, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::rngs::OsRng;
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{DirectoryError, Entry};
 use crate::secret::Secret;
@@ -34,6 +38,16 @@ pub struct FileConfig {
     /// The users file; relative paths are taken from the config file's directory.
     pub path: PathBuf,
 }
+
+/// Argon2 checks run at once per core (see [`hashing_queue`]).
+const HASHES_PER_CORE: usize = 2;
+
+/// Largest argon2 memory cost accepted from a stored hash, KiB (the default is 19 MiB):
+/// each worker keeps this much while it checks.
+const MAX_HASH_MEMORY_KIB: u32 = 256 * 1024;
+
+/// Checks waiting for a hashing worker before callers wait to queue.
+const HASH_QUEUE: usize = 256;
 
 /// A well-formed argon2id hash no password is known to match, checked against when the
 /// user is unknown so that `verify` costs the same either way.
@@ -113,23 +127,82 @@ impl FileDirectory {
 
     /// See [`super::Directory::verify`].
     ///
-    /// The argon2id check runs on the blocking thread pool: it is deliberately slow and
-    /// must not stall the async workers. A user missing from the directory (an entry
-    /// from before a reload) is checked against a dummy hash, so the answer takes as long
-    /// as for a known user; `lookup` has already told unknown users apart anyway.
+    /// The argon2id check runs on the bounded hashing workers ([`check_in_pool`]). A user
+    /// missing from the directory (an entry from before a reload) is checked against a
+    /// dummy hash, so the answer takes as long as for a known user.
     pub async fn verify(&self, entry: &Entry, password: &Secret) -> Result<Vec<String>, DirectoryError> {
-        let record = self.users.get(&entry.user.to_lowercase()).cloned();
+        let record = self.users.get(&entry.user).cloned();
         let phc = record.as_ref().map_or_else(|| DUMMY_HASH.to_owned(), |r| r.password.clone());
-        let password = password.clone();
-        let matched = tokio::task::spawn_blocking(move || check_password(&phc, &password))
-            .await
-            .map_err(|e| DirectoryError::Unavailable(format!("password check did not complete: {e}")))??;
+        let matched = check_in_pool(phc, password.clone()).await?;
         match record {
             None => Err(DirectoryError::UnknownUser),
             Some(_) if !matched => Err(DirectoryError::WrongPassword),
             Some(r) => Ok(r.groups),
         }
     }
+}
+
+/// Runs the same check as for a known user against a hash no password matches, so a
+/// refusal of an unknown user takes as long as a wrong password.
+pub async fn check_dummy(password: &Secret) {
+    let _ = check_in_pool(DUMMY_HASH.to_owned(), password.clone()).await;
+}
+
+/// One password check for the hashing workers.
+struct HashJob {
+    phc: String,
+    password: Secret,
+    answer: oneshot::Sender<Result<bool, DirectoryError>>,
+}
+
+/// The queue of the hashing workers: a fixed set of threads ([`HASHES_PER_CORE`] per core)
+/// that run every argon2 check. Each check holds about 19 MiB while it runs, so a burst of
+/// guesses queues here instead of allocating without bound, and the memory allocator keeps
+/// at most a few threads' worth of freed blocks.
+fn hashing_queue() -> &'static mpsc::Sender<HashJob> {
+    static QUEUE: OnceLock<mpsc::Sender<HashJob>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<HashJob>(HASH_QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        for i in 0..HASHES_PER_CORE * cores {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("postern-hash-{i}")).spawn(move || {
+                let mut blocks = Vec::new();
+                loop {
+                    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+                    let job = match queue.try_recv() {
+                        Ok(job) => Some(job),
+                        // Idle: give the working memory back until the next burst.
+                        Err(_) => {
+                            blocks = Vec::new();
+                            queue.blocking_recv()
+                        }
+                    };
+                    drop(queue);
+                    let Some(job) = job else { return };
+                    // A login that gave up (timed out, client gone) needs no answer.
+                    if !job.answer.is_closed() {
+                        let _ = job.answer.send(check_password_in(&job.phc, &job.password, &mut blocks));
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password hashing thread");
+            }
+        }
+        jobs
+    })
+}
+
+/// Checks `password` against `phc` on the hashing workers (argon2 is deliberately slow and
+/// must not stall the async workers); waits its turn when they are busy. The caller's
+/// deadline covers the wait.
+async fn check_in_pool(phc: String, password: Secret) -> Result<bool, DirectoryError> {
+    let (answer, answered) = oneshot::channel();
+    let unavailable = || DirectoryError::Unavailable("the password hashing workers are gone".into());
+    hashing_queue().send(HashJob { phc, password, answer }).await.map_err(|_| unavailable())?;
+    answered.await.map_err(|_| unavailable())?
 }
 
 /// Hashes `password` with argon2id (default parameters, random salt) into a PHC string.
@@ -179,14 +252,37 @@ pub fn remove_user(path: &Path, user: &str) -> Result<bool, DirectoryError> {
 }
 
 /// Whether `password` matches the PHC string `phc`.
-fn check_password(phc: &str, password: &Secret) -> Result<bool, DirectoryError> {
-    let hash =
-        PasswordHash::new(phc).map_err(|e| DirectoryError::Config(format!("stored password hash is unusable: {e}")))?;
-    match Argon2::default().verify_password(password.expose().as_bytes(), &hash) {
-        Ok(()) => Ok(true),
-        Err(password_hash::Error::Password) => Ok(false),
-        Err(e) => Err(DirectoryError::Config(format!("stored password hash is unusable: {e}"))),
+/// Checks `password` against the argon2 PHC string `phc`, using `blocks` as the hash's
+/// working memory (grown as needed, wiped afterwards: it is derived from the password).
+/// Workers keep theirs between checks, so a burst of checks does not allocate anew.
+fn check_password_in(phc: &str, password: &Secret, blocks: &mut Vec<Block>) -> Result<bool, DirectoryError> {
+    let unusable = |e: &dyn fmt::Display| DirectoryError::Config(format!("stored password hash is unusable: {e}"));
+    let hash = PasswordHash::new(phc).map_err(|e| unusable(&e))?;
+    let algorithm = Algorithm::try_from(hash.algorithm).map_err(|e| unusable(&e))?;
+    let version = hash.version.map(Version::try_from).transpose().map_err(|e| unusable(&e))?.unwrap_or_default();
+    let params = Params::try_from(&hash).map_err(|e| unusable(&e))?;
+    if params.m_cost() > MAX_HASH_MEMORY_KIB {
+        return Err(unusable(&format!(
+            "memory cost {} KiB is above the {MAX_HASH_MEMORY_KIB} KiB limit",
+            params.m_cost()
+        )));
     }
+    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else {
+        return Err(unusable(&"no salt or no hash"));
+    };
+    let mut salt_bytes = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_bytes).map_err(|e| unusable(&e))?;
+    let mut computed = Zeroizing::new(vec![0u8; expected.len()]);
+    blocks.resize(params.block_count(), Block::default());
+    let hashed = Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+        password.expose().as_bytes(),
+        salt,
+        &mut computed,
+        &mut blocks[..],
+    );
+    blocks.iter_mut().for_each(Zeroize::zeroize);
+    hashed.map_err(|e| unusable(&e))?;
+    Ok(computed.ct_eq(expected.as_bytes()).into())
 }
 
 fn read_users_or_empty(path: &Path) -> Result<BTreeMap<String, UserRecord>, DirectoryError> {
@@ -257,8 +353,20 @@ mod tests {
     }
 
     #[test]
+    fn reused_working_memory_checks_like_a_fresh_one_and_is_wiped() {
+        let phc = hash_password(&Secret::new("pw")).unwrap();
+        let mut blocks = Vec::new();
+        assert!(check_password_in(&phc, &Secret::new("pw"), &mut blocks).unwrap());
+        assert!(!check_password_in(&phc, &Secret::new("pW"), &mut blocks).unwrap());
+        assert!(check_password_in(&phc, &Secret::new("pw"), &mut blocks).unwrap());
+        assert!(!blocks.is_empty() && blocks.iter().all(|b| b.as_ref().iter().all(|w| *w == 0)), "wiped");
+        let greedy = phc.replace("m=19456", "m=1048576");
+        assert!(matches!(check_password_in(&greedy, &Secret::new("pw"), &mut blocks), Err(DirectoryError::Config(_))));
+    }
+
+    #[test]
     fn dummy_hash_is_well_formed() {
-        assert!(!check_password(DUMMY_HASH, &Secret::new("anything")).unwrap());
+        assert!(!check_password_in(DUMMY_HASH, &Secret::new("anything"), &mut Vec::new()).unwrap());
     }
 
     #[tokio::test]

@@ -75,6 +75,15 @@ impl Directory {
         }
     }
 
+    /// Spends on a refused login what a password check would have cost (the file
+    /// directory's argon2 check), so refusals before the check cannot tell known users from
+    /// unknown ones by time. LDAP answers both quickly and needs nothing.
+    pub async fn equalize_refusal(&self, password: &Secret) {
+        if let Directory::File(_) = self {
+            file::check_dummy(password).await;
+        }
+    }
+
     /// Checks `password` for `entry` and returns the user's groups.
     ///
     /// An empty password is refused here, before any backend sees it: an LDAP simple bind

@@ -1,0 +1,89 @@
+//! Password hashing with the file directory, measured on the real daemon: argon2 checks
+//! run in a bounded pool, so memory stays bounded under a burst of guesses, and an unknown
+//! user costs the same check as a known one.
+
+mod common;
+mod install;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::client;
+use install::{Daemon, Install, profiles_for};
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .expect("VmRSS of the daemon")
+}
+
+/// No lockout, throttle or delay: every guess reaches the password check.
+const NO_LOCKOUT: &str = "[lockout]\nmax_failures = 0\nmax_failures_per_ip = 0\nfailure_delay_ms = 0\n";
+
+/// One IMAP login; returns the tagged answer. Patient: under a burst on a small machine
+/// the checks queue, and how long they take is the benches' business, not this test's.
+async fn login(imaps: SocketAddr, ca: &std::path::Path, user: &str, password: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(imaps).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = client::tls_connector(ca).connect(name, tcp).await.expect("TLS");
+        let mut lines = BufReader::new(tls);
+        let mut line = String::new();
+        lines.read_line(&mut line).await.expect("greeting");
+        assert!(line.starts_with("* OK"), "{line}");
+        lines.get_mut().write_all(format!("h1 LOGIN {user} {password}\r\n").as_bytes()).await.expect("send");
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).await.expect("answer") == 0 || line.starts_with("h1 ") {
+                return line.trim_end().to_owned();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(300), exchange).await.expect("an answer within five minutes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_parallel_wrong_passwords_keep_the_daemons_memory_bounded() {
+    let user = "hash-burst@example.com";
+    let install = Install::new(&profiles_for(&[user]), "", NO_LOCKOUT);
+    let config = install.config_text().replacen(
+        "upstream_timeout_secs = 5",
+        "upstream_timeout_secs = 5\nmax_connections_per_ip = 1000\nmax_handshakes_per_ip = 1000",
+        1,
+    );
+    std::fs::write(install.path("proxy.toml"), config).unwrap();
+    install.add_user(user, "hash-burst-pw");
+    let daemon = Daemon::start(&install);
+    // Warm up: one login of each kind, so the baseline holds the steady buffers.
+    assert!(login(daemon.imaps, &install.ca_file, user, "hash-burst-pw").await.starts_with("h1 OK"));
+    login(daemon.imaps, &install.ca_file, user, "wrong").await;
+    let before = rss_kib(daemon.pid());
+    let guesses = (0..100).map(|i| {
+        let ca = install.ca_file.clone();
+        let imaps = daemon.imaps;
+        tokio::spawn(async move { login(imaps, &ca, user, &format!("wrong-{i}")).await })
+    });
+    let mut peak = before;
+    let mut pending: Vec<_> = guesses.collect();
+    while !pending.iter().all(|h| h.is_finished()) {
+        peak = peak.max(rss_kib(daemon.pid()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for handle in pending.drain(..) {
+        assert!(handle.await.unwrap().contains("You are not allowed"), "each guess is refused");
+    }
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    assert!(growth_mib < 200, "resident memory grew by {growth_mib} MiB during 100 parallel argon2 checks");
+    // And it is given back: within a while the daemon is near where it started.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut after = rss_kib(daemon.pid());
+    while after.saturating_sub(before) / 1024 >= 64 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = rss_kib(daemon.pid());
+    }
+    assert!(after.saturating_sub(before) / 1024 < 64, "{} MiB still resident after the burst", (after - before) / 1024);
+}
