@@ -1,6 +1,6 @@
 //! POP3S through the proxy, end to end, against real slapd and Dovecot.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! SMTPS submission through the proxy, end to end: real slapd, Dovecot's submission service
 //! relaying to the test sink.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Command;

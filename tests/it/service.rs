@@ -2,8 +2,8 @@
 //! keeps sessions, the profiles watch, closing sessions whose user lost access, SIGTERM
 //! draining, metrics and the control socket. Runs the real binary against Dovecot.
 
-mod common;
-mod install;
+use crate::common;
+use crate::install;
 
 use std::time::{Duration, Instant};
 

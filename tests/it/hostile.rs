@@ -1,7 +1,7 @@
 //! Hostile input before login: every case is answered with a protocol error or a close, and
 //! afterwards the proxy still serves a normal login from another client.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! server and opens the upstream session on Dovecot, whose oauth2 passdb validates the token
 //! at the token server's introspection endpoint.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! IMAPS through the proxy, end to end, against real slapd and Dovecot.
 
-mod common;
+use crate::common;
 
 use std::net::IpAddr;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! The harness itself: the test CA, Dovecot (IMAPS, POP3S, submission), the SMTP sink and the
 //! test client work together without the proxy in between.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

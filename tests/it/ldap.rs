@@ -1,7 +1,7 @@
 //! The LDAP directory against a real slapd: search and template modes, plain, StartTLS
 //! and LDAPS, groups, wrong and odd passwords, filter injection, outages.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
