@@ -86,13 +86,14 @@ mod tests {
     /// Runs this test again in a child process whose `NOTIFY_SOCKET` is `address` (the
     /// variable is process-wide, so it is not changed in this multi-threaded test process).
     fn notify_from_child(address: &str) {
-        let status = Command::new(std::env::current_exe().expect("test binary"))
-            .args([TEST, "--exact", "--test-threads=1", "--nocapture"])
+        let out = Command::new(std::env::current_exe().expect("test binary"))
+            .args([TEST, "--exact", "--test-threads=1"])
             .env(CHILD, "1")
             .env("NOTIFY_SOCKET", address)
-            .status()
+            .output()
             .expect("run the test binary again");
-        assert!(status.success(), "the notifying child failed: {status}");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        assert!(out.status.success(), "the notifying child failed: {}{}", text(&out.stdout), text(&out.stderr));
     }
 
     fn receive(socket: &UnixDatagram) -> String {
@@ -162,12 +163,12 @@ mod tests {
     fn without_notify_socket_nothing_is_sent() {
         if std::env::var_os("NOTIFY_SOCKET").is_some() {
             // Run under systemd: check the same in a child without the variable.
-            let status = Command::new(std::env::current_exe().expect("test binary"))
+            let out = Command::new(std::env::current_exe().expect("test binary"))
                 .args(["daemon::notify::tests::without_notify_socket_nothing_is_sent", "--exact"])
                 .env_remove("NOTIFY_SOCKET")
-                .status()
+                .output()
                 .expect("run the test binary again");
-            assert!(status.success());
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
             return;
         }
         assert!(matches!(notify("READY=1"), Ok(false)));
