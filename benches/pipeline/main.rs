@@ -24,7 +24,7 @@
 //! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
 //! skip the profile), `POSTERN_BENCH_OUT` (results file).
 
-#[path = "../../tests/common/mod.rs"]
+#[path = "../../tests/it/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
 mod common;
 

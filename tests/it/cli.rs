@@ -1,8 +1,7 @@
 //! The admin commands of the real binary, each with its error paths and exit codes
 //! (0 done, 1 operational failure, 2 usage error).
 
-mod common;
-mod install;
+use crate::install;
 
 use std::os::unix::fs::PermissionsExt;
 

@@ -609,6 +609,21 @@ impl Dovecot {
         self.log().lines().filter(|l| l.contains(&needle)).map(str::to_owned).collect()
     }
 
+    /// Dovecot's auth penalties (`doveadm penalty`: a source address whose logins Dovecot
+    /// delays after failures), one line per address after a header.
+    pub fn penalties(&self) -> String {
+        let doveadm = super::require_binary("doveadm", "dovecot-core");
+        let out = Command::new(doveadm)
+            .arg("-c")
+            .arg(self.dir.join("dovecot.conf"))
+            .arg("penalty")
+            .output()
+            .expect("run doveadm penalty");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "doveadm penalty failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
     /// The last `lines` lines of the log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log_file, lines)

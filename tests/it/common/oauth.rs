@@ -11,8 +11,8 @@
 //!   answering `active` with the mailbox (`email`) the token is for, or `app@example.com`
 //!   for the application token (Dovecot then compares only the domain).
 //!
-//! Tokens live `lifetime` seconds (per subject, settable). Tests can revoke a subject's
-//! tokens, block a subject entirely, and count the grants per subject. The server runs on
+//! Tokens live `lifetime` seconds (per subject, settable). Tests can end (expire) or revoke a
+//! subject's tokens, block a subject entirely, and count the grants per subject. The server runs on
 //! its own thread and runtime, once per test binary, so it outlives each test's runtime.
 
 use std::collections::{HashMap, HashSet};
@@ -358,6 +358,15 @@ impl TokenServer {
         }
     }
 
+    /// Ends every token issued for `subject` so far, as if its lifetime had run out: the
+    /// introspection endpoint answers `active: false` for it; new ones work.
+    pub fn expire_issued(&self, subject: &str) {
+        let past = now().saturating_sub(1);
+        for t in self.state.lock().unwrap().tokens.values_mut().filter(|t| t.subject == subject) {
+            t.expires = t.expires.min(past);
+        }
+    }
+
     /// Makes the introspection endpoint refuse every token of `subject`.
     pub fn block(&self, subject: &str) {
         self.state.lock().unwrap().blocked.insert(subject.to_owned());
@@ -537,6 +546,7 @@ impl OAuthProxy {
     /// Starts a proxy using `source`, letting `users` in from 127.0.0.1; `oauth_extra` is
     /// appended to the `[oauth]` table.
     pub async fn start(source: Source, users: &[&str], oauth_extra: &str) -> OAuthProxy {
+        super::logs::capture();
         let dir = tempfile::tempdir().expect("proxy temp dir");
         let text = config_text(dir.path(), &source, oauth_extra);
         let config_path = dir.path().join("proxy.toml");

@@ -1,13 +1,11 @@
 //! Floods before the TLS handshake: one address holding silent TCP connections must not
 //! keep other addresses from being served.
 
-mod common;
-
 use std::time::Duration;
 
-use common::client;
-use common::logs;
-use common::proxy::{self, Options};
+use crate::common::client;
+use crate::common::logs;
+use crate::common::proxy::{self, Options};
 
 #[tokio::test]
 async fn silent_connections_from_one_address_do_not_starve_another() {

@@ -2,14 +2,11 @@
 //! run in a bounded pool, so memory stays bounded under a burst of guesses, and an unknown
 //! user costs the same check as a known one.
 
-mod common;
-mod install;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::client;
-use install::{Daemon, Install, profiles_for};
+use crate::common::client;
+use crate::install::{Daemon, Install, profiles_for};
 
 /// Resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {

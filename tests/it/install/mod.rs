@@ -233,7 +233,7 @@ impl Daemon {
     /// Waits until the log has a line containing every one of `needles`.
     #[track_caller]
     pub fn wait_for_log(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(line) = self.log.lock().unwrap().iter().find(|l| needles.iter().all(|n| l.contains(n))) {
                 return line.clone();

@@ -81,21 +81,29 @@ pub struct Proxy {
     config: Config,
     server: Arc<State>,
     running: Option<Running>,
+    /// Ports standing for a down directory or upstream, held while the proxy runs.
+    _closed: Vec<super::ClosedPort>,
     _dir: tempfile::TempDir,
-}
-
-fn closed_port() -> u16 {
-    super::free_port()
 }
 
 impl Proxy {
     /// Starts a proxy as `options` say.
     pub async fn start(options: Options) -> Proxy {
+        // Everything an in-process proxy logs is captured, so every test's logs are searched
+        // by the secret checks.
+        super::logs::capture();
         let dir = tempfile::tempdir().expect("proxy temp dir");
         let d = dir.path();
         let pki = pki::pki();
         let issued = pki.issue_in("proxy", d);
         let dovecot = dovecot::dovecot();
+        let mut closed = Vec::new();
+        let mut closed_port = || {
+            let port = super::closed_port();
+            let number = port.port;
+            closed.push(port);
+            number
+        };
         let directory = match options.directory {
             Dir::Ldap | Dir::LdapDown => {
                 let s = slapd::slapd();
@@ -110,7 +118,7 @@ impl Proxy {
             }
             Dir::File => "kind = \"file\"\npath = \"users.toml\"\n".to_owned(),
         };
-        let upstream = |addr: SocketAddr| {
+        let mut upstream = |addr: SocketAddr| {
             if options.upstream_down {
                 format!("127.0.0.1:{}", closed_port())
             } else {
@@ -190,6 +198,7 @@ upstream_tls = "{smtp_tls}"
             config,
             server,
             running: Some(running),
+            _closed: closed,
             _dir: dir,
         }
     }

@@ -1,11 +1,9 @@
 //! Lockout under concurrency: attempts already in flight count against the limits, so no
 //! burst of parallel guesses gets more passwords checked than the limits allow.
 
-mod common;
-
-use common::client;
-use common::logs;
-use common::proxy::{self, Options, Proxy};
+use crate::common::client;
+use crate::common::logs;
+use crate::common::proxy::{self, Options, Proxy};
 
 const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
 

@@ -72,45 +72,52 @@ fn start() -> Slapd {
     let conf = dir.path().join("slapd.conf");
     std::fs::write(&conf, config(dir.path(), &db, &issued.cert_file, &issued.key_file)).expect("write slapd.conf");
 
-    let port = super::free_port();
-    let tls_port = super::free_port();
-    let url = format!("ldap://127.0.0.1:{port}");
-    let ldaps_url = format!("ldaps://127.0.0.1:{tls_port}");
+    // The ports are picked free but only taken when slapd binds them, so another process may
+    // win one in between: slapd then exits, and it is started again on new ports.
     let log = dir.path().join("slapd.log");
-    let log_file = std::fs::File::create(&log).expect("slapd log");
-    // slapd runs in the background of a shell that waits for its stdin to close: the pipe
-    // closes when this test process exits however it exits, and the shell then stops slapd.
-    let script = r#"slapd="$1"; shift; "$slapd" "$@" & p=$!; cat >/dev/null; kill $p; wait $p"#;
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("sh")
-        .arg(&slapd_bin)
-        .arg("-f")
-        .arg(&conf)
-        .arg("-h")
-        .arg(format!("{url}/ {ldaps_url}/"))
-        .arg("-d")
-        .arg("none")
-        .stdin(Stdio::piped())
-        .stdout(log_file.try_clone().expect("slapd log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("start slapd");
-    let stdin = child.stdin.take().expect("slapd wrapper stdin");
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addrs = [format!("127.0.0.1:{port}"), format!("127.0.0.1:{tls_port}")];
-    while !addrs.iter().all(|a| TcpStream::connect(a).is_ok()) {
-        let output = std::fs::read_to_string(&log).unwrap_or_default();
-        if output.contains("slapd stopped") {
-            panic!("slapd exited at startup; its output:\n{output}");
+    let mut failures = Vec::new();
+    let (child, stdin, url, ldaps_url) = loop {
+        if failures.len() == 3 {
+            panic!("slapd did not start (3 attempts):\n{}", failures.join("\n---\n"));
         }
-        if Instant::now() > deadline {
-            panic!("slapd did not start listening on {url} and {ldaps_url} within 20 s; its output:\n{output}");
+        let (port, tls_port) = (super::free_port(), super::free_port());
+        let url = format!("ldap://127.0.0.1:{port}");
+        let ldaps_url = format!("ldaps://127.0.0.1:{tls_port}");
+        let log_file = std::fs::File::create(&log).expect("slapd log");
+        // slapd runs in the background of a shell that waits for its stdin to close: the pipe
+        // closes when this test process exits however it exits, and the shell then stops slapd.
+        let script = r#"slapd="$1"; shift; "$slapd" "$@" & p=$!; cat >/dev/null; kill $p; wait $p"#;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(&slapd_bin)
+            .arg("-f")
+            .arg(&conf)
+            .arg("-h")
+            .arg(format!("{url}/ {ldaps_url}/"))
+            .arg("-d")
+            .arg("none")
+            .stdin(Stdio::piped())
+            .stdout(log_file.try_clone().expect("slapd log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start slapd");
+        let stdin = child.stdin.take().expect("slapd wrapper stdin");
+        let addrs = [format!("127.0.0.1:{port}"), format!("127.0.0.1:{tls_port}")];
+        match wait_until_listening(&log, &addrs) {
+            Ok(()) => break (child, stdin, url, ldaps_url),
+            Err(why) => {
+                drop(stdin);
+                let _ = child.wait();
+                let output = std::fs::read_to_string(&log).unwrap_or_default();
+                if !output.contains("Address already in use") {
+                    panic!("{why}; its output:\n{output}");
+                }
+                failures.push(format!("{why}; its output:\n{output}"));
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    };
 
     let slapd = Slapd {
         _dir: dir,
@@ -128,6 +135,25 @@ fn start() -> Slapd {
     };
     slapd.populate();
     slapd
+}
+
+/// Waits until slapd accepts connections on every one of `addrs`, or reports that it stopped
+/// (its log says so) or did not listen within 20 s.
+fn wait_until_listening(log: &Path, addrs: &[String]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Checked first: a port held by someone else would accept while slapd has exited.
+        if std::fs::read_to_string(log).unwrap_or_default().contains("slapd stopped") {
+            return Err("slapd exited at startup".to_owned());
+        }
+        if addrs.iter().all(|a| TcpStream::connect(a).is_ok()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("slapd did not start listening on {addrs:?} within 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn config(dir: &Path, db: &Path, cert: &Path, key: &Path) -> String {

@@ -1,7 +1,7 @@
 //! The harness itself: the test CA, Dovecot (IMAPS, POP3S, submission), the SMTP sink and the
 //! test client work together without the proxy in between.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -248,17 +248,19 @@ fn literal_lengths_are_parsed_from_line_ends_only() {
     assert_eq!(literal_len(b"* OK {12}"), None);
 }
 
+/// Dovecot delays the logins of an address after failures (its auth penalty, kept by
+/// anvil); every test connects from 127.0.0.1, so the harness turns that off.
 #[tokio::test]
 async fn a_failed_login_does_not_delay_the_next_one() {
     let d = dovecot();
     d.add_user("penalty@example.com", "good");
     for (password, outcome) in [("bad", "a NO"), ("bad", "a NO"), ("good", "a OK")] {
-        let started = std::time::Instant::now();
         let mut c = client::connect_tls(d.imaps, &d.ca_file).await;
         expect_ok(&mut c, "greeting").await;
         c.send(format!("a LOGIN penalty@example.com {password}\r\n").as_bytes()).await;
         let lines = c.read_until_tagged("a").await;
         assert!(lines.last().unwrap().starts_with(outcome), "{lines:?}");
-        assert!(started.elapsed() < Duration::from_secs(2), "login took {:?}", started.elapsed());
+        let penalties = d.penalties();
+        assert!(!penalties.contains("127.0.0.1"), "Dovecot penalises 127.0.0.1 after failed logins:\n{penalties}");
     }
 }

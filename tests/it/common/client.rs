@@ -329,6 +329,16 @@ impl MailClient {
         self.buf.clear();
     }
 
+    /// This end's address, to find the connection in the proxy's log.
+    pub fn local_addr(&self) -> SocketAddr {
+        match &self.stream {
+            Stream::Plain(s) => s.local_addr(),
+            Stream::Tls(s) => s.get_ref().0.local_addr(),
+            Stream::Gone => panic!("no connection while STARTTLS swaps it"),
+        }
+        .expect("local address")
+    }
+
     /// Whether the peer has been seen to close the connection.
     pub fn is_closed(&self) -> bool {
         self.eof

@@ -1,7 +1,7 @@
 //! No password, upstream secret or token ever appears in anything Postern logs, at the most
 //! verbose level, whatever path a login takes.
 
-mod common;
+use crate::common;
 
 use common::client::{self, MailClient};
 use common::logs;

@@ -1,7 +1,7 @@
 //! SMTPS submission through the proxy, end to end: real slapd, Dovecot's submission service
 //! relaying to the test sink.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -198,6 +198,12 @@ async fn curl_sends_a_message() {
 #[tokio::test]
 async fn swaks_sends_a_message() {
     common::require_binary("swaks", "swaks");
+    // swaks speaks TLS through Net::SSLeay, which it only recommends.
+    let ssleay = std::process::Command::new("perl").args(["-MNet::SSLeay", "-e", "1"]).status();
+    assert!(
+        ssleay.is_ok_and(|s| s.success()),
+        "swaks needs Perl's Net::SSLeay for TLS: apt-get install libnet-ssleay-perl (.ci/run does this)"
+    );
     let (proxy, user) = proxy_for("swaks1", Options::default()).await;
     let port = proxy.smtps.port().to_string();
     let out = tokio::process::Command::new("swaks")

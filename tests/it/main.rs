@@ -1,0 +1,22 @@
+//! Postern's integration tests, in one binary so the real servers they need (slapd, Dovecot,
+//! the SMTP sink and the OAuth2 token server) start once for the whole suite.
+//!
+//! Tests share those servers and this process (its log capture, its environment), so each
+//! test uses its own users, and nothing here changes process-wide state after start-up.
+
+mod common;
+mod install;
+
+mod cli;
+mod flood;
+mod harness;
+mod hashing;
+mod hostile;
+mod imap;
+mod ldap;
+mod lockout_race;
+mod oauth;
+mod pop3;
+mod secrets;
+mod service;
+mod smtp;
