@@ -21,14 +21,16 @@
 //! Every write seals with a fresh random nonce. The associated data binds each sealed
 //! secret to its user name, kind and upstream login, so moving a ciphertext to another
 //! user or editing those fields makes it fail to decrypt instead of handing one user's
-//! credential to another. Both files must not be readable by group or others; Postern
-//! refuses to open them otherwise. Unix only: permissions are POSIX modes.
+//! credential to another. Both files are read with [`crate::secret::read_secret_file`], so
+//! they must be regular files owned by Postern's user (or root) that neither group nor
+//! others may access; Postern refuses to open them otherwise. Unix only: permissions are
+//! POSIX modes.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,7 +42,7 @@ use rand::rngs::OsRng;
 use rand::{Rng, RngCore};
 use zeroize::Zeroizing;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretFileError, read_secret_file, read_secret_text};
 
 /// Name of the key file inside the state directory.
 pub const KEY_FILE: &str = "vault.key";
@@ -65,14 +67,10 @@ pub enum VaultError {
         /// The expected key file.
         path: PathBuf,
     },
-    /// The key file can be read by group or others.
-    #[error("vault key {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
-    UnsafeKeyPermissions {
-        /// The key file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// The key file fails the secret-file policy (see [`crate::secret`]): group or others
+    /// may access it, it is not a regular file, or it belongs to another account.
+    #[error("vault key {0}")]
+    KeyFile(SecretFileError),
     /// The key file is not 32 bytes, so it is not a key this vault wrote.
     #[error("vault key {path} is not a {KEY_LEN}-byte key (found {len} bytes)")]
     InvalidKey {
@@ -81,14 +79,9 @@ pub enum VaultError {
         /// Its length in bytes.
         len: u64,
     },
-    /// The vault file can be read by group or others.
-    #[error("vault file {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
-    UnsafeVaultPermissions {
-        /// The vault file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// The vault file fails the secret-file policy (see [`crate::secret`]).
+    #[error("vault file {0}")]
+    VaultFile(SecretFileError),
     /// The vault file does not parse or holds malformed entries.
     #[error("vault file {path} is corrupt: {message}")]
     Corrupt {
@@ -299,18 +292,7 @@ impl Vault {
         let key = read_key(&key_path)?;
 
         let vault_path = state_dir.join(VAULT_FILE);
-        let users = match fs::metadata(&vault_path) {
-            Ok(meta) => {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(VaultError::UnsafeVaultPermissions { path: vault_path, mode });
-                }
-                let text = fs::read_to_string(&vault_path).map_err(io_at(&vault_path))?;
-                parse_vault_file(&vault_path, &text)?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(io_at(&vault_path)(e)),
-        };
+        let users = read_vault_file(&vault_path)?;
 
         Ok(Self { key_path, vault_path, key, users })
     }
@@ -539,24 +521,25 @@ fn parse_vault_file(path: &Path, text: &str) -> Result<BTreeMap<String, StoredEn
     Ok(users)
 }
 
+/// Reads the vault file through the secret-file reader; a missing file is an empty vault.
+fn read_vault_file(path: &Path) -> Result<BTreeMap<String, StoredEntry>, VaultError> {
+    match read_secret_text(path) {
+        Ok(text) => parse_vault_file(path, text.expose()),
+        Err(e) if e.is_missing() => Ok(BTreeMap::new()),
+        Err(e) => Err(VaultError::VaultFile(e)),
+    }
+}
+
 fn read_key(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(VaultError::KeyMissing { path: path.to_owned() });
-        }
-        Err(e) => return Err(io_at(path)(e)),
-    };
-    let meta = file.metadata().map_err(io_at(path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(VaultError::UnsafeKeyPermissions { path: path.to_owned(), mode });
-    }
-    if !meta.is_file() || meta.len() != KEY_LEN as u64 {
-        return Err(VaultError::InvalidKey { path: path.to_owned(), len: meta.len() });
-    }
+    let bytes = read_secret_file(path).map_err(|e| match e {
+        e if e.is_missing() => VaultError::KeyMissing { path: path.to_owned() },
+        e => VaultError::KeyFile(e),
+    })?;
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    file.read_exact(&mut key[..]).map_err(io_at(path))?;
+    if bytes.len() != KEY_LEN {
+        return Err(VaultError::InvalidKey { path: path.to_owned(), len: bytes.len() as u64 });
+    }
+    key.copy_from_slice(&bytes);
     Ok(key)
 }
 
@@ -602,6 +585,9 @@ fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn init_dir() -> (tempfile::TempDir, PathBuf) {
@@ -762,7 +748,7 @@ mod tests {
         for mode in [0o644, 0o640, 0o604] {
             fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
             let err = Vault::open(&dir).unwrap_err();
-            assert!(matches!(err, VaultError::UnsafeKeyPermissions { .. }), "{mode:o}: {err}");
+            assert!(matches!(&err, VaultError::KeyFile(e) if e.is_exposed()), "{mode:o}: {err}");
             assert!(err.to_string().contains(&format!("chmod 600 {}", key_path.display())));
         }
     }
@@ -772,7 +758,7 @@ mod tests {
         let (_tmp, dir) = init_dir();
         fs::set_permissions(dir.join(VAULT_FILE), fs::Permissions::from_mode(0o644)).unwrap();
         let err = Vault::open(&dir).unwrap_err();
-        assert!(matches!(err, VaultError::UnsafeVaultPermissions { .. }), "{err}");
+        assert!(matches!(&err, VaultError::VaultFile(e) if e.is_exposed()), "{err}");
         assert!(err.to_string().contains("chmod 600"));
     }
 
