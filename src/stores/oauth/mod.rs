@@ -130,8 +130,6 @@ pub struct TokenSource {
     cache: cache::TokenCache,
     metrics: TokenMetrics,
     state_dir: PathBuf,
-    /// Serialises vault write-backs of rotated refresh tokens within this process.
-    vault_writes: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -196,7 +194,6 @@ impl TokenSource {
             cache: cache::TokenCache::new(oauth.refresh_margin()),
             metrics: TokenMetrics::default(),
             state_dir,
-            vault_writes: Default::default(),
         })
     }
 
@@ -294,7 +291,8 @@ impl TokenSource {
 
     /// Replaces `user`'s stored refresh token `used` by `rotated` and returns the updated
     /// vault, or `None` when the vault no longer holds `used` for the user (an admin changed
-    /// it meanwhile; theirs wins).
+    /// it meanwhile; theirs wins). Written with [`Vault::update`], so a concurrent admin
+    /// command or another rotation is neither lost nor overwritten.
     pub async fn store_rotated_refresh_token(
         &self,
         user: &str,
@@ -304,21 +302,22 @@ impl TokenSource {
         let user = user.to_owned();
         let used = used.clone();
         let state_dir = self.state_dir.clone();
-        let writes = self.vault_writes.clone();
         let dir = state_dir.clone();
         let write = tokio::task::spawn_blocking(move || {
-            let _guard = writes.lock().unwrap_or_else(|e| e.into_inner());
-            let mut vault = Vault::open(&state_dir)?;
-            let Some(current) = vault.get(&user)? else {
-                return Ok(None);
-            };
-            if current.kind != SecretKind::RefreshToken || !current.secret.constant_time_eq(used.expose()) {
-                return Ok(None);
-            }
-            let mut entry = UpstreamSecret::refresh_token(rotated);
-            entry.upstream_user = current.upstream_user;
-            vault.set(&user, entry)?;
-            Ok(Some(vault))
+            let stored = Vault::update(&state_dir, |vault| {
+                let Some(current) = vault.get(&user)? else {
+                    return Ok(false);
+                };
+                if current.kind != SecretKind::RefreshToken || !current.secret.constant_time_eq(used.expose()) {
+                    return Ok(false);
+                }
+                let mut entry = UpstreamSecret::refresh_token(rotated);
+                entry.upstream_user = current.upstream_user;
+                vault.set(&user, entry)?;
+                Ok::<_, VaultError>(true)
+            })?;
+            // Read again once the lock is released: what other writers stored since is kept.
+            if stored { Vault::open(&state_dir).map(Some) } else { Ok(None) }
         });
         write.await.unwrap_or_else(|e| Err(VaultError::Io { path: dir, source: io::Error::other(e.to_string()) }))
     }
