@@ -2,56 +2,71 @@
 //! it holds secrets), the directory and the upstream TLS settings.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::stores::directory::DirectoryConfig;
 
-/// How private a file must be.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How a named file is judged.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Secrecy {
-    /// Holds a secret: not readable by others (group is fine, for `root:postern 0640`).
+    /// Holds a secret the daemon reads with [`crate::secret::read_secret_file`]: judged by
+    /// that reader's own policy, so `check` refuses exactly what `serve` and reload refuse.
     Secret,
+    /// Like [`Secrecy::Secret`], but a missing file is fine (the users file: missing is
+    /// an empty directory).
+    SecretOrMissing,
+    /// The TLS private key, which the daemon loads with the TLS library's own reader: not
+    /// readable or writable by everyone (group access is fine, for `root:postern 0640`).
+    TlsKey,
     /// Public (certificates, profiles): must only exist.
     Public,
 }
 
-/// Checks that `path` exists and, for secrets, is not world-readable or world-writable.
-/// Returns a problem description, or `None`.
+/// Checks `path` as `secrecy` says. Returns a problem description, or `None`.
 fn file_problem(what: &str, path: &Path, secrecy: Secrecy) -> Option<String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(e) => return Some(format!("{what} {}: {e}", path.display())),
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    if !meta.is_file() {
-        return Some(format!("{what} {}: not a regular file", path.display()));
+    match secrecy {
+        Secrecy::Secret => crate::secret::check_secret_file(path).err().map(|e| format!("{what} {e}")),
+        Secrecy::SecretOrMissing => match crate::secret::check_secret_file(path) {
+            Err(e) if !e.is_missing() => Some(format!("{what} {e}")),
+            _ => None,
+        },
+        Secrecy::TlsKey | Secrecy::Public => {
+            let meta = match std::fs::metadata(path) {
+                Ok(meta) => meta,
+                Err(e) => return Some(format!("{what} {}: {e}", path.display())),
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            if !meta.is_file() {
+                return Some(format!("{what} {}: not a regular file", path.display()));
+            }
+            if mode & 0o002 != 0 {
+                return Some(format!("{what} {}: world-writable (mode {mode:04o}); chmod o-w", path.display()));
+            }
+            if secrecy == Secrecy::TlsKey && mode & 0o004 != 0 {
+                return Some(format!("{what} {}: readable by everyone (mode {mode:04o}); chmod o-rwx", path.display()));
+            }
+            None
+        }
     }
-    if mode & 0o002 != 0 {
-        return Some(format!("{what} {}: world-writable (mode {mode:04o}); chmod o-w", path.display()));
-    }
-    if secrecy == Secrecy::Secret && mode & 0o004 != 0 {
-        return Some(format!("{what} {}: readable by everyone (mode {mode:04o}); chmod o-rwx", path.display()));
-    }
-    None
 }
 
-/// The files `config` names, with how private each must be.
-fn named_files(config: &Config) -> Vec<(String, std::path::PathBuf, Secrecy)> {
+/// The files `config` names, with how each is judged.
+fn named_files(config: &Config) -> Vec<(String, PathBuf, Secrecy)> {
     let mut files = Vec::new();
     let generated = config.tls.generate_self_signed
         && !config.resolve(&config.tls.cert).exists()
         && !config.resolve(&config.tls.key).exists();
     if !generated {
         files.push(("tls.cert".into(), config.resolve(&config.tls.cert), Secrecy::Public));
-        files.push(("tls.key".into(), config.resolve(&config.tls.key), Secrecy::Secret));
+        files.push(("tls.key".into(), config.resolve(&config.tls.key), Secrecy::TlsKey));
     }
     files.push(("access.profiles".into(), config.resolve(&config.access.profiles), Secrecy::Public));
     match &config.directory {
         DirectoryConfig::File(file) => {
-            files.push(("directory.path".into(), config.resolve(&file.path), Secrecy::Secret));
+            files.push(("directory.path".into(), config.resolve(&file.path), Secrecy::SecretOrMissing));
         }
         DirectoryConfig::Ldap(ldap) => {
             if let Some(f) = &ldap.bind_password_file {
@@ -67,6 +82,14 @@ fn named_files(config: &Config) -> Vec<(String, std::path::PathBuf, Secrecy)> {
             files.push((format!("{protocol}.upstream_ca_file"), config.resolve(f), Secrecy::Public));
         }
     }
+    if let Some(oauth) = &config.oauth {
+        if let Some(f) = &oauth.service_account_key {
+            files.push(("oauth.service_account_key".into(), config.resolve(f), Secrecy::Secret));
+        }
+        if let Some(f) = &oauth.client_secret_file {
+            files.push(("oauth.client_secret_file".into(), config.resolve(f), Secrecy::Secret));
+        }
+    }
     let state_dir = config.resolve(&config.server.state_dir);
     for name in [crate::stores::vault::KEY_FILE, crate::stores::vault::VAULT_FILE] {
         let path = state_dir.join(name);
@@ -77,23 +100,36 @@ fn named_files(config: &Config) -> Vec<(String, std::path::PathBuf, Secrecy)> {
     files
 }
 
-/// Validates the config and everything it refers to, printing what was checked.
-pub async fn check(path: &Path) -> anyhow::Result<()> {
-    let config = super::load_config(path)?;
+/// The problems with the files `config` names, after printing each file that passed.
+fn file_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
-    if let DirectoryConfig::Ldap(ldap) = &config.directory {
-        if ldap.bind_password.is_some() {
-            if let Some(p) = file_problem("config file (holds directory.bind_password)", path, Secrecy::Secret) {
-                problems.push(p);
-            }
-        }
-    }
-    for (key, file, secrecy) in named_files(&config) {
+    for (key, file, secrecy) in named_files(config) {
         match file_problem(&format!("`{key}`"), &file, secrecy) {
             Some(problem) => problems.push(problem),
+            None if secrecy == Secrecy::SecretOrMissing && !file.exists() => {
+                println!("{key}: {} does not exist yet (an empty directory)", file.display());
+            }
             None => println!("{key}: {} OK", file.display()),
         }
     }
+    problems
+}
+
+/// Validates the config and everything it refers to, printing what was checked.
+pub async fn check(path: &Path) -> anyhow::Result<()> {
+    let config = super::load_config(path)?;
+    if let DirectoryConfig::Ldap(ldap) = &config.directory
+        && ldap.bind_password.is_some()
+        && std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o007 != 0)
+    {
+        // `serve` reads the config whatever its mode, so this is a warning, not a problem.
+        eprintln!(
+            "warning: {} holds directory.bind_password and everyone may read it: run `chmod o-rwx {}`, or move the password to bind_password_file",
+            path.display(),
+            path.display()
+        );
+    }
+    let problems = file_problems(&config);
     if !problems.is_empty() {
         for problem in &problems {
             eprintln!("problem: {problem}");
@@ -141,18 +177,84 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{self, Permissions};
+
     use super::*;
 
     #[test]
-    fn world_readable_secrets_and_missing_files_are_problems() {
+    fn tls_key_rule_and_missing_files() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k.pem");
-        std::fs::write(&key, "x").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(file_problem("key", &key, Secrecy::Secret).unwrap().contains("readable by everyone"));
+        fs::write(&key, "x").unwrap();
+        fs::set_permissions(&key, Permissions::from_mode(0o644)).unwrap();
+        assert!(file_problem("key", &key, Secrecy::TlsKey).unwrap().contains("readable by everyone"));
         assert!(file_problem("cert", &key, Secrecy::Public).is_none());
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(file_problem("key", &key, Secrecy::Secret).is_none());
+        fs::set_permissions(&key, Permissions::from_mode(0o640)).unwrap();
+        assert!(file_problem("key", &key, Secrecy::TlsKey).is_none());
         assert!(file_problem("key", &dir.path().join("missing"), Secrecy::Public).is_some());
+        assert!(file_problem("key", &dir.path().join("missing"), Secrecy::Secret).is_some());
+        assert!(file_problem("users", &dir.path().join("missing"), Secrecy::SecretOrMissing).is_none());
+    }
+
+    /// A config with an LDAP directory whose service password is in `service.pw`.
+    fn ldap_config(dir: &Path) -> Config {
+        let text = r#"[server]
+hostname = "proxy.test"
+state_dir = "state"
+
+[tls]
+cert = "c.pem"
+key = "k.pem"
+
+[directory]
+kind = "ldap"
+url = "ldap://127.0.0.1:1"
+base_dn = "dc=example,dc=com"
+bind_dn = "cn=service,dc=example,dc=com"
+bind_password_file = "service.pw"
+timeout_secs = 1
+
+[access]
+profiles = "profiles.toml"
+
+[imap]
+listen = ["127.0.0.1:0"]
+upstream = "localhost:993"
+"#;
+        let path = dir.join("proxy.toml");
+        fs::write(&path, text).unwrap();
+        Config::parse(text, &path, dir.to_owned()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn check_and_loading_agree_on_the_bind_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ldap_config(dir.path());
+        let pw = dir.path().join("service.pw");
+        fs::write(&pw, "service-secret\n").unwrap();
+        let load = || crate::stores::directory::Directory::open(&config.directory, &config.base_dir);
+        let check = || {
+            named_files(&config)
+                .into_iter()
+                .find(|(key, ..)| key == "directory.bind_password_file")
+                .and_then(|(key, file, secrecy)| file_problem(&key, &file, secrecy))
+        };
+
+        for mode in [0o640, 0o604, 0o660] {
+            fs::set_permissions(&pw, Permissions::from_mode(mode)).unwrap();
+            let checked = check().unwrap_or_else(|| panic!("check passed a {mode:o} bind password file"));
+            let loaded = match load().await {
+                Ok(_) => panic!("loading accepted a {mode:o} bind password file"),
+                Err(e) => e.to_string(),
+            };
+            let fix = format!("chmod 600 {}", pw.display());
+            assert!(checked.contains(&fix) && loaded.contains(&fix), "{checked} / {loaded}");
+            assert!(!checked.contains("service-secret") && !loaded.contains("service-secret"));
+        }
+        for mode in [0o600, 0o400] {
+            fs::set_permissions(&pw, Permissions::from_mode(mode)).unwrap();
+            assert_eq!(check(), None, "{mode:o}");
+            load().await.unwrap_or_else(|e| panic!("{mode:o}: {e}"));
+        }
     }
 }

@@ -166,7 +166,8 @@ pub fn set_upstream(
     let user = normalized(user)?;
     let state_dir = config.resolve(&config.server.state_dir);
     Vault::init(&state_dir)?;
-    let mut vault = Vault::open(&state_dir)?;
+    // Fail on an unusable vault before asking for the secret; the write re-reads it.
+    Vault::open(&state_dir)?;
     let secret = match source {
         SecretSource::Generate => vault::generate_password(),
         SecretSource::Stdin => read_secret("Upstream password")?,
@@ -179,7 +180,7 @@ pub fn set_upstream(
     if let Some(name) = upstream_user {
         entry = entry.with_upstream_user(name);
     }
-    vault.set(&user, entry)?;
+    Vault::update(&state_dir, |vault| vault.set(&user, entry))?;
     match source {
         SecretSource::Generate => {
             println!("{}", secret.expose());

@@ -53,24 +53,31 @@ fn date(unix: u64) -> String {
 pub fn rotate(path: &Path, user: &str, source: SecretSource, confirm: bool) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
-    let mut vault = open_vault(&config)?;
+    let state_dir = config.resolve(&config.server.state_dir);
     if confirm {
-        if !vault.confirm(&user)? {
+        if !Vault::update(&state_dir, |vault| vault.confirm(&user))? {
             bail!("{user} has no previous upstream secret waiting for confirmation");
         }
         println!("confirmed the new upstream secret of {user}; the previous one is forgotten");
         return Ok(());
     }
-    let Some(current) = vault.get(&user)? else {
+    if !Vault::open(&state_dir)?.contains(&user) {
         bail!("{user} has no upstream secret to rotate; use `postern user set-upstream`");
-    };
+    }
     let secret = match source {
         SecretSource::Generate => vault::generate_password(),
         SecretSource::Stdin | SecretSource::RefreshToken => read_secret("New upstream secret")?,
     };
-    let mut entry = UpstreamSecret::new(current.kind, secret.clone());
-    entry.upstream_user = current.upstream_user;
-    vault.rotate(&user, entry)?;
+    // Kind and upstream login come from the entry as it is under the lock.
+    Vault::update(&state_dir, |vault| {
+        let Some(current) = vault.get(&user)? else {
+            bail!("{user} has no upstream secret to rotate (it was removed meanwhile); nothing was changed");
+        };
+        let mut entry = UpstreamSecret::new(current.kind, secret.clone());
+        entry.upstream_user = current.upstream_user;
+        vault.rotate(&user, entry)?;
+        Ok(())
+    })?;
     if matches!(source, SecretSource::Generate) {
         println!("{}", secret.expose());
         eprintln!("set the password above on the upstream account now (it is not shown again)");
@@ -86,9 +93,9 @@ pub fn rotate(path: &Path, user: &str, source: SecretSource, confirm: bool) -> a
 pub fn remove(path: &Path, user: &str) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
-    let mut vault = open_vault(&config)?;
+    let state_dir = config.resolve(&config.server.state_dir);
     let mut removed = Vec::new();
-    if vault.remove(&user)? {
+    if Vault::update(&state_dir, |vault| vault.remove(&user))? {
         removed.push("upstream credential");
     }
     if let DirectoryConfig::File(file) = &config.directory {
@@ -261,14 +268,16 @@ pub fn import(path: &Path, file: &Path, skip_invalid: bool) -> anyhow::Result<()
     }
     let state_dir = config.resolve(&config.server.state_dir);
     Vault::init(&state_dir)?;
-    let mut vault = Vault::open(&state_dir)?;
     let progress = Progress::new(accepted.len());
-    for (i, row) in accepted.iter().enumerate() {
-        let mut entry = UpstreamSecret::password(row.secret.clone());
-        entry.upstream_user = row.upstream_user.clone();
-        vault.set(&row.user, entry).with_context(|| format!("storing {} (rows before it are stored)", row.user))?;
-        progress.show(i + 1);
-    }
+    Vault::update(&state_dir, |vault| {
+        for (i, row) in accepted.iter().enumerate() {
+            let mut entry = UpstreamSecret::password(row.secret.clone());
+            entry.upstream_user = row.upstream_user.clone();
+            vault.set(&row.user, entry).with_context(|| format!("storing {} (rows before it are stored)", row.user))?;
+            progress.show(i + 1);
+        }
+        anyhow::Ok(())
+    })?;
     println!("imported {} row(s); rejected {}", accepted.len(), rejected.len());
     eprintln!("a running postern picks them up on reload (systemctl reload postern, or SIGHUP)");
     Ok(())

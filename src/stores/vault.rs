@@ -18,17 +18,24 @@
 //!   sealed = "base64 of nonce (12 bytes) followed by ciphertext and tag"
 //!   ```
 //!
+//! - `vault.lock`: an empty file, mode 0600, that every writer holds an exclusive advisory
+//!   lock on (`flock`) while it re-reads the vault file, changes it and writes it back, so
+//!   the daemon (rotated refresh tokens) and admin commands never lose each other's writes.
+//!   Readers take no lock: writes replace the file atomically.
+//!
 //! Every write seals with a fresh random nonce. The associated data binds each sealed
 //! secret to its user name, kind and upstream login, so moving a ciphertext to another
 //! user or editing those fields makes it fail to decrypt instead of handing one user's
-//! credential to another. Both files must not be readable by group or others; Postern
-//! refuses to open them otherwise. Unix only: permissions are POSIX modes.
+//! credential to another. Both files are read with [`crate::secret::read_secret_file`], so
+//! they must be regular files owned by Postern's user (or root) that neither group nor
+//! others may access; Postern refuses to open them otherwise. Unix only: permissions are
+//! POSIX modes.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,12 +47,14 @@ use rand::rngs::OsRng;
 use rand::{Rng, RngCore};
 use zeroize::Zeroizing;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretFileError, read_secret_file, read_secret_text};
 
 /// Name of the key file inside the state directory.
 pub const KEY_FILE: &str = "vault.key";
 /// Name of the credentials file inside the state directory.
 pub const VAULT_FILE: &str = "vault.toml";
+/// Name of the lock file inside the state directory that serialises writers.
+pub const LOCK_FILE: &str = "vault.lock";
 /// The vault file format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -65,14 +74,10 @@ pub enum VaultError {
         /// The expected key file.
         path: PathBuf,
     },
-    /// The key file can be read by group or others.
-    #[error("vault key {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
-    UnsafeKeyPermissions {
-        /// The key file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// The key file fails the secret-file policy (see [`crate::secret`]): group or others
+    /// may access it, it is not a regular file, or it belongs to another account.
+    #[error("vault key {0}")]
+    KeyFile(SecretFileError),
     /// The key file is not 32 bytes, so it is not a key this vault wrote.
     #[error("vault key {path} is not a {KEY_LEN}-byte key (found {len} bytes)")]
     InvalidKey {
@@ -81,14 +86,9 @@ pub enum VaultError {
         /// Its length in bytes.
         len: u64,
     },
-    /// The vault file can be read by group or others.
-    #[error("vault file {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
-    UnsafeVaultPermissions {
-        /// The vault file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// The vault file fails the secret-file policy (see [`crate::secret`]).
+    #[error("vault file {0}")]
+    VaultFile(SecretFileError),
     /// The vault file does not parse or holds malformed entries.
     #[error("vault file {path} is corrupt: {message}")]
     Corrupt {
@@ -248,12 +248,45 @@ fn previous_slot(user: &str) -> String {
 /// The encrypted store of upstream credentials under the state directory.
 ///
 /// Holds the key (wiped on drop) and the sealed entries; secrets are decrypted only in
-/// [`Vault::get`]. Changes are written to disk before they show in memory.
+/// [`Vault::get`]. Changes are written to disk before they show in memory, by one writer
+/// at a time across processes ([`Vault::update`]).
 pub struct Vault {
     key_path: PathBuf,
     vault_path: PathBuf,
     key: Zeroizing<[u8; KEY_LEN]>,
     users: BTreeMap<String, StoredEntry>,
+    /// Held while this vault is the one writer (inside [`Vault::update`]).
+    lock: Option<WriteLock>,
+}
+
+/// An exclusive advisory lock on the state directory's [`LOCK_FILE`], released when
+/// dropped (closing the file releases it, also if the process dies).
+#[derive(Debug)]
+struct WriteLock {
+    _file: File,
+}
+
+impl WriteLock {
+    /// Waits until this process holds the lock on `state_dir`'s lock file, creating the
+    /// file (mode 0600) if needed. Blocks: call it off the async workers.
+    fn acquire(state_dir: &Path) -> Result<Self, VaultError> {
+        let path = state_dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(VaultError::Io { path, source: io::Error::from(e) }),
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Vault {
@@ -286,8 +319,11 @@ impl Vault {
 
         let vault_path = state_dir.join(VAULT_FILE);
         if !vault_path.exists() {
-            let empty = VaultFile { version: FORMAT_VERSION, users: BTreeMap::new() };
-            write_vault_file(&vault_path, &empty)?;
+            let _lock = WriteLock::acquire(state_dir)?;
+            if !vault_path.exists() {
+                let empty = VaultFile { version: FORMAT_VERSION, users: BTreeMap::new() };
+                write_vault_file(&vault_path, &empty)?;
+            }
         }
         Ok(created)
     }
@@ -299,20 +335,53 @@ impl Vault {
         let key = read_key(&key_path)?;
 
         let vault_path = state_dir.join(VAULT_FILE);
-        let users = match fs::metadata(&vault_path) {
-            Ok(meta) => {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(VaultError::UnsafeVaultPermissions { path: vault_path, mode });
-                }
-                let text = fs::read_to_string(&vault_path).map_err(io_at(&vault_path))?;
-                parse_vault_file(&vault_path, &text)?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(io_at(&vault_path)(e)),
-        };
+        let users = read_vault_file(&vault_path)?;
 
-        Ok(Self { key_path, vault_path, key, users })
+        Ok(Self { key_path, vault_path, key, users, lock: None })
+    }
+
+    /// The one way to change the vault: waits for the exclusive lock on the state
+    /// directory's [`LOCK_FILE`], reads the vault as it is on disk now, runs `change` on it
+    /// (each [`Vault::set`], [`Vault::rotate`], [`Vault::confirm`] or [`Vault::remove`]
+    /// inside writes the file atomically), and releases the lock. Another process or thread
+    /// doing the same waits, then sees these changes, so no write is lost.
+    ///
+    /// Blocks while another writer holds the lock: from async code, call it inside
+    /// `tokio::task::spawn_blocking`. `change` must not call [`Vault::init`] or
+    /// [`Vault::update`] for the same directory: it would wait for its own lock.
+    pub fn update<T, E>(state_dir: &Path, change: impl FnOnce(&mut Vault) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<VaultError>,
+    {
+        let lock = match WriteLock::acquire(state_dir) {
+            // No state directory: say how to create the vault rather than name the lock file.
+            Err(VaultError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(VaultError::KeyMissing { path: state_dir.join(KEY_FILE) }.into());
+            }
+            result => result?,
+        };
+        let mut vault = Self::open(state_dir)?;
+        vault.lock = Some(lock);
+        change(&mut vault)
+    }
+
+    /// Runs `change` as the one writer: directly inside [`Vault::update`], else under the
+    /// lock after re-reading the vault file, so a vault opened with [`Vault::open`] cannot
+    /// overwrite what other writers stored since.
+    fn write_locked<T>(&mut self, change: impl FnOnce(&mut Self) -> Result<T, VaultError>) -> Result<T, VaultError> {
+        if self.lock.is_some() {
+            return change(self);
+        }
+        let state_dir = match self.vault_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let lock = WriteLock::acquire(&state_dir)?;
+        self.users = read_vault_file(&self.vault_path)?;
+        self.lock = Some(lock);
+        let result = change(self);
+        self.lock = None;
+        result
     }
 
     /// The key file this vault was opened with.
@@ -340,8 +409,13 @@ impl Vault {
         }))
     }
 
-    /// Stores `secret` for `user`, replacing any previous one, and writes the vault file.
+    /// Stores `secret` for `user`, replacing any previous one, and writes the vault file
+    /// (under the write lock; see [`Vault::update`]).
     pub fn set(&mut self, user: &str, secret: UpstreamSecret) -> Result<(), VaultError> {
+        self.write_locked(|vault| vault.set_locked(user, secret))
+    }
+
+    fn set_locked(&mut self, user: &str, secret: UpstreamSecret) -> Result<(), VaultError> {
         let user = normalize_user(user)?;
         let entry = StoredEntry {
             sealed: self.seal(&user, secret.kind, secret.upstream_user.as_deref(), &secret.secret)?,
@@ -357,7 +431,12 @@ impl Vault {
 
     /// Replaces `user`'s secret with `secret`, keeping the replaced one as "previous" until
     /// [`Vault::confirm`]. Returns `false` (and changes nothing) when `user` has no secret.
+    /// Writes under the write lock; see [`Vault::update`].
     pub fn rotate(&mut self, user: &str, secret: UpstreamSecret) -> Result<bool, VaultError> {
+        self.write_locked(|vault| vault.rotate_locked(user, secret))
+    }
+
+    fn rotate_locked(&mut self, user: &str, secret: UpstreamSecret) -> Result<bool, VaultError> {
         let user = normalize_user(user)?;
         let Some(old) = self.get(&user)? else {
             return Ok(false);
@@ -401,8 +480,12 @@ impl Vault {
     }
 
     /// Forgets the previous secret of `user` (the new one works upstream); `false` if
-    /// there was none.
+    /// there was none. Writes under the write lock; see [`Vault::update`].
     pub fn confirm(&mut self, user: &str) -> Result<bool, VaultError> {
+        self.write_locked(|vault| vault.confirm_locked(user))
+    }
+
+    fn confirm_locked(&mut self, user: &str) -> Result<bool, VaultError> {
         let user = normalize_user(user)?;
         let mut users = self.users.clone();
         match users.get_mut(&user) {
@@ -413,8 +496,13 @@ impl Vault {
         Ok(true)
     }
 
-    /// Removes `user`'s credential and writes the vault file; `false` if there was none.
+    /// Removes `user`'s credential and writes the vault file (under the write lock; see
+    /// [`Vault::update`]); `false` if there was none.
     pub fn remove(&mut self, user: &str) -> Result<bool, VaultError> {
+        self.write_locked(|vault| vault.remove_locked(user))
+    }
+
+    fn remove_locked(&mut self, user: &str) -> Result<bool, VaultError> {
         let user = normalize_user(user)?;
         if !self.users.contains_key(&user) {
             return Ok(false);
@@ -444,8 +532,9 @@ impl Vault {
         normalize_user(user).is_ok_and(|user| self.users.contains_key(&user))
     }
 
-    /// Writes `users` to disk, then adopts them.
+    /// Writes `users` to disk, then adopts them. Only called with the write lock held.
     fn commit(&mut self, users: BTreeMap<String, StoredEntry>) -> Result<(), VaultError> {
+        debug_assert!(self.lock.is_some(), "vault written without the write lock");
         let file = VaultFile { version: FORMAT_VERSION, users };
         write_vault_file(&self.vault_path, &file)?;
         self.users = file.users;
@@ -539,24 +628,25 @@ fn parse_vault_file(path: &Path, text: &str) -> Result<BTreeMap<String, StoredEn
     Ok(users)
 }
 
+/// Reads the vault file through the secret-file reader; a missing file is an empty vault.
+fn read_vault_file(path: &Path) -> Result<BTreeMap<String, StoredEntry>, VaultError> {
+    match read_secret_text(path) {
+        Ok(text) => parse_vault_file(path, text.expose()),
+        Err(e) if e.is_missing() => Ok(BTreeMap::new()),
+        Err(e) => Err(VaultError::VaultFile(e)),
+    }
+}
+
 fn read_key(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(VaultError::KeyMissing { path: path.to_owned() });
-        }
-        Err(e) => return Err(io_at(path)(e)),
-    };
-    let meta = file.metadata().map_err(io_at(path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(VaultError::UnsafeKeyPermissions { path: path.to_owned(), mode });
-    }
-    if !meta.is_file() || meta.len() != KEY_LEN as u64 {
-        return Err(VaultError::InvalidKey { path: path.to_owned(), len: meta.len() });
-    }
+    let bytes = read_secret_file(path).map_err(|e| match e {
+        e if e.is_missing() => VaultError::KeyMissing { path: path.to_owned() },
+        e => VaultError::KeyFile(e),
+    })?;
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    file.read_exact(&mut key[..]).map_err(io_at(path))?;
+    if bytes.len() != KEY_LEN {
+        return Err(VaultError::InvalidKey { path: path.to_owned(), len: bytes.len() as u64 });
+    }
+    key.copy_from_slice(&bytes);
     Ok(key)
 }
 
@@ -602,6 +692,9 @@ fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn init_dir() -> (tempfile::TempDir, PathBuf) {
@@ -762,7 +855,7 @@ mod tests {
         for mode in [0o644, 0o640, 0o604] {
             fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
             let err = Vault::open(&dir).unwrap_err();
-            assert!(matches!(err, VaultError::UnsafeKeyPermissions { .. }), "{mode:o}: {err}");
+            assert!(matches!(&err, VaultError::KeyFile(e) if e.is_exposed()), "{mode:o}: {err}");
             assert!(err.to_string().contains(&format!("chmod 600 {}", key_path.display())));
         }
     }
@@ -772,7 +865,7 @@ mod tests {
         let (_tmp, dir) = init_dir();
         fs::set_permissions(dir.join(VAULT_FILE), fs::Permissions::from_mode(0o644)).unwrap();
         let err = Vault::open(&dir).unwrap_err();
-        assert!(matches!(err, VaultError::UnsafeVaultPermissions { .. }), "{err}");
+        assert!(matches!(&err, VaultError::VaultFile(e) if e.is_exposed()), "{err}");
         assert!(err.to_string().contains("chmod 600"));
     }
 
@@ -810,7 +903,8 @@ mod tests {
         vault.remove("u0@example.com").unwrap();
         let mut names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
-        assert_eq!(names, [KEY_FILE, VAULT_FILE]);
+        assert_eq!(names, [KEY_FILE, LOCK_FILE, VAULT_FILE]);
+        assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
         assert_eq!(mode(&dir.join(VAULT_FILE)), 0o600);
     }
 
@@ -850,5 +944,77 @@ mod tests {
         let mut vault = Vault::open(&dir).unwrap();
         let err = vault.set("", UpstreamSecret::password(Secret::new("pw"))).unwrap_err();
         assert!(matches!(err, VaultError::InvalidUser(_)));
+    }
+
+    #[test]
+    fn racing_writer_threads_keep_every_write() {
+        let (_tmp, dir) = init_dir();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    for round in 0..4 {
+                        let user = format!("t{i}-{round}@example.com");
+                        Vault::update(&dir, |vault| {
+                            vault.set(&user, UpstreamSecret::password(Secret::new(format!("pw-{user}"))))
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let vault = Vault::open(&dir).unwrap();
+        assert_eq!(vault.list().len(), 32);
+        assert_eq!(vault.get("t7-3@example.com").unwrap().unwrap().secret.expose(), "pw-t7-3@example.com");
+    }
+
+    #[test]
+    fn a_stale_vault_rereads_before_it_writes() {
+        let (_tmp, dir) = init_dir();
+        let mut stale = Vault::open(&dir).unwrap();
+        Vault::update(&dir, |vault| vault.set("first@example.com", UpstreamSecret::password(Secret::new("1"))))
+            .unwrap();
+        stale.set("second@example.com", UpstreamSecret::password(Secret::new("2"))).unwrap();
+        assert!(stale.contains("first@example.com"), "the write re-read the file");
+        let vault = Vault::open(&dir).unwrap();
+        assert!(vault.contains("first@example.com") && vault.contains("second@example.com"));
+    }
+
+    #[test]
+    fn update_waits_for_the_writer_holding_the_lock() {
+        let (_tmp, dir) = init_dir();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                Vault::update(&dir, |vault| {
+                    locked_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    vault.set("holder@example.com", UpstreamSecret::password(Secret::new("h")))
+                })
+                .unwrap();
+            })
+        };
+        locked_rx.recv().unwrap();
+        let waiter = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                Vault::update(&dir, |vault| {
+                    let saw_holder = vault.contains("holder@example.com");
+                    vault.set("waiter@example.com", UpstreamSecret::password(Secret::new("w")))?;
+                    Ok::<_, VaultError>(saw_holder)
+                })
+                .unwrap()
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "a second writer ran while the first held the lock");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(waiter.join().unwrap(), "the second writer did not see the first one's write");
     }
 }

@@ -264,6 +264,8 @@ async fn opens_through_the_directory_config() {
     s.add_user("viacfg", "viacfg@example.com", "vc-pw", &["mail-users"]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("service.pw"), format!("{}\n", s.service_password)).unwrap();
+    std::fs::set_permissions(dir.path().join("service.pw"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
     std::fs::copy(&s.ca_file, dir.path().join("ca.pem")).unwrap();
     let text = format!(
         "kind = \"ldap\"\nurl = {:?}\nca_file = \"ca.pem\"\nbase_dn = {:?}\nbind_dn = {:?}\nbind_password_file = \"service.pw\"",

@@ -16,8 +16,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -93,10 +91,7 @@ impl FileDirectory {
     pub fn open(config: &FileConfig, base_dir: &Path) -> Result<Self, DirectoryError> {
         let path = base_dir.join(&config.path);
         let users = match load_users(&path)? {
-            Some(users) => {
-                warn_if_exposed(&path);
-                users
-            }
+            Some(users) => users,
             None => {
                 tracing::warn!(
                     path = %path.display(),
@@ -289,18 +284,17 @@ fn read_users_or_empty(path: &Path) -> Result<BTreeMap<String, UserRecord>, Dire
     Ok(load_users(path)?.unwrap_or_default())
 }
 
-/// Reads and checks the users file (TOML shape, names unique ignoring case, argon2id
+/// Reads and checks the users file (the secret-file policy of [`crate::secret`], since
+/// password hashes can be attacked offline; TOML shape, names unique ignoring case, argon2id
 /// hashes); `None` if there is no such file.
 fn load_users(path: &Path) -> Result<Option<BTreeMap<String, UserRecord>>, DirectoryError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::secret::read_secret_text(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(DirectoryError::Config(format!("cannot read users file {}: {e}", path.display())));
-        }
+        Err(e) if e.is_missing() => return Ok(None),
+        Err(e) => return Err(DirectoryError::Config(format!("users file {e}"))),
     };
     let invalid = |msg: String| DirectoryError::Config(format!("users file {}: {msg}", path.display()));
-    let file: UsersFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let file: UsersFile = toml::from_str(text.expose()).map_err(|e| invalid(e.to_string()))?;
     let mut users = BTreeMap::new();
     for (name, record) in file.users {
         let is_argon2id = PasswordHash::new(&record.password).is_ok_and(|h| h.algorithm.as_str() == "argon2id");
@@ -313,18 +307,6 @@ fn load_users(path: &Path) -> Result<Option<BTreeMap<String, UserRecord>>, Direc
         }
     }
     Ok(Some(users))
-}
-
-/// Password hashes can be attacked offline, so say so when others can read them.
-fn warn_if_exposed(path: &Path) {
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                "users file is accessible by group or others; run `chmod 600` on it"
-            );
-        }
-    }
 }
 
 fn write_users(path: &Path, users: BTreeMap<String, UserRecord>) -> Result<(), DirectoryError> {
@@ -340,6 +322,8 @@ fn valid_user(user: &str) -> Result<String, DirectoryError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn directory(path: &Path) -> FileDirectory {
@@ -350,6 +334,12 @@ mod tests {
         let dir = directory(path);
         let entry = dir.lookup(user)?;
         dir.verify(&entry, &Secret::new(password)).await
+    }
+
+    /// Writes a hand-edited users file as an admin would, readable by its owner only.
+    fn write_private(path: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+        std::fs::write(path, text)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
     }
 
     #[test]
@@ -422,7 +412,7 @@ mod tests {
     fn malformed_file_names_file_and_position() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("users.toml");
-        std::fs::write(&path, "[users.\"a@example.com\"]\npassword = \"x\"\nshell = \"/bin/sh\"\n").unwrap();
+        write_private(&path, "[users.\"a@example.com\"]\npassword = \"x\"\nshell = \"/bin/sh\"\n").unwrap();
         let err = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DirectoryError::Config(_)));
@@ -430,12 +420,12 @@ mod tests {
         assert!(msg.contains("line 3"), "{msg}");
         assert!(set_password(&path, "a@example.com", &Secret::new("pw")).is_err(), "never clobber a broken file");
 
-        std::fs::write(&path, "[users.\"a@example.com\"]\npassword = \"plain\"\n").unwrap();
+        write_private(&path, "[users.\"a@example.com\"]\npassword = \"plain\"\n").unwrap();
         let msg = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err().to_string();
         assert!(msg.contains("argon2id") && !msg.contains("plain"), "{msg}");
 
         let hash = hash_password(&Secret::new("pw")).unwrap();
-        std::fs::write(
+        write_private(
             &path,
             format!("[users.\"A@x\"]\npassword = \"{hash}\"\n[users.\"a@x\"]\npassword = \"{hash}\"\n"),
         )
@@ -472,5 +462,18 @@ mod tests {
         assert!(!std::fs::read_to_string(&path).unwrap().contains(pw.expose()));
         assert!(set_password(&path, "a@example.com", &Secret::new("")).is_err());
         assert!(set_password(&path, "a b@example.com", &pw).is_err());
+    }
+
+    #[test]
+    fn group_or_world_readable_users_file_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("users.toml");
+        set_password(&path, "a@example.com", &Secret::new("pw")).unwrap();
+        for mode in [0o640, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = FileDirectory::open(&FileConfig { path: path.clone() }, tmp.path()).unwrap_err().to_string();
+            assert!(err.contains(&format!("chmod 600 {}", path.display())) && !err.contains("argon2id"), "{err}");
+            assert!(set_password(&path, "b@example.com", &Secret::new("pw")).is_err(), "{mode:o}");
+        }
     }
 }

@@ -570,10 +570,8 @@ fn service_password(config: &LdapConfig, base_dir: &Path) -> Result<Secret, Dire
         return Err(DirectoryError::Config("bind_password: required with bind_dn".to_owned()));
     };
     let path = base_dir.join(file);
-    let text = Secret::new(
-        std::fs::read_to_string(&path)
-            .map_err(|e| DirectoryError::Config(format!("bind_password_file {}: {e}", path.display())))?,
-    );
+    let text = crate::secret::read_secret_text(&path)
+        .map_err(|e| DirectoryError::Config(format!("bind_password_file {e}")))?;
     let password = Secret::new(text.expose().trim_end_matches(['\r', '\n']));
     if password.is_empty() {
         return Err(DirectoryError::Config(format!("bind_password_file {}: empty", path.display())));

@@ -48,8 +48,8 @@ impl ServiceAccount {
         let what = "service account key file";
         let text = read_private_file(path, what)?;
         let file_error = |message: String| SetupError::File { what, path: path.to_owned(), message };
-        let key: KeyFile =
-            serde_json::from_str(&text).map_err(|e| file_error(format!("not a service account JSON key ({e})")))?;
+        let key: KeyFile = serde_json::from_str(text.expose())
+            .map_err(|e| file_error(format!("not a service account JSON key ({e})")))?;
         if let Some(kind) = &key.kind
             && kind != "service_account"
         {

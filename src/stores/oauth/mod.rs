@@ -15,16 +15,12 @@
 //! secret files that group or others may read are refused. Each request's latency is logged
 //! (`latency_ms`) and counted in [`TokenMetrics`], which a metrics exporter can read.
 
-use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use zeroize::Zeroizing;
-
 use crate::config::{Config, OAuthConfig, OAuthSource};
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretFileError};
 use crate::stores::vault::{SecretKind, UpstreamSecret, Vault, VaultError};
 use crate::tls::TlsError;
 
@@ -40,13 +36,10 @@ pub mod refresh;
 pub use cache::Obtained as AccessToken;
 pub use metrics::{MetricsSnapshot, TokenMetrics};
 
-/// Largest key or secret file read.
-const MAX_KEY_FILE: u64 = 64 * 1024;
-
 /// Why the token source could not be set up at startup.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// A key or secret file is missing, unreadable or malformed.
+    /// A key or secret file's content is malformed.
     #[error("{what} {path}: {message}")]
     File {
         /// Which file.
@@ -56,15 +49,14 @@ pub enum SetupError {
         /// What is wrong; never the file's content.
         message: String,
     },
-    /// A key or secret file can be read by group or others.
-    #[error("{what} {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`")]
-    UnsafePermissions {
+    /// A key or secret file is missing, or refused by the secret-file policy of
+    /// [`crate::secret`] (group or others may access it, wrong owner, not a regular file).
+    #[error("{what} {error}")]
+    SecretFile {
         /// Which file.
         what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
+        /// Why it was refused; says what to do.
+        error: SecretFileError,
     },
     /// A value in `[oauth]` cannot be used.
     #[error("config key `oauth.{key}`: {message}")]
@@ -138,8 +130,6 @@ pub struct TokenSource {
     cache: cache::TokenCache,
     metrics: TokenMetrics,
     state_dir: PathBuf,
-    /// Serialises vault write-backs of rotated refresh tokens within this process.
-    vault_writes: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -204,7 +194,6 @@ impl TokenSource {
             cache: cache::TokenCache::new(oauth.refresh_margin()),
             metrics: TokenMetrics::default(),
             state_dir,
-            vault_writes: Default::default(),
         })
     }
 
@@ -302,7 +291,8 @@ impl TokenSource {
 
     /// Replaces `user`'s stored refresh token `used` by `rotated` and returns the updated
     /// vault, or `None` when the vault no longer holds `used` for the user (an admin changed
-    /// it meanwhile; theirs wins).
+    /// it meanwhile; theirs wins). Written with [`Vault::update`], so a concurrent admin
+    /// command or another rotation is neither lost nor overwritten.
     pub async fn store_rotated_refresh_token(
         &self,
         user: &str,
@@ -312,55 +302,38 @@ impl TokenSource {
         let user = user.to_owned();
         let used = used.clone();
         let state_dir = self.state_dir.clone();
-        let writes = self.vault_writes.clone();
         let dir = state_dir.clone();
         let write = tokio::task::spawn_blocking(move || {
-            let _guard = writes.lock().unwrap_or_else(|e| e.into_inner());
-            let mut vault = Vault::open(&state_dir)?;
-            let Some(current) = vault.get(&user)? else {
-                return Ok(None);
-            };
-            if current.kind != SecretKind::RefreshToken || !current.secret.constant_time_eq(used.expose()) {
-                return Ok(None);
-            }
-            let mut entry = UpstreamSecret::refresh_token(rotated);
-            entry.upstream_user = current.upstream_user;
-            vault.set(&user, entry)?;
-            Ok(Some(vault))
+            let stored = Vault::update(&state_dir, |vault| {
+                let Some(current) = vault.get(&user)? else {
+                    return Ok(false);
+                };
+                if current.kind != SecretKind::RefreshToken || !current.secret.constant_time_eq(used.expose()) {
+                    return Ok(false);
+                }
+                let mut entry = UpstreamSecret::refresh_token(rotated);
+                entry.upstream_user = current.upstream_user;
+                vault.set(&user, entry)?;
+                Ok::<_, VaultError>(true)
+            })?;
+            // Read again once the lock is released: what other writers stored since is kept.
+            if stored { Vault::open(&state_dir).map(Some) } else { Ok(None) }
         });
         write.await.unwrap_or_else(|e| Err(VaultError::Io { path: dir, source: io::Error::other(e.to_string()) }))
     }
 }
 
-/// Reads a file holding a key or secret, refusing it when group or others may access it.
-pub(crate) fn read_private_file(path: &Path, what: &'static str) -> Result<Zeroizing<String>, SetupError> {
-    let io_error = |e: io::Error| SetupError::File { what, path: path.to_owned(), message: e.to_string() };
-    let meta = fs::metadata(path).map_err(io_error)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SetupError::UnsafePermissions { what, path: path.to_owned(), mode });
-    }
-    if meta.len() > MAX_KEY_FILE {
-        return Err(SetupError::File {
-            what,
-            path: path.to_owned(),
-            message: format!("larger than {MAX_KEY_FILE} bytes"),
-        });
-    }
-    let bytes = Zeroizing::new(fs::read(path).map_err(io_error)?);
-    let text = std::str::from_utf8(&bytes).map_err(|_| SetupError::File {
-        what,
-        path: path.to_owned(),
-        message: "not UTF-8 text".into(),
-    })?;
-    Ok(Zeroizing::new(text.to_owned()))
+/// Reads a file holding a key or secret with the one secret-file reader
+/// ([`crate::secret::read_secret_text`]), naming the file as `what` in errors.
+pub(crate) fn read_private_file(path: &Path, what: &'static str) -> Result<Secret, SetupError> {
+    crate::secret::read_secret_text(path).map_err(|error| SetupError::SecretFile { what, error })
 }
 
 /// Reads a client secret file: one line, surrounding whitespace ignored.
 pub(crate) fn read_secret_file(path: &Path) -> Result<Secret, SetupError> {
     let what = "client secret file";
     let text = read_private_file(path, what)?;
-    let secret = text.trim();
+    let secret = text.expose().trim();
     if secret.is_empty() || secret.contains(['\r', '\n']) {
         return Err(SetupError::File {
             what,
@@ -377,7 +350,8 @@ fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::Permissions;
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
@@ -389,7 +363,7 @@ mod tests {
         for mode in [0o644, 0o640, 0o604, 0o660] {
             fs::set_permissions(&path, Permissions::from_mode(mode)).unwrap();
             let err = read_secret_file(&path).unwrap_err();
-            assert!(matches!(err, SetupError::UnsafePermissions { .. }), "{mode:o}: {err}");
+            assert!(matches!(&err, SetupError::SecretFile { error, .. } if error.is_exposed()), "{mode:o}: {err}");
             assert!(err.to_string().contains("chmod 600"));
         }
         fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
@@ -416,6 +390,9 @@ mod tests {
         write(r#"{"private_key":"k"}"#);
         assert!(google::ServiceAccount::load(&path, None, None).unwrap_err().to_string().contains("client_email"));
         fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(google::ServiceAccount::load(&path, None, None), Err(SetupError::UnsafePermissions { .. })));
+        assert!(matches!(
+            google::ServiceAccount::load(&path, None, None),
+            Err(SetupError::SecretFile { error, .. }) if error.is_exposed()
+        ));
     }
 }
