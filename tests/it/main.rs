@@ -20,3 +20,4 @@ mod pop3;
 mod secrets;
 mod service;
 mod smtp;
+mod vault_writers;
