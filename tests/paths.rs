@@ -1,7 +1,8 @@
 //! Paths users rely on, run against the real `postern` binary: a live session closed when
 //! its user leaves a directory group, certificate and audit-file handling on SIGHUP
-//! (including broken files that must leave the old state in force), `[tls] min_version`,
-//! and an SMTP STARTTLS upstream that fails before the login.
+//! (including broken files that must leave the old state in force), IPv6 and dual-stack
+//! listeners under the per-address limits and lockout, `[tls] min_version`, and an SMTP
+//! STARTTLS upstream that fails before the login.
 
 mod common;
 mod install;
@@ -449,6 +450,129 @@ async fn the_audit_file_is_reopened_after_rotation() {
     assert!(!old.iter().any(|l| l["user"] == after), "a line after the reload went to the rotated file: {old:?}");
     let new = install::audit_lines(&install.path("audit.jsonl"));
     assert!(!new.iter().any(|l| l["user"] == before), "{new:?}");
+}
+
+/// Panics with a clear message unless this machine can bind the IPv6 loopback.
+fn require_ipv6_loopback() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        panic!("this test needs the IPv6 loopback address ::1 (cannot bind it: {e}); enable IPv6 on lo");
+    }
+}
+
+/// Connects to `addr` as soon as the client's address has a free connection slot again
+/// (a closed session releases its slot a moment after the client sees the close).
+async fn connect_when_free(addr: SocketAddr, install: &Install) -> MailClient {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut c = client::connect_tls(addr, &install.ca_file).await;
+        let greeting = c.read_line().await;
+        if greeting.starts_with("* OK") {
+            return c;
+        }
+        assert!(greeting.starts_with("* BYE [UNAVAILABLE] Too many connections"), "{greeting}");
+        assert!(Instant::now() < deadline, "the address's connection slot was not freed within {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Three refused logins of an unknown user on one connection (the per-connection limit),
+/// each counted against the client's address; the proxy then closes the connection.
+async fn fail_three_logins(mut c: MailClient) {
+    for tag in ["f1", "f2", "f3"] {
+        let answer = tagged(&mut c, tag, "LOGIN stranger@example.com nope").await;
+        assert!(answer.starts_with(&format!("{tag} NO")), "{answer}");
+    }
+    c.expect_closed().await;
+}
+
+/// Asserts that a new connection to `addr` is turned away because its address is busy.
+async fn expect_busy(addr: SocketAddr, install: &Install) {
+    let mut c = client::connect_tls(addr, &install.ca_file).await;
+    let bye = c.read_line().await;
+    assert_eq!(bye, "* BYE [UNAVAILABLE] Too many connections from your address; try again later", "at {addr}");
+    c.expect_closed().await;
+}
+
+async fn logout(mut c: MailClient) {
+    assert!(tagged(&mut c, "o1", "LOGOUT").await.starts_with("o1 OK"));
+    c.expect_closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_get_per_address_limits_and_lockout() {
+    require_ipv6_loopback();
+    let user = "six@example.com";
+    let conf = Conf {
+        limits: "max_connections_per_ip = 1".to_owned(),
+        lockout: "failure_delay_ms = 0\nmax_failures_per_ip = 3".to_owned(),
+        imap_listen: vec!["[::1]:0", "127.0.0.1:0"],
+        ..Conf::default()
+    };
+    let install = installation(&profile("loopbacks", &["::1", "127.0.0.1/32"], &[user]), &conf);
+    install.add_user(user, "six-pw");
+    let daemon = Daemon::start(&install);
+    let imaps = listeners(&daemon, "imap", 2).await;
+    let v6 = *imaps.iter().find(|a| a.is_ipv6()).expect("an IPv6 listener");
+    let v4 = *imaps.iter().find(|a| a.is_ipv4()).expect("an IPv4 listener");
+
+    let held = session(v6, &install, user, "six-pw").await;
+    expect_busy(v6, &install).await;
+    let busy = wait_audit(&install, "-", &["\"outcome\":\"busy\""]).await;
+    assert!(busy["client"].as_str().is_some_and(|c| c.starts_with("[::1]:")), "{busy}");
+    let other_address = session(v4, &install, user, "six-pw").await;
+    logout(held).await;
+    logout(other_address).await;
+
+    fail_three_logins(connect_when_free(v6, &install).await).await;
+    let mut c = connect_when_free(v6, &install).await;
+    assert!(tagged(&mut c, "l1", &format!("LOGIN {user} six-pw")).await.starts_with("l1 NO"), "::1 is throttled");
+    let line = wait_audit(&install, user, &["client IP throttled after repeated failed logins"]).await;
+    assert!(line["client"].as_str().is_some_and(|c| c.starts_with("[::1]:")), "{line}");
+    let mut c = connect_when_free(v4, &install).await;
+    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} six-pw")).await;
+    assert!(answer.starts_with("l1 OK"), "127.0.0.1 is not throttled: {answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_clients_of_a_dual_stack_listener_count_as_their_ipv4_address() {
+    require_ipv6_loopback();
+    let user = "dual@example.com";
+    let conf = Conf {
+        limits: "max_connections_per_ip = 1".to_owned(),
+        lockout: "failure_delay_ms = 0\nmax_failures_per_ip = 3".to_owned(),
+        imap_listen: vec!["[::]:0", "127.0.0.1:0"],
+        ..Conf::default()
+    };
+    let install = installation(&profile("ipv4-only", &["127.0.0.1/32"], &[user]), &conf);
+    install.add_user(user, "dual-pw");
+    let daemon = Daemon::start(&install);
+    let imaps = listeners(&daemon, "imap", 2).await;
+    let any = imaps.iter().find(|a| a.is_ipv6()).expect("the [::] listener");
+    let plain = *imaps.iter().find(|a| a.is_ipv4()).expect("the 127.0.0.1 listener");
+    // An IPv4 client reaches the [::] listener, which sees it as ::ffff:127.0.0.1.
+    let dual = SocketAddr::from(([127, 0, 0, 1], any.port()));
+    if let Err(e) = std::net::TcpStream::connect(dual) {
+        panic!("IPv4 cannot reach the [::] listener ({e}): IPv6 sockets here are IPv6-only (net.ipv6.bindv6only = 1)");
+    }
+
+    // Only an IPv4 allow entry lists the client, and the login gets through.
+    let held = session(dual, &install, user, "dual-pw").await;
+    expect_busy(plain, &install).await;
+    logout(held).await;
+    let line = wait_audit(&install, user, &["\"event\":\"session\""]).await;
+    assert_eq!(line["profile"], "ipv4-only (127.0.0.1/32)", "{line}");
+    assert!(line["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1:")), "{line}");
+    let mut held = connect_when_free(plain, &install).await;
+    assert!(tagged(&mut held, "l1", &format!("LOGIN {user} dual-pw")).await.starts_with("l1 OK"));
+    expect_busy(dual, &install).await;
+    logout(held).await;
+
+    fail_three_logins(connect_when_free(dual, &install).await).await;
+    let mut c = connect_when_free(plain, &install).await;
+    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} dual-pw")).await;
+    assert!(answer.starts_with("l1 NO"), "failures through the [::] listener throttle 127.0.0.1: {answer}");
+    let line = wait_audit(&install, user, &["client IP throttled after repeated failed logins"]).await;
+    assert!(line["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1:")), "{line}");
 }
 
 /// A handshake from a client that speaks TLS 1.2 only: the negotiated version, or the error.
