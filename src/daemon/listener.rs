@@ -81,9 +81,6 @@ async fn handle(
     address_slot: Option<IpSlot>,
 ) {
     let _ = tcp.set_nodelay(true);
-    // An IPv4 client of a dual-stack `[::]` listener is `::ffff:a.b.c.d`; limits, lockout and
-    // the audit must count it as the IPv4 address it is, like a client of an IPv4 listener.
-    let peer = std::net::SocketAddr::new(crate::access::profiles::canonical_ip(peer.ip()), peer.port());
     let handshake = tokio::time::timeout(server.limits.handshake_timeout(), server.tls().accept(tcp)).await;
     drop(handshake_slot);
     let client = match handshake {

@@ -16,6 +16,7 @@ mod imap;
 mod ldap;
 mod lockout_race;
 mod oauth;
+mod paths;
 mod pop3;
 mod secrets;
 mod service;

@@ -4,19 +4,17 @@
 //! listeners under the per-address limits and lockout, `[tls] min_version`, and an SMTP
 //! STARTTLS upstream that fails before the login.
 
-mod common;
-mod install;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::client::{self, MailClient};
-use common::mail::{b64, smtp_reply};
-use common::{dovecot, pki, slapd};
-use install::{Daemon, Install, scrape};
+use crate::common;
+use crate::common::client::{self, MailClient};
+use crate::common::mail::{b64, smtp_reply};
+use crate::common::{dovecot, pki, slapd};
+use crate::install::{self, Daemon, Install, scrape};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
