@@ -553,8 +553,10 @@ async fn ipv4_clients_of_a_dual_stack_listener_count_as_their_ipv4_address() {
         panic!("IPv4 cannot reach the [::] listener ({e}): IPv6 sockets here are IPv6-only (net.ipv6.bindv6only = 1)");
     }
 
-    // Only an IPv4 allow entry lists the client, and the login gets through.
-    let held = session(dual, &install, user, "dual-pw").await;
+    // Only an IPv4 allow entry lists the client, and the login gets through (once the
+    // probe above has given its connection slot back).
+    let mut held = connect_when_free(dual, &install).await;
+    assert!(tagged(&mut held, "l1", &format!("LOGIN {user} dual-pw")).await.starts_with("l1 OK"));
     expect_busy(plain, &install).await;
     logout(held).await;
     let line = wait_audit(&install, user, &["\"event\":\"session\""]).await;
