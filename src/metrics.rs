@@ -1,5 +1,5 @@
 //! Prometheus metrics: relaxed atomic counters and fixed-bucket histograms, rendered in the
-//! text exposition format by a minimal HTTP/1.1 responder on a local address.
+//! text exposition format; the daemon's HTTP endpoint serves them at `/metrics`.
 //!
 //! Every counter is bounded in cardinality: protocols are three, login outcomes and reasons
 //! come from a fixed list, so a scrape never grows with the number of users.
@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
 use crate::protocol::Protocol;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp];
 
@@ -242,62 +241,6 @@ impl Metrics {
     }
 }
 
-/// Largest request head read from a scraper.
-const MAX_REQUEST: usize = 8 * 1024;
-
-/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let answer = tokio::time::timeout(Duration::from_secs(5), async {
-                let head = read_head(&mut stream).await?;
-                let response = respond(&head, &metrics);
-                stream.write_all(response.as_bytes()).await?;
-                stream.shutdown().await
-            });
-            let _ = answer.await;
-        });
-    }
-}
-
-async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
-    let mut buf = Vec::with_capacity(512);
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > MAX_REQUEST || stream.read_buf(&mut buf).await? == 0 {
-            break;
-        }
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-fn respond(head: &str, metrics: &Metrics) -> String {
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain; charset=utf-8", "try /metrics\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "only GET\n".to_owned()),
-    };
-    let body = if method == "HEAD" { String::new() } else { body };
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,14 +262,5 @@ mod tests {
         assert!(text.contains("postern_login_seconds_bucket{le=\"+Inf\"} 2"));
         drop(guard);
         assert!(m.render().contains("postern_sessions_active{protocol=\"pop3\"} 0"));
-    }
-
-    #[test]
-    fn only_get_metrics_is_served() {
-        let m = Metrics::default();
-        assert!(respond("GET /metrics HTTP/1.1\r\n\r\n", &m).starts_with("HTTP/1.1 200 OK"));
-        assert!(respond("GET / HTTP/1.1\r\n\r\n", &m).starts_with("HTTP/1.1 404"));
-        assert!(respond("POST /metrics HTTP/1.1\r\n\r\n", &m).starts_with("HTTP/1.1 405"));
-        assert!(respond("", &m).starts_with("HTTP/1.1 405"));
     }
 }
