@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use super::profiles::{Profile, Profiles};
 use super::slots::UserSlot;
+use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{Credentials, Protocol};
 use crate::state::State;
 use crate::stores::directory::DirectoryError;
@@ -123,10 +124,10 @@ impl Outage {
 
 impl Refusal {
     /// The metrics' `outcome` and `reason` labels of this refusal.
-    pub fn labels(&self) -> (&'static str, &'static str) {
+    pub fn labels(&self) -> LoginResult {
         match self {
-            Refusal::Denied(denial) => ("denied", denial.reason()),
-            Refusal::Unavailable(outage) => ("unavailable", outage.label()),
+            Refusal::Denied(denial) => LoginResult { outcome: Outcome::Denied, reason: denial.reason() },
+            Refusal::Unavailable(outage) => LoginResult { outcome: Outcome::Unavailable, reason: outage.label() },
         }
     }
 
