@@ -2,7 +2,7 @@
 //! text format (version 0.0.4); the daemon's HTTP endpoint serves them at `/metrics`.
 //!
 //! Every series is bounded in cardinality: label values are typed (a protocol, an outcome,
-//! a reload result) or, for a login's `reason`, come from the access decision's
+//! a reload or token result) or, for a login's `reason`, come from the access decision's
 //! fixed list, so a scrape never grows with the number of users.
 
 use std::fmt::Write as _;
@@ -79,7 +79,7 @@ impl LoginResult {
     pub const OK: LoginResult = LoginResult { outcome: Outcome::Ok, reason: "ok" };
 }
 
-/// The `result` label of a reload.
+/// The `result` label of a reload or of a token endpoint request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Success {
     /// It worked.
@@ -156,6 +156,42 @@ where
             Protocol::Pop3 => 1,
             Protocol::Smtp => 2,
         }]
+    }
+}
+
+/// The OAuth2 token endpoint's counters: shared by the token source that updates them and
+/// the registry that exports them ([`Metrics::export_token_endpoint`]).
+#[derive(Debug, Clone)]
+pub struct TokenEndpointMetrics {
+    requests: Family<ResultLabels, Counter>,
+    cache_hits: Counter,
+}
+
+impl Default for TokenEndpointMetrics {
+    fn default() -> Self {
+        Self { requests: by_result(), cache_hits: Counter::default() }
+    }
+}
+
+impl TokenEndpointMetrics {
+    /// Counts one request to the token endpoint.
+    pub fn request(&self, result: Success) {
+        self.requests.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts one token served from the cache without a request.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    /// Requests counted with `result`.
+    pub fn requests(&self, result: Success) -> u64 {
+        self.requests.get_or_create(&ResultLabels { result }).get()
+    }
+
+    /// Tokens served from the cache.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache_hits.get()
     }
 }
 
@@ -249,6 +285,20 @@ impl Metrics {
             upstream_latency,
             login_latency,
         }
+    }
+
+    /// Exports the OAuth2 token endpoint's counters too.
+    pub fn export_token_endpoint(&mut self, token: &TokenEndpointMetrics) {
+        self.registry.register(
+            "postern_oauth_token_requests",
+            "Requests to the OAuth2 token endpoint by result",
+            token.requests.clone(),
+        );
+        self.registry.register(
+            "postern_oauth_token_cache_hits",
+            "OAuth2 access tokens served from the cache without a request",
+            token.cache_hits.clone(),
+        );
     }
 
     /// A TLS connection was accepted; it counts as active until the guard is dropped.
@@ -356,6 +406,26 @@ mod tests {
             "postern_reloads_total{result=\"ok\"} 1",
             "postern_reloads_total{result=\"failed\"} 2",
             "postern_sessions_revoked_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        assert!(!text.contains("postern_oauth"), "no token endpoint, no token metrics");
+    }
+
+    #[test]
+    fn token_endpoint_counters_are_exported_when_asked() {
+        let mut m = Metrics::default();
+        let token = TokenEndpointMetrics::default();
+        m.export_token_endpoint(&token);
+        token.request(Success::Ok);
+        token.request(Success::Failed);
+        token.request(Success::Failed);
+        token.cache_hit();
+        let text = m.render();
+        for line in [
+            "postern_oauth_token_requests_total{result=\"ok\"} 1",
+            "postern_oauth_token_requests_total{result=\"failed\"} 2",
+            "postern_oauth_token_cache_hits_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
         }
