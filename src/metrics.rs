@@ -1,115 +1,212 @@
-//! Prometheus metrics: relaxed atomic counters and fixed-bucket histograms, rendered in the
-//! text exposition format by a minimal HTTP/1.1 responder on a local address.
+//! Prometheus metrics, kept in a `prometheus_client` registry and rendered in the Prometheus
+//! text format (version 0.0.4); the daemon's HTTP endpoint serves them at `/metrics`.
 //!
-//! Every counter is bounded in cardinality: protocols are three, login outcomes and reasons
-//! come from a fixed list, so a scrape never grows with the number of users.
+//! Every series is bounded in cardinality: label values are typed (a protocol, an outcome,
+//! a reload or token result) or, for a login's `reason`, come from the access decision's
+//! fixed list, so a scrape never grows with the number of users.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, prometheus_text};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::protocol::Protocol;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp];
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+impl EncodeLabelValue for Protocol {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: Protocol,
+}
+
+/// The `outcome` label of a login attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// The login got through.
+    Ok,
+    /// The login was refused.
+    Denied,
+    /// The login could not be decided or completed; the client was told to try later.
+    Unavailable,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
 /// How one login attempt ended, as counted: the `outcome` and `reason` labels. The access
 /// decision names them (`Refusal::labels`), one pair per kind of refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
 pub struct LoginResult {
-    /// `ok`, `denied` or `unavailable`.
-    pub outcome: &'static str,
-    /// Why, from a bounded set.
+    /// Whether the login got through, was refused or could not be completed.
+    pub outcome: Outcome,
+    /// Why, from the access decision's fixed list.
     pub reason: &'static str,
 }
 
 impl LoginResult {
     /// A login that got through.
-    pub const OK: LoginResult = LoginResult { outcome: "ok", reason: "ok" };
+    pub const OK: LoginResult = LoginResult { outcome: Outcome::Ok, reason: "ok" };
 }
 
-/// A latency histogram with fixed buckets; observations are lock-free.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// The `result` label of a reload or of a token endpoint request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Success {
+    /// It worked.
+    Ok,
+    /// It did not.
+    Failed,
+}
+
+impl Success {
+    /// `Ok` when `ok`, else `Failed`.
+    pub fn of(ok: bool) -> Self {
+        if ok { Success::Ok } else { Success::Failed }
+    }
+}
+
+impl EncodeLabelValue for Success {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Success::Ok => "ok",
+            Success::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: Success,
+}
+
+/// A family by `result` with both series at zero.
+fn by_result() -> Family<ResultLabels, Counter> {
+    let family = Family::default();
+    for result in [Success::Ok, Success::Failed] {
+        drop(family.get_or_create(&ResultLabels { result }));
+    }
+    family
+}
+
+/// A latency histogram with fixed buckets (seconds).
+#[derive(Debug, Clone)]
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self(prometheus_client::metrics::histogram::Histogram::new(BUCKETS))
+    }
 }
 
 impl Histogram {
     /// Records one duration.
     pub fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}");
+        self.0.observe(elapsed.as_secs_f64());
     }
 }
 
-/// Per-protocol counter triple.
-#[derive(Debug, Default)]
-struct PerProtocol([AtomicU64; 3]);
+/// One series per protocol, every one created up front so a scrape shows all three.
+#[derive(Debug)]
+struct PerProtocol<M>([M; 3]);
 
-impl PerProtocol {
-    fn add(&self, protocol: Protocol, n: u64) {
-        self.0[slot(protocol)].fetch_add(n, Ordering::Relaxed);
+impl<M> PerProtocol<M>
+where
+    M: EncodeMetric + TypedMetric + Clone + Default + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
+        let family = Family::<ProtocolLabels, M>::default();
+        let each = PROTOCOLS.map(|protocol| family.get_or_create_owned(&ProtocolLabels { protocol }));
+        registry.register(name, help, family);
+        Self(each)
     }
-    fn sub(&self, protocol: Protocol) {
-        self.0[slot(protocol)].fetch_sub(1, Ordering::Relaxed);
-    }
-    fn get(&self, protocol: Protocol) -> u64 {
-        self.0[slot(protocol)].load(Ordering::Relaxed)
-    }
-    fn render(&self, out: &mut String, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for p in PROTOCOLS {
-            let _ = writeln!(out, "{name}{{protocol=\"{p}\"}} {}", self.get(p));
-        }
+
+    fn of(&self, protocol: Protocol) -> &M {
+        &self.0[match protocol {
+            Protocol::Imap => 0,
+            Protocol::Pop3 => 1,
+            Protocol::Smtp => 2,
+        }]
     }
 }
 
-fn slot(protocol: Protocol) -> usize {
-    match protocol {
-        Protocol::Imap => 0,
-        Protocol::Pop3 => 1,
-        Protocol::Smtp => 2,
+/// The OAuth2 token endpoint's counters: shared by the token source that updates them and
+/// the registry that exports them ([`Metrics::export_token_endpoint`]).
+#[derive(Debug, Clone)]
+pub struct TokenEndpointMetrics {
+    requests: Family<ResultLabels, Counter>,
+    cache_hits: Counter,
+}
+
+impl Default for TokenEndpointMetrics {
+    fn default() -> Self {
+        Self { requests: by_result(), cache_hits: Counter::default() }
     }
 }
 
-/// Every metric the daemon exports.
-#[derive(Debug, Default)]
+impl TokenEndpointMetrics {
+    /// Counts one request to the token endpoint.
+    pub fn request(&self, result: Success) {
+        self.requests.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts one token served from the cache without a request.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    /// Requests counted with `result`.
+    pub fn requests(&self, result: Success) -> u64 {
+        self.requests.get_or_create(&ResultLabels { result }).get()
+    }
+
+    /// Tokens served from the cache.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache_hits.get()
+    }
+}
+
+/// Every metric the daemon exports, and the registry that renders them.
+#[derive(Debug)]
 pub struct Metrics {
-    sessions_active: PerProtocol,
-    sessions_total: PerProtocol,
-    logins: std::sync::Mutex<std::collections::BTreeMap<LoginResult, u64>>,
-    bytes_up: PerProtocol,
-    bytes_down: PerProtocol,
-    tls_failures: PerProtocol,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-    sessions_revoked: AtomicU64,
+    registry: Registry,
+    sessions_active: PerProtocol<Gauge>,
+    sessions_total: PerProtocol<Counter>,
+    logins: Family<LoginResult, Counter>,
+    bytes_up: PerProtocol<Counter>,
+    bytes_down: PerProtocol<Counter>,
+    tls_failures: PerProtocol<Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    sessions_revoked: Counter,
     /// Time the directory takes to look a user up or check a password.
     pub directory_latency: Histogram,
     /// Time the upstream takes to accept (or refuse) a login.
@@ -118,184 +215,149 @@ pub struct Metrics {
     pub login_latency: Histogram,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Counts a session as active until dropped.
 #[derive(Debug)]
-pub struct ActiveSession {
-    metrics: Arc<Metrics>,
-    protocol: Protocol,
-}
+pub struct ActiveSession(Gauge);
 
 impl Drop for ActiveSession {
     fn drop(&mut self) {
-        self.metrics.sessions_active.sub(self.protocol);
+        self.0.dec();
     }
 }
 
 impl Metrics {
+    /// Every metric at zero, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let r = &mut registry;
+        let sessions_active = PerProtocol::register(r, "postern_sessions_active", "Client connections open now");
+        let sessions_total = PerProtocol::register(r, "postern_sessions", "Client connections accepted (after TLS)");
+        let logins = Family::<LoginResult, Counter>::default();
+        r.register("postern_logins", "Login attempts by outcome and reason", logins.clone());
+        let bytes_up =
+            PerProtocol::register(r, "postern_bytes_up", "Bytes relayed client to upstream by finished sessions");
+        let bytes_down =
+            PerProtocol::register(r, "postern_bytes_down", "Bytes relayed upstream to client by finished sessions");
+        let tls_failures = PerProtocol::register(
+            r,
+            "postern_tls_handshake_failures",
+            "Client TLS handshakes that failed or timed out",
+        );
+        let reloads = by_result();
+        r.register("postern_reloads", "Reloads by result", reloads.clone());
+        let sessions_revoked = Counter::default();
+        r.register(
+            "postern_sessions_revoked",
+            "Live sessions closed because the user no longer passes the access checks",
+            sessions_revoked.clone(),
+        );
+        let directory_latency = Histogram::default();
+        r.register(
+            "postern_directory_seconds",
+            "Directory lookup and password check latency",
+            directory_latency.0.clone(),
+        );
+        let upstream_latency = Histogram::default();
+        r.register("postern_upstream_login_seconds", "Upstream login latency", upstream_latency.0.clone());
+        let login_latency = Histogram::default();
+        r.register(
+            "postern_login_seconds",
+            "Whole access decision latency, upstream login included",
+            login_latency.0.clone(),
+        );
+        Self {
+            registry,
+            sessions_active,
+            sessions_total,
+            logins,
+            bytes_up,
+            bytes_down,
+            tls_failures,
+            reloads,
+            sessions_revoked,
+            directory_latency,
+            upstream_latency,
+            login_latency,
+        }
+    }
+
+    /// Exports the OAuth2 token endpoint's counters too.
+    pub fn export_token_endpoint(&mut self, token: &TokenEndpointMetrics) {
+        self.registry.register(
+            "postern_oauth_token_requests",
+            "Requests to the OAuth2 token endpoint by result",
+            token.requests.clone(),
+        );
+        self.registry.register(
+            "postern_oauth_token_cache_hits",
+            "OAuth2 access tokens served from the cache without a request",
+            token.cache_hits.clone(),
+        );
+    }
+
     /// A TLS connection was accepted; it counts as active until the guard is dropped.
-    pub fn session_started(self: &Arc<Self>, protocol: Protocol) -> ActiveSession {
-        self.sessions_total.add(protocol, 1);
-        self.sessions_active.add(protocol, 1);
-        ActiveSession { metrics: self.clone(), protocol }
+    pub fn session_started(&self, protocol: Protocol) -> ActiveSession {
+        self.sessions_total.of(protocol).inc();
+        let active = self.sessions_active.of(protocol).clone();
+        active.inc();
+        ActiveSession(active)
     }
 
     /// Sessions open now for `protocol`.
     pub fn active(&self, protocol: Protocol) -> u64 {
-        self.sessions_active.get(protocol)
+        u64::try_from(self.sessions_active.of(protocol).get()).unwrap_or(0)
     }
 
     /// Sessions accepted since start for `protocol`.
     pub fn total(&self, protocol: Protocol) -> u64 {
-        self.sessions_total.get(protocol)
+        self.sessions_total.of(protocol).get()
     }
 
     /// Counts one login attempt.
     pub fn login(&self, result: LoginResult) {
-        *self.logins.lock().unwrap_or_else(|e| e.into_inner()).entry(result).or_default() += 1;
+        self.logins.get_or_create(&result).inc();
     }
 
     /// Login attempts counted with `result`.
     pub fn logins(&self, result: LoginResult) -> u64 {
-        self.logins.lock().unwrap_or_else(|e| e.into_inner()).get(&result).copied().unwrap_or(0)
+        self.logins.get(&result).map_or(0, |c| c.get())
     }
 
     /// Adds the bytes a finished splice relayed.
     pub fn relayed(&self, protocol: Protocol, up: u64, down: u64) {
-        self.bytes_up.add(protocol, up);
-        self.bytes_down.add(protocol, down);
+        self.bytes_up.of(protocol).inc_by(up);
+        self.bytes_down.of(protocol).inc_by(down);
     }
 
     /// Counts a failed or timed-out client TLS handshake.
     pub fn tls_failure(&self, protocol: Protocol) {
-        self.tls_failures.add(protocol, 1);
+        self.tls_failures.of(protocol).inc();
     }
 
     /// Counts a reload attempt.
     pub fn reload(&self, ok: bool) {
-        let counter = if ok { &self.reloads_ok } else { &self.reloads_failed };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.reloads.get_or_create(&ResultLabels { result: Success::of(ok) }).inc();
     }
 
     /// Counts live sessions closed because their user no longer passes the access checks.
     pub fn revoked(&self, n: u64) {
-        self.sessions_revoked.fetch_add(n, Ordering::Relaxed);
+        self.sessions_revoked.inc_by(n);
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
-        self.sessions_active.render(&mut out, "postern_sessions_active", "gauge", "Client connections open now.");
-        self.sessions_total.render(
-            &mut out,
-            "postern_sessions_total",
-            "counter",
-            "Client connections accepted (after TLS).",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP postern_logins_total Login attempts by outcome and reason.\n# TYPE postern_logins_total counter"
-        );
-        for (LoginResult { outcome, reason }, count) in self.logins.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "postern_logins_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {count}");
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot render the metrics");
         }
-        self.bytes_up.render(
-            &mut out,
-            "postern_bytes_up_total",
-            "counter",
-            "Bytes relayed client to upstream by finished sessions.",
-        );
-        self.bytes_down.render(
-            &mut out,
-            "postern_bytes_down_total",
-            "counter",
-            "Bytes relayed upstream to client by finished sessions.",
-        );
-        self.tls_failures.render(
-            &mut out,
-            "postern_tls_handshake_failures_total",
-            "counter",
-            "Client TLS handshakes that failed or timed out.",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP postern_reloads_total Reloads by result.\n# TYPE postern_reloads_total counter\npostern_reloads_total{{result=\"ok\"}} {}\npostern_reloads_total{{result=\"failed\"}} {}",
-            self.reloads_ok.load(Ordering::Relaxed),
-            self.reloads_failed.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP postern_sessions_revoked_total Live sessions closed because the user no longer passes the access checks.\n# TYPE postern_sessions_revoked_total counter\npostern_sessions_revoked_total {}",
-            self.sessions_revoked.load(Ordering::Relaxed)
-        );
-        self.directory_latency.render(
-            &mut out,
-            "postern_directory_seconds",
-            "Directory lookup and password check latency.",
-        );
-        self.upstream_latency.render(&mut out, "postern_upstream_login_seconds", "Upstream login latency.");
-        self.login_latency.render(
-            &mut out,
-            "postern_login_seconds",
-            "Whole access decision latency, upstream login included.",
-        );
         out
     }
-}
-
-/// Largest request head read from a scraper.
-const MAX_REQUEST: usize = 8 * 1024;
-
-/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let answer = tokio::time::timeout(Duration::from_secs(5), async {
-                let head = read_head(&mut stream).await?;
-                let response = respond(&head, &metrics);
-                stream.write_all(response.as_bytes()).await?;
-                stream.shutdown().await
-            });
-            let _ = answer.await;
-        });
-    }
-}
-
-async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
-    let mut buf = Vec::with_capacity(512);
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > MAX_REQUEST || stream.read_buf(&mut buf).await? == 0 {
-            break;
-        }
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-fn respond(head: &str, metrics: &Metrics) -> String {
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain; charset=utf-8", "try /metrics\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "only GET\n".to_owned()),
-    };
-    let body = if method == "HEAD" { String::new() } else { body };
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 #[cfg(test)]
@@ -304,29 +366,68 @@ mod tests {
 
     #[test]
     fn render_counts_logins_and_fills_histograms_cumulatively() {
-        let m = Arc::new(Metrics::default());
+        let m = Metrics::default();
         let guard = m.session_started(Protocol::Pop3);
         m.login(LoginResult::OK);
-        m.login(LoginResult { outcome: "denied", reason: "wrong password" });
+        m.login(LoginResult { outcome: Outcome::Denied, reason: "wrong password" });
         m.login_latency.observe(Duration::from_millis(30));
         m.login_latency.observe(Duration::from_secs(100));
         let text = m.render();
         assert!(text.contains("postern_sessions_active{protocol=\"pop3\"} 1"), "{text}");
-        assert!(text.contains("postern_logins_total{outcome=\"ok\",reason=\"ok\"} 1"));
+        assert!(text.contains("postern_sessions_active{protocol=\"smtp\"} 0"), "{text}");
+        assert!(text.contains("postern_sessions_total{protocol=\"pop3\"} 1"), "{text}");
+        assert!(text.contains("postern_logins_total{outcome=\"ok\",reason=\"ok\"} 1"), "{text}");
         assert!(text.contains("postern_logins_total{outcome=\"denied\",reason=\"wrong password\"} 1"));
-        assert!(text.contains("postern_login_seconds_bucket{le=\"0.05\"} 1"));
-        assert!(text.contains("postern_login_seconds_bucket{le=\"30\"} 1"));
-        assert!(text.contains("postern_login_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(text.contains("postern_login_seconds_bucket{le=\"0.05\"} 1"), "{text}");
+        assert!(text.contains("postern_login_seconds_bucket{le=\"30\"} 1"), "{text}");
+        assert!(text.contains("postern_login_seconds_bucket{le=\"+Inf\"} 2"), "{text}");
+        assert!(text.contains("postern_login_seconds_count 2"), "{text}");
+        assert!(text.contains("postern_reloads_total{result=\"failed\"} 0"), "{text}");
+        assert_eq!((m.active(Protocol::Pop3), m.total(Protocol::Pop3)), (1, 1));
         drop(guard);
         assert!(m.render().contains("postern_sessions_active{protocol=\"pop3\"} 0"));
+        assert_eq!((m.active(Protocol::Pop3), m.total(Protocol::Pop3)), (0, 1));
     }
 
     #[test]
-    fn only_get_metrics_is_served() {
+    fn counters_land_under_their_typed_labels() {
         let m = Metrics::default();
-        assert!(respond("GET /metrics HTTP/1.1\r\n\r\n", &m).starts_with("HTTP/1.1 200 OK"));
-        assert!(respond("GET / HTTP/1.1\r\n\r\n", &m).starts_with("HTTP/1.1 404"));
-        assert!(respond("POST /metrics HTTP/1.1\r\n\r\n", &m).starts_with("HTTP/1.1 405"));
-        assert!(respond("", &m).starts_with("HTTP/1.1 405"));
+        m.relayed(Protocol::Smtp, 10, 20);
+        m.tls_failure(Protocol::Imap);
+        m.reload(true);
+        m.reload(false);
+        m.reload(false);
+        m.revoked(3);
+        let text = m.render();
+        for line in [
+            "postern_bytes_up_total{protocol=\"smtp\"} 10",
+            "postern_bytes_down_total{protocol=\"smtp\"} 20",
+            "postern_tls_handshake_failures_total{protocol=\"imap\"} 1",
+            "postern_reloads_total{result=\"ok\"} 1",
+            "postern_reloads_total{result=\"failed\"} 2",
+            "postern_sessions_revoked_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        assert!(!text.contains("postern_oauth"), "no token endpoint, no token metrics");
+    }
+
+    #[test]
+    fn token_endpoint_counters_are_exported_when_asked() {
+        let mut m = Metrics::default();
+        let token = TokenEndpointMetrics::default();
+        m.export_token_endpoint(&token);
+        token.request(Success::Ok);
+        token.request(Success::Failed);
+        token.request(Success::Failed);
+        token.cache_hit();
+        let text = m.render();
+        for line in [
+            "postern_oauth_token_requests_total{result=\"ok\"} 1",
+            "postern_oauth_token_requests_total{result=\"failed\"} 2",
+            "postern_oauth_token_cache_hits_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
     }
 }

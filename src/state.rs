@@ -145,6 +145,10 @@ impl State {
         }
         let vault = Vault::open(&state_dir)?;
         let upstreams = Upstreams::from_config(config, vault)?;
+        let mut metrics = Metrics::new();
+        if let Some(oauth) = upstreams.oauth() {
+            metrics.export_token_endpoint(oauth.metrics().exported());
+        }
         tracing::info!(profiles = profiles.len(), "loaded security profiles");
         Ok(Arc::new(Self {
             limits: config.limits.clone(),
@@ -160,7 +164,7 @@ impl State {
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
             tls: ArcSwap::from_pointee(tls),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(metrics),
             live: LiveSessions::default(),
             last_results: LastResults::default(),
             audit_file: ArcSwapOption::new(audit_file),

@@ -15,6 +15,7 @@ use std::time::Instant;
 use super::lockout::Refused;
 use super::profiles::{Profile, Profiles};
 use super::slots::UserSlot;
+use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{Credentials, Protocol};
 use crate::state::State;
 use crate::stores::directory::DirectoryError;
@@ -124,10 +125,10 @@ impl Outage {
 
 impl Refusal {
     /// The metrics' `outcome` and `reason` labels of this refusal.
-    pub fn labels(&self) -> (&'static str, &'static str) {
+    pub fn labels(&self) -> LoginResult {
         match self {
-            Refusal::Denied(denial) => ("denied", denial.reason()),
-            Refusal::Unavailable(outage) => ("unavailable", outage.label()),
+            Refusal::Denied(denial) => LoginResult { outcome: Outcome::Denied, reason: denial.reason() },
+            Refusal::Unavailable(outage) => LoginResult { outcome: Outcome::Unavailable, reason: outage.label() },
         }
     }
 
@@ -480,6 +481,123 @@ mod tests {
         assert!(matches!(Refusal::from(DirectoryError::UnknownUser), Refusal::Denied(Denial::UnknownUser)));
         let down = DirectoryError::Unavailable("down".into());
         assert!(matches!(Refusal::from(down), Refusal::Unavailable(Outage::Directory(_))));
+    }
+
+    /// One refusal of every kind: every denial, every outage, every upstream failure as an
+    /// outage. The matches stop compiling when a kind is added; list it here then.
+    fn one_refusal_of_every_kind() -> Vec<Refusal> {
+        use std::time::Duration;
+
+        use crate::config::UpstreamAuthMode;
+        use crate::stores::oauth::TokenError;
+        use crate::stores::vault::{SecretKind, VaultError};
+        use crate::upstream::UpstreamError;
+
+        let denials = [
+            Denial::InvalidUserName,
+            Denial::Locked,
+            Denial::Throttled,
+            Denial::IpNotInAnyProfile,
+            Denial::UnknownUser,
+            Denial::NoProfile,
+            Denial::MailAccessOff,
+            Denial::ProtocolNotAllowed,
+            Denial::IpNotAllowed,
+            Denial::WrongPassword,
+            Denial::NoUpstreamCredential,
+        ];
+        for denial in denials {
+            match denial {
+                Denial::InvalidUserName
+                | Denial::Locked
+                | Denial::Throttled
+                | Denial::IpNotInAnyProfile
+                | Denial::UnknownUser
+                | Denial::NoProfile
+                | Denial::MailAccessOff
+                | Denial::ProtocolNotAllowed
+                | Denial::IpNotAllowed
+                | Denial::WrongPassword
+                | Denial::NoUpstreamCredential => {}
+            }
+        }
+        let upstream_failures = vec![
+            LoginError::NoCredential,
+            LoginError::Vault(VaultError::KeyMissing { path: "/nowhere/vault.key".into() }),
+            LoginError::WrongKind {
+                protocol: Protocol::Imap,
+                mode: UpstreamAuthMode::Xoauth2,
+                stored: SecretKind::Password,
+                needed: SecretKind::RefreshToken,
+            },
+            LoginError::NoTokenSource(Protocol::Smtp),
+            LoginError::Token { mailbox: "u@x".into(), source: TokenError::Sign("no key".into()) },
+            LoginError::Refused { address: "u:1".into(), answer: "NO".into() },
+            LoginError::Unreachable { address: "u:1".into(), source: UpstreamError::Timeout(Duration::from_secs(1)) },
+        ];
+        for failure in &upstream_failures {
+            match failure {
+                LoginError::NoCredential
+                | LoginError::Vault(_)
+                | LoginError::WrongKind { .. }
+                | LoginError::NoTokenSource(_)
+                | LoginError::Token { .. }
+                | LoginError::Refused { .. }
+                | LoginError::Unreachable { .. } => {}
+            }
+        }
+        let mut outages =
+            vec![Outage::Directory(DirectoryError::Unavailable("down".into())), Outage::SessionCap { limit: 2 }];
+        outages.extend(upstream_failures.into_iter().map(Outage::Upstream));
+        for outage in &outages {
+            match outage {
+                Outage::Directory(_) | Outage::SessionCap { .. } | Outage::Upstream(_) => {}
+            }
+        }
+        let refusals: Vec<Refusal> =
+            denials.into_iter().map(Refusal::Denied).chain(outages.into_iter().map(Refusal::Unavailable)).collect();
+        for refusal in &refusals {
+            match refusal {
+                Refusal::Denied(_) | Refusal::Unavailable(_) => {}
+            }
+        }
+        refusals
+    }
+
+    #[test]
+    fn every_kind_of_refusal_is_counted_under_its_own_reason() {
+        let refusals = one_refusal_of_every_kind();
+        let metrics = crate::metrics::Metrics::new();
+        for refusal in &refusals {
+            metrics.login(refusal.labels());
+        }
+        let text = metrics.render();
+        let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("postern_logins_total{")).collect();
+        assert_eq!(counted.len(), refusals.len(), "one series per kind of refusal:\n{text}");
+        for refusal in &refusals {
+            let LoginResult { outcome, reason } = refusal.labels();
+            let line = format!("postern_logins_total{{outcome=\"{}\",reason=\"{reason}\"}} 1", outcome.as_str());
+            assert!(
+                counted.contains(&line.as_str()),
+                "{refusal:?} is not counted once on its own: no {line} in\n{text}"
+            );
+        }
+
+        let reasons = |outcome: Outcome| -> Vec<&'static str> {
+            refusals.iter().map(Refusal::labels).filter(|l| l.outcome == outcome).map(|l| l.reason).collect()
+        };
+        let (denied, unavailable) = (reasons(Outcome::Denied), reasons(Outcome::Unavailable));
+        for list in [&denied, &unavailable] {
+            let distinct: std::collections::HashSet<_> = list.iter().collect();
+            assert_eq!(distinct.len(), list.len(), "a reason is shared: {list:?}");
+        }
+        let shared: Vec<_> = denied.iter().filter(|r| unavailable.contains(r)).collect();
+        assert_eq!(
+            shared,
+            [&Denial::NoUpstreamCredential.reason()],
+            "only a missing credential reads the same as a denial and as an outage"
+        );
+        assert!(!denied.contains(&LoginResult::OK.reason) && !unavailable.contains(&LoginResult::OK.reason));
     }
 
     #[test]

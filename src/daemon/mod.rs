@@ -3,6 +3,7 @@
 //! stages (no new logins, then, after the grace period, every session closed).
 
 pub mod control;
+pub mod http;
 pub mod listener;
 pub mod notify;
 pub mod watch;
@@ -180,7 +181,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
                 .map_err(|source| StartError::MetricsBind { address, source })?;
             let local = listener.local_addr().map_err(|source| StartError::MetricsBind { address, source })?;
             tracing::info!(address = %local, "serving metrics at /metrics");
-            tokio::spawn(crate::metrics::serve(listener, server.metrics().clone(), helpers.clone()));
+            tokio::spawn(http::serve(listener, server.metrics().clone(), helpers.clone()));
             Some(local)
         }
         None => None,

@@ -178,8 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 last.record(user, self.protocol, true, "OK");
             }
             Err(refusal) => {
-                let (outcome, reason) = refusal.labels();
-                metrics.login(LoginResult { outcome, reason });
+                metrics.login(refusal.labels());
                 if refusal.is_upstream() {
                     last.record(user, self.protocol, false, refusal.to_string());
                 }

@@ -109,6 +109,9 @@ async fn google_service_account_imap_login_and_fetch() {
     let metrics = proxy.server.upstreams.oauth().unwrap().metrics().snapshot();
     eprintln!("token endpoint metrics: {metrics:?}");
     assert!(metrics.requests >= 1 && metrics.cache_hits >= 1 && metrics.mean_latency().is_some(), "{metrics:?}");
+    let text = proxy.server.metrics().render();
+    let hits = format!("postern_oauth_token_cache_hits_total {}", metrics.cache_hits);
+    assert!(text.lines().any(|l| l == hits), "the exported counters are the token source's: {text}");
     // The directory password still decides.
     assert_eq!(imap_login(&proxy, &mail, "wrong-pw").await, format!("a1 {DENIAL}"));
     assert_no_secret_logged();
@@ -274,6 +277,9 @@ async fn token_endpoint_outage_is_an_upstream_outage() {
     assert!(audit.contains("cannot connect"), "{audit}");
     let metrics = proxy.server.upstreams.oauth().unwrap().metrics().snapshot();
     assert_eq!((metrics.requests, metrics.failures), (1, 1));
+    let text = proxy.server.metrics().render();
+    assert!(text.contains("postern_oauth_token_requests_total{result=\"failed\"} 1"), "{text}");
+    assert!(text.contains("postern_oauth_token_requests_total{result=\"ok\"} 0"), "{text}");
     assert_eq!(dovecot_xoauth2_logins(&mail, 0), 0);
 }
 

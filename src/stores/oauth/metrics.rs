@@ -1,15 +1,16 @@
-//! Counters of token endpoint traffic and latency, kept lock-free so a metrics exporter can
-//! read them at any time with [`TokenMetrics::snapshot`].
+//! Counters of token endpoint traffic and latency, read at any time with
+//! [`TokenMetrics::snapshot`]. The request and cache-hit counts are the ones the daemon
+//! exports on `/metrics` ([`TokenMetrics::exported`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::metrics::{Success, TokenEndpointMetrics};
+
 /// Live counters of one token source.
 #[derive(Debug, Default)]
 pub struct TokenMetrics {
-    requests: AtomicU64,
-    failures: AtomicU64,
-    cache_hits: AtomicU64,
+    exported: TokenEndpointMetrics,
     latency_total_us: AtomicU64,
     latency_last_us: AtomicU64,
     latency_max_us: AtomicU64,
@@ -43,10 +44,7 @@ impl TokenMetrics {
     /// Counts one request to the endpoint that took `latency`.
     pub(crate) fn record_request(&self, latency: Duration, ok: bool) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
+        self.exported.request(Success::of(ok));
         self.latency_total_us.fetch_add(us, Ordering::Relaxed);
         self.latency_last_us.store(us, Ordering::Relaxed);
         self.latency_max_us.fetch_max(us, Ordering::Relaxed);
@@ -54,16 +52,22 @@ impl TokenMetrics {
 
     /// Counts one token served from the cache.
     pub(crate) fn record_hit(&self) {
-        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        self.exported.cache_hit();
+    }
+
+    /// The request and cache-hit counters, for the daemon's metrics registry.
+    pub fn exported(&self) -> &TokenEndpointMetrics {
+        &self.exported
     }
 
     /// The counters now.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
+        let failures = self.exported.requests(Success::Failed);
         MetricsSnapshot {
-            requests: self.requests.load(Ordering::Relaxed),
-            failures: self.failures.load(Ordering::Relaxed),
-            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            requests: self.exported.requests(Success::Ok) + failures,
+            failures,
+            cache_hits: self.exported.cache_hits(),
             last_latency: us(&self.latency_last_us),
             max_latency: us(&self.latency_max_us),
             total_latency: us(&self.latency_total_us),
