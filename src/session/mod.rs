@@ -277,3 +277,130 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session loop in process, over an in-memory pipe instead of TLS: the pre-login
+    //! state machine with the file directory, no server needed.
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    use super::*;
+    use crate::config::Config;
+
+    const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
+
+    /// A state with the file directory (one user, `alice@example.com` / `pw`), a profile
+    /// allowing 127.0.0.1, and an upstream nobody listens on (refusals never reach it).
+    async fn state(dir: &std::path::Path) -> Arc<State> {
+        crate::tls::generate_self_signed("proxy.test", &dir.join("c.pem"), &dir.join("k.pem")).unwrap();
+        let users = dir.join("users.toml");
+        crate::stores::directory::file::set_password(&users, "alice@example.com", &crate::secret::Secret::new("pw"))
+            .unwrap();
+        std::fs::write(
+            dir.join("profiles.toml"),
+            "[[profile]]\nname = \"office\"\nallow = [\"127.0.0.1\"]\nusers = [\"alice@example.com\"]\n",
+        )
+        .unwrap();
+        let text = r#"
+            [server]
+            hostname = "proxy.test"
+            state_dir = "state"
+            [limits]
+            preauth_timeout_secs = 30
+            [lockout]
+            failure_delay_ms = 0
+            [tls]
+            cert = "c.pem"
+            key = "k.pem"
+            [directory]
+            kind = "file"
+            path = "users.toml"
+            [access]
+            profiles = "profiles.toml"
+            [imap]
+            listen = ["127.0.0.1:0"]
+            upstream = "127.0.0.1:9"
+        "#;
+        let config = Config::parse(text, &dir.join("proxy.toml"), dir.to_owned()).unwrap();
+        State::from_config(&config).await.unwrap()
+    }
+
+    /// Starts a session on one end of a pipe and returns the other end, as the client.
+    fn start(state: &Arc<State>, shutdown: &Shutdown, with_slot: bool) -> BufReader<DuplexStream> {
+        let (client, server_side) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let slot = if with_slot { state.sessions.try_ip(peer.ip()) } else { None };
+        tokio::spawn(run(state.clone(), Protocol::Imap, server_side, peer, shutdown.clone(), slot));
+        BufReader::new(client)
+    }
+
+    async fn line(c: &mut BufReader<DuplexStream>) -> String {
+        let mut line = String::new();
+        c.read_line(&mut line).await.unwrap();
+        line.trim_end().to_owned()
+    }
+
+    async fn send(c: &mut BufReader<DuplexStream>, text: &str) {
+        c.get_mut().write_all(text.as_bytes()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refused_logins_get_the_denial_and_the_third_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut c).await.starts_with("* OK"));
+        send(&mut c, "a1 CAPABILITY\r\n").await;
+        assert!(line(&mut c).await.starts_with("* CAPABILITY IMAP4rev1"));
+        assert!(line(&mut c).await.starts_with("a1 OK"));
+        for (i, (user, password)) in
+            [("bob@example.com", "pw"), ("alice@example.com", "wrong"), ("a b", "x")].iter().enumerate()
+        {
+            send(&mut c, &format!("l{i} LOGIN \"{user}\" {password}\r\n")).await;
+            assert_eq!(line(&mut c).await, format!("l{i} {DENIAL}"));
+        }
+        assert_eq!(line(&mut c).await, "", "closed after the third refusal");
+        let denied = |reason| {
+            state.metrics().logins(crate::metrics::LoginResult { outcome: crate::metrics::Outcome::Denied, reason })
+        };
+        assert_eq!(denied("unknown user"), 1);
+        assert_eq!(denied("wrong password"), 1);
+        assert_eq!(denied("invalid user name"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_told_goodbye_at_the_pre_login_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut c).await.starts_with("* OK"));
+        let started = tokio::time::Instant::now();
+        assert!(line(&mut c).await.starts_with("* BYE"), "the timeout's goodbye");
+        assert!(started.elapsed() >= Duration::from_secs(30), "not before the pre-login timeout");
+        assert_eq!(line(&mut c).await, "");
+    }
+
+    #[tokio::test]
+    async fn shutdown_before_login_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let shutdown = Shutdown::default();
+        let mut c = start(&state, &shutdown, true);
+        assert!(line(&mut c).await.starts_with("* OK"));
+        shutdown.stop_accepting.cancel();
+        assert_eq!(line(&mut c).await, "* BYE Server shutting down");
+        assert_eq!(line(&mut c).await, "");
+    }
+
+    #[tokio::test]
+    async fn an_address_over_its_limit_is_told_so_without_a_greeting() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start(&state, &Shutdown::default(), false);
+        assert_eq!(line(&mut c).await, "* BYE [UNAVAILABLE] Too many connections from your address; try again later");
+        assert_eq!(line(&mut c).await, "");
+    }
+}
