@@ -605,23 +605,27 @@ impl Config {
     }
 }
 
+/// The smallest valid config, for the tests of the modules that take one: certificate
+/// `c.pem`/`k.pem`, file directory `users.toml`, profiles `profiles.toml`, one IMAP listener.
+/// Tables that come before it in the text (`[server]`, `[limits]`, ...) add to it.
+#[cfg(test)]
+pub(crate) const MINIMAL: &str = r#"
+    [tls]
+    cert = "c.pem"
+    key = "k.pem"
+    [directory]
+    kind = "file"
+    path = "users.toml"
+    [access]
+    profiles = "profiles.toml"
+    [imap]
+    listen = ["127.0.0.1:10993"]
+    upstream = "imap.gmail.com:993"
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MINIMAL: &str = r#"
-        [tls]
-        cert = "c.pem"
-        key = "k.pem"
-        [directory]
-        kind = "file"
-        path = "users.toml"
-        [access]
-        profiles = "profiles.toml"
-        [imap]
-        listen = ["127.0.0.1:10993"]
-        upstream = "imap.gmail.com:993"
-    "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"), PathBuf::from("/etc/postern"))
@@ -730,8 +734,8 @@ mod tests {
 
     #[test]
     fn no_protocol_is_an_error() {
-        let text = MINIMAL
-            .replace("[imap]\n        listen = [\"127.0.0.1:10993\"]\n        upstream = \"imap.gmail.com:993\"", "");
+        let text =
+            MINIMAL.replace("[imap]\n    listen = [\"127.0.0.1:10993\"]\n    upstream = \"imap.gmail.com:993\"", "");
         assert!(parse(&text).unwrap_err().to_string().contains("no protocol"));
     }
 }

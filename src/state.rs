@@ -291,19 +291,7 @@ impl State {
 mod tests {
     use super::*;
 
-    const CONFIG: &str = r#"
-        [tls]
-        cert = "c.pem"
-        key = "k.pem"
-        [directory]
-        kind = "file"
-        path = "users.toml"
-        [access]
-        profiles = "profiles.toml"
-        [imap]
-        listen = ["127.0.0.1:10993"]
-        upstream = "imap.gmail.com:993"
-    "#;
+    use crate::config::MINIMAL;
 
     fn restart_only(text: &str) -> RestartOnly {
         let config = Config::parse(text, std::path::Path::new("proxy.toml"), PathBuf::from("/etc/postern")).unwrap();
@@ -312,14 +300,14 @@ mod tests {
 
     #[test]
     fn restart_only_changes_are_found_by_value() {
-        let base = restart_only(CONFIG);
-        assert_eq!(base, restart_only(CONFIG), "the same config");
-        let reloadable = CONFIG.replace("profiles.toml", "other-profiles.toml").replace("c.pem", "new.pem");
+        let base = restart_only(MINIMAL);
+        assert_eq!(base, restart_only(MINIMAL), "the same config");
+        let reloadable = MINIMAL.replace("profiles.toml", "other-profiles.toml").replace("c.pem", "new.pem");
         assert_eq!(base, restart_only(&reloadable), "profiles and certificate apply on reload");
         for changed in [
-            CONFIG.replace("10993", "10994"),
-            CONFIG.replace("imap.gmail.com:993", "imap.example.com:993"),
-            CONFIG.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]"),
+            MINIMAL.replace("10993", "10994"),
+            MINIMAL.replace("imap.gmail.com:993", "imap.example.com:993"),
+            MINIMAL.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]"),
         ] {
             assert_ne!(base, restart_only(&changed), "{changed}");
         }

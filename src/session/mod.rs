@@ -292,8 +292,8 @@ mod tests {
 
     const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
 
-    /// A state with the file directory (one user, `alice@example.com` / `pw`), a profile
-    /// allowing 127.0.0.1, and an upstream nobody listens on (refusals never reach it).
+    /// A state with the file directory (one user, `alice@example.com` / `pw`) and a profile
+    /// allowing 127.0.0.1; refusals never reach the upstream.
     async fn state(dir: &std::path::Path) -> Arc<State> {
         crate::tls::generate_self_signed("proxy.test", &dir.join("c.pem"), &dir.join("k.pem")).unwrap();
         let users = dir.join("users.toml");
@@ -304,27 +304,12 @@ mod tests {
             "[[profile]]\nname = \"office\"\nallow = [\"127.0.0.1\"]\nusers = [\"alice@example.com\"]\n",
         )
         .unwrap();
-        let text = r#"
-            [server]
-            hostname = "proxy.test"
-            state_dir = "state"
-            [limits]
-            preauth_timeout_secs = 30
-            [lockout]
-            failure_delay_ms = 0
-            [tls]
-            cert = "c.pem"
-            key = "k.pem"
-            [directory]
-            kind = "file"
-            path = "users.toml"
-            [access]
-            profiles = "profiles.toml"
-            [imap]
-            listen = ["127.0.0.1:0"]
-            upstream = "127.0.0.1:9"
-        "#;
-        let config = Config::parse(text, &dir.join("proxy.toml"), dir.to_owned()).unwrap();
+        let text = format!(
+            "[server]\nhostname = \"proxy.test\"\nstate_dir = \"state\"\n\
+             [limits]\npreauth_timeout_secs = 30\n[lockout]\nfailure_delay_ms = 0\n{}",
+            crate::config::MINIMAL
+        );
+        let config = Config::parse(&text, &dir.join("proxy.toml"), dir.to_owned()).unwrap();
         State::from_config(&config).await.unwrap()
     }
 
