@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use crate::protocol::Protocol;
+use crate::user::escape;
 
 /// How a session ended, from the admin's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +67,9 @@ impl Event {
     }
 }
 
-/// Everything the audit line of one session says, filled in as the session goes.
+/// Everything the audit line of one session says, filled in as the session goes. Text
+/// fields are written [escaped](crate::user::escape): an upstream's answer or a name cannot
+/// forge or disguise a line.
 #[derive(Debug)]
 pub struct SessionRecord {
     /// The protocol.
@@ -131,13 +134,13 @@ impl SessionRecord {
             "event": event.as_str(),
             "protocol": self.protocol.name(),
             "client": self.client.to_string(),
-            "user": self.user.as_deref().unwrap_or("-"),
+            "user": escape(self.user.as_deref().unwrap_or("-")),
             "mode": self.mode.unwrap_or("-"),
             "mechanism": self.mechanism.unwrap_or("-"),
             "outcome": self.outcome.as_str(),
-            "reason": self.reason,
-            "profile": self.profile.as_deref().unwrap_or("-"),
-            "upstream": self.upstream,
+            "reason": escape(&self.reason),
+            "profile": escape(self.profile.as_deref().unwrap_or("-")),
+            "upstream": escape(&self.upstream),
             "attempts": self.attempts,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -151,13 +154,13 @@ impl SessionRecord {
             target: "audit",
             protocol = self.protocol.name(),
             client = %self.client,
-            user = self.user.as_deref().unwrap_or("-"),
+            user = %escape(self.user.as_deref().unwrap_or("-")),
             mode = self.mode.unwrap_or("-"),
             mechanism = self.mechanism.unwrap_or("-"),
             outcome = self.outcome.as_str(),
-            reason = %self.reason,
-            profile = self.profile.as_deref().unwrap_or("-"),
-            upstream = %self.upstream,
+            reason = %escape(&self.reason),
+            profile = %escape(self.profile.as_deref().unwrap_or("-")),
+            upstream = %escape(&self.upstream),
             attempts = self.attempts,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,

@@ -9,6 +9,7 @@ mod install;
 
 mod cli;
 mod flood;
+mod forgery;
 mod harness;
 mod hashing;
 mod hostile;
