@@ -29,6 +29,9 @@ pub enum TlsError {
     /// A self-signed certificate could not be generated.
     #[error("generating a self-signed certificate: {0}")]
     Generate(String),
+    /// The private key file is not private (or not readable): the rule of every secret file.
+    #[error("private key {0}")]
+    KeyFile(#[from] crate::secret::SecretFileError),
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -97,7 +100,9 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError
 pub fn server_config(cert: &Path, key: &Path, min: TlsVersion) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = load_certs(cert, "certificate")?;
     check_validity(&chain[0], cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+    // The key is a secret file like any other: owner-only, read through the one reader.
+    let pem = crate::secret::read_secret_file(key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::File {
         what: "private key",
         path: key.to_owned(),
         message: format!("{e} (expected a PEM PKCS#8, PKCS#1 or SEC1 key)"),

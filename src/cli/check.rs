@@ -18,9 +18,6 @@ enum Secrecy {
     /// Like [`Secrecy::Secret`], but a missing file is fine (the users file: missing is
     /// an empty directory).
     SecretOrMissing,
-    /// The TLS private key, which the daemon loads with the TLS library's own reader: not
-    /// readable or writable by everyone (group access is fine, for `root:postern 0640`).
-    TlsKey,
     /// Public (certificates, profiles): must only exist.
     Public,
 }
@@ -33,7 +30,7 @@ fn file_problem(what: &str, path: &Path, secrecy: Secrecy) -> Option<String> {
             Err(e) if !e.is_missing() => Some(format!("{what} {e}")),
             _ => None,
         },
-        Secrecy::TlsKey | Secrecy::Public => {
+        Secrecy::Public => {
             let meta = match std::fs::metadata(path) {
                 Ok(meta) => meta,
                 Err(e) => return Some(format!("{what} {}: {e}", path.display())),
@@ -44,9 +41,6 @@ fn file_problem(what: &str, path: &Path, secrecy: Secrecy) -> Option<String> {
             }
             if mode & 0o002 != 0 {
                 return Some(format!("{what} {}: world-writable (mode {mode:04o}); chmod o-w", path.display()));
-            }
-            if secrecy == Secrecy::TlsKey && mode & 0o004 != 0 {
-                return Some(format!("{what} {}: readable by everyone (mode {mode:04o}); chmod o-rwx", path.display()));
             }
             None
         }
@@ -61,7 +55,7 @@ fn named_files(config: &Config) -> Vec<(String, PathBuf, Secrecy)> {
         && !config.resolve(&config.tls.key).exists();
     if !generated {
         files.push(("tls.cert".into(), config.resolve(&config.tls.cert), Secrecy::Public));
-        files.push(("tls.key".into(), config.resolve(&config.tls.key), Secrecy::TlsKey));
+        files.push(("tls.key".into(), config.resolve(&config.tls.key), Secrecy::Secret));
     }
     files.push(("access.profiles".into(), config.resolve(&config.access.profiles), Secrecy::Public));
     match &config.directory {
@@ -182,15 +176,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tls_key_rule_and_missing_files() {
+    fn the_tls_key_is_a_secret_file_and_missing_files_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("k.pem");
-        fs::write(&key, "x").unwrap();
-        fs::set_permissions(&key, Permissions::from_mode(0o644)).unwrap();
-        assert!(file_problem("key", &key, Secrecy::TlsKey).unwrap().contains("readable by everyone"));
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        crate::tls::generate_self_signed("proxy.test", &cert, &key).unwrap();
+        let load = || crate::tls::server_config(&cert, &key, crate::tls::TlsVersion::Tls12);
+        assert!(load().is_ok());
+        for mode in [0o644, 0o640, 0o604] {
+            fs::set_permissions(&key, Permissions::from_mode(mode)).unwrap();
+            assert!(file_problem("key", &key, Secrecy::Secret).unwrap().contains("chmod 600"), "{mode:o}");
+            let refused = load().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(refused.contains("chmod 600"), "serve refuses what check refuses ({mode:o}): {refused}");
+        }
         assert!(file_problem("cert", &key, Secrecy::Public).is_none());
-        fs::set_permissions(&key, Permissions::from_mode(0o640)).unwrap();
-        assert!(file_problem("key", &key, Secrecy::TlsKey).is_none());
+        fs::set_permissions(&key, Permissions::from_mode(0o600)).unwrap();
+        assert!(file_problem("key", &key, Secrecy::Secret).is_none());
         assert!(file_problem("key", &dir.path().join("missing"), Secrecy::Public).is_some());
         assert!(file_problem("key", &dir.path().join("missing"), Secrecy::Secret).is_some());
         assert!(file_problem("users", &dir.path().join("missing"), Secrecy::SecretOrMissing).is_none());

@@ -55,6 +55,8 @@ impl Pki {
         let key_file = dir.join(format!("{name}.key"));
         std::fs::write(&cert_file, format!("{}{}", cert.pem(), self.ca_cert.pem())).expect("write cert");
         std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+        // Private, as the proxy requires of every secret file.
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
         Issued { cert_file, key_file }
     }
 }
