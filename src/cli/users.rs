@@ -18,12 +18,36 @@ fn open_vault(config: &Config) -> anyhow::Result<Vault> {
     Ok(Vault::open(&state_dir)?)
 }
 
-/// Who runs the command, for audit lines.
-fn operator() -> String {
-    ["SUDO_USER", "USER", "LOGNAME"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| "unknown".into())
+/// Who runs the command, for audit lines: the process's real user (uid and the name
+/// `/etc/passwd` gives it), and the login uid the kernel keeps across `sudo` and `su` where
+/// it is set. Environment variables can be set by anyone, so `SUDO_USER` is only recorded as
+/// a claim, under its own name.
+fn operator() -> serde_json::Value {
+    let uid = rustix::process::getuid().as_raw();
+    let name = user_name_of(uid).unwrap_or_else(|| "-".into());
+    let login_uid = std::fs::read_to_string("/proc/self/loginuid")
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .filter(|&id| id != u32::MAX);
+    let mut operator = serde_json::json!({"uid": uid, "name": name});
+    if let Some(login_uid) = login_uid {
+        operator["login_uid"] = login_uid.into();
+        operator["login_name"] = user_name_of(login_uid).unwrap_or_else(|| "-".into()).into();
+    }
+    if let Some(claim) = std::env::var("SUDO_USER").ok().filter(|v| !v.is_empty()) {
+        operator["sudo_user_claimed"] = crate::user::escape(&claim).into_owned().into();
+    }
+    operator
+}
+
+/// The account name of `uid` in `/etc/passwd`.
+fn user_name_of(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
 }
 
 /// Records that secrets were shown: on the `audit` log target, and in the audit file when

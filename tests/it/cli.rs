@@ -235,3 +235,27 @@ fn audit_filters_by_user_and_time_and_status_needs_a_daemon() {
     expect_code(&output, 1);
     assert!(text(&output).1.contains("is postern running"), "{:?}", text(&output));
 }
+
+#[test]
+fn a_reveal_is_audited_under_the_real_user_not_what_the_environment_claims() {
+    let i = install();
+    i.add_user("reveal1@example.com", "dir-pw");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["--config", i.config.to_str().unwrap(), "user", "show-upstream", "reveal1@example.com", "--reveal"])
+        .env("SUDO_USER", "innocent-intern")
+        .env("USER", "innocent-intern")
+        .env("LOGNAME", "innocent-intern")
+        .output()
+        .expect("run postern");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let audit = install::audit_lines(&i.path("audit.jsonl"));
+    let reveal = audit.iter().find(|e| e["event"] == "reveal").expect("the reveal is audited");
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:").map(|ids| ids.split_whitespace().next().unwrap().parse::<u64>().unwrap()))
+        .unwrap();
+    assert_eq!(reveal["operator"]["uid"], uid, "the real uid of the process: {reveal}");
+    assert_ne!(reveal["operator"]["name"], "innocent-intern", "{reveal}");
+    assert_eq!(reveal["operator"]["sudo_user_claimed"], "innocent-intern", "kept as a labelled claim: {reveal}");
+}
