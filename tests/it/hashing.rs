@@ -84,3 +84,74 @@ async fn a_hundred_parallel_wrong_passwords_keep_the_daemons_memory_bounded() {
     }
     assert!(after.saturating_sub(before) / 1024 < 64, "{} MiB still resident after the burst", (after - before) / 1024);
 }
+
+/// Median of `samples`, in microseconds.
+fn median(mut samples: Vec<u128>) -> u128 {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+/// Time from sending a refused login to its answer, on a fresh connection, per protocol.
+async fn refusal_micros(proxy: &crate::common::proxy::Proxy, protocol: &str, user: &str) -> u128 {
+    use crate::common::mail::{b64, smtp_reply};
+    let (addr, greeting) = match protocol {
+        "imap" => (proxy.imaps, "* OK"),
+        "pop3" => (proxy.pop3s, "+OK"),
+        _ => (proxy.smtps, "220"),
+    };
+    let mut c = client::connect_tls(addr, &proxy.ca_file).await;
+    if protocol == "smtp" {
+        smtp_reply(&mut c, greeting).await;
+        c.send(b"EHLO timing\r\n").await;
+        smtp_reply(&mut c, "250").await;
+    } else {
+        assert!(c.read_line().await.starts_with(greeting));
+    }
+    let started = std::time::Instant::now();
+    match protocol {
+        "imap" => {
+            c.send(format!("t1 LOGIN {user} not-the-password\r\n").as_bytes()).await;
+            assert!(c.read_until_tagged("t1").await.pop().unwrap().contains("not allowed"));
+        }
+        "pop3" => {
+            c.send(format!("USER {user}\r\nPASS not-the-password\r\n").as_bytes()).await;
+            assert!(c.read_line().await.starts_with("+OK"));
+            assert!(c.read_line().await.starts_with("-ERR"));
+        }
+        _ => {
+            c.send(format!("AUTH PLAIN {}\r\n", b64(format!("\0{user}\0not-the-password"))).as_bytes()).await;
+            smtp_reply(&mut c, "535").await;
+        }
+    }
+    started.elapsed().as_micros()
+}
+
+#[tokio::test]
+async fn unknown_and_known_users_are_refused_in_the_same_time() {
+    use crate::common::proxy::{self, Dir, Options, Proxy};
+    let known = "timing-known@example.com";
+    let proxy = Proxy::start(Options {
+        directory: Dir::File,
+        profiles: proxy::profile_for(&[known, "timing-nobody@example.com"]),
+        lockout: "failure_delay_ms = 0\nmax_failures = 0\nmax_failures_per_ip = 0".to_owned(),
+        ..Options::default()
+    })
+    .await;
+    proxy.set_file_password(known, "timing-pw").await;
+    for protocol in ["imap", "pop3", "smtp"] {
+        // Interleaved, so whatever else loads the machine weighs on both alike.
+        let (mut known_times, mut unknown_times) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            known_times.push(refusal_micros(&proxy, protocol, known).await);
+            unknown_times.push(refusal_micros(&proxy, protocol, "timing-nobody@example.com").await);
+        }
+        let (known, unknown) = (median(known_times), median(unknown_times));
+        eprintln!("{protocol}: refusal of a known user {known} µs, of an unknown one {unknown} µs (medians of 20)");
+        let ratio = unknown as f64 / known as f64;
+        assert!(
+            (0.8..=1.25).contains(&ratio),
+            "{protocol}: an unknown user is refused in {unknown} µs, a known one in {known} µs (median of 20)"
+        );
+    }
+    proxy.stop().await;
+}
