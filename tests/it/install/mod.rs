@@ -162,6 +162,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon and waits for `READY=1`.
     pub fn start(install: &Install) -> Daemon {
+        Daemon::start_logging(install, "info")
+    }
+
+    /// Like [`Daemon::start`], logging at `level` (`POSTERN_LOG`), e.g. `trace`.
+    pub fn start_logging(install: &Install, level: &str) -> Daemon {
         let socket_path = install.path("notify.sock");
         let _ = std::fs::remove_file(&socket_path);
         let notify = UnixDatagram::bind(&socket_path).expect("bind notify socket");
@@ -171,7 +176,7 @@ impl Daemon {
             .arg(&install.config)
             .arg("serve")
             .env("NOTIFY_SOCKET", &socket_path)
-            .env("POSTERN_LOG", "info")
+            .env("POSTERN_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
