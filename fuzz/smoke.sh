@@ -16,7 +16,7 @@ shift || true
 cd "$(dirname "$0")"
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(imap_preauth pop3_preauth smtp_preauth sasl)
+    targets=(imap_preauth pop3_preauth smtp_preauth sasl proxy_header)
 fi
 
 have_nightly() { rustup toolchain list 2>/dev/null | grep -q '^nightly'; }

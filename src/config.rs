@@ -150,6 +150,12 @@ pub struct Limits {
     /// beyond it are closed at `accept`, so silent connections from one address cannot hold
     /// the connection permits everyone shares.
     pub max_handshakes_per_ip: usize,
+    /// Seconds a trusted balancer has to send the PROXY protocol header, on listeners with
+    /// `proxy_protocol = true`.
+    pub proxy_header_timeout_secs: u64,
+    /// Most PROXY protocol headers being read at once from one balancer address; a
+    /// balancer carries every client, so this is counted apart from the per-client caps.
+    pub max_proxy_headers_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -165,6 +171,8 @@ impl Default for Limits {
             max_sessions_per_user: 30,
             max_connections_per_ip: 500,
             max_handshakes_per_ip: 16,
+            proxy_header_timeout_secs: 5,
+            max_proxy_headers_per_ip: 256,
         }
     }
 }
@@ -185,6 +193,10 @@ impl Limits {
     /// See [`Limits::idle_timeout_secs`].
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// See [`Limits::proxy_header_timeout_secs`].
+    pub fn proxy_header_timeout(&self) -> Duration {
+        Duration::from_secs(self.proxy_header_timeout_secs)
     }
 }
 
@@ -234,6 +246,29 @@ pub struct ProtocolConfig {
     /// How Postern logs in upstream: a stored password (default) or an OAuth2 token.
     #[serde(default)]
     pub upstream_auth: UpstreamAuthMode,
+    /// Connections come through a load balancer that sends a PROXY protocol header (version
+    /// 1 or 2) before the TLS handshake; the client address is taken from it. Needs
+    /// `trusted_proxies`.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The balancers allowed to send the header, as CIDR blocks or single addresses
+    /// (e.g. `["10.0.0.0/24"]`); connections from anywhere else are closed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+/// A `trusted_proxies` entry as a network: a CIDR block or a single address.
+fn parse_trusted_proxy(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    let net = text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(Into::into))?;
+    // Peers are compared as canonical addresses (IPv4 rather than IPv4-mapped IPv6).
+    Some(match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok()?.into(),
+            None => net,
+        },
+        other => other,
+    })
 }
 
 /// How Postern proves itself to an upstream.
@@ -408,6 +443,12 @@ impl ProtocolConfig {
         }
     }
 
+    /// The parsed `trusted_proxies` (validated when the config was loaded), truncated to
+    /// their networks.
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies.iter().filter_map(|t| parse_trusted_proxy(t)).map(|n| n.trunc()).collect()
+    }
+
     /// The host part of `upstream`.
     pub fn upstream_host(&self) -> &str {
         match self.upstream.rsplit_once(':') {
@@ -531,6 +572,24 @@ impl Config {
             if p.max_message_size.is_some() && protocol != Protocol::Smtp {
                 return Err(invalid(&format!("{name}.max_message_size"), "only applies to [smtp]"));
             }
+            if p.proxy_protocol && p.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    &format!("{name}.trusted_proxies"),
+                    "proxy_protocol = true needs the balancers' addresses, e.g. [\"10.0.0.0/24\"]",
+                ));
+            }
+            if !p.proxy_protocol && !p.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    &format!("{name}.trusted_proxies"),
+                    "only used with proxy_protocol = true; set it or remove this key",
+                ));
+            }
+            if let Some(bad) = p.trusted_proxies.iter().find(|t| parse_trusted_proxy(t).is_none()) {
+                return Err(invalid(
+                    &format!("{name}.trusted_proxies"),
+                    &format!("`{bad}` is not a CIDR block or address, e.g. \"10.0.0.0/24\" or \"2001:db8::/64\""),
+                ));
+            }
             if p.upstream_auth == UpstreamAuthMode::Xoauth2 && self.oauth.is_none() {
                 return Err(invalid(
                     &format!("{name}.upstream_auth"),
@@ -544,10 +603,17 @@ impl Config {
             ("limits.preauth_timeout_secs", l.preauth_timeout_secs),
             ("limits.upstream_timeout_secs", l.upstream_timeout_secs),
             ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.proxy_header_timeout_secs", l.proxy_header_timeout_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1 second"));
             }
+        }
+        if l.proxy_header_timeout_secs > 60 {
+            return Err(invalid(
+                "limits.proxy_header_timeout_secs",
+                "must be at most 60 seconds: a balancer sends the header at once",
+            ));
         }
         if l.max_line < 512 || l.max_line > 1024 * 1024 {
             return Err(invalid("limits.max_line", "must be between 512 and 1048576 bytes"));
@@ -560,6 +626,7 @@ impl Config {
             ("limits.max_sessions_per_user", l.max_sessions_per_user),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.max_handshakes_per_ip", l.max_handshakes_per_ip),
+            ("limits.max_proxy_headers_per_ip", l.max_proxy_headers_per_ip),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -730,6 +797,29 @@ mod tests {
         let err = with("source = \"google\"").unwrap_err();
         assert!(err.contains("source"), "{err}");
         with("source = \"microsoft\"\ntenant = \"example.onmicrosoft.com\"\nclient_id = \"c\"\nclient_secret_file = \"s\"").unwrap();
+    }
+
+    #[test]
+    fn proxy_protocol_needs_valid_trusted_proxies() {
+        let with =
+            |lines: &str| parse(&MINIMAL.replace("[imap]", &format!("[imap]\n{lines}"))).map_err(|e| e.to_string());
+        let err = with("proxy_protocol = true").unwrap_err();
+        assert!(err.contains("imap.trusted_proxies") && err.contains("needs"), "{err}");
+        let err = with("proxy_protocol = true\ntrusted_proxies = []").unwrap_err();
+        assert!(err.contains("imap.trusted_proxies"), "{err}");
+        let err = with("trusted_proxies = [\"10.0.0.1\"]").unwrap_err();
+        assert!(err.contains("imap.trusted_proxies") && err.contains("only used"), "{err}");
+        for bad in ["10.0.0.0/33", "10.0.0", "example.com", "", "10.0.0.0/8/8"] {
+            let err = with(&format!("proxy_protocol = true\ntrusted_proxies = [\"10.0.0.1\", {bad:?}]")).unwrap_err();
+            assert!(err.contains("imap.trusted_proxies") && err.contains("not a CIDR"), "{bad}: {err}");
+        }
+        let c = with("proxy_protocol = true\ntrusted_proxies = [\"10.1.2.3/8\", \"192.0.2.9\", \"::ffff:198.51.100.0/120\", \"2001:db8::/64\"]")
+            .unwrap();
+        let nets: Vec<String> = c.imap.unwrap().trusted_proxies().iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.9/32", "198.51.100.0/24", "2001:db8::/64"]);
+        let err = parse(&format!("{MINIMAL}\n[limits]\nproxy_header_timeout_secs = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("limits.proxy_header_timeout_secs"), "{err}");
+        assert_eq!(parse(MINIMAL).unwrap().limits.proxy_header_timeout(), Duration::from_secs(5));
     }
 
     #[test]

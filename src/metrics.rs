@@ -79,6 +79,55 @@ impl LoginResult {
     pub const OK: LoginResult = LoginResult { outcome: Outcome::Ok, reason: "ok" };
 }
 
+/// The `reason` label of a connection closed because of its PROXY protocol header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyRefusal {
+    /// The peer is not in the listener's `trusted_proxies`.
+    Untrusted,
+    /// The balancer address had too many headers being read at once.
+    Busy,
+    /// The header did not arrive within `limits.proxy_header_timeout_secs`.
+    Timeout,
+    /// The connection ended (or failed) before the header was complete.
+    Truncated,
+    /// No PROXY protocol signature: the peer sent something else.
+    Signature,
+    /// A header over its size limit.
+    TooLong,
+    /// A malformed header.
+    Malformed,
+    /// A version 2 header for an address family other than TCP over IPv4 or IPv6.
+    Family,
+}
+
+impl ProxyRefusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyRefusal::Untrusted => "untrusted",
+            ProxyRefusal::Busy => "busy",
+            ProxyRefusal::Timeout => "timeout",
+            ProxyRefusal::Truncated => "truncated",
+            ProxyRefusal::Signature => "signature",
+            ProxyRefusal::TooLong => "too-long",
+            ProxyRefusal::Malformed => "malformed",
+            ProxyRefusal::Family => "family",
+        }
+    }
+}
+
+impl EncodeLabelValue for ProxyRefusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProxyRefusalLabels {
+    protocol: Protocol,
+    reason: ProxyRefusal,
+}
+
 /// The `result` label of a reload or of a token endpoint request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Success {
@@ -205,6 +254,7 @@ pub struct Metrics {
     bytes_up: PerProtocol<Counter>,
     bytes_down: PerProtocol<Counter>,
     tls_failures: PerProtocol<Counter>,
+    proxy_refusals: Family<ProxyRefusalLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     sessions_revoked: Counter,
     /// Time the directory takes to look a user up or check a password.
@@ -249,6 +299,12 @@ impl Metrics {
             "postern_tls_handshake_failures",
             "Client TLS handshakes that failed or timed out",
         );
+        let proxy_refusals = Family::<ProxyRefusalLabels, Counter>::default();
+        r.register(
+            "postern_proxy_header_refusals",
+            "Connections closed because of their PROXY protocol header (or its absence), by reason",
+            proxy_refusals.clone(),
+        );
         let reloads = by_result();
         r.register("postern_reloads", "Reloads by result", reloads.clone());
         let sessions_revoked = Counter::default();
@@ -279,6 +335,7 @@ impl Metrics {
             bytes_up,
             bytes_down,
             tls_failures,
+            proxy_refusals,
             reloads,
             sessions_revoked,
             directory_latency,
@@ -340,6 +397,16 @@ impl Metrics {
         self.tls_failures.of(protocol).inc();
     }
 
+    /// Counts a connection closed because of its PROXY protocol header.
+    pub fn proxy_refusal(&self, protocol: Protocol, reason: ProxyRefusal) {
+        self.proxy_refusals.get_or_create(&ProxyRefusalLabels { protocol, reason }).inc();
+    }
+
+    /// Connections of `protocol` closed because of their PROXY protocol header for `reason`.
+    pub fn proxy_refusals(&self, protocol: Protocol, reason: ProxyRefusal) -> u64 {
+        self.proxy_refusals.get(&ProxyRefusalLabels { protocol, reason }).map_or(0, |c| c.get())
+    }
+
     /// Counts a reload attempt.
     pub fn reload(&self, ok: bool) {
         self.reloads.get_or_create(&ResultLabels { result: Success::of(ok) }).inc();
@@ -398,6 +465,9 @@ mod tests {
         m.reload(false);
         m.reload(false);
         m.revoked(3);
+        m.proxy_refusal(Protocol::Pop3, ProxyRefusal::TooLong);
+        assert_eq!(m.proxy_refusals(Protocol::Pop3, ProxyRefusal::TooLong), 1);
+        assert_eq!(m.proxy_refusals(Protocol::Imap, ProxyRefusal::TooLong), 0);
         let text = m.render();
         for line in [
             "postern_bytes_up_total{protocol=\"smtp\"} 10",
@@ -406,6 +476,7 @@ mod tests {
             "postern_reloads_total{result=\"ok\"} 1",
             "postern_reloads_total{result=\"failed\"} 2",
             "postern_sessions_revoked_total 3",
+            "postern_proxy_header_refusals_total{protocol=\"pop3\",reason=\"too-long\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
         }

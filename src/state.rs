@@ -155,10 +155,11 @@ impl State {
             hostname: config.server.hostname.clone(),
             directory: ArcSwap::from_pointee(directory),
             lockout: Lockout::new(config.lockout.clone()),
-            sessions: SessionLimits::new(
+            sessions: SessionLimits::with_proxy_headers(
                 config.limits.max_sessions_per_user,
                 config.limits.max_connections_per_ip,
                 config.limits.max_handshakes_per_ip,
+                config.limits.max_proxy_headers_per_ip,
             ),
             profiles: ArcSwap::from_pointee(profiles),
             upstreams,

@@ -8,6 +8,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::BytesMut;
+use postern::protocol::proxy::{self, Command, Parsed, Version};
 use postern::protocol::sasl::{Mechanism, SaslExchange, SaslStep, decode_login_field, decode_plain, encode_plain};
 use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Step, UpstreamInfo, dialogue};
 
@@ -22,11 +23,14 @@ pub enum Target {
     SmtpPreauth,
     /// SASL PLAIN and LOGIN decoding and the server-side exchange.
     Sasl,
+    /// The PROXY protocol header parser (versions 1 and 2).
+    ProxyHeader,
 }
 
 impl Target {
     /// Every target, in a fixed order.
-    pub const ALL: [Target; 4] = [Target::ImapPreauth, Target::Pop3Preauth, Target::SmtpPreauth, Target::Sasl];
+    pub const ALL: [Target; 5] =
+        [Target::ImapPreauth, Target::Pop3Preauth, Target::SmtpPreauth, Target::Sasl, Target::ProxyHeader];
 
     /// The target's name, as used by `cargo fuzz` and for its corpus folder.
     pub fn name(self) -> &'static str {
@@ -35,6 +39,7 @@ impl Target {
             Target::Pop3Preauth => "pop3_preauth",
             Target::SmtpPreauth => "smtp_preauth",
             Target::Sasl => "sasl",
+            Target::ProxyHeader => "proxy_header",
         }
     }
 
@@ -50,6 +55,7 @@ impl Target {
             Target::Pop3Preauth => preauth(Protocol::Pop3, data),
             Target::SmtpPreauth => preauth(Protocol::Smtp, data),
             Target::Sasl => sasl(data),
+            Target::ProxyHeader => proxy_header(data),
         }
     }
 
@@ -61,6 +67,7 @@ impl Target {
             Target::Pop3Preauth => POP3_WORDS,
             Target::SmtpPreauth => SMTP_WORDS,
             Target::Sasl => SASL_WORDS,
+            Target::ProxyHeader => PROXY_WORDS,
         }
     }
 
@@ -68,6 +75,7 @@ impl Target {
     pub fn header_len(self) -> usize {
         match self {
             Target::Sasl => 1,
+            Target::ProxyHeader => 0,
             _ => 2,
         }
     }
@@ -208,6 +216,96 @@ const SASL_WORDS: &[&[u8]] = &[
     b"\0",
     "pä".as_bytes(),
 ];
+
+const PROXY_WORDS: &[&[u8]] = &[
+    b"PROXY ",
+    b"TCP4 ",
+    b"TCP6 ",
+    b"UNKNOWN",
+    b"192.0.2.7 ",
+    b"198.51.100.1 ",
+    b"2001:db8::7 ",
+    b"::ffff:192.0.2.7 ",
+    b"51234 ",
+    b"993",
+    b"65535",
+    b"65536",
+    b"0",
+    b" ",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b"\r\n\r\n\0\r\nQUIT\n",
+    b"\x21\x11\x00\x0c",
+    b"\x21\x21\x00\x24",
+    b"\x20\x00\x00\x00",
+    b"\x21\x11\x02\x08",
+    b"\x21\x31\x00\xd8",
+    b"\xc0\x00\x02\x07\xc6\x33\x64\x01\xc8\x22\x03\xe1",
+    b"\x04\x00\x01\x00",
+    b"\x16\x03\x01",
+    b"\0",
+    b"\xff",
+];
+
+/// Drives the PROXY protocol header parser with `data` as the bytes a peer sent: every
+/// prefix is parsed as a reader would see it. Checks that the answer is stable as bytes
+/// arrive (a prefix that is a header or invalid stays so), that `NeedMore` never asks past
+/// the header's end (the reader must not take the TLS bytes after it), that headers keep
+/// to their size limits, and that a version 2 header is exactly what its fields say.
+pub fn proxy_header(data: &[u8]) {
+    let full = proxy::parse(data);
+    let mut settled: Option<(usize, Parsed)> = None;
+    for split in 0..=data.len().min(2 * proxy::V2_MAX_LEN) {
+        let parsed = proxy::parse(&data[..split]);
+        if let Some((at, answer)) = &settled {
+            assert_eq!(&parsed, answer, "the answer at {at} bytes changed at {split}");
+            continue;
+        }
+        match &parsed {
+            Parsed::NeedMore(n) => {
+                assert!(*n >= 1, "NeedMore(0) at {split}");
+                if let Parsed::Header(h) = &full {
+                    assert!(split + n <= h.len, "at {split}, asks for {n}: past the {}-byte header", h.len);
+                }
+            }
+            Parsed::Header(h) => {
+                assert!(h.len <= split, "a {}-byte header from {split} bytes", h.len);
+                settled = Some((split, parsed.clone()));
+            }
+            Parsed::Invalid(_) => settled = Some((split, parsed.clone())),
+        }
+    }
+    if let Some((_, answer)) = &settled {
+        assert_eq!(&full, answer, "the whole input disagrees with its prefix");
+    }
+    let Parsed::Header(header) = full else { return };
+    assert!(header.len <= data.len());
+    match header.version {
+        Version::V1 => {
+            assert!(header.len <= proxy::V1_MAX_LEN);
+            assert!(data[..header.len].ends_with(b"\r\n"));
+            assert!(data[..header.len - 2].iter().all(|b| (b' '..=b'~').contains(b)), "only printable ASCII");
+            if let Command::Proxy { source, destination } = header.command {
+                assert_eq!(source.is_ipv4(), destination.is_ipv4(), "one family");
+                let family: &[u8] = if source.is_ipv4() { b"PROXY TCP4 " } else { b"PROXY TCP6 " };
+                assert!(data.starts_with(family));
+            }
+        }
+        Version::V2 => {
+            assert!(header.len <= proxy::V2_MAX_LEN);
+            assert!(data.starts_with(&proxy::V2_SIGNATURE));
+            match header.command {
+                Command::Local => assert_eq!(data[12], 0x20),
+                Command::Proxy { source, destination } => {
+                    let need = if source.is_ipv4() { 12 } else { 36 };
+                    let rebuilt = proxy::build::v2(source, destination, &data[16 + need..header.len]);
+                    assert_eq!(rebuilt, &data[..header.len], "the header says what its bytes say");
+                }
+            }
+        }
+    }
+}
 
 /// Whether `text` holds a byte no credential may carry upstream.
 fn has_nul_cr_lf(text: &str) -> bool {

@@ -12,15 +12,18 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 /// Live counts with their limits: logged-in sessions per user, connections per address,
-/// and unfinished TLS handshakes per address.
+/// unfinished TLS handshakes per address, and PROXY protocol headers being read per
+/// balancer address.
 #[derive(Debug)]
 pub struct SessionLimits {
     per_user: usize,
     per_ip: usize,
     handshakes_per_ip: usize,
+    proxy_headers_per_ip: usize,
     users: DashMap<String, usize>,
     ips: DashMap<IpAddr, usize>,
     handshakes: DashMap<IpAddr, usize>,
+    proxy_headers: DashMap<IpAddr, usize>,
 }
 
 /// A held slot in one of the counts; freed on drop.
@@ -48,15 +51,29 @@ impl<K: Eq + Hash> Drop for Slot<K> {
 
 impl SessionLimits {
     /// Limits of `per_user` logged-in sessions per user, `per_ip` connections per address
-    /// and `handshakes_per_ip` unfinished TLS handshakes per address.
+    /// and `handshakes_per_ip` unfinished TLS handshakes per address; PROXY protocol
+    /// headers are not limited (see [`SessionLimits::with_proxy_headers`]).
     pub fn new(per_user: usize, per_ip: usize, handshakes_per_ip: usize) -> Arc<Self> {
+        Self::with_proxy_headers(per_user, per_ip, handshakes_per_ip, usize::MAX)
+    }
+
+    /// Like [`SessionLimits::new`], with at most `proxy_headers_per_ip` PROXY protocol
+    /// headers being read at once from one balancer address.
+    pub fn with_proxy_headers(
+        per_user: usize,
+        per_ip: usize,
+        handshakes_per_ip: usize,
+        proxy_headers_per_ip: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             per_user,
             per_ip,
             handshakes_per_ip,
+            proxy_headers_per_ip,
             users: DashMap::new(),
             ips: DashMap::new(),
             handshakes: DashMap::new(),
+            proxy_headers: DashMap::new(),
         })
     }
 
@@ -103,6 +120,12 @@ impl SessionLimits {
         self.take(|l| &l.handshakes, ip, self.handshakes_per_ip)
     }
 
+    /// A slot for reading another PROXY protocol header from the balancer at `ip`, unless
+    /// the address is at the limit; held until the header is read.
+    pub fn try_proxy_header(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        self.take(|l| &l.proxy_headers, ip, self.proxy_headers_per_ip)
+    }
+
     /// Sessions `user` holds now.
     pub fn user_sessions(&self, user: &str) -> usize {
         self.users.get(user).map_or(0, |c| *c)
@@ -135,6 +158,12 @@ mod tests {
         drop(handshake);
         assert!(limits.ips.is_empty() && limits.users.is_empty(), "freed entries are removed");
         assert!(limits.handshakes.is_empty());
+        let limits = SessionLimits::with_proxy_headers(1, 1, 1, 2);
+        let (a, b) = (limits.try_proxy_header(ip).unwrap(), limits.try_proxy_header(ip).unwrap());
+        assert!(limits.try_proxy_header(ip).is_none());
+        assert!(limits.try_handshake(ip).is_some() && limits.try_ip(ip).is_some(), "counted apart");
+        drop((a, b));
+        assert!(limits.proxy_headers.is_empty());
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum Event {
     Session,
     /// One refused login attempt; a session with several leaves a trace of each.
     LoginRefused,
+    /// A connection on a PROXY protocol listener closed before TLS: an untrusted peer, or a
+    /// missing, malformed, truncated or late header. `client` is the peer that connected.
+    ProxyHeaderRefused,
 }
 
 impl Event {
@@ -63,6 +66,7 @@ impl Event {
         match self {
             Event::Session => "session",
             Event::LoginRefused => "login refused",
+            Event::ProxyHeaderRefused => "proxy header refused",
         }
     }
 }
@@ -74,8 +78,10 @@ impl Event {
 pub struct SessionRecord {
     /// The protocol.
     pub protocol: Protocol,
-    /// The client's address and port.
+    /// The client's address and port (from the PROXY protocol header behind a balancer).
     pub client: SocketAddr,
+    /// The load balancer the client came through, on PROXY protocol listeners.
+    pub via: Option<SocketAddr>,
     started: Instant,
     /// Wall-clock time the session was accepted, for the audit file.
     pub started_at: SystemTime,
@@ -107,6 +113,7 @@ impl SessionRecord {
         Self {
             protocol,
             client,
+            via: None,
             started: Instant::now(),
             started_at: SystemTime::now(),
             user: None,
@@ -134,6 +141,7 @@ impl SessionRecord {
             "event": event.as_str(),
             "protocol": self.protocol.name(),
             "client": self.client.to_string(),
+            "via": self.via.map_or_else(|| "-".to_owned(), |v| v.to_string()),
             "user": escape(self.user.as_deref().unwrap_or("-")),
             "mode": self.mode.unwrap_or("-"),
             "mechanism": self.mechanism.unwrap_or("-"),
@@ -154,6 +162,7 @@ impl SessionRecord {
             target: "audit",
             protocol = self.protocol.name(),
             client = %self.client,
+            via = %self.via.map_or_else(|| "-".to_owned(), |v| v.to_string()),
             user = %escape(self.user.as_deref().unwrap_or("-")),
             mode = self.mode.unwrap_or("-"),
             mechanism = self.mechanism.unwrap_or("-"),

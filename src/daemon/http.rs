@@ -1,5 +1,6 @@
-//! The daemon's HTTP endpoint: HTTP/1.1 on a local address, serving `GET /metrics` today;
-//! the health check and the admin console planned later will share it.
+//! The daemon's HTTP endpoint: HTTP/1.1 on a local address, serving `GET /metrics` and the
+//! load balancers' readiness check `GET /healthz` ([`super::health`]); the admin console
+//! planned later will share it.
 //!
 //! Every connection is bounded: the request head must arrive within a few seconds and fit
 //! in a small buffer, one request is answered per connection, and a connection that is
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::health::{Health, Readiness};
 use crate::metrics::Metrics;
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -55,14 +57,23 @@ impl Default for Limits {
 /// Longest pause after failed accepts (descriptors exhausted, ...), doubling from 10 ms.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// What the endpoint serves.
+#[derive(Clone)]
+pub struct Services {
+    /// `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// `/healthz`.
+    pub readiness: Arc<Readiness>,
+}
+
 /// Serves the endpoint on `listener` with the default [`Limits`] until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    serve_with(listener, metrics, stop, Limits::default()).await;
+pub async fn serve(listener: TcpListener, services: Services, stop: CancellationToken) {
+    serve_with(listener, services, stop, Limits::default()).await;
 }
 
 /// Serves the endpoint on `listener` with `limits` until `stop` is cancelled; connections
 /// still open then are dropped.
-pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken, limits: Limits) {
+pub async fn serve_with(listener: TcpListener, services: Services, stop: CancellationToken, limits: Limits) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -97,11 +108,12 @@ pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, stop: Canc
             () = stop.cancelled() => return,
         };
         backoff = Duration::from_millis(10);
-        let (builder, metrics, stop) = (builder.clone(), metrics.clone(), stop.clone());
+        let (builder, services, stop) = (builder.clone(), services.clone(), stop.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let response = respond(&request, &metrics);
-                async move { Ok::<_, Infallible>(response) }
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let services = services.clone();
+                let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                async move { Ok::<_, Infallible>(respond(&method, &path, &services).await) }
             });
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -118,10 +130,19 @@ pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, stop: Canc
 }
 
 /// The answer to one request.
-fn respond(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, crate::metrics::CONTENT_TYPE, metrics.render()),
-        (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, TEXT, "not found; try /metrics\n".to_owned()),
+async fn respond(method: &Method, path: &str, services: &Services) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method, path) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, crate::metrics::CONTENT_TYPE, services.metrics.render())
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            let health: Health = services.readiness.check().await;
+            let status = if health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, TEXT, health.body())
+        }
+        (&Method::GET | &Method::HEAD, _) => {
+            (StatusCode::NOT_FOUND, TEXT, "not found; try /metrics or /healthz\n".to_owned())
+        }
         _ => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET and HEAD\n".to_owned()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -143,17 +164,30 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::*;
+    use crate::daemon::health::tests::FakeProbe;
     use crate::protocol::Protocol;
 
     /// A server on a free loopback port, its address and the token that stops it.
     async fn start(limits: Limits) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        let (address, stop, server, _, _) = start_with_health(limits).await;
+        (address, stop, server)
+    }
+
+    /// [`start`], with the fake probe behind `/healthz` and the token that starts draining.
+    async fn start_with_health(
+        limits: Limits,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>, Arc<FakeProbe>, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::default());
         metrics.tls_failure(Protocol::Imap);
+        let probe = Arc::new(FakeProbe::default());
+        let draining = CancellationToken::new();
+        let readiness = Arc::new(Readiness::new(Box::new(probe.clone()), draining.clone()));
+        readiness.set_listening();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve_with(listener, metrics, stop.clone(), limits));
-        (address, stop, server)
+        let server = tokio::spawn(serve_with(listener, Services { metrics, readiness }, stop.clone(), limits));
+        (address, stop, server, probe, draining)
     }
 
     /// Sends one request with hyper's client; the status, content type and body.
@@ -197,6 +231,25 @@ mod tests {
         assert!(body.contains("# TYPE postern_reloads_total counter"), "{body}");
         let (status, _, body) = request(address, Method::HEAD, "/metrics").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_ready_not_ready_and_draining() {
+        let (address, stop, _, probe, draining) = start_with_health(Limits::default()).await;
+        *probe.answer.lock().unwrap() = Some("directory: LDAP down".into());
+        let (status, content_type, body) = request(address, Method::GET, "/healthz").await;
+        assert_eq!((status, content_type.as_str()), (StatusCode::SERVICE_UNAVAILABLE, TEXT));
+        assert_eq!(body, "not ready: directory: LDAP down\n");
+        draining.cancel();
+        let (status, _, body) = request(address, Method::GET, "/healthz").await;
+        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
+        assert_eq!(request(address, Method::POST, "/healthz").await.0, StatusCode::METHOD_NOT_ALLOWED);
+        stop.cancel();
+        let (address, stop, _, _, _) = start_with_health(Limits::default()).await;
+        let (status, _, body) = request(address, Method::GET, "/healthz").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ready\n"));
+        assert_eq!(request(address, Method::HEAD, "/healthz").await.0, StatusCode::OK);
         stop.cancel();
     }
 

@@ -3,6 +3,7 @@
 //! stages (no new logins, then, after the grace period, every session closed).
 
 pub mod control;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod notify;
@@ -133,14 +134,17 @@ pub struct Running {
     pub metrics_address: Option<SocketAddr>,
     /// Stops the server when cancelled.
     pub shutdown: Shutdown,
+    /// What `/healthz` answers: draining as soon as [`Running::stop`] begins.
+    pub readiness: Arc<health::Readiness>,
     tasks: TaskTracker,
     grace: Duration,
     helpers: CancellationToken,
 }
 
 impl Running {
-    /// Stops accepting, lets logged-in sessions run for the grace period, then closes them,
-    /// and returns when every session has ended.
+    /// Stops accepting (from now on `/healthz` answers `draining`, so balancers send new
+    /// clients elsewhere), lets logged-in sessions run for the grace period, then closes
+    /// them, and returns when every session has ended.
     pub async fn stop(self) {
         self.shutdown.stop_accepting.cancel();
         self.tasks.close();
@@ -160,7 +164,12 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
     let permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let mut addresses: HashMap<Protocol, Vec<SocketAddr>> = HashMap::new();
     let mut bound = Vec::new();
+    let mut proxy_protocols = HashMap::new();
     for (protocol, p) in config.protocols() {
+        if p.proxy_protocol {
+            let settings = Arc::new(listener::ProxyProtocol::new(p.trusted_proxies()));
+            proxy_protocols.insert(protocol, settings);
+        }
         for &address in &p.listen {
             let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind {
                 protocol,
@@ -168,20 +177,29 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
                 source,
             })?;
             let local = listener.local_addr().map_err(|source| StartError::Bind { protocol, address, source })?;
-            tracing::info!(%protocol, address = %local, upstream = server.upstream(protocol).address(), "listening");
+            tracing::info!(
+                %protocol,
+                address = %local,
+                upstream = server.upstream(protocol).address(),
+                proxy_protocol = p.proxy_protocol,
+                "listening"
+            );
             addresses.entry(protocol).or_default().push(local);
             bound.push((protocol, listener));
         }
     }
     let helpers = CancellationToken::new();
+    let readiness =
+        Arc::new(health::Readiness::new(Box::new(ProbeState(server.clone())), shutdown.stop_accepting.clone()));
     let metrics_address = match config.metrics.listen {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|source| StartError::MetricsBind { address, source })?;
             let local = listener.local_addr().map_err(|source| StartError::MetricsBind { address, source })?;
-            tracing::info!(address = %local, "serving metrics at /metrics");
-            tokio::spawn(http::serve(listener, server.metrics().clone(), helpers.clone()));
+            tracing::info!(address = %local, "serving metrics at /metrics and readiness at /healthz");
+            let services = http::Services { metrics: server.metrics().clone(), readiness: readiness.clone() };
+            tokio::spawn(http::serve(listener, services, helpers.clone()));
             Some(local)
         }
         None => None,
@@ -191,9 +209,26 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
     }
     for (protocol, listener) in bound {
-        let accept =
-            listener::accept_loop(listener, protocol, server.clone(), permits.clone(), tasks.clone(), shutdown.clone());
+        let accept = listener::accept_loop(
+            listener,
+            protocol,
+            proxy_protocols.get(&protocol).cloned(),
+            server.clone(),
+            permits.clone(),
+            tasks.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(accept);
     }
-    Ok(Running { addresses, metrics_address, shutdown, tasks, grace, helpers })
+    readiness.set_listening();
+    Ok(Running { addresses, metrics_address, shutdown, readiness, tasks, grace, helpers })
+}
+
+/// The shared state as the readiness probe (see [`health::Probe`] for [`State`]).
+struct ProbeState(Arc<State>);
+
+impl health::Probe for ProbeState {
+    fn probe(&self) -> health::ProbeFuture<'_> {
+        health::Probe::probe(&*self.0)
+    }
 }

@@ -14,6 +14,7 @@ pub mod imap;
 pub mod limits;
 pub mod line;
 pub mod pop3;
+pub mod proxy;
 pub mod sasl;
 pub mod smtp;
 

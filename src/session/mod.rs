@@ -25,22 +25,27 @@ use crate::access::decision::{self, Admitted, Refusal};
 use crate::access::slots::IpSlot;
 
 /// Runs the session of a client whose TLS handshake is done, and writes its audit line.
-/// `address_slot` is the client address's connection slot, taken at `accept`; `None` when
-/// the address was over its limit, and the session only says so and closes.
+/// `peer` is the client's address: the connecting peer's, or the one a trusted balancer
+/// (`via`) named in its PROXY protocol header. `address_slot` is that address's connection
+/// slot; `None` when the address was over its limit, and the session only says so and
+/// closes.
 pub async fn run<S>(
     server: Arc<State>,
     protocol: Protocol,
     client: S,
     peer: SocketAddr,
+    via: Option<SocketAddr>,
     shutdown: Shutdown,
     address_slot: Option<IpSlot>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer);
+    let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text);
     async move {
         let _active = server.metrics().session_started(protocol);
-        let record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
+        let mut record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
+        record.via = via;
         let mut session = Session {
             dialogue: protocol::dialogue(protocol, &server.dialogue_settings(protocol)),
             server,
@@ -318,7 +323,7 @@ mod tests {
         let (client, server_side) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let slot = if with_slot { state.sessions.try_ip(peer.ip()) } else { None };
-        tokio::spawn(run(state.clone(), Protocol::Imap, server_side, peer, shutdown.clone(), slot));
+        tokio::spawn(run(state.clone(), Protocol::Imap, server_side, peer, None, shutdown.clone(), slot));
         BufReader::new(client)
     }
 

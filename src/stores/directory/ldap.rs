@@ -285,6 +285,29 @@ impl LdapDirectory {
         }
     }
 
+    /// See [`super::Directory::reachable`]: a base search of the root DSE on the lookup
+    /// connection (any answer, even a refusal, shows the server is there), or a fresh
+    /// connection when lookups do not use the server.
+    pub async fn reachable(&self) -> Result<(), DirectoryError> {
+        if !self.lookups_use_server() {
+            let ldap = self.connect().await?;
+            self.release_bind_connection(ldap);
+            return Ok(());
+        }
+        for attempt in 0..2 {
+            let (mut ldap, reused) = self.lookup_connection().await?;
+            match self.search(&mut ldap, "", Scope::Base, "(objectClass=*)", &["1.1".to_owned()], 1).await {
+                Ok(_) | Err(Fault::Code(..)) => return Ok(()),
+                Err(Fault::Link(_)) if reused && attempt == 0 => self.forget_lookup_connection(),
+                Err(fault) => {
+                    self.forget_lookup_connection();
+                    return Err(fault.unavailable("LDAP health check", None));
+                }
+            }
+        }
+        Err(DirectoryError::Unavailable("LDAP health check: connection keeps failing".to_owned()))
+    }
+
     /// Whether `lookup` asks the server (it does unless a template is used without a service account).
     fn lookups_use_server(&self) -> bool {
         matches!(self.locate, Locate::Search { .. }) || self.service.is_some()

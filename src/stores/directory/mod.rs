@@ -84,6 +84,15 @@ impl Directory {
         }
     }
 
+    /// Whether the directory answers, cheaply (for the readiness check): the file
+    /// directory always does; LDAP must answer a small request on the service connection.
+    pub async fn reachable(&self) -> Result<(), DirectoryError> {
+        match self {
+            Directory::File(_) => Ok(()),
+            Directory::Ldap(d) => d.reachable().await,
+        }
+    }
+
     /// Checks `password` for `entry` and returns the user's groups.
     ///
     /// An empty password is refused here, before any backend sees it: an LDAP simple bind
