@@ -65,6 +65,7 @@ fn exchange(protocol: Protocol, settings: &DialogueSettings, input: &[u8], chunk
                 None => panic!("{protocol} script ended without a login"),
             },
             Step::Close(reply) => panic!("{protocol} closed: {}", String::from_utf8_lossy(&reply)),
+            Step::Refused(rejected) => panic!("{protocol} refused the script's login: {rejected:?}"),
         }
     }
 }

@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::BytesMut;
 use postern::protocol::sasl::{Mechanism, SaslExchange, SaslStep, decode_login_field, decode_plain, encode_plain};
-use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Step, UpstreamInfo, dialogue};
+use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Rejected, Step, UpstreamInfo, dialogue};
 
 /// The fuzz targets, by the name of their `fuzz_targets/` file and corpus folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +250,15 @@ fn check_credentials(protocol: Protocol, c: &Credentials) {
     }
 }
 
+/// What a dialogue may hand to the session as a refusal of its own.
+fn check_rejected(r: &Rejected) {
+    if let Some(user) = &r.user {
+        assert!(!user.is_empty() && user.trim() == user, "bad refused user {user:?}");
+        assert!(!user.chars().any(char::is_control), "control character in refused user");
+    }
+    assert!(!r.mechanism.is_empty(), "no mechanism");
+}
+
 /// 64-bit xorshift: cheap, deterministic, good enough to vary chunk sizes.
 #[derive(Debug, Clone)]
 pub struct XorShift(u64);
@@ -361,6 +370,11 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
                     check_reply(&reply);
                     break 'feed;
                 }
+                Step::Refused(rejected) => {
+                    assert!(consumed, "refusal without consuming input");
+                    check_rejected(&rejected);
+                    check_reply(&d.denied());
+                }
                 Step::Login(credentials) => {
                     assert!(consumed, "login without consuming input");
                     check_credentials(protocol, &credentials);
@@ -419,6 +433,13 @@ pub fn sasl(data: &[u8]) {
                 assert!(!user.chars().any(char::is_control), "control character in user");
                 assert!(!password.is_empty(), "empty password");
                 assert!(!has_nul_cr_lf(password.expose()), "NUL, CR or LF in password");
+                break true;
+            }
+            SaslStep::Refused { user, .. } => {
+                if let Some(user) = user {
+                    assert!(!user.is_empty() && user.trim() == user, "bad refused user {user:?}");
+                    assert!(!user.chars().any(char::is_control), "control character in refused user");
+                }
                 break true;
             }
             SaslStep::Cancelled | SaslStep::Invalid(_) => break true,

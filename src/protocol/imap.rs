@@ -11,8 +11,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::fields;
 use super::line::{self, BadCommands, Framed};
-use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
-use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
+use super::sasl::{Mechanism, SaslExchange, SaslStep};
+use super::{CredentialFault, Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Rejected, Step, UpstreamInfo};
 
 /// What Postern announces before login.
 const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
@@ -417,19 +417,34 @@ impl ImapDialogue {
         let [user, password] = args else {
             return self.bad(Some(&tag), "LOGIN needs a user name and a password");
         };
-        let user = user.astring().and_then(fields::user_name);
-        let password = password.astring().and_then(fields::password);
-        let (Some(user), Some(password)) = (user, password) else {
+        let (Some(user), Some(raw_password)) = (user.astring(), password.astring()) else {
             return self.bad(Some(&tag), "Invalid user name or password");
         };
+        let user = fields::user_name(user);
+        let fault = match (user, fields::password(raw_password)) {
+            (Some(user), Some(password)) => {
+                self.state = State::Deciding { tag };
+                return Step::Login(Credentials {
+                    user,
+                    upstream_prefix: String::new(),
+                    password,
+                    mechanism: "LOGIN",
+                    client_hello: None,
+                });
+            }
+            // A password no upstream syntax can carry is a malformed argument.
+            (_, None) if !raw_password.is_empty() => return self.bad(Some(&tag), "Invalid user name or password"),
+            (None, _) => (None, CredentialFault::InvalidUserName),
+            (Some(user), None) => (Some(user), CredentialFault::EmptyPassword),
+        };
+        self.refuse(tag, fault.0, "LOGIN", fault.1)
+    }
+
+    /// Hands credentials refused by the dialogue itself to the session, which counts the
+    /// refusal and answers with [`Dialogue::denied`].
+    fn refuse(&mut self, tag: Vec<u8>, user: Option<String>, mechanism: &'static str, fault: CredentialFault) -> Step {
         self.state = State::Deciding { tag };
-        Step::Login(Credentials {
-            user,
-            upstream_prefix: String::new(),
-            password,
-            mechanism: "LOGIN",
-            client_hello: None,
-        })
+        Step::Refused(Rejected { user, mechanism, fault })
     }
 
     fn authenticate(&mut self, tag: Vec<u8>, args: &[Token]) -> Step {
@@ -472,18 +487,12 @@ impl ImapDialogue {
                     user,
                     upstream_prefix: String::new(),
                     password,
-                    mechanism: match exchange.mechanism() {
-                        Mechanism::Plain => "AUTHENTICATE PLAIN",
-                        Mechanism::Login => "AUTHENTICATE LOGIN",
-                    },
+                    mechanism: sasl_mechanism(&exchange),
                     client_hello: None,
                 })
             }
+            SaslStep::Refused { user, fault } => self.refuse(tag, user, sasl_mechanism(&exchange), fault),
             SaslStep::Cancelled => self.bad(Some(&tag), "Authentication cancelled"),
-            SaslStep::Invalid(SaslError::ForeignAuthzid) => {
-                let text = format!("NO [AUTHENTICATIONFAILED] {DENIAL_TEXT}");
-                self.fail(tagged(Some(&tag), &text))
-            }
             SaslStep::Invalid(_) => self.bad(Some(&tag), "Invalid SASL response"),
         }
     }
@@ -497,6 +506,14 @@ impl ImapDialogue {
                 b"*".to_vec()
             }
         }
+    }
+}
+
+/// The mechanism of an `AUTHENTICATE` login, for the audit log.
+fn sasl_mechanism(exchange: &SaslExchange) -> &'static str {
+    match exchange.mechanism() {
+        Mechanism::Plain => "AUTHENTICATE PLAIN",
+        Mechanism::Login => "AUTHENTICATE LOGIN",
     }
 }
 
@@ -639,7 +656,9 @@ mod tests {
         let quoted = "x LOGIN \"alice@example.com\" \"pä ss\\\"w\\\\rd\"\r\n";
         check(quoted, &[&login("alice@example.com", PW, "LOGIN"), &format!("x {DENY}")], "");
         check("x login alice secret\r\n", &[&login("alice", "secret", "LOGIN"), &format!("x {DENY}")], "");
-        check("x LOGIN \"jürgen\" \"\"\r\n", &["x BAD Invalid user name or password\r\n"], "");
+        let empty = ["REFUSED jürgen|LOGIN|EmptyPassword", &format!("x {DENY}")];
+        check("x LOGIN \"jürgen\" \"\"\r\n", &empty, "");
+        check("x LOGIN \"jürgen\" {0}\r\n\r\n", &[READY, empty[0], empty[1]], "");
         check("x LOGIN \"jürgen\" pw\r\n", &[&login("jürgen", "pw", "LOGIN"), &format!("x {DENY}")], "");
         check("x LOGIN \" alice \" pw\r\n", &[&login("alice", "pw", "LOGIN"), &format!("x {DENY}")], "");
 
@@ -650,7 +669,9 @@ mod tests {
         check(&plus, &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
         let mixed = format!("x LOGIN \"alice\" {{{n}+}}\r\n{PW}\r\n");
         check(&mixed, &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
-        check("x LOGIN {0}\r\n pw\r\n", &[READY, "x BAD Invalid user name or password\r\n"], "");
+        let invalid_user = ["REFUSED -|LOGIN|InvalidUserName", &format!("x {DENY}")];
+        check("x LOGIN {0}\r\n pw\r\n", &[READY, invalid_user[0], invalid_user[1]], "");
+        check("x LOGIN \" \" pw\r\n", &invalid_user, "");
     }
 
     #[test]
@@ -666,12 +687,17 @@ mod tests {
     #[test]
     fn malformed_login_arguments() {
         let invalid = "x BAD Invalid user name or password\r\n";
-        check("x LOGIN {3}\r\na\0b pw\r\n", &[READY, invalid], "");
+        let refused = ["REFUSED -|LOGIN|InvalidUserName", &format!("x {DENY}")];
+        // A well-formed argument that is no usable user name is a refused login...
+        check("x LOGIN {3}\r\na\0b pw\r\n", &[READY, refused[0], refused[1]], "");
+        // ...a password no upstream can carry is a malformed argument.
+        check("x LOGIN alice {3}\r\na\0b\r\n", &[READY, invalid], "");
+        check("x LOGIN () pw\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
         check("x LOGIN a\\b pw\r\n", &["x BAD Invalid character\r\n"], "");
         check("x LOGIN \"a\\nb\" pw\r\n", &["x BAD Invalid escape in quoted string\r\n"], "");
         check("x LOGIN \"a\rb\" pw\r\n", &["x BAD Invalid character in quoted string\r\n"], "");
         check("x LOGIN \"ab pw\r\n", &["x BAD Unterminated quoted string\r\n"], "");
-        check(b"x LOGIN \"a\xffb\" pw\r\n", &[invalid], "");
+        check(b"x LOGIN \"a\xffb\" pw\r\n", &refused, "");
         check("x LOGIN alice\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
         check("x LOGIN a b c\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
         check("x LOGIN \"a\"\"b\"\r\n", &["x BAD Missing space between arguments\r\n"], "");
@@ -741,7 +767,26 @@ mod tests {
         let nul = b64("\0al\0ice\0pw");
         check(format!("x AUTHENTICATE PLAIN {nul}\r\n"), &["x BAD Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
-        check(format!("x AUTHENTICATE PLAIN {foreign}\r\n"), &[&deny], "");
+        let authzid = "REFUSED alice|AUTHENTICATE PLAIN|AuthzidMismatch";
+        check(format!("x AUTHENTICATE PLAIN {foreign}\r\n"), &[authzid, &deny], "");
+        check(format!("x AUTHENTICATE PLAIN\r\n{foreign}\r\n"), &["+ \r\n", authzid, &deny], "");
+        let empty = b64("\0alice\0");
+        check(
+            format!("x AUTHENTICATE PLAIN {empty}\r\n"),
+            &["REFUSED alice|AUTHENTICATE PLAIN|EmptyPassword", &deny],
+            "",
+        );
+        check(
+            format!("x AUTHENTICATE LOGIN {}\r\n{}\r\n", b64(" "), b64("pw")),
+            &["+ UGFzc3dvcmQ6\r\n", "REFUSED -|AUTHENTICATE LOGIN|InvalidUserName", &deny],
+            "",
+        );
+        // After a refusal the connection goes on, in step.
+        check(
+            format!("x AUTHENTICATE PLAIN {foreign}\r\ny NOOP\r\n"),
+            &[authzid, &deny, "y OK NOOP completed\r\n"],
+            "",
+        );
         let same = b64("alice\0alice\0pw");
         check(format!("x AUTHENTICATE PLAIN {same}\r\n"), &[&login("alice", "pw", "AUTHENTICATE PLAIN"), &deny], "");
         check("x AUTHENTICATE CRAM-MD5\r\n", &["x NO [CANNOT] Unsupported authentication mechanism\r\n"], "");

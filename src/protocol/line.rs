@@ -196,6 +196,12 @@ pub(crate) mod testing {
                     };
                     log.push(String::from_utf8_lossy(&reply).into_owned());
                 }
+                Step::Refused(r) => {
+                    let user = r.user.as_deref().unwrap_or("-");
+                    assert!(!user.is_empty() && !user.contains(char::is_control), "bad refused user {r:?}");
+                    log.push(format!("REFUSED {user}|{}|{:?}", r.mechanism, r.fault));
+                    log.push(String::from_utf8_lossy(&d.denied()).into_owned());
+                }
             }
         }
         panic!("dialogue made no progress");

@@ -82,6 +82,32 @@ pub enum Step {
     /// The client presented credentials: run the access decision, then answer with
     /// [`Dialogue::accepted`], [`Dialogue::denied`] or [`Dialogue::unavailable`].
     Login(Credentials),
+    /// The client presented credentials the dialogue can tell are unusable without asking
+    /// anyone: count, delay and audit the refusal as any other, then answer with
+    /// [`Dialogue::denied`].
+    Refused(Rejected),
+}
+
+/// Credentials refused by the dialogue itself, before the directory is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The user name as the client gave it (trimmed), when it is a usable field at all.
+    pub user: Option<String>,
+    /// How the client logged in, as in [`Credentials::mechanism`].
+    pub mechanism: &'static str,
+    /// What is wrong with the credentials.
+    pub fault: CredentialFault,
+}
+
+/// What makes credentials unusable before the directory is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialFault {
+    /// SASL PLAIN asked to act as someone other than the authenticating user.
+    AuthzidMismatch,
+    /// The password is empty.
+    EmptyPassword,
+    /// The user name is blank or holds control characters.
+    InvalidUserName,
 }
 
 /// Limits and names a dialogue is built with.

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::audit::{Event, Outcome, SessionRecord};
 use crate::metrics::LoginResult;
 use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
-use crate::protocol::{self, Dialogue, Protocol, Step};
+use crate::protocol::{self, Credentials, Dialogue, Protocol, Step};
 use crate::state::{Shutdown, State};
 
 pub mod registry;
@@ -93,9 +93,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let greeting = self.dialogue.greeting();
         self.write(&greeting, deadline).await?;
         loop {
-            match self.dialogue.step(&mut self.input) {
-                Step::NeedMore => self.read_more(deadline).await?,
-                Step::Reply(bytes) => self.write(&bytes, deadline).await?,
+            let started = std::time::Instant::now();
+            let decision = match self.dialogue.step(&mut self.input) {
+                Step::NeedMore => {
+                    self.read_more(deadline).await?;
+                    continue;
+                }
+                Step::Reply(bytes) => {
+                    self.write(&bytes, deadline).await?;
+                    continue;
+                }
                 Step::Close(bytes) => {
                     self.record.set(
                         Outcome::Abandoned,
@@ -105,63 +112,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return None;
                 }
                 Step::Login(credentials) => {
-                    self.record.attempts += 1;
-                    self.record.user =
-                        Some(decision::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
-                    self.record.mechanism = Some(credentials.mechanism);
+                    self.attempt(Some(&credentials.user), credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
-                    let started = std::time::Instant::now();
-                    // Boxed: the decision's future is large and only lives during a login, so it
-                    // must not sit inline in every idle session's future.
-                    let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), &credentials));
-                    let decision = tokio::select! {
-                        decision = admit => decision,
-                        // Time queued for the directory or the hashing pool counts too.
-                        () = tokio::time::sleep_until(deadline) => {
-                            self.record.set(Outcome::TimedOut, "no login decision within the pre-login timeout");
-                            let bye = self.dialogue.timed_out();
-                            let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
-                            return None;
-                        }
-                        () = self.shutdown.stop_accepting.cancelled() => {
-                            self.record.set(Outcome::Shutdown, "server shut down during login");
-                            let bye = self.dialogue.shutting_down();
-                            let _ = self.write(&bye, deadline).await;
-                            return None;
-                        }
-                    };
-                    self.count_login(&decision, started.elapsed());
-                    match decision {
-                        Ok(admitted) => {
-                            let reply = self.dialogue.accepted(&admitted.upstream.info);
-                            self.write(&reply, deadline).await?;
-                            self.record.profile =
-                                Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
-                            return Some(admitted);
-                        }
-                        Err(Refusal::Denied(denial)) => {
-                            self.record.set(Outcome::Denied, denial.reason());
-                            self.server.audit(&self.record, Event::LoginRefused);
-                            // Slow down guessing without holding a thread; shutdown cuts it short.
-                            let delay = self.server.lockout.failure_delay(self.peer.ip());
-                            tokio::select! {
-                                () = tokio::time::sleep(delay) => {}
-                                () = self.shutdown.stop_accepting.cancelled() => {}
-                            }
-                            let reply = self.dialogue.denied();
-                            self.write(&reply, deadline).await?;
-                        }
-                        Err(Refusal::Unavailable(reason)) => {
-                            self.record.set(Outcome::Unavailable, reason.to_string());
-                            self.server.audit(&self.record, Event::LoginRefused);
-                            let reply = self.dialogue.unavailable();
-                            self.write(&reply, deadline).await?;
-                        }
-                    }
-                    if self.record.attempts >= MAX_LOGIN_ATTEMPTS {
-                        return None;
-                    }
+                    self.decide(&credentials, deadline).await?
                 }
+                Step::Refused(rejected) => {
+                    self.attempt(rejected.user.as_deref(), rejected.mechanism);
+                    self.record.mode = None;
+                    Err(decision::refuse(&self.server, self.peer.ip(), rejected.fault))
+                }
+            };
+            self.count_login(&decision, started.elapsed());
+            match decision {
+                Ok(admitted) => {
+                    let reply = self.dialogue.accepted(&admitted.upstream.info);
+                    self.write(&reply, deadline).await?;
+                    self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
+                    return Some(admitted);
+                }
+                Err(Refusal::Denied(denial)) => {
+                    self.record.set(Outcome::Denied, denial.reason());
+                    self.server.audit(&self.record, Event::LoginRefused);
+                    // Slow down guessing without holding a thread; shutdown cuts it short.
+                    let delay = self.server.lockout.failure_delay(self.peer.ip());
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shutdown.stop_accepting.cancelled() => {}
+                    }
+                    let reply = self.dialogue.denied();
+                    self.write(&reply, deadline).await?;
+                }
+                Err(Refusal::Unavailable(reason)) => {
+                    self.record.set(Outcome::Unavailable, reason.to_string());
+                    self.server.audit(&self.record, Event::LoginRefused);
+                    let reply = self.dialogue.unavailable();
+                    self.write(&reply, deadline).await?;
+                }
+            }
+            if self.record.attempts >= MAX_LOGIN_ATTEMPTS {
+                return None;
+            }
+        }
+    }
+
+    /// Counts one more login attempt and notes who tried (normalized; `(invalid)` when the
+    /// name is unusable) and how.
+    fn attempt(&mut self, user: Option<&str>, mechanism: &'static str) {
+        self.record.attempts += 1;
+        let user = user.and_then(|user| decision::normalize_user(user).ok());
+        self.record.user = Some(user.unwrap_or_else(|| "(invalid)".into()));
+        self.record.mechanism = Some(mechanism);
+    }
+
+    /// Runs the access decision for `credentials` within the pre-login deadline; `None`
+    /// (with the record updated and the client told) when the deadline or a shutdown came
+    /// first.
+    async fn decide(&mut self, credentials: &Credentials, deadline: Instant) -> Option<Result<Admitted, Refusal>> {
+        // Boxed: the decision's future is large and only lives during a login, so it must
+        // not sit inline in every idle session's future.
+        let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), credentials));
+        tokio::select! {
+            decision = admit => Some(decision),
+            // Time queued for the directory or the hashing pool counts too.
+            () = tokio::time::sleep_until(deadline) => {
+                self.record.set(Outcome::TimedOut, "no login decision within the pre-login timeout");
+                let bye = self.dialogue.timed_out();
+                let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
+                None
+            }
+            () = self.shutdown.stop_accepting.cancelled() => {
+                self.record.set(Outcome::Shutdown, "server shut down during login");
+                let bye = self.dialogue.shutting_down();
+                let _ = self.write(&bye, deadline).await;
+                None
             }
         }
     }
@@ -354,6 +377,25 @@ mod tests {
         assert_eq!(denied("unknown user"), 1);
         assert_eq!(denied("wrong password"), 1);
         assert_eq!(denied("invalid user name"), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_made_by_the_dialogue_are_counted_and_audited_like_the_others() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut c).await.starts_with("* OK"));
+        let foreign = base64::engine::general_purpose::STANDARD.encode("bob\0alice@example.com\0pw");
+        send(&mut c, &format!("p1 AUTHENTICATE PLAIN {foreign}\r\n")).await;
+        assert_eq!(line(&mut c).await, format!("p1 {DENIAL}"));
+        send(&mut c, "p2 LOGIN alice@example.com \"\"\r\n").await;
+        assert_eq!(line(&mut c).await, format!("p2 {DENIAL}"));
+        let denied = |reason| {
+            state.metrics().logins(crate::metrics::LoginResult { outcome: crate::metrics::Outcome::Denied, reason })
+        };
+        assert_eq!(denied("authorization identity differs from the user"), 1);
+        assert_eq!(denied("empty password"), 1);
     }
 
     #[tokio::test(start_paused = true)]

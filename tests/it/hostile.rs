@@ -399,3 +399,68 @@ async fn sessions_per_user_are_limited() {
     drop(first);
     serves_once_a_slot_is_free(&proxy, &user).await;
 }
+
+/// The reason the audit log gives for a PLAIN login whose authorization identity is not the user.
+const AUTHZID_REASON: &str = "authorization identity differs from the user";
+
+/// Options for the authzid tests: no delay, and an address throttled after two refusals.
+fn throttle_after_two() -> Options {
+    Options {
+        lockout: "failure_delay_ms = 0\nmax_failures_per_ip = 2\nwindow_secs = 600".to_owned(),
+        ..Options::default()
+    }
+}
+
+/// SASL PLAIN for `user` asking to act as `bob`, with the user's own (right) password.
+fn plain_as_bob(user: &TestUser) -> String {
+    b64(format!("bob\0{}\0{}", user.mail, user.password))
+}
+
+/// After two authzid refusals from this address: the refusal was audited with its reason
+/// and counted, and the address is throttled even for the right credentials.
+async fn authzid_refusals_were_counted(proxy: &Proxy, user: &TestUser) {
+    logs::wait_for_audit(&user.mail, &["\"outcome\":\"denied\"", AUTHZID_REASON]).await;
+    let series = format!("postern_logins_total{{outcome=\"denied\",reason=\"{AUTHZID_REASON}\"}}");
+    assert_eq!(metric(proxy, &series), 2, "both refusals counted under their own reason");
+    let mut c = connect(proxy).await;
+    c.send(format!("t1 LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
+    assert_eq!(c.read_until_tagged("t1").await.pop().unwrap(), format!("t1 {DENIAL}"), "the address is throttled");
+    logs::wait_for_audit(&user.mail, &["client IP throttled after repeated failed logins"]).await;
+}
+
+#[tokio::test]
+async fn imap_authenticate_plain_with_a_foreign_authzid_is_a_counted_refusal() {
+    let (proxy, user) = start("hostile-authzid-imap", throttle_after_two()).await;
+    for i in 0..2 {
+        let mut c = connect(&proxy).await;
+        c.send(format!("p{i} AUTHENTICATE PLAIN {}\r\n", plain_as_bob(&user)).as_bytes()).await;
+        assert_eq!(c.read_until_tagged(&format!("p{i}")).await.pop().unwrap(), format!("p{i} {DENIAL}"));
+    }
+    authzid_refusals_were_counted(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn pop3_auth_plain_with_a_foreign_authzid_is_a_counted_refusal() {
+    let (proxy, user) = start("hostile-authzid-pop3", throttle_after_two()).await;
+    for _ in 0..2 {
+        let mut c = client::connect_tls(proxy.pop3s, &proxy.ca_file).await;
+        assert!(c.read_line().await.starts_with("+OK"));
+        c.send(format!("AUTH PLAIN {}\r\n", plain_as_bob(&user)).as_bytes()).await;
+        assert_eq!(c.read_line().await, "-ERR [AUTH] You are not allowed to access this server");
+    }
+    authzid_refusals_were_counted(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn smtp_auth_plain_with_a_foreign_authzid_is_a_counted_refusal() {
+    let (proxy, user) = start("hostile-authzid-smtp", throttle_after_two()).await;
+    for _ in 0..2 {
+        let mut c = client::connect_tls(proxy.smtps, &proxy.ca_file).await;
+        assert!(c.read_line().await.starts_with("220 "));
+        c.send(b"EHLO client.example\r\n").await;
+        while !c.read_line().await.starts_with("250 ") {}
+        c.send(format!("AUTH PLAIN {}\r\n", plain_as_bob(&user)).as_bytes()).await;
+        assert_eq!(c.read_line().await, "535 5.7.8 You are not allowed to access this server");
+    }
+    authzid_refusals_were_counted(&proxy, &user).await;
+}
