@@ -60,6 +60,7 @@ fn exchange(protocol: Protocol, settings: &DialogueSettings, input: &[u8], chunk
                 black_box(reply);
             }
             Step::Login(credentials) => return credentials,
+            Step::Literal(_) => d.literal_room(true),
             Step::NeedMore => match pieces.next() {
                 Some(piece) => buf.extend_from_slice(piece),
                 None => panic!("{protocol} script ended without a login"),

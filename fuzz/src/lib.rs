@@ -347,6 +347,9 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
     let mut buf = BytesMut::new();
     let mut fed = 0;
     let mut refused = 0;
+    // The previous step was a literal the dialogue was just told about: its answer (the
+    // continuation or the refusal) consumes no input.
+    let mut literal_answered = false;
     'feed: while fed < stream.len() {
         let size = match plan.max_chunk {
             usize::MAX => stream.len() - fed,
@@ -360,10 +363,21 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
             assert!(buf.len() <= before, "step grew the buffer");
             assert_eq!(&buf[..], &stream[fed - buf.len()..fed], "step altered unread input");
             let consumed = buf.len() < before;
+            let answering_literal = std::mem::take(&mut literal_answered);
             match step {
                 Step::NeedMore => break,
+                Step::Literal(size) => {
+                    assert!(consumed, "literal announced without consuming input");
+                    assert!(size > 0 && size <= plan.settings.max_literal, "literal of {size} bytes asked for");
+                    let granted = sizes.below(4) != 0;
+                    d.literal_room(granted);
+                    if granted {
+                        assert!(d.held() >= size, "a granted literal is not counted as held");
+                    }
+                    literal_answered = true;
+                }
                 Step::Reply(reply) => {
-                    assert!(consumed, "reply without consuming input");
+                    assert!(consumed || answering_literal, "reply without consuming input");
                     check_reply(&reply);
                 }
                 Step::Close(reply) => {
@@ -396,6 +410,7 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
 fn goodbyes(d: &dyn Dialogue) {
     check_reply(&d.timed_out());
     check_reply(&d.shutting_down());
+    check_reply(&d.busy());
 }
 
 /// Runs one SASL input: byte 0 picks the mechanism (bit 0: LOGIN, else PLAIN) and

@@ -114,6 +114,10 @@ struct Command {
     error: Option<&'static str>,
     text_used: usize,
     literal_used: usize,
+    /// Bytes allocated for the command's literals: those the session found room for.
+    held: usize,
+    /// A literal was refused for want of room: the command is answered `NO [LIMIT]`.
+    limited: bool,
     literal: Option<PendingLiteral>,
 }
 
@@ -129,6 +133,8 @@ impl Command {
             error: (!valid_tag).then_some("Invalid tag"),
             text_used: used,
             literal_used: 0,
+            held: 0,
+            limited: false,
             literal: None,
         };
         let end = command.feed(if valid_tag { rest } else { line });
@@ -247,6 +253,12 @@ enum State {
     Command,
     /// A command with literals is being read.
     Assembling(Box<Command>),
+    /// A literal was announced; the session is finding room for it.
+    Announced {
+        cmd: Box<Command>,
+        size: usize,
+        non_sync: bool,
+    },
     Sasl {
         tag: Vec<u8>,
         exchange: SaslExchange,
@@ -265,7 +277,12 @@ pub struct ImapDialogue {
     max_literal: usize,
     state: State,
     bad: BadCommands,
+    /// What the next step returns before reading input (the answer to a literal).
+    pending: Option<Step>,
 }
+
+/// The answer to a command whose literal was refused for want of room.
+const LIMIT_TEXT: &str = "NO [LIMIT] Server busy; literal refused, try again later";
 
 /// `tag text\r\n`, with `*` for an unknown tag.
 fn tagged(tag: Option<&[u8]>, text: &str) -> Vec<u8> {
@@ -284,6 +301,7 @@ impl ImapDialogue {
             max_literal: settings.max_literal,
             state: State::Command,
             bad: BadCommands::default(),
+            pending: None,
         }
     }
 
@@ -360,7 +378,7 @@ impl ImapDialogue {
     fn line_done(&mut self, mut cmd: Box<Command>, end: LineEnd) -> Option<Step> {
         let LineEnd::Literal { size, non_sync } = end else {
             return Some(match cmd.error {
-                Some(error) => self.bad(cmd.tag.as_deref(), error),
+                Some(_) => self.refuse_command(&cmd),
                 None => self.execute(cmd.tag.unwrap_or_default(), &cmd.tokens),
             });
         };
@@ -372,15 +390,36 @@ impl ImapDialogue {
             _ if non_sync => return Some(self.close(b"* BYE Literal too large\r\n")),
             _ => return Some(self.bad(cmd.tag.as_deref(), "Literal too large")),
         };
-        if let (Some(error), false) = (cmd.error, non_sync) {
+        if cmd.error.is_some() && !non_sync {
             // The client waits for a continuation that will not come: answer now.
-            return Some(self.bad(cmd.tag.as_deref(), error));
+            return Some(self.refuse_command(&cmd));
         }
         cmd.literal_used += size;
-        let capacity = if cmd.error.is_none() { size } else { 0 };
+        if cmd.error.is_some() || size == 0 {
+            // Skipped or empty: nothing to hold, so no room to ask for.
+            return self.expect_literal(cmd, size, non_sync, false);
+        }
+        self.state = State::Announced { cmd, size, non_sync };
+        Some(Step::Literal(size))
+    }
+
+    /// Prepares to read a literal's bytes (keeping them when `keep`, skipping them when the
+    /// command already failed); the continuation to send, if the client waits for one.
+    fn expect_literal(&mut self, mut cmd: Box<Command>, size: usize, non_sync: bool, keep: bool) -> Option<Step> {
+        let capacity = if keep { size } else { 0 };
+        cmd.held += capacity;
         cmd.literal = Some(PendingLiteral { remaining: size, data: Zeroizing::new(Vec::with_capacity(capacity)) });
         self.state = State::Assembling(cmd);
         (!non_sync).then(|| Step::Reply(b"+ Ready for literal data\r\n".to_vec()))
+    }
+
+    /// The answer to a command that failed: `NO [LIMIT]` when a literal was refused for
+    /// want of room, `BAD` with the first syntax error otherwise.
+    fn refuse_command(&mut self, cmd: &Command) -> Step {
+        match (cmd.limited, cmd.error) {
+            (false, Some(error)) => self.bad(cmd.tag.as_deref(), error),
+            _ => self.fail(tagged(cmd.tag.as_deref(), LIMIT_TEXT)),
+        }
     }
 
     fn execute(&mut self, tag: Vec<u8>, tokens: &[Token]) -> Step {
@@ -532,6 +571,9 @@ impl Dialogue for ImapDialogue {
     }
 
     fn step(&mut self, input: &mut BytesMut) -> Step {
+        if let Some(step) = self.pending.take() {
+            return step;
+        }
         loop {
             // Each arm leaves the state for what comes next; finished commands fall back
             // to reading a new one.
@@ -539,6 +581,11 @@ impl Dialogue for ImapDialogue {
                 parked @ (State::Finished | State::Deciding { .. }) => {
                     self.state = parked;
                     return Step::NeedMore;
+                }
+                State::Announced { cmd, size, non_sync } => {
+                    // Still waiting for the session to answer `Step::Literal`.
+                    self.state = State::Announced { cmd, size, non_sync };
+                    return Step::Literal(size);
                 }
                 State::Command => self.read_command(input),
                 State::Assembling(cmd) => self.continue_command(cmd, input),
@@ -587,6 +634,38 @@ impl Dialogue for ImapDialogue {
 
     fn too_many_connections(&self) -> Vec<u8> {
         b"* BYE [UNAVAILABLE] Too many connections from your address; try again later\r\n".to_vec()
+    }
+
+    fn busy(&self) -> Vec<u8> {
+        b"* BYE [UNAVAILABLE] Server busy; try again later\r\n".to_vec()
+    }
+
+    fn literal_room(&mut self, granted: bool) {
+        if !matches!(self.state, State::Announced { .. }) {
+            return;
+        }
+        let State::Announced { mut cmd, size, non_sync } = std::mem::replace(&mut self.state, State::Command) else {
+            return;
+        };
+        if granted {
+            self.pending = self.expect_literal(cmd, size, non_sync, true);
+            return;
+        }
+        cmd.limited = true;
+        if non_sync {
+            // The bytes are coming regardless: skip them, then answer the command.
+            cmd.error.get_or_insert("Literal refused");
+            self.pending = self.expect_literal(cmd, size, true, false);
+        } else {
+            self.pending = Some(self.refuse_command(&cmd));
+        }
+    }
+
+    fn held(&self) -> usize {
+        match &self.state {
+            State::Assembling(cmd) | State::Announced { cmd, .. } => cmd.held,
+            _ => 0,
+        }
     }
 }
 
@@ -727,6 +806,68 @@ mod tests {
             Decision::Deny,
         );
         assert_eq!(log, ["CLOSE * BYE Literal too large\r\n"]);
+    }
+
+    /// Runs `input` split every way with `room` bytes for literals.
+    fn check_room(input: impl AsRef<[u8]>, room: usize, expected: &[&str], leftover: &str) {
+        let (log, rest) = testing::run_all_splits_with_room(&make, input.as_ref(), Decision::Deny, room);
+        assert_eq!(log, expected);
+        assert_eq!(String::from_utf8_lossy(&rest), leftover);
+    }
+
+    #[test]
+    fn literals_wait_for_room() {
+        let limit = "x NO [LIMIT] Server busy; literal refused, try again later\r\n";
+        // No room: a synchronizing literal is refused before the continuation; the client
+        // never sends its bytes and the connection goes on.
+        check_room("x LOGIN {5}\r\ny NOOP\r\n", 4, &["NO ROOM 5", limit, "y OK NOOP completed\r\n"], "");
+        // A LITERAL+ literal's bytes are skipped, then the command is refused.
+        check_room("x LOGIN {5+}\r\nalice pw\r\ny NOOP\r\n", 4, &["NO ROOM 5", limit, "y OK NOOP completed\r\n"], "");
+        // A second literal of the same command may be the one without room.
+        check_room(
+            "x LOGIN {5}\r\nalice {8}\r\ny NOOP\r\n",
+            10,
+            &[READY, "NO ROOM 8", limit, "y OK NOOP completed\r\n"],
+            "",
+        );
+        check_room(
+            "x LOGIN {5+}\r\nalice {8+}\r\nb LOGOUT\r\ny NOOP\r\n",
+            10,
+            &["NO ROOM 8", limit, "y OK NOOP completed\r\n"],
+            "",
+        );
+        // With room, the same inputs log in; empty literals need none.
+        check_room(
+            "x LOGIN {5}\r\nalice {8}\r\nb LOGOUT\r\n",
+            13,
+            &[READY, READY, &login("alice", "b LOGOUT", "LOGIN"), &format!("x {DENY}")],
+            "",
+        );
+        check_room(
+            "x LOGIN alice {0}\r\n\r\n",
+            0,
+            &[READY, "REFUSED alice|LOGIN|EmptyPassword", &format!("x {DENY}")],
+            "",
+        );
+        // A command that already failed skips its literals without asking for room.
+        check_room("x LOGIN a\\b {8+}\r\ny LOGOUT\r\n", 0, &["x BAD Invalid character\r\n"], "");
+    }
+
+    #[test]
+    fn held_counts_granted_literals_until_the_command_ends() {
+        let mut d = ImapDialogue::new(&settings());
+        let mut buf = BytesMut::from(&b"x LOGIN {5}\r\n"[..]);
+        assert!(matches!(d.step(&mut buf), Step::Literal(5)));
+        assert!(matches!(d.step(&mut buf), Step::Literal(5)), "asks again until answered");
+        assert_eq!(d.held(), 0);
+        d.literal_room(true);
+        assert_eq!(d.held(), 5);
+        assert!(matches!(d.step(&mut buf), Step::Reply(r) if r == READY.as_bytes()));
+        buf.extend_from_slice(b"alice pw\r\n");
+        assert!(matches!(d.step(&mut buf), Step::Login(_)));
+        assert_eq!(d.held(), 0);
+        d.literal_room(true);
+        assert!(matches!(d.step(&mut buf), Step::NeedMore), "an unasked answer changes nothing");
     }
 
     #[test]

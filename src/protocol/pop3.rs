@@ -183,6 +183,10 @@ impl Dialogue for Pop3Dialogue {
     fn too_many_connections(&self) -> Vec<u8> {
         b"-ERR [SYS/TEMP] Too many connections from your address; try again later\r\n".to_vec()
     }
+
+    fn busy(&self) -> Vec<u8> {
+        b"-ERR [SYS/TEMP] Server busy; try again later\r\n".to_vec()
+    }
 }
 
 #[cfg(test)]

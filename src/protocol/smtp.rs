@@ -175,6 +175,10 @@ impl Dialogue for SmtpDialogue {
     fn too_many_connections(&self) -> Vec<u8> {
         format!("421 4.7.0 {} Too many connections from your address; try again later\r\n", self.hostname).into_bytes()
     }
+
+    fn busy(&self) -> Vec<u8> {
+        format!("421 4.3.2 {} Server busy; try again later\r\n", self.hostname).into_bytes()
+    }
 }
 
 #[cfg(test)]

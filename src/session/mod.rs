@@ -16,10 +16,16 @@ use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
 use crate::protocol::{self, Credentials, Dialogue, Protocol, Step};
 use crate::state::{Shutdown, State};
 
+pub mod budget;
 pub mod registry;
 pub mod relay;
 
+use budget::Claim;
 use relay::Counters;
+
+/// Bytes the input buffer grows by when it is full before login; the first such step of
+/// each connection is free, what comes after is taken from the pre-login buffer budget.
+const READ_CHUNK: usize = 1024;
 
 use crate::access::decision::{self, Admitted, Refusal};
 use crate::access::slots::IpSlot;
@@ -43,11 +49,13 @@ pub async fn run<S>(
         let record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
         let mut session = Session {
             dialogue: protocol::dialogue(protocol, &server.dialogue_settings(protocol)),
+            claim: server.preauth_budget.claim(),
             server,
             protocol,
             client,
             peer,
-            input: BytesMut::with_capacity(1024),
+            // Sized by what arrives (see `read_more`), not ahead of it.
+            input: BytesMut::new(),
             record,
             shutdown,
         };
@@ -65,6 +73,8 @@ struct Session<S> {
     client: S,
     peer: SocketAddr,
     input: BytesMut,
+    /// This connection's share of the pre-login buffer budget.
+    claim: Claim,
     record: SessionRecord,
     shutdown: Shutdown,
 }
@@ -94,7 +104,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.write(&greeting, deadline).await?;
         loop {
             let started = std::time::Instant::now();
-            let decision = match self.dialogue.step(&mut self.input) {
+            let step = self.dialogue.step(&mut self.input);
+            // A step only ever frees buffered bytes: give them back.
+            self.claim.resize(self.buffered());
+            let decision = match step {
+                Step::Literal(size) => {
+                    let granted = self.claim.resize(self.buffered().saturating_add(size));
+                    if !granted {
+                        tracing::debug!(
+                            size,
+                            budget = self.server.preauth_budget.limit(),
+                            "literal refused: the pre-login buffer budget is spent"
+                        );
+                    }
+                    self.dialogue.literal_room(granted);
+                    continue;
+                }
                 Step::NeedMore => {
                     self.read_more(deadline).await?;
                     continue;
@@ -125,6 +150,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.count_login(&decision, started.elapsed());
             match decision {
                 Ok(admitted) => {
+                    // Whatever is still buffered is forwarded at once, outside the budget.
+                    self.claim.resize(0);
                     let reply = self.dialogue.accepted(&admitted.upstream.info);
                     self.write(&reply, deadline).await?;
                     self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
@@ -209,8 +236,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Bytes this connection buffers before login that count against the budget: the
+    /// input buffer beyond its free first chunk, and what the dialogue holds.
+    fn buffered(&self) -> usize {
+        self.input.capacity().saturating_sub(READ_CHUNK).saturating_add(self.dialogue.held())
+    }
+
     /// Reads more client input; `None` (with the record updated) when the session must end.
+    /// The buffer grows only when it is full, and only within the budget.
     async fn read_more(&mut self, deadline: Instant) -> Option<()> {
+        if self.input.len() == self.input.capacity() {
+            self.input.reserve(READ_CHUNK);
+            if !self.claim.resize(self.buffered()) {
+                self.record.set(Outcome::Busy, "the pre-login buffer budget is spent");
+                let bye = self.dialogue.busy();
+                let _ = self.write(&bye, deadline).await;
+                return None;
+            }
+        }
         let read = tokio::select! {
             read = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.input)) => read,
             () = self.shutdown.stop_accepting.cancelled() => {
@@ -318,6 +361,11 @@ mod tests {
     /// A state with the file directory (one user, `alice@example.com` / `pw`) and a profile
     /// allowing 127.0.0.1; refusals never reach the upstream.
     async fn state(dir: &std::path::Path) -> Arc<State> {
+        state_with(dir, "").await
+    }
+
+    /// Like [`state`], with extra `[limits]` lines.
+    async fn state_with(dir: &std::path::Path, limits: &str) -> Arc<State> {
         crate::tls::generate_self_signed("proxy.test", &dir.join("c.pem"), &dir.join("k.pem")).unwrap();
         let users = dir.join("users.toml");
         crate::stores::directory::file::set_password(&users, "alice@example.com", &crate::secret::Secret::new("pw"))
@@ -329,7 +377,7 @@ mod tests {
         .unwrap();
         let text = format!(
             "[server]\nhostname = \"proxy.test\"\nstate_dir = \"state\"\n\
-             [limits]\npreauth_timeout_secs = 30\n[lockout]\nfailure_delay_ms = 0\n{}",
+             [limits]\npreauth_timeout_secs = 30\n{limits}\n[lockout]\nfailure_delay_ms = 0\n{}",
             crate::config::MINIMAL
         );
         let config = Config::parse(&text, &dir.join("proxy.toml"), dir.to_owned()).unwrap();
@@ -396,6 +444,35 @@ mod tests {
         };
         assert_eq!(denied("authorization identity differs from the user"), 1);
         assert_eq!(denied("empty password"), 1);
+    }
+
+    #[tokio::test]
+    async fn literals_and_lines_beyond_the_pre_login_budget_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(dir.path(), "preauth_buffer_budget = 2000").await;
+        let budget = state.preauth_budget.clone();
+        let mut first = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut first).await.starts_with("* OK"));
+        send(&mut first, "a1 LOGIN alice@example.com {1500}\r\n").await;
+        assert_eq!(line(&mut first).await, "+ Ready for literal data");
+        assert_eq!(budget.used(), 1500, "the literal's room is taken before the continuation");
+
+        let mut second = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut second).await.starts_with("* OK"));
+        send(&mut second, "b1 LOGIN alice@example.com {1500}\r\n").await;
+        assert_eq!(line(&mut second).await, "b1 NO [LIMIT] Server busy; literal refused, try again later");
+        send(&mut second, "b2 NOOP\r\n").await;
+        assert_eq!(line(&mut second).await, "b2 OK NOOP completed", "the connection goes on");
+        // A line that outgrows the free first chunk needs the budget too.
+        send(&mut second, &"x".repeat(3000)).await;
+        assert_eq!(line(&mut second).await, "* BYE [UNAVAILABLE] Server busy; try again later");
+        assert_eq!(line(&mut second).await, "");
+
+        // The literal's room is given back when the command ends.
+        send(&mut first, &format!("{}\r\n", "p".repeat(1500))).await;
+        assert_eq!(line(&mut first).await, format!("a1 {DENIAL}"));
+        assert_eq!(budget.used(), 0);
+        drop(first);
     }
 
     #[tokio::test(start_paused = true)]

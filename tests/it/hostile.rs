@@ -464,3 +464,102 @@ async fn smtp_auth_plain_with_a_foreign_authzid_is_a_counted_refusal() {
     }
     authzid_refusals_were_counted(&proxy, &user).await;
 }
+
+/// Literal size the memory test announces: within the default literal limit.
+const PENDING_LITERAL: usize = 8000;
+/// The pre-login buffer budget the memory test configures: room for about a hundred of them.
+const SMALL_BUDGET: usize = 1024 * 1024;
+
+/// Runs the real daemon, so its memory is measured apart from this test process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_literals_cost_a_bounded_amount_of_memory() {
+    let mail = "hostile-literals@example.com";
+    let profiles = format!("[[profile]]\nname = \"lab\"\nallow = [\"127.0.0.0/8\"]\nusers = [\"{mail}\"]\n");
+    let install = Install::new(&profiles, "", "");
+    let text = install.config_text().replace(
+        "[limits]\n",
+        &format!("[limits]\npreauth_timeout_secs = 120\npreauth_buffer_budget = {SMALL_BUDGET}\n"),
+    );
+    std::fs::write(&install.config, text).expect("write config");
+    install.add_user(mail, "literal-pw");
+    let daemon = Daemon::start(&install);
+    let ca = install.ca_file.clone();
+    let serves = |from: &'static str| {
+        let ca = ca.clone();
+        async move {
+            let mut c = client::connect_tls_from(from.parse().unwrap(), daemon.imaps, &ca).await;
+            assert!(c.read_line().await.starts_with("* OK"));
+            c.send(format!("z1 LOGIN {mail} literal-pw\r\n").as_bytes()).await;
+            let answer = c.read_until_tagged("z1").await.pop().unwrap();
+            assert!(answer.starts_with("z1 OK"), "a normal login failed: {answer}");
+        }
+    };
+    serves("127.0.0.1").await;
+    let rss_before = common::rss_kib(daemon.pid());
+
+    // Four source addresses, a hundred connections each, every one announcing a literal and
+    // sending half of it.
+    const PER_ADDRESS: usize = 100;
+    let imaps = daemon.imaps;
+    let mut tasks = Vec::new();
+    for host in 2..6 {
+        let ca = ca.clone();
+        tasks.push(tokio::spawn(async move {
+            let from: std::net::IpAddr = format!("127.0.0.{host}").parse().unwrap();
+            let mut held = Vec::new();
+            // Refused connections stay open too: every connection costs what it costs.
+            let mut refused = Vec::new();
+            for _ in 0..PER_ADDRESS {
+                let mut c = client::connect_tls_from(from, imaps, &ca).await;
+                assert!(c.read_line().await.starts_with("* OK"));
+                c.send(format!("m1 LOGIN {mail} {{{PENDING_LITERAL}}}\r\n").as_bytes()).await;
+                let answer = c.read_line().await;
+                if answer.starts_with('+') {
+                    c.send(&vec![b'x'; PENDING_LITERAL / 2]).await;
+                    held.push(c);
+                } else {
+                    assert!(answer.starts_with("m1 NO [LIMIT]"), "a literal beyond the budget: {answer}");
+                    refused.push(c);
+                }
+            }
+            (held, refused)
+        }));
+    }
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for task in tasks {
+        let (mut h, mut r) = task.await.expect("client task");
+        held.append(&mut h);
+        refused.append(&mut r);
+    }
+    // Let the daemon read what was sent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let growth = common::rss_kib(daemon.pid()).saturating_sub(rss_before);
+    let connections = 4 * PER_ADDRESS;
+    let per_connection = growth as f64 / connections as f64;
+    eprintln!(
+        "{connections} connections with a half-sent {PENDING_LITERAL}-byte literal: {} pending, {} refused; \
+         RSS grew {growth} KiB, {per_connection:.1} KiB per connection",
+        held.len(),
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "no literal was refused although {connections} of them exceed the budget");
+    assert!(held.len() * PENDING_LITERAL <= SMALL_BUDGET, "{} literals pending beyond the budget", held.len());
+    assert!(per_connection < 48.0, "{per_connection:.1} KiB per pending connection");
+
+    // Service goes on, and once the pending literals are gone the budget is free again.
+    serves("127.0.0.6").await;
+    drop(held);
+    drop(refused);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = client::connect_tls_from("127.0.0.7".parse().unwrap(), imaps, &ca).await;
+        assert!(c.read_line().await.starts_with("* OK"));
+        c.send(format!("m2 LOGIN {mail} {{{PENDING_LITERAL}}}\r\n").as_bytes()).await;
+        if c.read_line().await.starts_with('+') {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the budget is still taken after the connections closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
