@@ -23,12 +23,12 @@ pub mod relay;
 use budget::Claim;
 use relay::Counters;
 
+use crate::access::decision::{self, Admitted, Refusal};
+use crate::access::slots::IpSlot;
+
 /// Bytes the input buffer grows by when it is full before login; the first such step of
 /// each connection is free, what comes after is taken from the pre-login buffer budget.
 const READ_CHUNK: usize = 1024;
-
-use crate::access::decision::{self, Admitted, Refusal};
-use crate::access::slots::IpSlot;
 
 /// Runs the session of a client whose TLS handshake is done, and writes its audit line.
 /// `address_slot` is the client address's connection slot, taken at `accept`; `None` when
