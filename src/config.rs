@@ -139,6 +139,10 @@ pub struct Limits {
     pub max_line: usize,
     /// Largest IMAP literal before login, in bytes.
     pub max_literal: usize,
+    /// Bytes all connections together may buffer before login (literals, and command
+    /// lines beyond a small allowance each). Literals beyond it are refused, and a
+    /// connection whose line needs more is closed.
+    pub preauth_buffer_budget: usize,
     /// Most connections open at once, all protocols together.
     pub max_connections: usize,
     /// Most logged-in sessions one user may hold at once, all protocols together.
@@ -167,6 +171,7 @@ impl Default for Limits {
             idle_timeout_secs: 35 * 60,
             max_line: crate::protocol::limits::DEFAULT_MAX_LINE,
             max_literal: crate::protocol::limits::DEFAULT_MAX_LITERAL,
+            preauth_buffer_budget: crate::protocol::limits::DEFAULT_PREAUTH_BUFFER_BUDGET,
             max_connections: 20_000,
             max_sessions_per_user: 30,
             max_connections_per_ip: 500,
@@ -622,6 +627,7 @@ impl Config {
             return Err(invalid("limits.max_literal", "must be between 1 and 16777216 bytes"));
         }
         for (key, value) in [
+            ("limits.preauth_buffer_budget", l.preauth_buffer_budget),
             ("limits.max_connections", l.max_connections),
             ("limits.max_sessions_per_user", l.max_sessions_per_user),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
@@ -720,6 +726,8 @@ mod tests {
         assert!(err.contains("imap.upstream"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[limits]\npreauth_timeout_secs = 0\n")).unwrap_err().to_string();
         assert!(err.contains("limits.preauth_timeout_secs"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[limits]\npreauth_buffer_budget = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("limits.preauth_buffer_budget"), "{err}");
         let err = parse(&MINIMAL.replace(
             "upstream = \"imap.gmail.com:993\"",
             "upstream = \"imap.gmail.com:993\"\nupstream_tls = \"starttls\"",

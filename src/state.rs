@@ -67,6 +67,8 @@ pub struct State {
     pub lockout: Lockout,
     /// Concurrent session limits per user and per address.
     pub sessions: Arc<SessionLimits>,
+    /// The bytes all connections together may buffer before login.
+    pub preauth_budget: Arc<crate::session::budget::Budget>,
     profiles: ArcSwap<Profiles>,
     /// The upstreams, with the vault and OAuth2 token source that log in to them.
     pub upstreams: Upstreams,
@@ -161,6 +163,7 @@ impl State {
                 config.limits.max_handshakes_per_ip,
                 config.limits.max_proxy_headers_per_ip,
             ),
+            preauth_budget: crate::session::budget::Budget::new(config.limits.preauth_buffer_budget),
             profiles: ArcSwap::from_pointee(profiles),
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),

@@ -60,11 +60,13 @@ fn exchange(protocol: Protocol, settings: &DialogueSettings, input: &[u8], chunk
                 black_box(reply);
             }
             Step::Login(credentials) => return credentials,
+            Step::Literal(_) => d.literal_room(true),
             Step::NeedMore => match pieces.next() {
                 Some(piece) => buf.extend_from_slice(piece),
                 None => panic!("{protocol} script ended without a login"),
             },
             Step::Close(reply) => panic!("{protocol} closed: {}", String::from_utf8_lossy(&reply)),
+            Step::Refused(rejected) => panic!("{protocol} refused the script's login: {rejected:?}"),
         }
     }
 }

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::BytesMut;
 use postern::protocol::proxy::{self, Command, Parsed, Version};
 use postern::protocol::sasl::{Mechanism, SaslExchange, SaslStep, decode_login_field, decode_plain, encode_plain};
-use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Step, UpstreamInfo, dialogue};
+use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Rejected, Step, UpstreamInfo, dialogue};
 
 /// The fuzz targets, by the name of their `fuzz_targets/` file and corpus folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,6 +348,15 @@ fn check_credentials(protocol: Protocol, c: &Credentials) {
     }
 }
 
+/// What a dialogue may hand to the session as a refusal of its own.
+fn check_rejected(r: &Rejected) {
+    if let Some(user) = &r.user {
+        assert!(!user.is_empty() && user.trim() == user, "bad refused user {user:?}");
+        assert!(!user.chars().any(char::is_control), "control character in refused user");
+    }
+    assert!(!r.mechanism.is_empty(), "no mechanism");
+}
+
 /// 64-bit xorshift: cheap, deterministic, good enough to vary chunk sizes.
 #[derive(Debug, Clone)]
 pub struct XorShift(u64);
@@ -436,6 +445,9 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
     let mut buf = BytesMut::new();
     let mut fed = 0;
     let mut refused = 0;
+    // The previous step was a literal the dialogue was just told about: its answer (the
+    // continuation or the refusal) consumes no input.
+    let mut literal_answered = false;
     'feed: while fed < stream.len() {
         let size = match plan.max_chunk {
             usize::MAX => stream.len() - fed,
@@ -449,15 +461,31 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
             assert!(buf.len() <= before, "step grew the buffer");
             assert_eq!(&buf[..], &stream[fed - buf.len()..fed], "step altered unread input");
             let consumed = buf.len() < before;
+            let answering_literal = std::mem::take(&mut literal_answered);
             match step {
                 Step::NeedMore => break,
+                Step::Literal(size) => {
+                    assert!(consumed, "literal announced without consuming input");
+                    assert!(size > 0 && size <= plan.settings.max_literal, "literal of {size} bytes asked for");
+                    let granted = sizes.below(4) != 0;
+                    d.literal_room(granted);
+                    if granted {
+                        assert!(d.held() >= size, "a granted literal is not counted as held");
+                    }
+                    literal_answered = true;
+                }
                 Step::Reply(reply) => {
-                    assert!(consumed, "reply without consuming input");
+                    assert!(consumed || answering_literal, "reply without consuming input");
                     check_reply(&reply);
                 }
                 Step::Close(reply) => {
                     check_reply(&reply);
                     break 'feed;
+                }
+                Step::Refused(rejected) => {
+                    assert!(consumed, "refusal without consuming input");
+                    check_rejected(&rejected);
+                    check_reply(&d.denied());
                 }
                 Step::Login(credentials) => {
                     assert!(consumed, "login without consuming input");
@@ -480,6 +508,7 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
 fn goodbyes(d: &dyn Dialogue) {
     check_reply(&d.timed_out());
     check_reply(&d.shutting_down());
+    check_reply(&d.busy());
 }
 
 /// Runs one SASL input: byte 0 picks the mechanism (bit 0: LOGIN, else PLAIN) and
@@ -517,6 +546,13 @@ pub fn sasl(data: &[u8]) {
                 assert!(!user.chars().any(char::is_control), "control character in user");
                 assert!(!password.is_empty(), "empty password");
                 assert!(!has_nul_cr_lf(password.expose()), "NUL, CR or LF in password");
+                break true;
+            }
+            SaslStep::Refused { user, .. } => {
+                if let Some(user) = user {
+                    assert!(!user.is_empty() && user.trim() == user, "bad refused user {user:?}");
+                    assert!(!user.chars().any(char::is_control), "control character in refused user");
+                }
                 break true;
             }
             SaslStep::Cancelled | SaslStep::Invalid(_) => break true,

@@ -16,7 +16,7 @@ use super::lockout::Refused;
 use super::profiles::{Profile, Profiles};
 use super::slots::UserSlot;
 use crate::metrics::{LoginResult, Outcome};
-use crate::protocol::{Credentials, Protocol};
+use crate::protocol::{CredentialFault, Credentials, Protocol};
 use crate::state::State;
 use crate::stores::directory::DirectoryError;
 use crate::upstream::LoggedIn;
@@ -48,6 +48,10 @@ pub enum Denial {
     WrongPassword,
     /// No upstream credential is stored for the user.
     NoUpstreamCredential,
+    /// SASL PLAIN asked to act as someone other than the authenticating user.
+    AuthzidMismatch,
+    /// The password is empty.
+    EmptyPassword,
 }
 
 impl Denial {
@@ -65,6 +69,18 @@ impl Denial {
             Denial::IpNotAllowed => "client IP not allowed by the user's profiles",
             Denial::WrongPassword => "wrong password",
             Denial::NoUpstreamCredential => "no upstream credential stored for the user",
+            Denial::AuthzidMismatch => "authorization identity differs from the user",
+            Denial::EmptyPassword => "empty password",
+        }
+    }
+}
+
+impl From<CredentialFault> for Denial {
+    fn from(fault: CredentialFault) -> Self {
+        match fault {
+            CredentialFault::AuthzidMismatch => Denial::AuthzidMismatch,
+            CredentialFault::EmptyPassword => Denial::EmptyPassword,
+            CredentialFault::InvalidUserName => Denial::InvalidUserName,
         }
     }
 }
@@ -273,6 +289,14 @@ pub async fn admit(
         }
     }
     result
+}
+
+/// The decision for credentials the pre-login dialogue refused itself (see
+/// [`crate::protocol::Step::Refused`]): denied without asking the directory, and counted
+/// against the client's address like every refusal that is not a password check.
+pub fn refuse(state: &State, ip: IpAddr, fault: CredentialFault) -> Refusal {
+    state.lockout.record_address_failure(ip);
+    Refusal::Denied(Denial::from(fault))
 }
 
 async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
@@ -505,6 +529,8 @@ mod tests {
             Denial::IpNotAllowed,
             Denial::WrongPassword,
             Denial::NoUpstreamCredential,
+            Denial::AuthzidMismatch,
+            Denial::EmptyPassword,
         ];
         for denial in denials {
             match denial {
@@ -518,7 +544,9 @@ mod tests {
                 | Denial::ProtocolNotAllowed
                 | Denial::IpNotAllowed
                 | Denial::WrongPassword
-                | Denial::NoUpstreamCredential => {}
+                | Denial::NoUpstreamCredential
+                | Denial::AuthzidMismatch
+                | Denial::EmptyPassword => {}
             }
         }
         let upstream_failures = vec![

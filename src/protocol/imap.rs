@@ -11,8 +11,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::fields;
 use super::line::{self, BadCommands, Framed};
-use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
-use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
+use super::sasl::{Mechanism, SaslExchange, SaslStep};
+use super::{CredentialFault, Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Rejected, Step, UpstreamInfo};
 
 /// What Postern announces before login.
 const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
@@ -114,6 +114,10 @@ struct Command {
     error: Option<&'static str>,
     text_used: usize,
     literal_used: usize,
+    /// Bytes allocated for the command's literals: those the session found room for.
+    held: usize,
+    /// A literal was refused for want of room: the command is answered `NO [LIMIT]`.
+    limited: bool,
     literal: Option<PendingLiteral>,
 }
 
@@ -129,6 +133,8 @@ impl Command {
             error: (!valid_tag).then_some("Invalid tag"),
             text_used: used,
             literal_used: 0,
+            held: 0,
+            limited: false,
             literal: None,
         };
         let end = command.feed(if valid_tag { rest } else { line });
@@ -247,6 +253,12 @@ enum State {
     Command,
     /// A command with literals is being read.
     Assembling(Box<Command>),
+    /// A literal was announced; the session is finding room for it.
+    Announced {
+        cmd: Box<Command>,
+        size: usize,
+        non_sync: bool,
+    },
     Sasl {
         tag: Vec<u8>,
         exchange: SaslExchange,
@@ -265,7 +277,12 @@ pub struct ImapDialogue {
     max_literal: usize,
     state: State,
     bad: BadCommands,
+    /// What the next step returns before reading input (the answer to a literal).
+    pending: Option<Step>,
 }
+
+/// The answer to a command whose literal was refused for want of room.
+const LIMIT_TEXT: &str = "NO [LIMIT] Server busy; literal refused, try again later";
 
 /// `tag text\r\n`, with `*` for an unknown tag.
 fn tagged(tag: Option<&[u8]>, text: &str) -> Vec<u8> {
@@ -284,6 +301,7 @@ impl ImapDialogue {
             max_literal: settings.max_literal,
             state: State::Command,
             bad: BadCommands::default(),
+            pending: None,
         }
     }
 
@@ -360,7 +378,7 @@ impl ImapDialogue {
     fn line_done(&mut self, mut cmd: Box<Command>, end: LineEnd) -> Option<Step> {
         let LineEnd::Literal { size, non_sync } = end else {
             return Some(match cmd.error {
-                Some(error) => self.bad(cmd.tag.as_deref(), error),
+                Some(_) => self.refuse_command(&cmd),
                 None => self.execute(cmd.tag.unwrap_or_default(), &cmd.tokens),
             });
         };
@@ -372,15 +390,36 @@ impl ImapDialogue {
             _ if non_sync => return Some(self.close(b"* BYE Literal too large\r\n")),
             _ => return Some(self.bad(cmd.tag.as_deref(), "Literal too large")),
         };
-        if let (Some(error), false) = (cmd.error, non_sync) {
+        if cmd.error.is_some() && !non_sync {
             // The client waits for a continuation that will not come: answer now.
-            return Some(self.bad(cmd.tag.as_deref(), error));
+            return Some(self.refuse_command(&cmd));
         }
         cmd.literal_used += size;
-        let capacity = if cmd.error.is_none() { size } else { 0 };
+        if cmd.error.is_some() || size == 0 {
+            // Skipped or empty: nothing to hold, so no room to ask for.
+            return self.expect_literal(cmd, size, non_sync, false);
+        }
+        self.state = State::Announced { cmd, size, non_sync };
+        Some(Step::Literal(size))
+    }
+
+    /// Prepares to read a literal's bytes (keeping them when `keep`, skipping them when the
+    /// command already failed); the continuation to send, if the client waits for one.
+    fn expect_literal(&mut self, mut cmd: Box<Command>, size: usize, non_sync: bool, keep: bool) -> Option<Step> {
+        let capacity = if keep { size } else { 0 };
+        cmd.held += capacity;
         cmd.literal = Some(PendingLiteral { remaining: size, data: Zeroizing::new(Vec::with_capacity(capacity)) });
         self.state = State::Assembling(cmd);
         (!non_sync).then(|| Step::Reply(b"+ Ready for literal data\r\n".to_vec()))
+    }
+
+    /// The answer to a command that failed: `NO [LIMIT]` when a literal was refused for
+    /// want of room, `BAD` with the first syntax error otherwise.
+    fn refuse_command(&mut self, cmd: &Command) -> Step {
+        match (cmd.limited, cmd.error) {
+            (false, Some(error)) => self.bad(cmd.tag.as_deref(), error),
+            _ => self.fail(tagged(cmd.tag.as_deref(), LIMIT_TEXT)),
+        }
     }
 
     fn execute(&mut self, tag: Vec<u8>, tokens: &[Token]) -> Step {
@@ -417,19 +456,34 @@ impl ImapDialogue {
         let [user, password] = args else {
             return self.bad(Some(&tag), "LOGIN needs a user name and a password");
         };
-        let user = user.astring().and_then(fields::user_name);
-        let password = password.astring().and_then(fields::password);
-        let (Some(user), Some(password)) = (user, password) else {
+        let (Some(user), Some(raw_password)) = (user.astring(), password.astring()) else {
             return self.bad(Some(&tag), "Invalid user name or password");
         };
+        let user = fields::user_name(user);
+        let fault = match (user, fields::password(raw_password)) {
+            (Some(user), Some(password)) => {
+                self.state = State::Deciding { tag };
+                return Step::Login(Credentials {
+                    user,
+                    upstream_prefix: String::new(),
+                    password,
+                    mechanism: "LOGIN",
+                    client_hello: None,
+                });
+            }
+            // A password no upstream syntax can carry is a malformed argument.
+            (_, None) if !raw_password.is_empty() => return self.bad(Some(&tag), "Invalid user name or password"),
+            (None, _) => (None, CredentialFault::InvalidUserName),
+            (Some(user), None) => (Some(user), CredentialFault::EmptyPassword),
+        };
+        self.refuse(tag, fault.0, "LOGIN", fault.1)
+    }
+
+    /// Hands credentials refused by the dialogue itself to the session, which counts the
+    /// refusal and answers with [`Dialogue::denied`].
+    fn refuse(&mut self, tag: Vec<u8>, user: Option<String>, mechanism: &'static str, fault: CredentialFault) -> Step {
         self.state = State::Deciding { tag };
-        Step::Login(Credentials {
-            user,
-            upstream_prefix: String::new(),
-            password,
-            mechanism: "LOGIN",
-            client_hello: None,
-        })
+        Step::Refused(Rejected { user, mechanism, fault })
     }
 
     fn authenticate(&mut self, tag: Vec<u8>, args: &[Token]) -> Step {
@@ -472,18 +526,12 @@ impl ImapDialogue {
                     user,
                     upstream_prefix: String::new(),
                     password,
-                    mechanism: match exchange.mechanism() {
-                        Mechanism::Plain => "AUTHENTICATE PLAIN",
-                        Mechanism::Login => "AUTHENTICATE LOGIN",
-                    },
+                    mechanism: sasl_mechanism(&exchange),
                     client_hello: None,
                 })
             }
+            SaslStep::Refused { user, fault } => self.refuse(tag, user, sasl_mechanism(&exchange), fault),
             SaslStep::Cancelled => self.bad(Some(&tag), "Authentication cancelled"),
-            SaslStep::Invalid(SaslError::ForeignAuthzid) => {
-                let text = format!("NO [AUTHENTICATIONFAILED] {DENIAL_TEXT}");
-                self.fail(tagged(Some(&tag), &text))
-            }
             SaslStep::Invalid(_) => self.bad(Some(&tag), "Invalid SASL response"),
         }
     }
@@ -497,6 +545,14 @@ impl ImapDialogue {
                 b"*".to_vec()
             }
         }
+    }
+}
+
+/// The mechanism of an `AUTHENTICATE` login, for the audit log.
+fn sasl_mechanism(exchange: &SaslExchange) -> &'static str {
+    match exchange.mechanism() {
+        Mechanism::Plain => "AUTHENTICATE PLAIN",
+        Mechanism::Login => "AUTHENTICATE LOGIN",
     }
 }
 
@@ -515,6 +571,9 @@ impl Dialogue for ImapDialogue {
     }
 
     fn step(&mut self, input: &mut BytesMut) -> Step {
+        if let Some(step) = self.pending.take() {
+            return step;
+        }
         loop {
             // Each arm leaves the state for what comes next; finished commands fall back
             // to reading a new one.
@@ -522,6 +581,11 @@ impl Dialogue for ImapDialogue {
                 parked @ (State::Finished | State::Deciding { .. }) => {
                     self.state = parked;
                     return Step::NeedMore;
+                }
+                State::Announced { cmd, size, non_sync } => {
+                    // Still waiting for the session to answer `Step::Literal`.
+                    self.state = State::Announced { cmd, size, non_sync };
+                    return Step::Literal(size);
                 }
                 State::Command => self.read_command(input),
                 State::Assembling(cmd) => self.continue_command(cmd, input),
@@ -570,6 +634,38 @@ impl Dialogue for ImapDialogue {
 
     fn too_many_connections(&self) -> Vec<u8> {
         b"* BYE [UNAVAILABLE] Too many connections from your address; try again later\r\n".to_vec()
+    }
+
+    fn busy(&self) -> Vec<u8> {
+        b"* BYE [UNAVAILABLE] Server busy; try again later\r\n".to_vec()
+    }
+
+    fn literal_room(&mut self, granted: bool) {
+        if !matches!(self.state, State::Announced { .. }) {
+            return;
+        }
+        let State::Announced { mut cmd, size, non_sync } = std::mem::replace(&mut self.state, State::Command) else {
+            return;
+        };
+        if granted {
+            self.pending = self.expect_literal(cmd, size, non_sync, true);
+            return;
+        }
+        cmd.limited = true;
+        if non_sync {
+            // The bytes are coming regardless: skip them, then answer the command.
+            cmd.error.get_or_insert("Literal refused");
+            self.pending = self.expect_literal(cmd, size, true, false);
+        } else {
+            self.pending = Some(self.refuse_command(&cmd));
+        }
+    }
+
+    fn held(&self) -> usize {
+        match &self.state {
+            State::Assembling(cmd) | State::Announced { cmd, .. } => cmd.held,
+            _ => 0,
+        }
     }
 }
 
@@ -639,7 +735,9 @@ mod tests {
         let quoted = "x LOGIN \"alice@example.com\" \"pä ss\\\"w\\\\rd\"\r\n";
         check(quoted, &[&login("alice@example.com", PW, "LOGIN"), &format!("x {DENY}")], "");
         check("x login alice secret\r\n", &[&login("alice", "secret", "LOGIN"), &format!("x {DENY}")], "");
-        check("x LOGIN \"jürgen\" \"\"\r\n", &["x BAD Invalid user name or password\r\n"], "");
+        let empty = ["REFUSED jürgen|LOGIN|EmptyPassword", &format!("x {DENY}")];
+        check("x LOGIN \"jürgen\" \"\"\r\n", &empty, "");
+        check("x LOGIN \"jürgen\" {0}\r\n\r\n", &[READY, empty[0], empty[1]], "");
         check("x LOGIN \"jürgen\" pw\r\n", &[&login("jürgen", "pw", "LOGIN"), &format!("x {DENY}")], "");
         check("x LOGIN \" alice \" pw\r\n", &[&login("alice", "pw", "LOGIN"), &format!("x {DENY}")], "");
 
@@ -650,7 +748,9 @@ mod tests {
         check(&plus, &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
         let mixed = format!("x LOGIN \"alice\" {{{n}+}}\r\n{PW}\r\n");
         check(&mixed, &[&login("alice", PW, "LOGIN"), &format!("x {DENY}")], "");
-        check("x LOGIN {0}\r\n pw\r\n", &[READY, "x BAD Invalid user name or password\r\n"], "");
+        let invalid_user = ["REFUSED -|LOGIN|InvalidUserName", &format!("x {DENY}")];
+        check("x LOGIN {0}\r\n pw\r\n", &[READY, invalid_user[0], invalid_user[1]], "");
+        check("x LOGIN \" \" pw\r\n", &invalid_user, "");
     }
 
     #[test]
@@ -666,12 +766,17 @@ mod tests {
     #[test]
     fn malformed_login_arguments() {
         let invalid = "x BAD Invalid user name or password\r\n";
-        check("x LOGIN {3}\r\na\0b pw\r\n", &[READY, invalid], "");
+        let refused = ["REFUSED -|LOGIN|InvalidUserName", &format!("x {DENY}")];
+        // A well-formed argument that is no usable user name is a refused login...
+        check("x LOGIN {3}\r\na\0b pw\r\n", &[READY, refused[0], refused[1]], "");
+        // ...a password no upstream can carry is a malformed argument.
+        check("x LOGIN alice {3}\r\na\0b\r\n", &[READY, invalid], "");
+        check("x LOGIN () pw\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
         check("x LOGIN a\\b pw\r\n", &["x BAD Invalid character\r\n"], "");
         check("x LOGIN \"a\\nb\" pw\r\n", &["x BAD Invalid escape in quoted string\r\n"], "");
         check("x LOGIN \"a\rb\" pw\r\n", &["x BAD Invalid character in quoted string\r\n"], "");
         check("x LOGIN \"ab pw\r\n", &["x BAD Unterminated quoted string\r\n"], "");
-        check(b"x LOGIN \"a\xffb\" pw\r\n", &[invalid], "");
+        check(b"x LOGIN \"a\xffb\" pw\r\n", &refused, "");
         check("x LOGIN alice\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
         check("x LOGIN a b c\r\n", &["x BAD LOGIN needs a user name and a password\r\n"], "");
         check("x LOGIN \"a\"\"b\"\r\n", &["x BAD Missing space between arguments\r\n"], "");
@@ -701,6 +806,68 @@ mod tests {
             Decision::Deny,
         );
         assert_eq!(log, ["CLOSE * BYE Literal too large\r\n"]);
+    }
+
+    /// Runs `input` split every way with `room` bytes for literals.
+    fn check_room(input: impl AsRef<[u8]>, room: usize, expected: &[&str], leftover: &str) {
+        let (log, rest) = testing::run_all_splits_with_room(&make, input.as_ref(), Decision::Deny, room);
+        assert_eq!(log, expected);
+        assert_eq!(String::from_utf8_lossy(&rest), leftover);
+    }
+
+    #[test]
+    fn literals_wait_for_room() {
+        let limit = "x NO [LIMIT] Server busy; literal refused, try again later\r\n";
+        // No room: a synchronizing literal is refused before the continuation; the client
+        // never sends its bytes and the connection goes on.
+        check_room("x LOGIN {5}\r\ny NOOP\r\n", 4, &["NO ROOM 5", limit, "y OK NOOP completed\r\n"], "");
+        // A LITERAL+ literal's bytes are skipped, then the command is refused.
+        check_room("x LOGIN {5+}\r\nalice pw\r\ny NOOP\r\n", 4, &["NO ROOM 5", limit, "y OK NOOP completed\r\n"], "");
+        // A second literal of the same command may be the one without room.
+        check_room(
+            "x LOGIN {5}\r\nalice {8}\r\ny NOOP\r\n",
+            10,
+            &[READY, "NO ROOM 8", limit, "y OK NOOP completed\r\n"],
+            "",
+        );
+        check_room(
+            "x LOGIN {5+}\r\nalice {8+}\r\nb LOGOUT\r\ny NOOP\r\n",
+            10,
+            &["NO ROOM 8", limit, "y OK NOOP completed\r\n"],
+            "",
+        );
+        // With room, the same inputs log in; empty literals need none.
+        check_room(
+            "x LOGIN {5}\r\nalice {8}\r\nb LOGOUT\r\n",
+            13,
+            &[READY, READY, &login("alice", "b LOGOUT", "LOGIN"), &format!("x {DENY}")],
+            "",
+        );
+        check_room(
+            "x LOGIN alice {0}\r\n\r\n",
+            0,
+            &[READY, "REFUSED alice|LOGIN|EmptyPassword", &format!("x {DENY}")],
+            "",
+        );
+        // A command that already failed skips its literals without asking for room.
+        check_room("x LOGIN a\\b {8+}\r\ny LOGOUT\r\n", 0, &["x BAD Invalid character\r\n"], "");
+    }
+
+    #[test]
+    fn held_counts_granted_literals_until_the_command_ends() {
+        let mut d = ImapDialogue::new(&settings());
+        let mut buf = BytesMut::from(&b"x LOGIN {5}\r\n"[..]);
+        assert!(matches!(d.step(&mut buf), Step::Literal(5)));
+        assert!(matches!(d.step(&mut buf), Step::Literal(5)), "asks again until answered");
+        assert_eq!(d.held(), 0);
+        d.literal_room(true);
+        assert_eq!(d.held(), 5);
+        assert!(matches!(d.step(&mut buf), Step::Reply(r) if r == READY.as_bytes()));
+        buf.extend_from_slice(b"alice pw\r\n");
+        assert!(matches!(d.step(&mut buf), Step::Login(_)));
+        assert_eq!(d.held(), 0);
+        d.literal_room(true);
+        assert!(matches!(d.step(&mut buf), Step::NeedMore), "an unasked answer changes nothing");
     }
 
     #[test]
@@ -741,7 +908,26 @@ mod tests {
         let nul = b64("\0al\0ice\0pw");
         check(format!("x AUTHENTICATE PLAIN {nul}\r\n"), &["x BAD Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
-        check(format!("x AUTHENTICATE PLAIN {foreign}\r\n"), &[&deny], "");
+        let authzid = "REFUSED alice|AUTHENTICATE PLAIN|AuthzidMismatch";
+        check(format!("x AUTHENTICATE PLAIN {foreign}\r\n"), &[authzid, &deny], "");
+        check(format!("x AUTHENTICATE PLAIN\r\n{foreign}\r\n"), &["+ \r\n", authzid, &deny], "");
+        let empty = b64("\0alice\0");
+        check(
+            format!("x AUTHENTICATE PLAIN {empty}\r\n"),
+            &["REFUSED alice|AUTHENTICATE PLAIN|EmptyPassword", &deny],
+            "",
+        );
+        check(
+            format!("x AUTHENTICATE LOGIN {}\r\n{}\r\n", b64(" "), b64("pw")),
+            &["+ UGFzc3dvcmQ6\r\n", "REFUSED -|AUTHENTICATE LOGIN|InvalidUserName", &deny],
+            "",
+        );
+        // After a refusal the connection goes on, in step.
+        check(
+            format!("x AUTHENTICATE PLAIN {foreign}\r\ny NOOP\r\n"),
+            &[authzid, &deny, "y OK NOOP completed\r\n"],
+            "",
+        );
         let same = b64("alice\0alice\0pw");
         check(format!("x AUTHENTICATE PLAIN {same}\r\n"), &[&login("alice", "pw", "AUTHENTICATE PLAIN"), &deny], "");
         check("x AUTHENTICATE CRAM-MD5\r\n", &["x NO [CANNOT] Unsupported authentication mechanism\r\n"], "");

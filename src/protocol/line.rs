@@ -169,9 +169,26 @@ pub(crate) mod testing {
 
     /// Steps until the dialogue needs more input or is finished, appending to `log`.
     /// Returns false once the dialogue closed or accepted a login.
-    pub fn pump(d: &mut dyn Dialogue, buf: &mut BytesMut, decision: Decision, log: &mut Vec<String>) -> bool {
+    /// Literals are granted while `room` bytes last; each refused one is logged.
+    pub fn pump_with_room(
+        d: &mut dyn Dialogue,
+        buf: &mut BytesMut,
+        decision: Decision,
+        log: &mut Vec<String>,
+        room: &mut usize,
+    ) -> bool {
         for _ in 0..100_000 {
             match d.step(buf) {
+                Step::Literal(size) => {
+                    let granted = size <= *room;
+                    if granted {
+                        *room -= size;
+                    } else {
+                        log.push(format!("NO ROOM {size}"));
+                    }
+                    d.literal_room(granted);
+                    continue;
+                }
                 Step::NeedMore => return true,
                 Step::Reply(r) => log.push(String::from_utf8_lossy(&r).into_owned()),
                 Step::Close(r) => {
@@ -196,6 +213,12 @@ pub(crate) mod testing {
                     };
                     log.push(String::from_utf8_lossy(&reply).into_owned());
                 }
+                Step::Refused(r) => {
+                    let user = r.user.as_deref().unwrap_or("-");
+                    assert!(!user.is_empty() && !user.contains(char::is_control), "bad refused user {r:?}");
+                    log.push(format!("REFUSED {user}|{}|{:?}", r.mechanism, r.fault));
+                    log.push(String::from_utf8_lossy(&d.denied()).into_owned());
+                }
             }
         }
         panic!("dialogue made no progress");
@@ -203,9 +226,14 @@ pub(crate) mod testing {
 
     /// Feeds `input` at once; returns the transcript and what is left in the buffer.
     pub fn run(d: &mut dyn Dialogue, input: &[u8], decision: Decision) -> (Vec<String>, Vec<u8>) {
+        run_with_room(d, input, decision, usize::MAX)
+    }
+
+    /// Like [`run`], with `room` bytes for literals.
+    fn run_with_room(d: &mut dyn Dialogue, input: &[u8], decision: Decision, room: usize) -> (Vec<String>, Vec<u8>) {
         let mut buf = BytesMut::from(input);
         let mut log = Vec::new();
-        pump(d, &mut buf, decision, &mut log);
+        pump_with_room(d, &mut buf, decision, &mut log, &mut { room });
         (log, buf.to_vec())
     }
 
@@ -216,14 +244,25 @@ pub(crate) mod testing {
         input: &[u8],
         decision: Decision,
     ) -> (Vec<String>, Vec<u8>) {
-        let whole = run(make().as_mut(), input, decision);
+        run_all_splits_with_room(make, input, decision, usize::MAX)
+    }
+
+    /// Like [`run_all_splits`], with `room` bytes for literals.
+    pub fn run_all_splits_with_room(
+        make: &dyn Fn() -> Box<dyn Dialogue>,
+        input: &[u8],
+        decision: Decision,
+        room: usize,
+    ) -> (Vec<String>, Vec<u8>) {
+        let whole = run_with_room(make().as_mut(), input, decision, room);
         for cut in 0..input.len() {
             let mut d = make();
             let mut buf = BytesMut::from(&input[..cut]);
             let mut log = Vec::new();
-            if pump(d.as_mut(), &mut buf, decision, &mut log) {
+            let mut left = room;
+            if pump_with_room(d.as_mut(), &mut buf, decision, &mut log, &mut left) {
                 buf.extend_from_slice(&input[cut..]);
-                pump(d.as_mut(), &mut buf, decision, &mut log);
+                pump_with_room(d.as_mut(), &mut buf, decision, &mut log, &mut left);
             } else {
                 buf.extend_from_slice(&input[cut..]);
             }
@@ -270,11 +309,12 @@ pub(crate) mod testing {
             let mut buf = BytesMut::new();
             let mut log = Vec::new();
             let mut rest = &input[..];
+            let mut room = if rng.gen_bool(0.5) { usize::MAX } else { rng.gen_range(0..16) };
             while !rest.is_empty() {
                 let n = rng.gen_range(1..=rest.len().min(16));
                 buf.extend_from_slice(&rest[..n]);
                 rest = &rest[n..];
-                if !pump(d.as_mut(), &mut buf, decision, &mut log) {
+                if !pump_with_room(d.as_mut(), &mut buf, decision, &mut log, &mut room) {
                     break;
                 }
             }

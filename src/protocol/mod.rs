@@ -83,6 +83,36 @@ pub enum Step {
     /// The client presented credentials: run the access decision, then answer with
     /// [`Dialogue::accepted`], [`Dialogue::denied`] or [`Dialogue::unavailable`].
     Login(Credentials),
+    /// The client presented credentials the dialogue can tell are unusable without asking
+    /// anyone: count, delay and audit the refusal as any other, then answer with
+    /// [`Dialogue::denied`].
+    Refused(Rejected),
+    /// The client announced a literal of this many bytes (within the literal limit): find
+    /// room for it, tell [`Dialogue::literal_room`] whether there is, then step again.
+    /// Nothing is allocated for it, nor any continuation sent, before that.
+    Literal(usize),
+}
+
+/// Credentials refused by the dialogue itself, before the directory is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The user name as the client gave it (trimmed), when it is a usable field at all.
+    pub user: Option<String>,
+    /// How the client logged in, as in [`Credentials::mechanism`].
+    pub mechanism: &'static str,
+    /// What is wrong with the credentials.
+    pub fault: CredentialFault,
+}
+
+/// What makes credentials unusable before the directory is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialFault {
+    /// SASL PLAIN asked to act as someone other than the authenticating user.
+    AuthzidMismatch,
+    /// The password is empty.
+    EmptyPassword,
+    /// The user name is blank or holds control characters.
+    InvalidUserName,
 }
 
 /// Limits and names a dialogue is built with.
@@ -133,6 +163,20 @@ pub trait Dialogue: Send {
     /// Goodbye sent instead of the greeting when the client's address holds too many
     /// connections already.
     fn too_many_connections(&self) -> Vec<u8>;
+    /// Goodbye sent when the server has no room left to buffer more of the client's input
+    /// before login.
+    fn busy(&self) -> Vec<u8>;
+    /// Answers the latest [`Step::Literal`]: `granted` when there is room for the literal.
+    /// A refused literal is refused with the protocol's error. Ignored when no literal is
+    /// waiting; only IMAP has literals.
+    fn literal_room(&mut self, granted: bool) {
+        let _ = granted;
+    }
+    /// Bytes of client input the dialogue holds or has room for now (literals of the
+    /// command being read); the input buffer is the session's.
+    fn held(&self) -> usize {
+        0
+    }
 }
 
 /// Builds the dialogue for `protocol`.

@@ -7,8 +7,8 @@ use bytes::BytesMut;
 
 use super::fields;
 use super::line::{self, BadCommands, LineState, NextLine};
-use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
-use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
+use super::sasl::{Mechanism, SaslExchange, SaslStep};
+use super::{CredentialFault, Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Rejected, Step, UpstreamInfo};
 use crate::secret::Secret;
 
 /// Gmail's POP3 "recent mode" marker in front of the user name.
@@ -43,10 +43,22 @@ impl Pop3Dialogue {
 
     fn login(&mut self, user: String, password: Secret, mechanism: &'static str) -> Step {
         let Some((user, upstream_prefix)) = split_recent(user) else {
-            return self.fail("-ERR Invalid user name\r\n");
+            return self.refuse(None, mechanism, CredentialFault::InvalidUserName);
         };
         self.state = LineState::Deciding;
         Step::Login(Credentials { user, upstream_prefix, password, mechanism, client_hello: None })
+    }
+
+    /// Hands credentials refused by the dialogue itself to the session, which counts the
+    /// refusal and answers with [`Dialogue::denied`]. The user loses any `recent:` prefix.
+    fn refuse(&mut self, user: Option<String>, mechanism: &'static str, fault: CredentialFault) -> Step {
+        let (user, fault) = match user.map(split_recent) {
+            Some(Some((user, _))) => (Some(user), fault),
+            Some(None) => (None, CredentialFault::InvalidUserName),
+            None => (None, fault),
+        };
+        self.state = LineState::Deciding;
+        Step::Refused(Rejected { user, mechanism, fault })
     }
 
     fn command(&mut self, line: &[u8]) -> Step {
@@ -61,6 +73,9 @@ impl Pop3Dialogue {
             },
             b"PASS" => match (self.user.take(), fields::password(rest)) {
                 (None, _) => self.fail("-ERR USER first\r\n"),
+                (Some(user), None) if rest.is_empty() => {
+                    self.refuse(Some(user), "USER/PASS", CredentialFault::EmptyPassword)
+                }
                 (Some(_), None) => self.fail("-ERR Invalid password\r\n"),
                 (Some(user), Some(password)) => self.login(user, password, "USER/PASS"),
             },
@@ -99,17 +114,19 @@ impl Pop3Dialogue {
                 self.state = LineState::Sasl(exchange);
                 Step::Reply(format!("+ {challenge}\r\n").into_bytes())
             }
-            SaslStep::Done { user, password } => {
-                let mechanism = match exchange.mechanism() {
-                    Mechanism::Plain => "AUTH PLAIN",
-                    Mechanism::Login => "AUTH LOGIN",
-                };
-                self.login(user, password, mechanism)
-            }
+            SaslStep::Done { user, password } => self.login(user, password, sasl_mechanism(&exchange)),
+            SaslStep::Refused { user, fault } => self.refuse(user, sasl_mechanism(&exchange), fault),
             SaslStep::Cancelled => self.fail("-ERR Authentication cancelled\r\n"),
-            SaslStep::Invalid(SaslError::ForeignAuthzid) => self.fail(&format!("-ERR [AUTH] {DENIAL_TEXT}\r\n")),
             SaslStep::Invalid(_) => self.fail("-ERR Invalid SASL response\r\n"),
         }
+    }
+}
+
+/// The mechanism of an `AUTH` login, for the audit log.
+fn sasl_mechanism(exchange: &SaslExchange) -> &'static str {
+    match exchange.mechanism() {
+        Mechanism::Plain => "AUTH PLAIN",
+        Mechanism::Login => "AUTH LOGIN",
     }
 }
 
@@ -165,6 +182,10 @@ impl Dialogue for Pop3Dialogue {
 
     fn too_many_connections(&self) -> Vec<u8> {
         b"-ERR [SYS/TEMP] Too many connections from your address; try again later\r\n".to_vec()
+    }
+
+    fn busy(&self) -> Vec<u8> {
+        b"-ERR [SYS/TEMP] Server busy; try again later\r\n".to_vec()
     }
 }
 
@@ -245,7 +266,7 @@ mod tests {
         );
         let ir = b64("\0RECENT:bob@example.com\0pw");
         check(format!("AUTH PLAIN {ir}\r\n"), &["LOGIN bob@example.com|recent:|pw|AUTH PLAIN|-", DENY], "");
-        check("USER recent:\r\nPASS pw\r\n", &["+OK\r\n", "-ERR Invalid user name\r\n"], "");
+        check("USER recent:\r\nPASS pw\r\n", &["+OK\r\n", "REFUSED -|USER/PASS|InvalidUserName", DENY], "");
     }
 
     #[test]
@@ -273,7 +294,21 @@ mod tests {
         check("AUTH PLAIN ###\r\n", &["-ERR Invalid SASL response\r\n"], "");
         check("AUTH PLAIN =\r\n", &["-ERR Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
-        check(format!("AUTH PLAIN {foreign}\r\n"), &[DENY], "");
+        let authzid = "REFUSED alice|AUTH PLAIN|AuthzidMismatch";
+        check(
+            format!("AUTH PLAIN {foreign}\r\nCAPA\r\n"),
+            &[authzid, DENY, std::str::from_utf8(CAPABILITIES).unwrap()],
+            "",
+        );
+        check(format!("AUTH PLAIN\r\n{foreign}\r\n"), &["+ \r\n", authzid, DENY], "");
+        let recent = b64("bob\0recent:alice\0pw");
+        check(format!("AUTH PLAIN {recent}\r\n"), &[authzid, DENY], "");
+        check(format!("AUTH PLAIN {}\r\n", b64("\0alice\0")), &["REFUSED alice|AUTH PLAIN|EmptyPassword", DENY], "");
+        check(
+            format!("AUTH LOGIN {}\r\n{}\r\n", b64("alice"), b64("")),
+            &["+ UGFzc3dvcmQ6\r\n", "REFUSED alice|AUTH LOGIN|EmptyPassword", DENY],
+            "",
+        );
     }
 
     #[test]
@@ -281,7 +316,8 @@ mod tests {
         check("USER a\0b\r\n", &["-ERR Invalid user name\r\n"], "");
         check(b"USER \xc3\r\n", &["-ERR Invalid user name\r\n"], "");
         check("USER a\r\nPASS a\rb\r\n", &["+OK\r\n", "-ERR Invalid password\r\n"], "");
-        check("USER a\r\nPASS\r\n", &["+OK\r\n", "-ERR Invalid password\r\n"], "");
+        check("USER a\r\nPASS\r\n", &["+OK\r\n", "REFUSED a|USER/PASS|EmptyPassword", DENY], "");
+        check("USER recent:a\r\nPASS \r\n", &["+OK\r\n", "REFUSED a|USER/PASS|EmptyPassword", DENY], "");
         let nul = b64("\0al\0ice\0pw");
         check(format!("AUTH PLAIN {nul}\r\n"), &["-ERR Invalid SASL response\r\n"], "");
     }

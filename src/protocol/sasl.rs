@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
-use super::fields;
+use super::{CredentialFault, fields};
 use crate::secret::Secret;
 
 /// Why a SASL response could not be decoded or used.
@@ -21,9 +21,6 @@ pub enum SaslError {
     /// The decoded response does not have the mechanism's shape.
     #[error("malformed SASL response")]
     Malformed,
-    /// A PLAIN response asked to act as a different user than the one authenticating.
-    #[error("SASL authorization identity differs from the authentication identity")]
-    ForeignAuthzid,
 }
 
 /// A decoded SASL PLAIN response (RFC 4616).
@@ -135,6 +132,14 @@ pub enum SaslStep {
         /// The password: non-empty UTF-8 without NUL, CR or LF.
         password: Secret,
     },
+    /// The exchange produced credentials that are refused without asking the directory
+    /// (a foreign authorization identity, an empty password, an unusable user name).
+    Refused {
+        /// The checked, trimmed user name, when it is usable.
+        user: Option<String>,
+        /// What is wrong.
+        fault: CredentialFault,
+    },
     /// The client answered `*`.
     Cancelled,
     /// The client's response was unusable; the exchange is over.
@@ -145,7 +150,9 @@ pub enum SaslStep {
 enum Awaiting {
     PlainResponse,
     LoginUser,
-    LoginPassword(String),
+    /// The user name, or `None` when it was unusable: the exchange still asks for the
+    /// password, so the refusal comes where a wrong password's would.
+    LoginPassword(Option<String>),
     Nothing,
 }
 
@@ -190,36 +197,42 @@ impl SaslExchange {
         let step = match std::mem::replace(&mut self.awaiting, Awaiting::Nothing) {
             Awaiting::PlainResponse => plain(line),
             Awaiting::LoginUser => match decode_login_field(line) {
-                Ok(user) => match fields::user_name(user.expose().as_bytes()) {
-                    Some(user) => {
-                        self.awaiting = Awaiting::LoginPassword(user);
-                        return SaslStep::Challenge(PASSWORD_CHALLENGE);
-                    }
-                    None => Err(SaslError::Malformed),
-                },
+                Ok(user) => {
+                    self.awaiting = Awaiting::LoginPassword(fields::user_name(user.expose().as_bytes()));
+                    return SaslStep::Challenge(PASSWORD_CHALLENGE);
+                }
                 Err(e) => Err(e),
             },
-            Awaiting::LoginPassword(user) => decode_login_field(line).and_then(|password| {
-                if password.is_empty() { Err(SaslError::Malformed) } else { Ok(SaslStep::Done { user, password }) }
-            }),
+            Awaiting::LoginPassword(user) => decode_login_field(line).map(|password| checked(user, password)),
             Awaiting::Nothing => Err(SaslError::Malformed),
         };
         step.unwrap_or_else(SaslStep::Invalid)
     }
 }
 
-/// Turns a PLAIN response into credentials, refusing foreign authorization identities.
+/// Turns a PLAIN response into credentials, or a refusal for a foreign authorization
+/// identity, an unusable user name or an empty password.
 fn plain(line: &[u8]) -> Result<SaslStep, SaslError> {
     let response = decode_plain(line)?;
-    let user = fields::user_name(response.authcid.as_bytes()).ok_or(SaslError::Malformed)?;
-    let authzid = response.authzid.trim();
-    if !authzid.is_empty() && !authzid.eq_ignore_ascii_case(&user) {
-        return Err(SaslError::ForeignAuthzid);
+    let user = fields::user_name(response.authcid.as_bytes());
+    if let Some(user) = &user {
+        let authzid = response.authzid.trim();
+        if !authzid.is_empty() && !authzid.eq_ignore_ascii_case(user) {
+            return Ok(SaslStep::Refused { user: Some(user.clone()), fault: CredentialFault::AuthzidMismatch });
+        }
     }
-    if response.password.is_empty() {
-        return Err(SaslError::Malformed);
+    Ok(checked(user, response.password))
+}
+
+/// Credentials with a decoded user name (`None` when unusable) and password, or their refusal.
+fn checked(user: Option<String>, password: Secret) -> SaslStep {
+    match user {
+        None => SaslStep::Refused { user: None, fault: CredentialFault::InvalidUserName },
+        Some(user) if password.is_empty() => {
+            SaslStep::Refused { user: Some(user), fault: CredentialFault::EmptyPassword }
+        }
+        Some(user) => SaslStep::Done { user, password },
     }
-    Ok(SaslStep::Done { user, password: response.password })
 }
 
 #[cfg(test)]
@@ -234,6 +247,13 @@ mod tests {
         match step {
             SaslStep::Done { user, password } => (user, password.expose().to_owned()),
             other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    fn refused(step: SaslStep) -> (Option<String>, CredentialFault) {
+        match step {
+            SaslStep::Refused { user, fault } => (user, fault),
+            other => panic!("expected Refused, got {other:?}"),
         }
     }
 
@@ -284,18 +304,30 @@ mod tests {
     #[test]
     fn plain_exchange_refusals() {
         let cases: &[(&[u8], SaslError)] = &[
-            (b"\0alice\0", SaslError::Malformed),
             (b"\0\0pw", SaslError::Malformed),
-            (b"\0 \0pw", SaslError::Malformed),
             (b"\0al\rice\0pw", SaslError::Malformed),
             (b"\0alice\0p\nw", SaslError::Malformed),
             (b"\0al\xffice\0pw", SaslError::Malformed),
             (b"\0alice\0pw\0", SaslError::Malformed),
-            (b"bob\0alice\0pw", SaslError::ForeignAuthzid),
         ];
         for (raw, err) in cases {
             let (_, step) = SaslExchange::start(Mechanism::Plain, Some(&b64(raw)));
             assert_eq!(&invalid(step), err, "{raw:?}");
+        }
+        // Well-formed but unusable credentials are refusals, for the session to count.
+        let alice = || Some("alice".to_owned());
+        let refusals: &[(&[u8], Option<String>, CredentialFault)] = &[
+            (b"bob\0alice\0pw", alice(), CredentialFault::AuthzidMismatch),
+            (b" Bob \0 alice \0pw", alice(), CredentialFault::AuthzidMismatch),
+            (b"bob\0alice\0", alice(), CredentialFault::AuthzidMismatch),
+            (b"\0alice\0", alice(), CredentialFault::EmptyPassword),
+            (b"ALICE\0alice\0", alice(), CredentialFault::EmptyPassword),
+            (b"\0 \0pw", None, CredentialFault::InvalidUserName),
+            (b"bob\0a\x1bb\0pw", None, CredentialFault::InvalidUserName),
+        ];
+        for (raw, user, fault) in refusals {
+            let (_, step) = SaslExchange::start(Mechanism::Plain, Some(&b64(raw)));
+            assert_eq!(refused(step), (user.clone(), *fault), "{raw:?}");
         }
         let (_, step) = SaslExchange::start(Mechanism::Plain, Some(b"%%%"));
         assert_eq!(invalid(step), SaslError::InvalidBase64);
@@ -316,7 +348,11 @@ mod tests {
         assert_eq!(invalid(ex.respond(&b64(b"al\0ice"))), SaslError::Malformed);
         let (mut ex, _) = SaslExchange::start(Mechanism::Login, None);
         ex.respond(&b64(b"alice"));
-        assert_eq!(invalid(ex.respond(b"")), SaslError::Malformed);
+        assert_eq!(refused(ex.respond(b"")), (Some("alice".into()), CredentialFault::EmptyPassword));
         assert_eq!(invalid(ex.respond(&b64(b"late"))), SaslError::Malformed);
+        // An unusable user name is refused after the password, where a wrong one would be.
+        let (mut ex, _) = SaslExchange::start(Mechanism::Login, None);
+        assert!(matches!(ex.respond(&b64(b" \x1b ")), SaslStep::Challenge(PASSWORD_CHALLENGE)));
+        assert_eq!(refused(ex.respond(&b64(b"pw"))), (None, CredentialFault::InvalidUserName));
     }
 }

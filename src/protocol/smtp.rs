@@ -8,7 +8,7 @@ use bytes::BytesMut;
 
 use super::line::{self, BadCommands, LineState, NextLine};
 use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
-use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Step, UpstreamInfo};
+use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Rejected, Step, UpstreamInfo};
 
 /// SMTP submission pre-login state machine.
 pub struct SmtpDialogue {
@@ -110,18 +110,26 @@ impl SmtpDialogue {
                     user,
                     upstream_prefix: String::new(),
                     password,
-                    mechanism: match exchange.mechanism() {
-                        Mechanism::Plain => "AUTH PLAIN",
-                        Mechanism::Login => "AUTH LOGIN",
-                    },
+                    mechanism: sasl_mechanism(&exchange),
                     client_hello: self.hello.clone(),
                 })
             }
+            SaslStep::Refused { user, fault } => {
+                self.state = LineState::Deciding;
+                Step::Refused(Rejected { user, mechanism: sasl_mechanism(&exchange), fault })
+            }
             SaslStep::Cancelled => self.fail("501 5.0.0 Authentication cancelled\r\n"),
             SaslStep::Invalid(SaslError::InvalidBase64) => self.fail("501 5.5.2 Invalid base64\r\n"),
-            SaslStep::Invalid(SaslError::ForeignAuthzid) => self.fail(&format!("535 5.7.8 {DENIAL_TEXT}\r\n")),
             SaslStep::Invalid(SaslError::Malformed) => self.fail("501 5.5.2 Invalid SASL response\r\n"),
         }
+    }
+}
+
+/// The mechanism of an `AUTH` login, for the audit log.
+fn sasl_mechanism(exchange: &SaslExchange) -> &'static str {
+    match exchange.mechanism() {
+        Mechanism::Plain => "AUTH PLAIN",
+        Mechanism::Login => "AUTH LOGIN",
     }
 }
 
@@ -166,6 +174,10 @@ impl Dialogue for SmtpDialogue {
 
     fn too_many_connections(&self) -> Vec<u8> {
         format!("421 4.7.0 {} Too many connections from your address; try again later\r\n", self.hostname).into_bytes()
+    }
+
+    fn busy(&self) -> Vec<u8> {
+        format!("421 4.3.2 {} Server busy; try again later\r\n", self.hostname).into_bytes()
     }
 }
 
@@ -259,7 +271,23 @@ mod tests {
         check("HELO h\r\nAUTH PLAIN @@@\r\n", &["250 mx.example.net\r\n", "501 5.5.2 Invalid base64\r\n"], "");
         check("HELO h\r\nAUTH PLAIN =\r\n", &["250 mx.example.net\r\n", "501 5.5.2 Invalid SASL response\r\n"], "");
         let foreign = b64("bob\0alice\0pw");
-        check(format!("HELO h\r\nAUTH PLAIN {foreign}\r\n"), &["250 mx.example.net\r\n", DENY], "");
+        let authzid = "REFUSED alice|AUTH PLAIN|AuthzidMismatch";
+        check(format!("HELO h\r\nAUTH PLAIN {foreign}\r\n"), &["250 mx.example.net\r\n", authzid, DENY], "");
+        check(
+            format!("HELO h\r\nAUTH PLAIN\r\n{foreign}\r\nNOOP\r\n"),
+            &["250 mx.example.net\r\n", "334 \r\n", authzid, DENY, "250 2.0.0 OK\r\n"],
+            "",
+        );
+        check(
+            format!("HELO h\r\nAUTH PLAIN {}\r\n", b64("\0alice\0")),
+            &["250 mx.example.net\r\n", "REFUSED alice|AUTH PLAIN|EmptyPassword", DENY],
+            "",
+        );
+        check(
+            format!("HELO h\r\nAUTH LOGIN {}\r\n{}\r\n", b64("a\x07b"), b64("pw")),
+            &["250 mx.example.net\r\n", "334 UGFzc3dvcmQ6\r\n", "REFUSED -|AUTH LOGIN|InvalidUserName", DENY],
+            "",
+        );
         let nul = b64("\0al\0ice\0pw");
         check(
             format!("HELO h\r\nAUTH PLAIN {nul}\r\n"),

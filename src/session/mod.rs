@@ -13,16 +13,22 @@ use tracing::Instrument;
 use crate::audit::{Event, Outcome, SessionRecord};
 use crate::metrics::LoginResult;
 use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
-use crate::protocol::{self, Dialogue, Protocol, Step};
+use crate::protocol::{self, Credentials, Dialogue, Protocol, Step};
 use crate::state::{Shutdown, State};
 
+pub mod budget;
 pub mod registry;
 pub mod relay;
 
+use budget::Claim;
 use relay::Counters;
 
 use crate::access::decision::{self, Admitted, Refusal};
 use crate::access::slots::IpSlot;
+
+/// Bytes the input buffer grows by when it is full before login; the first such step of
+/// each connection is free, what comes after is taken from the pre-login buffer budget.
+const READ_CHUNK: usize = 1024;
 
 /// Runs the session of a client whose TLS handshake is done, and writes its audit line.
 /// `peer` is the client's address: the connecting peer's, or the one a trusted balancer
@@ -48,11 +54,13 @@ pub async fn run<S>(
         record.via = via;
         let mut session = Session {
             dialogue: protocol::dialogue(protocol, &server.dialogue_settings(protocol)),
+            claim: server.preauth_budget.claim(),
             server,
             protocol,
             client,
             peer,
-            input: BytesMut::with_capacity(1024),
+            // Sized by what arrives (see `read_more`), not ahead of it.
+            input: BytesMut::new(),
             record,
             shutdown,
         };
@@ -70,6 +78,8 @@ struct Session<S> {
     client: S,
     peer: SocketAddr,
     input: BytesMut,
+    /// This connection's share of the pre-login buffer budget.
+    claim: Claim,
     record: SessionRecord,
     shutdown: Shutdown,
 }
@@ -98,9 +108,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let greeting = self.dialogue.greeting();
         self.write(&greeting, deadline).await?;
         loop {
-            match self.dialogue.step(&mut self.input) {
-                Step::NeedMore => self.read_more(deadline).await?,
-                Step::Reply(bytes) => self.write(&bytes, deadline).await?,
+            let started = std::time::Instant::now();
+            let step = self.dialogue.step(&mut self.input);
+            // A step only ever frees buffered bytes: give them back.
+            self.claim.resize(self.buffered());
+            let decision = match step {
+                Step::Literal(size) => {
+                    let granted = self.claim.resize(self.buffered().saturating_add(size));
+                    if !granted {
+                        tracing::debug!(
+                            size,
+                            budget = self.server.preauth_budget.limit(),
+                            "literal refused: the pre-login buffer budget is spent"
+                        );
+                    }
+                    self.dialogue.literal_room(granted);
+                    continue;
+                }
+                Step::NeedMore => {
+                    self.read_more(deadline).await?;
+                    continue;
+                }
+                Step::Reply(bytes) => {
+                    self.write(&bytes, deadline).await?;
+                    continue;
+                }
                 Step::Close(bytes) => {
                     self.record.set(
                         Outcome::Abandoned,
@@ -110,63 +142,81 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return None;
                 }
                 Step::Login(credentials) => {
-                    self.record.attempts += 1;
-                    self.record.user =
-                        Some(decision::normalize_user(&credentials.user).unwrap_or_else(|_| "(invalid)".into()));
-                    self.record.mechanism = Some(credentials.mechanism);
+                    self.attempt(Some(&credentials.user), credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
-                    let started = std::time::Instant::now();
-                    // Boxed: the decision's future is large and only lives during a login, so it
-                    // must not sit inline in every idle session's future.
-                    let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), &credentials));
-                    let decision = tokio::select! {
-                        decision = admit => decision,
-                        // Time queued for the directory or the hashing pool counts too.
-                        () = tokio::time::sleep_until(deadline) => {
-                            self.record.set(Outcome::TimedOut, "no login decision within the pre-login timeout");
-                            let bye = self.dialogue.timed_out();
-                            let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
-                            return None;
-                        }
-                        () = self.shutdown.stop_accepting.cancelled() => {
-                            self.record.set(Outcome::Shutdown, "server shut down during login");
-                            let bye = self.dialogue.shutting_down();
-                            let _ = self.write(&bye, deadline).await;
-                            return None;
-                        }
-                    };
-                    self.count_login(&decision, started.elapsed());
-                    match decision {
-                        Ok(admitted) => {
-                            let reply = self.dialogue.accepted(&admitted.upstream.info);
-                            self.write(&reply, deadline).await?;
-                            self.record.profile =
-                                Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
-                            return Some(admitted);
-                        }
-                        Err(Refusal::Denied(denial)) => {
-                            self.record.set(Outcome::Denied, denial.reason());
-                            self.server.audit(&self.record, Event::LoginRefused);
-                            // Slow down guessing without holding a thread; shutdown cuts it short.
-                            let delay = self.server.lockout.failure_delay(self.peer.ip());
-                            tokio::select! {
-                                () = tokio::time::sleep(delay) => {}
-                                () = self.shutdown.stop_accepting.cancelled() => {}
-                            }
-                            let reply = self.dialogue.denied();
-                            self.write(&reply, deadline).await?;
-                        }
-                        Err(Refusal::Unavailable(reason)) => {
-                            self.record.set(Outcome::Unavailable, reason.to_string());
-                            self.server.audit(&self.record, Event::LoginRefused);
-                            let reply = self.dialogue.unavailable();
-                            self.write(&reply, deadline).await?;
-                        }
-                    }
-                    if self.record.attempts >= MAX_LOGIN_ATTEMPTS {
-                        return None;
-                    }
+                    self.decide(&credentials, deadline).await?
                 }
+                Step::Refused(rejected) => {
+                    self.attempt(rejected.user.as_deref(), rejected.mechanism);
+                    self.record.mode = None;
+                    Err(decision::refuse(&self.server, self.peer.ip(), rejected.fault))
+                }
+            };
+            self.count_login(&decision, started.elapsed());
+            match decision {
+                Ok(admitted) => {
+                    // Whatever is still buffered is forwarded at once, outside the budget.
+                    self.claim.resize(0);
+                    let reply = self.dialogue.accepted(&admitted.upstream.info);
+                    self.write(&reply, deadline).await?;
+                    self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
+                    return Some(admitted);
+                }
+                Err(Refusal::Denied(denial)) => {
+                    self.record.set(Outcome::Denied, denial.reason());
+                    self.server.audit(&self.record, Event::LoginRefused);
+                    // Slow down guessing without holding a thread; shutdown cuts it short.
+                    let delay = self.server.lockout.failure_delay(self.peer.ip());
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shutdown.stop_accepting.cancelled() => {}
+                    }
+                    let reply = self.dialogue.denied();
+                    self.write(&reply, deadline).await?;
+                }
+                Err(Refusal::Unavailable(reason)) => {
+                    self.record.set(Outcome::Unavailable, reason.to_string());
+                    self.server.audit(&self.record, Event::LoginRefused);
+                    let reply = self.dialogue.unavailable();
+                    self.write(&reply, deadline).await?;
+                }
+            }
+            if self.record.attempts >= MAX_LOGIN_ATTEMPTS {
+                return None;
+            }
+        }
+    }
+
+    /// Counts one more login attempt and notes who tried (normalized; `(invalid)` when the
+    /// name is unusable) and how.
+    fn attempt(&mut self, user: Option<&str>, mechanism: &'static str) {
+        self.record.attempts += 1;
+        let user = user.and_then(|user| decision::normalize_user(user).ok());
+        self.record.user = Some(user.unwrap_or_else(|| "(invalid)".into()));
+        self.record.mechanism = Some(mechanism);
+    }
+
+    /// Runs the access decision for `credentials` within the pre-login deadline; `None`
+    /// (with the record updated and the client told) when the deadline or a shutdown came
+    /// first.
+    async fn decide(&mut self, credentials: &Credentials, deadline: Instant) -> Option<Result<Admitted, Refusal>> {
+        // Boxed: the decision's future is large and only lives during a login, so it must
+        // not sit inline in every idle session's future.
+        let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), credentials));
+        tokio::select! {
+            decision = admit => Some(decision),
+            // Time queued for the directory or the hashing pool counts too.
+            () = tokio::time::sleep_until(deadline) => {
+                self.record.set(Outcome::TimedOut, "no login decision within the pre-login timeout");
+                let bye = self.dialogue.timed_out();
+                let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
+                None
+            }
+            () = self.shutdown.stop_accepting.cancelled() => {
+                self.record.set(Outcome::Shutdown, "server shut down during login");
+                let bye = self.dialogue.shutting_down();
+                let _ = self.write(&bye, deadline).await;
+                None
             }
         }
     }
@@ -191,8 +241,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Bytes this connection buffers before login that count against the budget: the
+    /// input buffer beyond its free first chunk, and what the dialogue holds.
+    fn buffered(&self) -> usize {
+        self.input.capacity().saturating_sub(READ_CHUNK).saturating_add(self.dialogue.held())
+    }
+
     /// Reads more client input; `None` (with the record updated) when the session must end.
+    /// The buffer grows only when it is full, and only within the budget.
     async fn read_more(&mut self, deadline: Instant) -> Option<()> {
+        if self.input.len() == self.input.capacity() {
+            self.input.reserve(READ_CHUNK);
+            if !self.claim.resize(self.buffered()) {
+                self.record.set(Outcome::Busy, "the pre-login buffer budget is spent");
+                let bye = self.dialogue.busy();
+                let _ = self.write(&bye, deadline).await;
+                return None;
+            }
+        }
         let read = tokio::select! {
             read = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.input)) => read,
             () = self.shutdown.stop_accepting.cancelled() => {
@@ -300,6 +366,11 @@ mod tests {
     /// A state with the file directory (one user, `alice@example.com` / `pw`) and a profile
     /// allowing 127.0.0.1; refusals never reach the upstream.
     async fn state(dir: &std::path::Path) -> Arc<State> {
+        state_with(dir, "").await
+    }
+
+    /// Like [`state`], with extra `[limits]` lines.
+    async fn state_with(dir: &std::path::Path, limits: &str) -> Arc<State> {
         crate::tls::generate_self_signed("proxy.test", &dir.join("c.pem"), &dir.join("k.pem")).unwrap();
         let users = dir.join("users.toml");
         crate::stores::directory::file::set_password(&users, "alice@example.com", &crate::secret::Secret::new("pw"))
@@ -311,7 +382,7 @@ mod tests {
         .unwrap();
         let text = format!(
             "[server]\nhostname = \"proxy.test\"\nstate_dir = \"state\"\n\
-             [limits]\npreauth_timeout_secs = 30\n[lockout]\nfailure_delay_ms = 0\n{}",
+             [limits]\npreauth_timeout_secs = 30\n{limits}\n[lockout]\nfailure_delay_ms = 0\n{}",
             crate::config::MINIMAL
         );
         let config = Config::parse(&text, &dir.join("proxy.toml"), dir.to_owned()).unwrap();
@@ -359,6 +430,54 @@ mod tests {
         assert_eq!(denied("unknown user"), 1);
         assert_eq!(denied("wrong password"), 1);
         assert_eq!(denied("invalid user name"), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_made_by_the_dialogue_are_counted_and_audited_like_the_others() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut c).await.starts_with("* OK"));
+        let foreign = base64::engine::general_purpose::STANDARD.encode("bob\0alice@example.com\0pw");
+        send(&mut c, &format!("p1 AUTHENTICATE PLAIN {foreign}\r\n")).await;
+        assert_eq!(line(&mut c).await, format!("p1 {DENIAL}"));
+        send(&mut c, "p2 LOGIN alice@example.com \"\"\r\n").await;
+        assert_eq!(line(&mut c).await, format!("p2 {DENIAL}"));
+        let denied = |reason| {
+            state.metrics().logins(crate::metrics::LoginResult { outcome: crate::metrics::Outcome::Denied, reason })
+        };
+        assert_eq!(denied("authorization identity differs from the user"), 1);
+        assert_eq!(denied("empty password"), 1);
+    }
+
+    #[tokio::test]
+    async fn literals_and_lines_beyond_the_pre_login_budget_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(dir.path(), "preauth_buffer_budget = 2000").await;
+        let budget = state.preauth_budget.clone();
+        let mut first = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut first).await.starts_with("* OK"));
+        send(&mut first, "a1 LOGIN alice@example.com {1500}\r\n").await;
+        assert_eq!(line(&mut first).await, "+ Ready for literal data");
+        assert_eq!(budget.used(), 1500, "the literal's room is taken before the continuation");
+
+        let mut second = start(&state, &Shutdown::default(), true);
+        assert!(line(&mut second).await.starts_with("* OK"));
+        send(&mut second, "b1 LOGIN alice@example.com {1500}\r\n").await;
+        assert_eq!(line(&mut second).await, "b1 NO [LIMIT] Server busy; literal refused, try again later");
+        send(&mut second, "b2 NOOP\r\n").await;
+        assert_eq!(line(&mut second).await, "b2 OK NOOP completed", "the connection goes on");
+        // A line that outgrows the free first chunk needs the budget too.
+        send(&mut second, &"x".repeat(3000)).await;
+        assert_eq!(line(&mut second).await, "* BYE [UNAVAILABLE] Server busy; try again later");
+        assert_eq!(line(&mut second).await, "");
+
+        // The literal's room is given back when the command ends.
+        send(&mut first, &format!("{}\r\n", "p".repeat(1500))).await;
+        assert_eq!(line(&mut first).await, format!("a1 {DENIAL}"));
+        assert_eq!(budget.used(), 0);
+        drop(first);
     }
 
     #[tokio::test(start_paused = true)]

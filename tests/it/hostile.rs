@@ -399,3 +399,167 @@ async fn sessions_per_user_are_limited() {
     drop(first);
     serves_once_a_slot_is_free(&proxy, &user).await;
 }
+
+/// The reason the audit log gives for a PLAIN login whose authorization identity is not the user.
+const AUTHZID_REASON: &str = "authorization identity differs from the user";
+
+/// Options for the authzid tests: no delay, and an address throttled after two refusals.
+fn throttle_after_two() -> Options {
+    Options {
+        lockout: "failure_delay_ms = 0\nmax_failures_per_ip = 2\nwindow_secs = 600".to_owned(),
+        ..Options::default()
+    }
+}
+
+/// SASL PLAIN for `user` asking to act as `bob`, with the user's own (right) password.
+fn plain_as_bob(user: &TestUser) -> String {
+    b64(format!("bob\0{}\0{}", user.mail, user.password))
+}
+
+/// After two authzid refusals from this address: the refusal was audited with its reason
+/// and counted, and the address is throttled even for the right credentials.
+async fn authzid_refusals_were_counted(proxy: &Proxy, user: &TestUser) {
+    logs::wait_for_audit(&user.mail, &["\"outcome\":\"denied\"", AUTHZID_REASON]).await;
+    let series = format!("postern_logins_total{{outcome=\"denied\",reason=\"{AUTHZID_REASON}\"}}");
+    assert_eq!(metric(proxy, &series), 2, "both refusals counted under their own reason");
+    let mut c = connect(proxy).await;
+    c.send(format!("t1 LOGIN {} {}\r\n", user.mail, user.password).as_bytes()).await;
+    assert_eq!(c.read_until_tagged("t1").await.pop().unwrap(), format!("t1 {DENIAL}"), "the address is throttled");
+    logs::wait_for_audit(&user.mail, &["client IP throttled after repeated failed logins"]).await;
+}
+
+#[tokio::test]
+async fn imap_authenticate_plain_with_a_foreign_authzid_is_a_counted_refusal() {
+    let (proxy, user) = start("hostile-authzid-imap", throttle_after_two()).await;
+    for i in 0..2 {
+        let mut c = connect(&proxy).await;
+        c.send(format!("p{i} AUTHENTICATE PLAIN {}\r\n", plain_as_bob(&user)).as_bytes()).await;
+        assert_eq!(c.read_until_tagged(&format!("p{i}")).await.pop().unwrap(), format!("p{i} {DENIAL}"));
+    }
+    authzid_refusals_were_counted(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn pop3_auth_plain_with_a_foreign_authzid_is_a_counted_refusal() {
+    let (proxy, user) = start("hostile-authzid-pop3", throttle_after_two()).await;
+    for _ in 0..2 {
+        let mut c = client::connect_tls(proxy.pop3s, &proxy.ca_file).await;
+        assert!(c.read_line().await.starts_with("+OK"));
+        c.send(format!("AUTH PLAIN {}\r\n", plain_as_bob(&user)).as_bytes()).await;
+        assert_eq!(c.read_line().await, "-ERR [AUTH] You are not allowed to access this server");
+    }
+    authzid_refusals_were_counted(&proxy, &user).await;
+}
+
+#[tokio::test]
+async fn smtp_auth_plain_with_a_foreign_authzid_is_a_counted_refusal() {
+    let (proxy, user) = start("hostile-authzid-smtp", throttle_after_two()).await;
+    for _ in 0..2 {
+        let mut c = client::connect_tls(proxy.smtps, &proxy.ca_file).await;
+        assert!(c.read_line().await.starts_with("220 "));
+        c.send(b"EHLO client.example\r\n").await;
+        while !c.read_line().await.starts_with("250 ") {}
+        c.send(format!("AUTH PLAIN {}\r\n", plain_as_bob(&user)).as_bytes()).await;
+        assert_eq!(c.read_line().await, "535 5.7.8 You are not allowed to access this server");
+    }
+    authzid_refusals_were_counted(&proxy, &user).await;
+}
+
+/// Literal size the memory test announces: within the default literal limit.
+const PENDING_LITERAL: usize = 8000;
+/// The pre-login buffer budget the memory test configures: room for about a hundred of them.
+const SMALL_BUDGET: usize = 1024 * 1024;
+
+/// Runs the real daemon, so its memory is measured apart from this test process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_literals_cost_a_bounded_amount_of_memory() {
+    let mail = "hostile-literals@example.com";
+    let profiles = format!("[[profile]]\nname = \"lab\"\nallow = [\"127.0.0.0/8\"]\nusers = [\"{mail}\"]\n");
+    let install = Install::new(&profiles, "", "");
+    let text = install.config_text().replace(
+        "[limits]\n",
+        &format!("[limits]\npreauth_timeout_secs = 120\npreauth_buffer_budget = {SMALL_BUDGET}\n"),
+    );
+    std::fs::write(&install.config, text).expect("write config");
+    install.add_user(mail, "literal-pw");
+    let daemon = Daemon::start(&install);
+    let ca = install.ca_file.clone();
+    let serves = |from: &'static str| {
+        let ca = ca.clone();
+        async move {
+            let mut c = client::connect_tls_from(from.parse().unwrap(), daemon.imaps, &ca).await;
+            assert!(c.read_line().await.starts_with("* OK"));
+            c.send(format!("z1 LOGIN {mail} literal-pw\r\n").as_bytes()).await;
+            let answer = c.read_until_tagged("z1").await.pop().unwrap();
+            assert!(answer.starts_with("z1 OK"), "a normal login failed: {answer}");
+        }
+    };
+    serves("127.0.0.1").await;
+    let rss_before = common::rss_kib(daemon.pid());
+
+    // Four source addresses, a hundred connections each, every one announcing a literal and
+    // sending half of it.
+    const PER_ADDRESS: usize = 100;
+    let imaps = daemon.imaps;
+    let mut tasks = Vec::new();
+    for host in 2..6 {
+        let ca = ca.clone();
+        tasks.push(tokio::spawn(async move {
+            let from: std::net::IpAddr = format!("127.0.0.{host}").parse().unwrap();
+            let mut held = Vec::new();
+            // Refused connections stay open too: every connection costs what it costs.
+            let mut refused = Vec::new();
+            for _ in 0..PER_ADDRESS {
+                let mut c = client::connect_tls_from(from, imaps, &ca).await;
+                assert!(c.read_line().await.starts_with("* OK"));
+                c.send(format!("m1 LOGIN {mail} {{{PENDING_LITERAL}}}\r\n").as_bytes()).await;
+                let answer = c.read_line().await;
+                if answer.starts_with('+') {
+                    c.send(&vec![b'x'; PENDING_LITERAL / 2]).await;
+                    held.push(c);
+                } else {
+                    assert!(answer.starts_with("m1 NO [LIMIT]"), "a literal beyond the budget: {answer}");
+                    refused.push(c);
+                }
+            }
+            (held, refused)
+        }));
+    }
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for task in tasks {
+        let (mut h, mut r) = task.await.expect("client task");
+        held.append(&mut h);
+        refused.append(&mut r);
+    }
+    // Let the daemon read what was sent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let growth = common::rss_kib(daemon.pid()).saturating_sub(rss_before);
+    let connections = 4 * PER_ADDRESS;
+    let per_connection = growth as f64 / connections as f64;
+    eprintln!(
+        "{connections} connections with a half-sent {PENDING_LITERAL}-byte literal: {} pending, {} refused; \
+         RSS grew {growth} KiB, {per_connection:.1} KiB per connection",
+        held.len(),
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "no literal was refused although {connections} of them exceed the budget");
+    assert!(held.len() * PENDING_LITERAL <= SMALL_BUDGET, "{} literals pending beyond the budget", held.len());
+    assert!(per_connection < 48.0, "{per_connection:.1} KiB per pending connection");
+
+    // Service goes on, and once the pending literals are gone the budget is free again.
+    serves("127.0.0.6").await;
+    drop(held);
+    drop(refused);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = client::connect_tls_from("127.0.0.7".parse().unwrap(), imaps, &ca).await;
+        assert!(c.read_line().await.starts_with("* OK"));
+        c.send(format!("m2 LOGIN {mail} {{{PENDING_LITERAL}}}\r\n").as_bytes()).await;
+        if c.read_line().await.starts_with('+') {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the budget is still taken after the connections closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
