@@ -10,6 +10,12 @@ use postern::config::LogFormat;
 use postern::daemon;
 use postern::protocol::Protocol;
 
+/// Every heap block is wiped when it is freed: passwords and tokens pass through buffers of
+/// libraries Postern cannot wipe itself (the TLS library's records, the LDAP client's
+/// requests), and freed memory must not keep them.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> = zeroizing_alloc::ZeroAlloc(std::alloc::System);
+
 /// Exit status of operational failures; clap exits with 2 on usage errors.
 const FAILURE: u8 = 1;
 

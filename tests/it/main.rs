@@ -17,6 +17,7 @@ mod hostile;
 mod imap;
 mod ldap;
 mod lockout_race;
+mod memory;
 mod oauth;
 mod paths;
 mod pop3;

@@ -96,7 +96,9 @@ pub struct LdapConfig {
     /// Limit in seconds for connecting (TCP, TLS, StartTLS) and for every single operation.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
-    /// How many idle connections for password checks are kept open.
+    /// How many fresh connections for password checks are kept open, ready. Each serves one
+    /// password check and is then closed (a user's password never stays in a reused
+    /// connection's buffers); a replacement is dialled in the background.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
 }
@@ -222,8 +224,8 @@ pub struct LdapDirectory {
     group_search: Option<(String, String)>,
     /// The connection for lookups, when one is open.
     lookup_conn: Mutex<Option<Ldap>>,
-    /// Idle connections for password checks.
-    bind_pool: Mutex<Vec<Ldap>>,
+    /// Fresh connections for password checks, never yet used for a bind.
+    bind_pool: Arc<Mutex<Vec<Ldap>>>,
     pool_size: usize,
 }
 
@@ -263,7 +265,7 @@ impl LdapDirectory {
             group_attribute: Some(config.group_attribute.clone()).filter(|a| !a.is_empty()),
             group_search: config.group_base_dn.clone().map(|base| (base, config.group_filter.clone())),
             lookup_conn: Mutex::new(None),
-            bind_pool: Mutex::new(Vec::new()),
+            bind_pool: Arc::new(Mutex::new(Vec::new())),
             pool_size: config.pool_size,
         };
         directory.probe().await;
@@ -499,17 +501,7 @@ impl LdapDirectory {
 
     /// A new connection (TLS and StartTLS done), its driver running on the runtime.
     async fn connect(&self) -> Result<Ldap, DirectoryError> {
-        let connecting = LdapConnAsync::with_settings(self.settings.clone(), &self.url);
-        let (conn, ldap) = self
-            .timed(connecting)
-            .await
-            .map_err(|fault| fault.unavailable(&format!("connecting to {}", self.url), None))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.drive().await {
-                tracing::debug!(error = %e, "LDAP connection ended with an error");
-            }
-        });
-        Ok(ldap)
+        connect(self.settings.clone(), &self.url, self.timeout).await
     }
 
     /// The shared lookup connection, bound as the service account; `true` if it was reused.
@@ -543,34 +535,73 @@ impl LdapDirectory {
         self.lookup_conn.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
 
-    /// A connection for a password check; `true` if it came from the pool.
+    /// A connection for a password check, never used for a bind before; `true` if it was
+    /// dialled ahead (and may have been closed by the server meanwhile). Taking one from the
+    /// spares dials a replacement in the background.
     async fn bind_connection(&self) -> Result<(Ldap, bool), DirectoryError> {
         loop {
-            let pooled = self.bind_pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            match pooled {
+            let spare = self.bind_pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            match spare {
                 Some(mut ldap) => {
+                    self.refill_spares();
                     if !ldap.is_closed() {
                         return Ok((ldap, true));
                     }
                 }
-                None => return Ok((self.connect().await?, false)),
+                None => {
+                    self.refill_spares();
+                    return Ok((self.connect().await?, false));
+                }
             }
         }
     }
 
-    /// Keeps a healthy password-check connection for reuse, or closes it if the pool is full.
-    fn release_bind_connection(&self, ldap: Ldap) {
-        let mut pool = self.bind_pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if pool.len() < self.pool_size {
-            pool.push(ldap);
-        } else {
-            drop(pool);
-            let mut ldap = ldap;
-            tokio::spawn(async move {
-                let _ = ldap.unbind().await;
-            });
+    /// Dials fresh connections in the background until `pool_size` are ready.
+    fn refill_spares(&self) {
+        let missing =
+            self.pool_size.saturating_sub(self.bind_pool.lock().unwrap_or_else(PoisonError::into_inner).len());
+        if missing == 0 || tokio::runtime::Handle::try_current().is_err() {
+            return;
         }
+        let (pool, settings, url, timeout, size) =
+            (self.bind_pool.clone(), self.settings.clone(), self.url.clone(), self.timeout, self.pool_size);
+        tokio::spawn(async move {
+            for _ in 0..missing {
+                let Ok(ldap) = connect(settings.clone(), &url, timeout).await else { return };
+                let mut spares = pool.lock().unwrap_or_else(PoisonError::into_inner);
+                if spares.len() >= size {
+                    return;
+                }
+                spares.push(ldap);
+            }
+        });
     }
+
+    /// Closes a connection that carried a user's bind: its buffers held the password, so it
+    /// is never reused, and the memory it frees is wiped by the allocator.
+    fn release_bind_connection(&self, mut ldap: Ldap) {
+        tokio::spawn(async move {
+            let _ = ldap.unbind().await;
+        });
+    }
+}
+
+/// A new connection to `url` (TLS and StartTLS done, each step within `timeout`), its driver
+/// running on the runtime.
+async fn connect(settings: LdapConnSettings, url: &str, timeout: Duration) -> Result<Ldap, DirectoryError> {
+    let connecting = LdapConnAsync::with_settings(settings, url);
+    let unavailable = |why: String| DirectoryError::Unavailable(format!("connecting to {url}: {why}"));
+    let (conn, ldap) = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => return Err(unavailable(format!("no answer within {timeout:?}"))),
+        Ok(Err(e)) => return Err(unavailable(e.to_string())),
+        Ok(Ok(pair)) => pair,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.drive().await {
+            tracing::debug!(error = %e, "LDAP connection ended with an error");
+        }
+    });
+    Ok(ldap)
 }
 
 /// `Ok` for result code 0, else the code as a fault.
