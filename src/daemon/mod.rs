@@ -136,6 +136,7 @@ pub struct Running {
     tasks: TaskTracker,
     grace: Duration,
     helpers: CancellationToken,
+    server: Arc<State>,
 }
 
 impl Running {
@@ -150,6 +151,9 @@ impl Running {
             self.tasks.wait().await;
         }
         self.helpers.cancel();
+        if let Err(e) = self.server.counters.save(true) {
+            tracing::warn!(error = %e, "cannot save lockouts to the state folder; locks are lost on restart");
+        }
     }
 }
 
@@ -186,6 +190,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         }
         None => None,
     };
+    tokio::spawn(server.counters.clone().save_periodically(helpers.clone()));
     if config.server.watch_profiles {
         let path = config.resolve(&config.access.profiles);
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
@@ -195,5 +200,5 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
             listener::accept_loop(listener, protocol, server.clone(), permits.clone(), tasks.clone(), shutdown.clone());
         tasks.spawn(accept);
     }
-    Ok(Running { addresses, metrics_address, shutdown, tasks, grace, helpers })
+    Ok(Running { addresses, metrics_address, shutdown, tasks, grace, helpers, server })
 }
