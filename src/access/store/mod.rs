@@ -334,11 +334,13 @@ impl CounterStore {
     /// Lifts `user`'s lock and forgets their failures, for every instance sharing the
     /// store; true if they were locked.
     pub async fn unlock(&self, user: &str) -> Result<bool, StoreError> {
-        let here = self.local.unlock(user);
-        match &self.shared {
-            Some(shared) => Ok(shared.unlock(user).await? || here),
-            None => Ok(here),
-        }
+        // The shared lock first: when the store is down the unlock fails as a whole, and
+        // the admin tries again once it is back.
+        let there = match &self.shared {
+            Some(shared) => shared.unlock(user).await?,
+            None => false,
+        };
+        Ok(self.local.unlock(user) || there)
     }
 
     /// Users locked now, with the time left.
@@ -422,5 +424,62 @@ fn load_snapshot(path: &Path) -> Result<Option<Snapshot>, SetupError> {
             tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable lockout file");
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> CounterStore {
+        let lockout = LockoutConfig { max_failures: 2, failure_delay_ms: 0, ..LockoutConfig::default() };
+        let sessions = SessionLimits::new(1, 10, 10);
+        CounterStore::open(&StateConfig::default(), lockout, sessions, dir, dir, &Metrics::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_memory_backend_saves_locks_on_change_and_loads_them_on_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let store = open(dir.path());
+        store.save(false).unwrap();
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists(), "nothing changed, nothing written");
+        for _ in 0..2 {
+            store.reserve("u@x", ip).await.unwrap().failed().await;
+        }
+        assert!(matches!(store.precheck("u@x", ip).await.unwrap(), Some(Refused::Locked)));
+        store.save(false).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(SNAPSHOT_FILE)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+
+        let restarted = open(dir.path());
+        assert!(matches!(restarted.precheck("u@x", ip).await.unwrap(), Some(Refused::Locked)));
+        assert_eq!(restarted.locked_users().await.unwrap()[0].user, "u@x");
+        assert!(restarted.unlock("u@x").await.unwrap());
+        restarted.save(false).unwrap();
+        assert!(open(dir.path()).precheck("u@x", ip).await.unwrap().is_none(), "the unlock was saved");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_does_not_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), "{not json").unwrap();
+        let store = open(dir.path());
+        assert!(store.locked_users().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_state_table_is_checked() {
+        let redis =
+            |url: &str| StateConfig { backend: BackendKind::Redis, url: Some(url.into()), ..StateConfig::default() };
+        assert!(redis("redis://127.0.0.1:6379").validate().is_ok());
+        assert_eq!(StateConfig { url: None, ..redis("x") }.validate().unwrap_err().0, "state.url");
+        assert_eq!(redis("rediss://u:pw@h").validate().unwrap_err().0, "state.url");
+        let memory_with_url = StateConfig { url: Some("redis://h".into()), ..StateConfig::default() };
+        assert_eq!(memory_with_url.validate().unwrap_err().0, "state.url");
+        let bad_prefix = StateConfig { key_prefix: "a b*".into(), ..StateConfig::default() };
+        assert_eq!(bad_prefix.validate().unwrap_err().0, "state.key_prefix");
     }
 }
