@@ -21,19 +21,24 @@ fn shared(redis: &Redis, prefix: &str, extra: &str) -> String {
     format!("backend = \"redis\"\nurl = {:?}\nkey_prefix = {prefix:?}\n{extra}", redis.url())
 }
 
-/// Two proxies sharing `redis` under `prefix`, with one user known to both.
-async fn pair(redis: &Redis, prefix: &str, uid: &str, lockout: &str, limits: &str) -> (Proxy, Proxy, TestUser) {
-    let mail = format!("{uid}@example.com");
+/// A proxy sharing `redis` under `prefix`, allowing `mail` from 127.0.0.0/8.
+async fn instance(redis: &Redis, prefix: &str, mail: &str, lockout: &str, limits: &str) -> Proxy {
     let profiles = format!("[[profile]]\nname = \"lab\"\nallow = [\"127.0.0.0/8\"]\nusers = [\"{mail}\"]\n");
-    let options = || Options {
-        profiles: profiles.clone(),
+    Proxy::start(Options {
+        profiles,
         lockout: lockout.to_owned(),
         limits: limits.to_owned(),
         state: shared(redis, prefix, ""),
         ..Options::default()
-    };
-    let a = Proxy::start(options()).await;
-    let b = Proxy::start(options()).await;
+    })
+    .await
+}
+
+/// Two proxies sharing `redis` under `prefix`, with one user known to both.
+async fn pair(redis: &Redis, prefix: &str, uid: &str, lockout: &str, limits: &str) -> (Proxy, Proxy, TestUser) {
+    let mail = format!("{uid}@example.com");
+    let a = instance(redis, prefix, &mail, lockout, limits).await;
+    let b = instance(redis, prefix, &mail, lockout, limits).await;
     let user = proxy::add_user(&a, uid, &format!("{uid}-right-pw"));
     b.set_upstream(&user.mail, &user.upstream_password);
     (a, b, user)
@@ -165,7 +170,8 @@ async fn a_lock_in_redis_survives_a_restart_of_the_instances() {
     }
     a.stop().await;
     b.stop().await;
-    let (c, _, _) = pair(&redis, "t-restart", "shared-restart", lockout, "").await;
+    let c = instance(&redis, "t-restart", &user.mail, lockout, "").await;
+    c.set_upstream(&user.mail, &user.upstream_password);
     assert!(login(&c, &user.mail, &user.password).await.ends_with(DENIAL), "still locked after the restart");
     let locked = c.server().counters.locked_users().await.expect("store up");
     assert!(locked.iter().any(|l| l.user == user.mail && l.remaining > Duration::from_secs(500)), "{locked:?}");
