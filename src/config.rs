@@ -59,6 +59,9 @@ pub struct Config {
     /// `[lockout]`: brute-force defences.
     #[serde(default)]
     pub lockout: crate::access::lockout::LockoutConfig,
+    /// `[state]`: where lockout and session counters live (memory or a shared Redis).
+    #[serde(default)]
+    pub state: crate::access::store::StateConfig,
     /// `[imap]`: the IMAPS listener and its upstream.
     pub imap: Option<ProtocolConfig>,
     /// `[pop3]`: the POP3S listener and its upstream.
@@ -638,6 +641,7 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        self.state.validate().map_err(|(key, message)| invalid(key, &message))?;
         let lockout = &self.lockout;
         if lockout.window_secs == 0 {
             return Err(invalid("lockout.window_secs", "must be at least 1 second"));

@@ -263,6 +263,8 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     /// Time the whole access decision takes, from credentials to upstream session.
     pub login_latency: Histogram,
+    /// 1 while the state store (lockout and session counters) answers, 0 while it is down.
+    pub state_store_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -327,8 +329,16 @@ impl Metrics {
             "Whole access decision latency, upstream login included",
             login_latency.0.clone(),
         );
+        let state_store_up = Gauge::default();
+        state_store_up.set(1);
+        r.register(
+            "postern_state_store_up",
+            "Whether the store of lockout and session counters answers (1) or not (0)",
+            state_store_up.clone(),
+        );
         Self {
             registry,
+            state_store_up,
             sessions_active,
             sessions_total,
             logins,

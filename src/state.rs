@@ -11,9 +11,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::lockout::Lockout;
 use crate::access::profiles::Profiles;
 use crate::access::slots::SessionLimits;
+use crate::access::store::CounterStore;
 use crate::audit::file::AuditFile;
 use crate::config::{Config, Limits, MetricsConfig, OAuthConfig, ProtocolConfig};
 use crate::metrics::Metrics;
@@ -45,6 +45,9 @@ pub enum LoadError {
     /// An upstream or the OAuth2 token source could not be set up.
     #[error(transparent)]
     Upstreams(#[from] SetupUpstreamsError),
+    /// The store of lockout and session counters could not be set up.
+    #[error(transparent)]
+    Counters(#[from] crate::access::store::SetupError),
 }
 
 /// The two stages of stopping: first no new logins, then (after a grace period) every
@@ -63,9 +66,9 @@ pub struct State {
     pub limits: Limits,
     hostname: String,
     directory: ArcSwap<Directory>,
-    /// Lockout after repeated password failures.
-    pub lockout: Lockout,
-    /// Concurrent session limits per user and per address.
+    /// Lockout and per-user session counters, in memory or shared (`[state]`).
+    pub counters: Arc<CounterStore>,
+    /// Concurrent connection and handshake limits per address (this instance's own).
     pub sessions: Arc<SessionLimits>,
     /// The bytes all connections together may buffer before login.
     pub preauth_budget: Arc<crate::session::budget::Budget>,
@@ -94,6 +97,7 @@ struct RestartOnly {
     control_socket: PathBuf,
     metrics: MetricsConfig,
     oauth: Option<OAuthConfig>,
+    state: crate::access::store::StateConfig,
 }
 
 impl RestartOnly {
@@ -106,6 +110,7 @@ impl RestartOnly {
             control_socket: config.control_socket(),
             metrics: config.metrics.clone(),
             oauth: config.oauth.clone(),
+            state: config.state.clone(),
         }
     }
 }
@@ -151,18 +156,27 @@ impl State {
         if let Some(oauth) = upstreams.oauth() {
             metrics.export_token_endpoint(oauth.metrics().exported());
         }
+        let sessions = SessionLimits::with_proxy_headers(
+            config.limits.max_sessions_per_user,
+            config.limits.max_connections_per_ip,
+            config.limits.max_handshakes_per_ip,
+            config.limits.max_proxy_headers_per_ip,
+        );
+        let counters = CounterStore::open(
+            &config.state,
+            config.lockout.clone(),
+            sessions.clone(),
+            &state_dir,
+            &config.base_dir,
+            &metrics,
+        )?;
         tracing::info!(profiles = profiles.len(), "loaded security profiles");
         Ok(Arc::new(Self {
             limits: config.limits.clone(),
             hostname: config.server.hostname.clone(),
             directory: ArcSwap::from_pointee(directory),
-            lockout: Lockout::new(config.lockout.clone()),
-            sessions: SessionLimits::with_proxy_headers(
-                config.limits.max_sessions_per_user,
-                config.limits.max_connections_per_ip,
-                config.limits.max_handshakes_per_ip,
-                config.limits.max_proxy_headers_per_ip,
-            ),
+            counters: Arc::new(counters),
+            sessions,
             preauth_budget: crate::session::budget::Budget::new(config.limits.preauth_buffer_budget),
             profiles: ArcSwap::from_pointee(profiles),
             upstreams,
@@ -247,7 +261,7 @@ impl State {
         tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
-                "listen addresses, upstreams, [oauth], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
+                "listen addresses, upstreams, [oauth], [state], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
             );
         }
         self.set_profiles(profiles);

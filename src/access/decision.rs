@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::lockout::Refused;
 use super::profiles::{Profile, Profiles};
-use super::slots::UserSlot;
+use super::store::{ReserveError, SessionSlot, StoreError};
 use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{CredentialFault, Credentials, Protocol};
 use crate::state::State;
@@ -107,6 +107,10 @@ pub enum Outage {
     /// The upstream side failed: vault, credential, token endpoint or upstream server.
     #[error(transparent)]
     Upstream(LoginError),
+    /// The shared store of lockout and session counters is down and `[state]
+    /// on_store_down = "closed"`.
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 /// Why a login did not get through.
@@ -126,6 +130,7 @@ impl Outage {
         match self {
             Outage::Directory(_) => "directory unavailable",
             Outage::SessionCap { .. } => "too many concurrent sessions for the user",
+            Outage::Store(_) => "state store unavailable",
             Outage::Upstream(e) => match e {
                 LoginError::NoCredential => Denial::NoUpstreamCredential.reason(),
                 LoginError::Vault(_) => "vault unreadable",
@@ -266,7 +271,7 @@ pub fn normalize_user(user: &str) -> Result<String, Denial> {
 /// A login that got through: the upstream session and the profile that admitted it.
 pub struct Admitted {
     /// The user's session slot, held while the session lives.
-    pub slot: UserSlot,
+    pub slot: SessionSlot,
     /// The logged-in upstream session.
     pub upstream: LoggedIn,
     /// The profile and allow entry that matched.
@@ -285,7 +290,7 @@ pub async fn admit(
     let result = decide(state, protocol, ip, credentials).await;
     if let Err(Refusal::Denied(denial)) = &result {
         if *denial != Denial::WrongPassword {
-            state.lockout.record_address_failure(ip);
+            state.counters.record_address_failure(ip).await;
         }
     }
     result
@@ -294,18 +299,17 @@ pub async fn admit(
 /// The decision for credentials the pre-login dialogue refused itself (see
 /// [`crate::protocol::Step::Refused`]): denied without asking the directory, and counted
 /// against the client's address like every refusal that is not a password check.
-pub fn refuse(state: &State, ip: IpAddr, fault: CredentialFault) -> Refusal {
-    state.lockout.record_address_failure(ip);
+pub async fn refuse(state: &State, ip: IpAddr, fault: CredentialFault) -> Refusal {
+    state.counters.record_address_failure(ip).await;
     Refusal::Denied(Denial::from(fault))
 }
 
 async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
     let user = normalize_user(&credentials.user).map_err(Refusal::Denied)?;
-    if state.lockout.is_throttled(ip) {
-        return Err(Refusal::Denied(Denial::Throttled));
-    }
-    if state.lockout.is_locked(&user) {
-        return Err(Refusal::Denied(Denial::Locked));
+    match state.counters.precheck(&user, ip).await.map_err(|e| Refusal::Unavailable(Outage::Store(e)))? {
+        Some(Refused::Throttled) => return Err(Refusal::Denied(Denial::Throttled)),
+        Some(Refused::Locked) => return Err(Refusal::Denied(Denial::Locked)),
+        None => {}
     }
     let profiles = state.profiles();
     if !profiles.any_allows(ip) {
@@ -333,24 +337,24 @@ async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Cre
             return Err(Refusal::Denied(denial));
         }
     }
-    // The check and its count are one step, before the await: parallel guesses cannot get
-    // more checks than the limits allow.
-    let reservation = state.lockout.reserve(&user, ip).map_err(|refused| {
-        Refusal::Denied(match refused {
-            Refused::Locked => Denial::Locked,
-            Refused::Throttled => Denial::Throttled,
-        })
+    // The check and its count are one atomic step (in this process or one script in the
+    // shared store), before the password is checked: parallel guesses, on any instance,
+    // cannot get more checks than the limits allow.
+    let reservation = state.counters.reserve(&user, ip).await.map_err(|e| match e {
+        ReserveError::Refused(Refused::Locked) => Refusal::Denied(Denial::Locked),
+        ReserveError::Refused(Refused::Throttled) => Refusal::Denied(Denial::Throttled),
+        ReserveError::Down(e) => Refusal::Unavailable(Outage::Store(e)),
     })?;
     let started = Instant::now();
     let verified = directory.verify(&entry, &credentials.password).await;
     state.metrics().directory_latency.observe(started.elapsed());
     let groups = match verified {
         Ok(groups) => {
-            reservation.succeeded();
+            reservation.succeeded().await;
             groups
         }
         Err(DirectoryError::WrongPassword) => {
-            if reservation.failed() {
+            if reservation.failed().await {
                 tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
             }
             return Err(Refusal::Denied(Denial::WrongPassword));
@@ -360,9 +364,11 @@ async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Cre
     };
     let grant = check_profiles(&profiles, &user, &groups, protocol, ip).map_err(Refusal::Denied)?;
     let slot = state
-        .sessions
+        .counters
         .try_user(&user)
-        .ok_or(Refusal::Unavailable(Outage::SessionCap { limit: state.sessions.per_user() }))?;
+        .await
+        .map_err(|e| Refusal::Unavailable(Outage::Store(e)))?
+        .ok_or(Refusal::Unavailable(Outage::SessionCap { limit: state.counters.per_user() }))?;
     let metrics = state.metrics();
     let observe = |elapsed| metrics.upstream_latency.observe(elapsed);
     let upstream = state
@@ -574,12 +580,15 @@ mod tests {
                 | LoginError::Unreachable { .. } => {}
             }
         }
-        let mut outages =
-            vec![Outage::Directory(DirectoryError::Unavailable("down".into())), Outage::SessionCap { limit: 2 }];
+        let mut outages = vec![
+            Outage::Directory(DirectoryError::Unavailable("down".into())),
+            Outage::SessionCap { limit: 2 },
+            Outage::Store(StoreError("down".into())),
+        ];
         outages.extend(upstream_failures.into_iter().map(Outage::Upstream));
         for outage in &outages {
             match outage {
-                Outage::Directory(_) | Outage::SessionCap { .. } | Outage::Upstream(_) => {}
+                Outage::Directory(_) | Outage::SessionCap { .. } | Outage::Upstream(_) | Outage::Store(_) => {}
             }
         }
         let refusals: Vec<Refusal> =

@@ -12,10 +12,11 @@
 //! through made-up names cannot grow the user table; the address table is pruned.
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// Address entries kept before expired ones are pruned.
@@ -113,6 +114,7 @@ impl Reservation<'_> {
     /// address. Returns true when this failure locked the user.
     pub fn failed(mut self) -> bool {
         self.settled = true;
+        self.lockout.changed();
         let now = Instant::now();
         let window = self.lockout.window();
         self.release_address(|c| {
@@ -142,6 +144,7 @@ impl Reservation<'_> {
 
     /// Releases the check in flight of the user and the address.
     fn release(&mut self, then: impl FnOnce(&mut Counter)) {
+        self.lockout.changed();
         self.release_address(then);
         if let Some(user) = self.user.take() {
             if let Some(mut counter) = self.lockout.users.get_mut(&user) {
@@ -181,6 +184,8 @@ pub struct Lockout {
     config: LockoutConfig,
     users: DashMap<String, Counter>,
     addresses: DashMap<IpAddr, Counter>,
+    /// Set when a failure, success or unlock changed what [`Lockout::snapshot`] saves.
+    dirty: AtomicBool,
 }
 
 impl Default for Lockout {
@@ -192,7 +197,26 @@ impl Default for Lockout {
 impl Lockout {
     /// Lockout with `config`'s thresholds.
     pub fn new(config: LockoutConfig) -> Self {
-        Self { config, users: DashMap::new(), addresses: DashMap::new() }
+        Self { config, users: DashMap::new(), addresses: DashMap::new(), dirty: AtomicBool::new(false) }
+    }
+
+    /// The thresholds in force.
+    pub fn config(&self) -> &LockoutConfig {
+        &self.config
+    }
+
+    fn changed(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Marks the counters as changed, so the next save writes them (after a failed save).
+    pub fn mark_changed(&self) {
+        self.changed();
+    }
+
+    /// Whether anything changed since the last call: the saver's cue to write a snapshot.
+    pub fn take_changed(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
     }
 
     fn window(&self) -> Duration {
@@ -255,6 +279,7 @@ impl Lockout {
         let now = Instant::now();
         self.prune_addresses(now);
         self.addresses.entry(ip).or_insert_with(|| Counter::new(now)).add(now, self.window());
+        self.changed();
     }
 
     /// Forgets addresses whose window has passed and that have nothing in flight, once the
@@ -268,15 +293,14 @@ impl Lockout {
 
     /// How long to wait before answering a refused login from `ip`.
     pub fn failure_delay(&self, ip: IpAddr) -> Duration {
-        let base = self.config.failure_delay_ms;
         let recent = self.addresses.get(&ip).map_or(0, |c| c.current(Instant::now(), self.window()));
-        let grown = base.saturating_mul(u64::from(recent.max(1)));
-        Duration::from_millis(grown.min(self.config.max_failure_delay_ms.max(base)))
+        failure_delay(&self.config, recent)
     }
 
     /// Lifts `user`'s lock and forgets their failures; true if they were locked.
     pub fn unlock(&self, user: &str) -> bool {
         let now = Instant::now();
+        self.changed();
         self.users.remove(user).and_then(|(_, c)| c.locked_until).is_some_and(|until| until > now)
     }
 
@@ -294,6 +318,100 @@ impl Lockout {
         locked.sort_by(|a, b| a.user.cmp(&b.user));
         locked
     }
+
+    /// The locks and failure counts in force now, with absolute (Unix) times, for saving
+    /// across a restart. Checks in flight are not saved: they end with the process.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_at(unix_ms())
+    }
+
+    fn snapshot_at(&self, unix_ms: u64) -> Snapshot {
+        let now = Instant::now();
+        let window = self.window();
+        let at = |instant: Instant| unix_ms.saturating_add(instant.saturating_duration_since(now).as_millis() as u64);
+        let save = |c: &Counter| {
+            let locked_until_ms = c.locked_until.filter(|&until| until > now).map(at);
+            let failures = c.current(now, window);
+            (failures > 0 || locked_until_ms.is_some()).then(|| SavedCounter {
+                failures,
+                window_ends_ms: at(c.window_start + window),
+                locked_until_ms,
+            })
+        };
+        let mut users: Vec<(String, SavedCounter)> =
+            self.users.iter().filter_map(|e| save(e.value()).map(|s| (e.key().clone(), s))).collect();
+        let mut addresses: Vec<(IpAddr, SavedCounter)> =
+            self.addresses.iter().filter_map(|e| save(e.value()).map(|s| (*e.key(), s))).collect();
+        users.sort_by(|a, b| a.0.cmp(&b.0));
+        addresses.sort_by_key(|a| a.0);
+        Snapshot { users, addresses }
+    }
+
+    /// Takes over the locks and failure counts of a [`Lockout::snapshot`]; entries whose
+    /// lock and window have passed are dropped.
+    pub fn restore(&self, snapshot: Snapshot) {
+        self.restore_at(snapshot, unix_ms());
+    }
+
+    fn restore_at(&self, snapshot: Snapshot, unix_ms: u64) {
+        let now = Instant::now();
+        let window = self.window();
+        let left = |at_ms: u64| Duration::from_millis(at_ms.saturating_sub(unix_ms));
+        let load = |saved: &SavedCounter| -> Option<Counter> {
+            let locked_until = saved.locked_until_ms.map(left).filter(|d| !d.is_zero()).map(|d| now + d);
+            let window_left = left(saved.window_ends_ms).min(window);
+            let failures = if window_left.is_zero() { 0 } else { saved.failures };
+            if failures == 0 && locked_until.is_none() {
+                return None;
+            }
+            let window_start = now.checked_sub(window - window_left).unwrap_or(now);
+            Some(Counter { failures, in_flight: 0, window_start, locked_until })
+        };
+        for (user, saved) in &snapshot.users {
+            if let Some(counter) = load(saved) {
+                self.users.insert(user.clone(), counter);
+            }
+        }
+        for (ip, saved) in &snapshot.addresses {
+            if let Some(counter) = load(saved) {
+                self.addresses.insert(*ip, counter);
+            }
+        }
+    }
+}
+
+/// The delay before answering a refused login from an address with `recent` failures in
+/// the window: `failure_delay_ms` times the failures, at most `max_failure_delay_ms`.
+pub fn failure_delay(config: &LockoutConfig, recent: u32) -> Duration {
+    let base = config.failure_delay_ms;
+    let grown = base.saturating_mul(u64::from(recent.max(1)));
+    Duration::from_millis(grown.min(config.max_failure_delay_ms.max(base)))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One saved counter: failures in the window, when the window ends and when a lock lifts,
+/// as Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedCounter {
+    /// Failures counted in the window.
+    pub failures: u32,
+    /// When the failure window ends.
+    pub window_ends_ms: u64,
+    /// When the lock lifts, if locked.
+    pub locked_until_ms: Option<u64>,
+}
+
+/// Locks and failure counts saved across a restart (`lockout.json` in the state folder).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Per user.
+    pub users: Vec<(String, SavedCounter)>,
+    /// Per client address.
+    pub addresses: Vec<(IpAddr, SavedCounter)>,
 }
 
 #[cfg(test)]
@@ -440,5 +558,28 @@ mod tests {
             .collect();
         let locked: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(locked, 1, "exactly the 1000th failure locks, whatever the interleaving");
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_carries_locks_and_failures_over_and_drops_what_expired() {
+        let l = lockout(2, 600, 600);
+        let a = ip("192.0.2.1");
+        record_failure(&l, "u", a);
+        record_failure(&l, "u", a);
+        record_failure(&l, "v", a);
+        l.record_address_failure(ip("192.0.2.2"));
+        assert!(l.take_changed() && !l.take_changed());
+        let snapshot = l.snapshot();
+        let json = serde_json::to_string(&snapshot).unwrap();
+        let restored = lockout(2, 600, 600);
+        restored.restore(serde_json::from_str(&json).unwrap());
+        assert!(restored.is_locked("u"), "the lock survives");
+        assert!(record_failure(&restored, "v", a), "v's first failure still counts: the second locks");
+        assert_eq!(restored.failure_delay(ip("192.0.2.2")), l.failure_delay(ip("192.0.2.2")));
+        let saved_at = unix_ms();
+        let snapshot = l.snapshot_at(saved_at);
+        let late = lockout(2, 600, 600);
+        late.restore_at(snapshot, saved_at + 601_000);
+        assert!(!late.is_locked("u"));
+        assert!(late.users.is_empty() && late.addresses.is_empty(), "expired entries are dropped");
     }
 }

@@ -110,7 +110,7 @@ async fn answer_connection(stream: UnixStream, server: &State, reload: &mpsc::Se
 
 async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRequest>) -> Value {
     match request {
-        Request::Status => status(server),
+        Request::Status => status(server).await,
         Request::User { user } => {
             let Ok(user) = crate::user::normalize(&user) else {
                 return json!({"ok": false, "error": "not a usable user name"});
@@ -132,14 +132,18 @@ async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRe
             let Ok(user) = crate::user::normalize(&user) else {
                 return json!({"ok": false, "error": "not a usable user name"});
             };
-            let was_locked = server.lockout.unlock(&user);
-            tracing::info!(target: "audit", user = %user, was_locked, "lockout lifted by an admin");
-            json!({"ok": true, "user": user, "was_locked": was_locked})
+            match server.counters.unlock(&user).await {
+                Ok(was_locked) => {
+                    tracing::info!(target: "audit", user = %user, was_locked, "lockout lifted by an admin");
+                    json!({"ok": true, "user": user, "was_locked": was_locked})
+                }
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
         }
     }
 }
 
-fn status(server: &State) -> Value {
+async fn status(server: &State) -> Value {
     let metrics = server.metrics();
     let mut sessions = serde_json::Map::new();
     for protocol in [Protocol::Imap, Protocol::Pop3, Protocol::Smtp] {
@@ -156,8 +160,12 @@ fn status(server: &State) -> Value {
         "logged_in": server.live().len(),
         "last_reload": server.last_reload(),
         "profiles": server.profiles().len(),
-        "locked": server.lockout.locked_users().into_iter()
-            .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.as_secs()}))
-            .collect::<Vec<_>>(),
+        "state_store_up": server.counters.is_up(),
+        "locked": match server.counters.locked_users().await {
+            Ok(locked) => json!(locked.into_iter()
+                .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.as_secs()}))
+                .collect::<Vec<_>>()),
+            Err(e) => json!({"error": e.to_string()}),
+        },
     })
 }

@@ -139,6 +139,7 @@ pub struct Running {
     tasks: TaskTracker,
     grace: Duration,
     helpers: CancellationToken,
+    server: Arc<State>,
 }
 
 impl Running {
@@ -154,6 +155,9 @@ impl Running {
             self.tasks.wait().await;
         }
         self.helpers.cancel();
+        if let Err(e) = self.server.counters.save(true) {
+            tracing::warn!(error = %e, "cannot save lockouts to the state folder; locks are lost on restart");
+        }
     }
 }
 
@@ -204,6 +208,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         }
         None => None,
     };
+    tokio::spawn(server.counters.clone().save_periodically(helpers.clone()));
     if config.server.watch_profiles {
         let path = config.resolve(&config.access.profiles);
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
@@ -221,7 +226,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         tasks.spawn(accept);
     }
     readiness.set_listening();
-    Ok(Running { addresses, metrics_address, shutdown, readiness, tasks, grace, helpers })
+    Ok(Running { addresses, metrics_address, shutdown, readiness, tasks, grace, helpers, server })
 }
 
 /// The shared state as the readiness probe (see [`health::Probe`] for [`State`]).

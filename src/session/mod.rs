@@ -149,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Step::Refused(rejected) => {
                     self.attempt(rejected.user.as_deref(), rejected.mechanism);
                     self.record.mode = None;
-                    Err(decision::refuse(&self.server, self.peer.ip(), rejected.fault))
+                    Err(decision::refuse(&self.server, self.peer.ip(), rejected.fault).await)
                 }
             };
             self.count_login(&decision, started.elapsed());
@@ -166,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.record.set(Outcome::Denied, denial.reason());
                     self.server.audit(&self.record, Event::LoginRefused);
                     // Slow down guessing without holding a thread; shutdown cuts it short.
-                    let delay = self.server.lockout.failure_delay(self.peer.ip());
+                    let delay = self.server.counters.failure_delay(self.peer.ip()).await;
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.shutdown.stop_accepting.cancelled() => {}

@@ -23,5 +23,6 @@ mod paths;
 mod pop3;
 mod secrets;
 mod service;
+mod shared_state;
 mod smtp;
 mod vault_writers;

@@ -12,6 +12,7 @@ pub mod mail;
 pub mod oauth;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 pub mod sink;
 pub mod slapd;
 

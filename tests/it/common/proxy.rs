@@ -43,6 +43,8 @@ pub struct Options {
     pub imap_extra: String,
     /// Leave out the test CA for the upstreams (system roots only).
     pub no_upstream_ca: bool,
+    /// The `[state]` table's lines (empty: the memory backend).
+    pub state: String,
 }
 
 impl Default for Options {
@@ -56,6 +58,7 @@ impl Default for Options {
             lockout: "failure_delay_ms = 0".to_owned(),
             imap_extra: String::new(),
             no_upstream_ca: false,
+            state: String::new(),
         }
     }
 }
@@ -150,6 +153,9 @@ upstream_timeout_secs = 5
 [lockout]
 {lockout}
 
+[state]
+{state}
+
 [directory]
 {directory}
 
@@ -177,6 +183,7 @@ upstream_tls = "{smtp_tls}"
             key = issued.key_file.display().to_string(),
             limits = options.limits,
             lockout = options.lockout,
+            state = options.state,
             imap_extra = options.imap_extra,
             imap = upstream(dovecot.imaps),
             pop3 = upstream(dovecot.pop3s),
