@@ -16,7 +16,7 @@ use common::client::{self, MailClient};
 use common::logs;
 use common::proxy::{self, Options, Proxy};
 use install::{Daemon, Install};
-use postern::metrics::ProxyRefusal;
+use postern::metrics::{LoginResult, Outcome, ProxyRefusal};
 use postern::protocol::Protocol;
 use postern::protocol::proxy::build;
 
@@ -37,6 +37,11 @@ struct Haproxy {
 
 impl Haproxy {
     fn start(backend: SocketAddr, healthz: Option<SocketAddr>) -> Haproxy {
+        Haproxy::start_many(&[backend], healthz)
+    }
+
+    /// Like [`Haproxy::start`], spreading connections over `backends` round robin.
+    fn start_many(backends: &[SocketAddr], healthz: Option<SocketAddr>) -> Haproxy {
         let binary = common::require_binary("haproxy", "haproxy");
         let mut last_log = String::new();
         // The frontend port is picked free, then bound by HAProxy: another process may take
@@ -51,11 +56,16 @@ impl Haproxy {
                 ),
                 None => (String::new(), String::new()),
             };
+            let servers: String = backends
+                .iter()
+                .enumerate()
+                .map(|(i, backend)| format!("    server postern{i} {backend} send-proxy-v2{check}\n"))
+                .collect();
             let config = format!(
                 "global\n    log stderr format raw local0 info\n\
                  defaults\n    mode tcp\n    log global\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
                  frontend mail\n    bind {frontend}\n    default_backend postern\n\
-                 backend postern\n{check_options}    server postern {backend} send-proxy-v2{check}\n"
+                 backend postern\n    balance roundrobin\n{check_options}{servers}"
             );
             let path = dir.path().join("haproxy.cfg");
             std::fs::write(&path, config).expect("write haproxy.cfg");
@@ -304,4 +314,67 @@ async fn healthz_is_ready_then_draining_after_sigterm_and_haproxy_sees_it() {
     assert!(line["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.2:")), "{line}");
     assert!(line["via"].as_str().is_some_and(|v| v.starts_with("127.0.0.1:")), "{line}");
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(0), "{}", daemon.log());
+}
+
+/// Logs in through `haproxy` from `from`; the tagged answer.
+async fn login_through(haproxy: &Haproxy, from: &str, ca: &std::path::Path, user: &str, password: &str) -> String {
+    let mut c = client::connect_tls_from(ip(from), haproxy.frontend, ca).await;
+    login(&mut c, user, password).await
+}
+
+#[tokio::test]
+async fn two_instances_behind_haproxy_see_the_client_and_share_the_lockout() {
+    logs::capture();
+    let redis = common::redis::Redis::start();
+    let mail = "lb-pair@example.com";
+    let options = || Options {
+        profiles: only_from_127_0_0_2(mail),
+        imap_extra: TRUSTED.to_owned(),
+        lockout: "failure_delay_ms = 0\nmax_failures = 3\nmax_failures_per_ip = 0\nwindow_secs = 600\nlock_secs = 600"
+            .to_owned(),
+        state: format!("backend = \"redis\"\nurl = {:?}\nkey_prefix = \"lb-pair\"\n", redis.url()),
+        ..Options::default()
+    };
+    let (a, b) = (Proxy::start(options()).await, Proxy::start(options()).await);
+    let user = proxy::add_user(&a, "lb-pair", "lb-pair-pw");
+    b.set_upstream(&user.mail, &user.upstream_password);
+    let haproxy = Haproxy::start_many(&[a.imaps, b.imaps], None);
+    let ca = a.ca_file.clone();
+    let logins = |p: &Proxy| {
+        let ok = LoginResult::OK;
+        p.server().metrics().logins(ok)
+    };
+
+    // The allowlist sees the real client on both instances (round robin: two in a row land
+    // on different instances).
+    for _ in 0..2 {
+        assert!(login_through(&haproxy, "127.0.0.2", &ca, mail, &user.password).await.starts_with("l1 OK"));
+    }
+    for _ in 0..2 {
+        assert!(login_through(&haproxy, "127.0.0.3", &ca, mail, &user.password).await.starts_with("l1 NO"));
+    }
+    assert!(logins(&a) >= 1 && logins(&b) >= 1, "both instances served: {} and {}", logins(&a), logins(&b));
+
+    // Wrong passwords spread over the two instances lock the user on both.
+    for i in 0..3 {
+        let answer = login_through(&haproxy, "127.0.0.2", &ca, mail, &format!("wrong-{i}")).await;
+        assert!(answer.starts_with("l1 NO"), "{answer}");
+    }
+    let locked = LoginResult { outcome: Outcome::Denied, reason: "locked out after repeated password failures" };
+    for _ in 0..2 {
+        let answer = login_through(&haproxy, "127.0.0.2", &ca, mail, &user.password).await;
+        assert!(answer.starts_with("l1 NO"), "locked on whichever instance answers: {answer}");
+    }
+    let refused_locked = a.server().metrics().logins(locked) + b.server().metrics().logins(locked);
+    assert_eq!(refused_locked, 2, "both refusals were the lock");
+    assert!(a.server().metrics().logins(locked) == 1 && b.server().metrics().logins(locked) == 1, "one on each");
+
+    // An unlock on one instance frees the user on both.
+    assert!(a.server().counters.unlock(mail).await.expect("unlock"));
+    for _ in 0..2 {
+        assert!(login_through(&haproxy, "127.0.0.2", &ca, mail, &user.password).await.starts_with("l1 OK"));
+    }
+    drop(haproxy);
+    a.stop().await;
+    b.stop().await;
 }
