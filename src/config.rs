@@ -344,6 +344,9 @@ pub struct OAuthConfig {
     /// defaults to `https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token`;
     /// refresh-token: required.
     pub token_url: Option<String>,
+    /// Refresh-token source: the authorization server's device authorization endpoint
+    /// (RFC 8628), for `postern user authorize USER`.
+    pub device_authorization_url: Option<String>,
     /// The scope asked for. Defaults: `https://mail.google.com/` (Google),
     /// `https://outlook.office365.com/.default` (Microsoft), none (refresh-token).
     pub scope: Option<String>,
@@ -395,6 +398,15 @@ impl OAuthConfig {
                 forbid("service_account_key", self.service_account_key.is_some())?;
                 forbid("tenant", self.tenant.is_some())?;
             }
+        }
+        if self.source != OAuthSource::RefreshToken {
+            forbid("device_authorization_url", self.device_authorization_url.is_some())?;
+        }
+        if self.device_authorization_url.as_deref().is_some_and(|u| !u.starts_with("https://")) {
+            return Err(invalid(
+                "device_authorization_url",
+                "must be an https:// URL: device codes only travel over verified TLS".into(),
+            ));
         }
         if let Some(tenant) = &self.tenant
             && (tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))

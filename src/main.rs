@@ -137,6 +137,12 @@ enum UserCommand {
         #[arg(long)]
         upstream_user: Option<String>,
     },
+    /// Enrol the user's OAuth2 refresh token with the device authorization grant: prints a
+    /// code to enter on the provider's page, waits for the approval, stores the token.
+    Authorize {
+        /// The user's mail address.
+        user: String,
+    },
     /// Replace a user's upstream password, keeping the old one as "previous" until confirmed.
     Rotate {
         /// The user's mail address.
@@ -254,6 +260,7 @@ fn main() -> ExitCode {
                 let source = if stdin { SecretSource::Stdin } else { SecretSource::Generate };
                 cli::rotate(config, &user, source, confirm)
             }
+            Command::User(UserCommand::Authorize { user }) => cli::authorize(config, &user).await,
             Command::User(UserCommand::Remove { user }) => cli::remove(config, &user),
             Command::User(UserCommand::Unlock { user }) => cli::unlock(config, &user).await,
             Command::User(UserCommand::List) => cli::list(config),

@@ -195,6 +195,45 @@ pub fn set_upstream(
     Ok(())
 }
 
+/// Enrols `user`'s OAuth2 refresh token with the device authorization grant (RFC 8628) of
+/// the `[oauth]` refresh-token source, and stores it in the vault (keeping the user's
+/// upstream login name, if one is stored).
+pub async fn authorize(path: &Path, user: &str) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let user = normalized(user)?;
+    let Some(source) = crate::stores::oauth::TokenSource::from_config(&config)? else {
+        bail!("no [oauth] table in {}: device enrolment needs the refresh-token source", path.display());
+    };
+    let state_dir = config.resolve(&config.server.state_dir);
+    Vault::init(&state_dir)?;
+    let refresh_token = source
+        .authorize_device(|codes| {
+            println!("To let Postern read {user}'s mail, open {}", codes.verification_uri);
+            println!("and enter the code {}", codes.user_code);
+            if let Some(complete) = &codes.verification_uri_complete {
+                println!("(or open {complete})");
+            }
+            eprintln!("waiting for the approval (the code is valid for {} s)...", codes.expires_in.as_secs());
+        })
+        .await?;
+    let stored = user.clone();
+    tokio::task::spawn_blocking(move || {
+        Vault::update(&state_dir, |vault| {
+            let upstream_user = vault.get(&stored)?.and_then(|current| current.upstream_user);
+            let mut entry = UpstreamSecret::refresh_token(refresh_token);
+            if let Some(name) = upstream_user {
+                entry = entry.with_upstream_user(name);
+            }
+            vault.set(&stored, entry)
+        })
+    })
+    .await
+    .context("storing the refresh token")??;
+    println!("stored the OAuth2 refresh token for {user}");
+    eprintln!("a running postern picks it up on reload (systemctl reload postern, or SIGHUP)");
+    Ok(())
+}
+
 /// Writes a self-signed certificate and key.
 pub fn cert_generate(hostname: &str, cert: &Path, key: &Path) -> anyhow::Result<()> {
     crate::tls::generate_self_signed(hostname, cert, key)?;

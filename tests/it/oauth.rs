@@ -373,3 +373,55 @@ async fn probe_logs_in_with_an_oauth2_token_when_upstream_auth_is_xoauth2() {
     }
     proxy.stop().await;
 }
+
+/// Runs `postern user authorize MAIL` against `proxy`'s config, approves or denies the code it
+/// shows at the token server, and returns its exit status, standard output and error.
+fn authorize(proxy: &OAuthProxy, mail: &str, approve: bool) -> (std::process::ExitStatus, String, String) {
+    use std::io::{BufRead, Read};
+    let config = proxy.dir.path().join("proxy.toml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["--config", config.to_str().unwrap(), "user", "authorize", mail])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run postern user authorize");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut shown = String::new();
+    let code = loop {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the command ended before showing a code: {shown}");
+        shown.push_str(&line);
+        if let Some(code) = line.trim().strip_prefix("and enter the code ") {
+            break code.to_owned();
+        }
+    };
+    assert!(shown.contains("/device"), "the verification page is shown: {shown}");
+    token_server().decide_device(&code, approve.then_some(mail));
+    let status = child.wait().expect("wait");
+    stdout.read_to_string(&mut shown).unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, shown, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_is_enrolled_with_the_device_grant_then_used() {
+    logs::capture();
+    let mail = oauth::add_user("rt-device1", "dir-pw-d1");
+    let extra = format!("device_authorization_url = \"{}/refresh/device\"", token_server().base_url);
+    let proxy = OAuthProxy::start(Source::Refresh, &[&mail], &extra).await;
+    // Denied at the page: nothing stored.
+    let (status, _, stderr) = tokio::task::block_in_place(|| authorize(&proxy, &mail, false));
+    assert!(!status.success() && stderr.contains("denied"), "{stderr}");
+    assert_eq!(imap_login(&proxy, &mail, "dir-pw-d1").await, format!("a1 {DENIAL}"), "no credential yet");
+    // Approved: the refresh token lands in the vault and logins trade it for access tokens.
+    let (status, stdout, stderr) = tokio::task::block_in_place(|| authorize(&proxy, &mail, true));
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("stored the OAuth2 refresh token"), "{stdout}");
+    let stored = proxy.stored_refresh_token(&mail);
+    assert!(token_server().refresh_token_valid(&stored), "the stored token is the one the server issued");
+    proxy.reload_vault();
+    assert!(imap_login(&proxy, &mail, "dir-pw-d1").await.starts_with("a1 OK"));
+    assert_no_secret_logged();
+    proxy.stop().await;
+}

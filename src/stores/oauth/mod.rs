@@ -25,8 +25,9 @@ use crate::stores::vault::{SecretKind, UpstreamSecret, Vault, VaultError};
 use crate::tls::TlsError;
 
 mod cache;
+pub mod device;
 pub mod google;
-mod grant;
+pub mod grant;
 pub mod http;
 pub mod jwt;
 mod metrics;
@@ -183,7 +184,13 @@ impl TokenSource {
                 let url = oauth.token_url.as_deref().ok_or_else(|| missing("token_url"))?;
                 let client_id = oauth.client_id.as_deref().ok_or_else(|| missing("client_id"))?;
                 let secret = oauth.client_secret_file.as_deref().map(resolve);
-                Grant::Refresh(refresh::Client::load(url, client_id, secret.as_deref(), oauth.scope.as_deref())?)
+                Grant::Refresh(refresh::Client::load(
+                    url,
+                    client_id,
+                    secret.as_deref(),
+                    oauth.scope.as_deref(),
+                    oauth.device_authorization_url.as_deref(),
+                )?)
             }
         };
         let ca = oauth.ca_file.as_deref().map(resolve);
@@ -195,6 +202,21 @@ impl TokenSource {
             metrics: TokenMetrics::default(),
             state_dir,
         })
+    }
+
+    /// Enrols a user's refresh token with the device authorization grant (RFC 8628):
+    /// `announce` is given the code and the page to enter it on; then the token endpoint is
+    /// polled until the grant is approved (the refresh token is returned), denied or expired.
+    pub async fn authorize_device(
+        &self,
+        announce: impl FnOnce(&device::DeviceAuthorization),
+    ) -> Result<Secret, device::DeviceError> {
+        let Grant::Refresh(refresh) = &self.grant else {
+            return Err(device::DeviceError::NotConfigured);
+        };
+        let authorization = refresh.start_device(&self.client).await?;
+        announce(&authorization);
+        device::wait_for_grant(&authorization, || refresh.poll_device(&self.client, &authorization)).await
     }
 
     /// Which kind of source this is.

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::device::{self, DeviceAuthorization, DeviceError};
 use super::grant::{self, Issued};
 use super::http::{Form, HttpsClient, HttpsUrl};
 use super::{SetupError, TokenError, read_secret_file};
@@ -16,24 +17,59 @@ pub struct Client {
     client_secret: Option<Secret>,
     token_url: HttpsUrl,
     scope: Option<String>,
+    device_url: Option<HttpsUrl>,
 }
 
 impl Client {
-    /// A client at `token_url`; `secret_file` holds the client secret, if the client has one.
+    /// A client at `token_url`; `secret_file` holds the client secret, if the client has one;
+    /// `device_url` is the device authorization endpoint, for enrolling users (RFC 8628).
     pub fn load(
         token_url: &str,
         client_id: &str,
         secret_file: Option<&Path>,
         scope: Option<&str>,
+        device_url: Option<&str>,
     ) -> Result<Self, SetupError> {
-        let token_url =
-            HttpsUrl::parse(token_url).map_err(|e| SetupError::Config { key: "token_url", message: e.to_string() })?;
+        let url = |key: &'static str, text: &str| {
+            HttpsUrl::parse(text).map_err(|e| SetupError::Config { key, message: e.to_string() })
+        };
         Ok(Self {
             client_id: client_id.to_owned(),
             client_secret: secret_file.map(read_secret_file).transpose()?,
-            token_url,
+            token_url: url("token_url", token_url)?,
             scope: scope.map(str::to_owned),
+            device_url: device_url.map(|u| url("device_authorization_url", u)).transpose()?,
         })
+    }
+
+    /// Starts a device authorization (RFC 8628 §3.1): the codes to show whoever approves.
+    pub async fn start_device(&self, client: &HttpsClient) -> Result<DeviceAuthorization, DeviceError> {
+        let url = self.device_url.as_ref().ok_or(DeviceError::NotConfigured)?;
+        let mut form = Form::new().field("client_id", &self.client_id);
+        if let Some(scope) = &self.scope {
+            form = form.field("scope", scope);
+        }
+        let response = client
+            .post_form(url, form)
+            .await
+            .map_err(|source| DeviceError::Token(TokenError::Unreachable { url: url.to_string(), source }))?;
+        device::parse_authorization(response.status, &response.body)
+    }
+
+    /// Polls the token endpoint once for `authorization` (RFC 8628 §3.4).
+    pub async fn poll_device(
+        &self,
+        client: &HttpsClient,
+        authorization: &DeviceAuthorization,
+    ) -> Result<Issued, TokenError> {
+        let mut form = Form::new()
+            .field("grant_type", "urn:ietf:params:oauth:grant-type:device_code")
+            .field("device_code", authorization.device_code.expose())
+            .field("client_id", &self.client_id);
+        if let Some(secret) = &self.client_secret {
+            form = form.field("client_secret", secret.expose());
+        }
+        grant::request(client, &self.token_url, form).await
     }
 
     /// The token endpoint.

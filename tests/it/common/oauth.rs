@@ -6,7 +6,9 @@
 //!   exp = iat + 3600) is checked; a token for `sub` is issued.
 //! - `POST /ms/<tenant>/oauth2/v2.0/token`: the client-credentials grant for the test
 //!   application; one token valid for every mailbox of example.com.
-//! - `POST /refresh/token`: the refresh-token grant, rotating refresh tokens on request.
+//! - `POST /refresh/token`: the refresh-token grant, rotating refresh tokens on request, and
+//!   the device-code grant (RFC 8628) for codes from `POST /refresh/device`, which tests
+//!   approve or deny as the person at the verification page would.
 //! - `POST /introspect/user` and `/introspect/app`: RFC 7662 introspection for Dovecot,
 //!   answering `active` with the mailbox (`email`) the token is for, or `app@example.com`
 //!   for the application token (Dovecot then compares only the domain).
@@ -79,6 +81,9 @@ struct State {
     refusals: Vec<String>,
     /// Every secret handed out, to check none of them is ever logged.
     secrets: Vec<String>,
+    /// Device authorizations by device code: the user code and, once decided, the subject
+    /// approved (`Ok`) or the denial (`Err`).
+    devices: HashMap<String, (String, Option<Result<String, ()>>)>,
 }
 
 /// The running token server.
@@ -128,7 +133,12 @@ fn start() -> TokenServer {
     let state = Arc::new(Mutex::new(State::default()));
     state.lock().unwrap().secrets.extend([MS_CLIENT_SECRET.to_owned(), REFRESH_CLIENT_SECRET.to_owned(), b64.clone()]);
 
-    let shared = Shared { state: state.clone(), public_key, google_audience: format!("{base_url}/google/token") };
+    let shared = Shared {
+        state: state.clone(),
+        public_key,
+        google_audience: format!("{base_url}/google/token"),
+        base_url: base_url.clone(),
+    };
     std::thread::Builder::new()
         .name("oauth-test-server".into())
         .spawn(move || {
@@ -144,6 +154,7 @@ struct Shared {
     state: Arc<Mutex<State>>,
     public_key: Vec<u8>,
     google_audience: String,
+    base_url: String,
 }
 
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
@@ -243,6 +254,41 @@ async fn handle(shared: &Shared, request: Request<hyper::body::Incoming>) -> Res
                 return oauth_error(&mut state, "invalid_scope", field("scope").to_owned());
             }
             issue(&mut state, APP_SUBJECT, MS_SCOPE, None)
+        }
+        "/refresh/device" => {
+            if field("client_id") != REFRESH_CLIENT_ID {
+                return oauth_error(&mut state, "invalid_client", "wrong client id".into());
+            }
+            let device_code = format!("dc-{}", random_hex(16));
+            let user_code = format!("UC-{}", random_hex(4).to_uppercase());
+            state.devices.insert(device_code.clone(), (user_code.clone(), None));
+            state.secrets.push(device_code.clone());
+            let page = format!("{}/device", shared.base_url);
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "device_code": device_code, "user_code": user_code, "verification_uri": page,
+                    "verification_uri_complete": format!("{page}?user_code={user_code}"),
+                    "expires_in": 600, "interval": 1,
+                }),
+            )
+        }
+        "/refresh/token" if field("grant_type") == "urn:ietf:params:oauth:grant-type:device_code" => {
+            if field("client_id") != REFRESH_CLIENT_ID || field("client_secret") != REFRESH_CLIENT_SECRET {
+                return oauth_error(&mut state, "invalid_client", "wrong client id or secret".into());
+            }
+            match state.devices.get(field("device_code")).map(|(_, decision)| decision.clone()) {
+                None => oauth_error(&mut state, "invalid_grant", "unknown device code".into()),
+                Some(None) => oauth_error(&mut state, "authorization_pending", "not decided yet".into()),
+                Some(Some(Err(()))) => oauth_error(&mut state, "access_denied", "denied at the page".into()),
+                Some(Some(Ok(subject))) => {
+                    state.devices.remove(field("device_code"));
+                    let refresh = format!("rt-{}", random_hex(16));
+                    state.refresh_tokens.insert(refresh.clone(), subject.clone());
+                    state.secrets.push(refresh.clone());
+                    issue(&mut state, &subject, "mail", Some(refresh))
+                }
+            }
         }
         "/refresh/token" => {
             if field("grant_type") != "refresh_token" {
@@ -382,6 +428,14 @@ impl TokenServer {
             state.rotating.insert(user.to_owned());
         }
         token
+    }
+
+    /// Decides the device authorization with `user_code`, as the person at the verification
+    /// page would: approved for `subject`, or denied (`None`).
+    pub fn decide_device(&self, user_code: &str, subject: Option<&str>) {
+        let mut state = self.state.lock().unwrap();
+        let entry = state.devices.values_mut().find(|(code, _)| code == user_code).expect("a device code was issued");
+        entry.1 = Some(subject.map(str::to_owned).ok_or(()));
     }
 
     /// Whether `token` is a refresh token the server would accept now.
@@ -578,6 +632,11 @@ impl OAuthProxy {
     pub fn store_refresh_token(&self, user: &str, refresh_token: &str) {
         let mut vault = Vault::open(&self.state_dir()).expect("vault");
         vault.set(user, UpstreamSecret::refresh_token(Secret::new(refresh_token))).expect("vault set");
+        self.server.upstreams.set_vault(Vault::open(&self.state_dir()).expect("vault"));
+    }
+
+    /// Re-reads the vault, as a reload does (after an admin command changed it).
+    pub fn reload_vault(&self) {
         self.server.upstreams.set_vault(Vault::open(&self.state_dir()).expect("vault"));
     }
 
