@@ -1,9 +1,9 @@
 //! Lockout under concurrency: attempts already in flight count against the limits, so no
 //! burst of parallel guesses gets more passwords checked than the limits allow.
 
-use crate::common::client;
 use crate::common::logs;
 use crate::common::proxy::{self, Options, Proxy};
+use crate::common::{client, join_all};
 
 const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
 
@@ -40,7 +40,7 @@ async fn forty_parallel_guesses_from_forty_addresses_get_at_most_max_failures_ch
         let (proxy, mail) = (&proxy, &mail);
         async move { guess(proxy, from, mail, &password).await }
     });
-    let answers = futures_join_all(attempts).await;
+    let answers = join_all(attempts).await;
     assert!(answers.iter().all(|a| a.ends_with(DENIAL) || a.starts_with("g1 OK")), "{answers:?}");
     // Every refusal has been audited once the answers are in.
     let checked = refusals(&mail, "wrong password");
@@ -72,34 +72,11 @@ async fn parallel_guesses_from_one_address_get_at_most_max_failures_per_ip_check
         let proxy = &proxy;
         async move { guess(proxy, from, mail, "wrong").await }
     });
-    let answers = futures_join_all(attempts).await;
+    let answers = join_all(attempts).await;
     assert!(answers.iter().all(|a| a.ends_with(DENIAL)), "{answers:?}");
     let checked: usize = users.iter().map(|u| refusals(u, "wrong password")).sum();
     let throttled: usize = users.iter().map(|u| refusals(u, "client IP throttled after repeated failed logins")).sum();
     assert!(checked <= 6, "{checked} passwords from one address were checked (limit 6)");
     assert_eq!(checked + throttled, 12, "the rest were throttled");
     proxy.stop().await;
-}
-
-/// Runs all `futures` concurrently on this task and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futures {
-        set.push(Box::pin(f));
-    }
-    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("every future finished")).collect()
 }

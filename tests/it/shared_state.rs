@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::client::{self, MailClient};
+use crate::common::join_all;
 use crate::common::logs;
 use crate::common::proxy::{self, Options, Proxy, TestUser};
 use crate::common::redis::Redis;
@@ -260,24 +261,4 @@ async fn a_lock_survives_a_daemon_restart_with_the_memory_backend() {
     assert!(c.read_until_tagged("l1").await.pop().unwrap_or_default().ends_with(DENIAL), "still locked");
     let status = crate::install::expect_code(&install.run(&["status"], ""), 0);
     assert!(status.contains("keep1@example.com"), "{status}");
-}
-
-/// Runs all `futures` concurrently on this task; their outputs in order.
-async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut set: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("every future finished")).collect()
 }
