@@ -29,27 +29,21 @@ async fn connect(proxy: &Proxy) -> MailClient {
     c
 }
 
-/// Sends `command` and returns the tagged status line.
-async fn tagged(c: &mut MailClient, tag: &str, command: &str) -> String {
-    c.send(format!("{tag} {command}\r\n").as_bytes()).await;
-    c.read_until_tagged(tag).await.pop().expect("tagged line")
-}
-
 fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 async fn login_quoted(c: &mut MailClient, user: &TestUser) -> String {
-    tagged(c, "a1", &format!("LOGIN {} {}", quote(&user.mail), quote(&user.password))).await
+    c.tagged("a1", &format!("LOGIN {} {}", quote(&user.mail), quote(&user.password))).await
 }
 
 async fn direct_fetch(user: &TestUser, seq: u32) -> Vec<u8> {
     let dovecot = common::dovecot::dovecot();
     let mut c = client::connect_tls(dovecot.imaps, &dovecot.ca_file).await;
     c.read_line().await;
-    let ok = tagged(&mut c, "d1", &format!("LOGIN {} {}", quote(&user.mail), quote(&user.upstream_password))).await;
+    let ok = c.tagged("d1", &format!("LOGIN {} {}", quote(&user.mail), quote(&user.upstream_password))).await;
     assert!(ok.starts_with("d1 OK"), "direct login: {ok}");
-    assert!(tagged(&mut c, "d2", "SELECT INBOX").await.starts_with("d2 OK"));
+    assert!(c.tagged("d2", "SELECT INBOX").await.starts_with("d2 OK"));
     c.imap_fetch_body("d3", seq).await
 }
 
@@ -62,9 +56,9 @@ async fn login_and_fetch_match_a_direct_session() {
     let mut c = connect(&proxy).await;
     let ok = login_quoted(&mut c, &user).await;
     assert!(ok.starts_with("a1 OK [CAPABILITY IMAP4rev1"), "login answer carries upstream capabilities: {ok}");
-    assert!(tagged(&mut c, "a2", "SELECT INBOX").await.starts_with("a2 OK"));
+    assert!(c.tagged("a2", "SELECT INBOX").await.starts_with("a2 OK"));
     let through_proxy = c.imap_fetch_body("a3", 1).await;
-    assert!(tagged(&mut c, "a4", "LOGOUT").await.starts_with("a4 OK"));
+    assert!(c.tagged("a4", "LOGOUT").await.starts_with("a4 OK"));
 
     assert_eq!(through_proxy, direct_fetch(&user, 1).await);
     assert_eq!(through_proxy, message("fetch1"));
@@ -107,9 +101,9 @@ async fn authenticate_plain_with_initial_response_and_with_continuation() {
     let response = b64(&format!("\0{}\0{}", user.mail, user.password));
 
     let mut c = connect(&proxy).await;
-    let ok = tagged(&mut c, "c1", &format!("AUTHENTICATE PLAIN {response}")).await;
+    let ok = c.tagged("c1", &format!("AUTHENTICATE PLAIN {response}")).await;
     assert!(ok.starts_with("c1 OK"), "{ok}");
-    assert!(tagged(&mut c, "c2", "SELECT INBOX").await.starts_with("c2 OK"));
+    assert!(c.tagged("c2", "SELECT INBOX").await.starts_with("c2 OK"));
 
     let mut c = connect(&proxy).await;
     c.send(b"c3 AUTHENTICATE PLAIN\r\n").await;
@@ -145,13 +139,13 @@ async fn wrong_password_and_unknown_user_get_the_same_denial() {
     let proxy = proxy_for(&["wrong1", "ghost1"]).await;
     let user = proxy::add_user(&proxy, "wrong1", "right-pw");
     let mut c = connect(&proxy).await;
-    let answer = tagged(&mut c, "w1", &format!("LOGIN {} wrong-pw", user.mail)).await;
+    let answer = c.tagged("w1", &format!("LOGIN {} wrong-pw", user.mail)).await;
     assert_eq!(answer, format!("w1 {DENIAL}"));
     drop(c);
     logs::wait_for_audit(&user.mail, &["\"reason\":\"wrong password\""]).await;
 
     let mut c = connect(&proxy).await;
-    let answer = tagged(&mut c, "w2", "LOGIN ghost1@example.com whatever").await;
+    let answer = c.tagged("w2", "LOGIN ghost1@example.com whatever").await;
     assert_eq!(answer, format!("w2 {DENIAL}"));
     // The client may retry on the same connection after a refusal.
     let answer = login_quoted(&mut c, &user).await;
@@ -212,7 +206,7 @@ async fn no_stored_credential_is_refused() {
     let proxy = proxy_for(&["novault1"]).await;
     common::slapd::slapd().add_user("novault1", "novault1@example.com", "nv-pw", &[]);
     let mut c = connect(&proxy).await;
-    assert_eq!(tagged(&mut c, "n1", "LOGIN novault1@example.com nv-pw").await, format!("n1 {DENIAL}"));
+    assert_eq!(c.tagged("n1", "LOGIN novault1@example.com nv-pw").await, format!("n1 {DENIAL}"));
     drop(c);
     logs::wait_for_audit("novault1@example.com", &["no upstream credential"]).await;
 }
@@ -227,7 +221,7 @@ async fn directory_down_is_an_outage() {
     })
     .await;
     let mut c = connect(&proxy).await;
-    let answer = tagged(&mut c, "l1", "LOGIN ldapdown1@example.com some-pw").await;
+    let answer = c.tagged("l1", "LOGIN ldapdown1@example.com some-pw").await;
     assert!(answer.starts_with("l1 NO [UNAVAILABLE]"), "{answer}");
     drop(c);
     logs::wait_for_audit("ldapdown1@example.com", &["\"outcome\":\"unavailable\"", "directory unavailable"]).await;
@@ -262,7 +256,7 @@ async fn file_directory_works_too() {
     let user = proxy::add_user(&proxy, "filedir1", "unused-ldap-pw");
     proxy.set_file_password(&user.mail, "file pw \"q\" \\").await;
     let mut c = connect(&proxy).await;
-    let answer = tagged(&mut c, "f1", &format!("LOGIN {} {}", user.mail, quote("file pw \"q\" \\"))).await;
+    let answer = c.tagged("f1", &format!("LOGIN {} {}", user.mail, quote("file pw \"q\" \\"))).await;
     assert!(answer.starts_with("f1 OK"), "{answer}");
 }
 

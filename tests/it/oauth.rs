@@ -21,18 +21,13 @@ async fn imap_connect(proxy: &OAuthProxy) -> MailClient {
     c
 }
 
-async fn tagged(c: &mut MailClient, tag: &str, command: &str) -> String {
-    c.send(format!("{tag} {command}\r\n").as_bytes()).await;
-    c.read_until_tagged(tag).await.pop().expect("tagged line")
-}
-
 /// Logs in over IMAP and returns the tagged answer.
 async fn imap_login(proxy: &OAuthProxy, mail: &str, password: &str) -> String {
     let mut c = imap_connect(proxy).await;
-    let answer = tagged(&mut c, "a1", &format!("LOGIN {mail} {password}")).await;
+    let answer = c.tagged("a1", &format!("LOGIN {mail} {password}")).await;
     if answer.starts_with("a1 OK") {
-        assert!(tagged(&mut c, "a2", "SELECT INBOX").await.starts_with("a2 OK"));
-        assert!(tagged(&mut c, "a3", "LOGOUT").await.starts_with("a3 OK"));
+        assert!(c.tagged("a2", "SELECT INBOX").await.starts_with("a2 OK"));
+        assert!(c.tagged("a3", "LOGOUT").await.starts_with("a3 OK"));
     }
     answer
 }
@@ -93,11 +88,11 @@ async fn google_service_account_imap_login_and_fetch() {
     let proxy = OAuthProxy::start(Source::Google { token_uri: None }, &[&mail], "").await;
 
     let mut c = imap_connect(&proxy).await;
-    let ok = tagged(&mut c, "a1", &format!("LOGIN {mail} dir-pw-g1")).await;
+    let ok = c.tagged("a1", &format!("LOGIN {mail} dir-pw-g1")).await;
     assert!(ok.starts_with("a1 OK [CAPABILITY IMAP4rev1"), "{ok}");
-    assert!(tagged(&mut c, "a2", "SELECT INBOX").await.starts_with("a2 OK"));
+    assert!(c.tagged("a2", "SELECT INBOX").await.starts_with("a2 OK"));
     assert_eq!(c.imap_fetch_body("a3", 1).await, message("g-imap1"));
-    assert!(tagged(&mut c, "a4", "LOGOUT").await.starts_with("a4 OK"));
+    assert!(c.tagged("a4", "LOGOUT").await.starts_with("a4 OK"));
 
     assert_eq!(token_server().grants(&mail), 1, "refusals: {:?}", token_server().refusals());
     assert_eq!(dovecot_xoauth2_logins(&mail, 1), 1);
@@ -248,7 +243,7 @@ async fn a_token_expiring_mid_run_is_renewed_once_for_concurrent_logins() {
             tokio::spawn(async move {
                 let mut c = client::connect_tls(imaps, &ca).await;
                 c.read_line().await;
-                tagged(&mut c, "b1", &format!("LOGIN {mail} dir-pw-e1")).await
+                c.tagged("b1", &format!("LOGIN {mail} dir-pw-e1")).await
             })
         })
         .collect();

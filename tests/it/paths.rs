@@ -222,15 +222,10 @@ async fn connect(addr: SocketAddr, install: &Install) -> MailClient {
     c
 }
 
-async fn tagged(c: &mut MailClient, tag: &str, command: &str) -> String {
-    c.send(format!("{tag} {command}\r\n").as_bytes()).await;
-    c.read_until_tagged(tag).await.pop().expect("tagged line")
-}
-
 /// Logs in on a new connection and returns it; panics unless the login succeeds.
 async fn session(addr: SocketAddr, install: &Install, user: &str, password: &str) -> MailClient {
     let mut c = connect(addr, install).await;
-    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} {password}")).await;
+    let answer = c.tagged("l1", &format!("LOGIN {user} {password}")).await;
     assert!(answer.starts_with("l1 OK"), "login of {user} at {addr}: {answer}");
     c
 }
@@ -238,11 +233,11 @@ async fn session(addr: SocketAddr, install: &Install, user: &str, password: &str
 /// The tagged answer to a login on a new connection.
 async fn login_answer(addr: SocketAddr, install: &Install, user: &str, password: &str) -> String {
     let mut c = connect(addr, install).await;
-    tagged(&mut c, "l1", &format!("LOGIN {user} {password}")).await
+    c.tagged("l1", &format!("LOGIN {user} {password}")).await
 }
 
 async fn still_works(c: &mut MailClient) {
-    let answer = tagged(c, "n1", "NOOP").await;
+    let answer = c.tagged("n1", "NOOP").await;
     assert!(answer.starts_with("n1 OK"), "NOOP on a live session: {answer}");
 }
 
@@ -428,7 +423,7 @@ async fn the_audit_file_is_reopened_after_rotation() {
     let imaps = listeners(&daemon, "imap", 1).await[0];
 
     let mut c = session(imaps, &install, before, "rot-pw").await;
-    assert!(tagged(&mut c, "o1", "LOGOUT").await.starts_with("o1 OK"));
+    assert!(c.tagged("o1", "LOGOUT").await.starts_with("o1 OK"));
     wait_audit(&install, before, &["\"event\":\"session\""]).await;
 
     let rotated = install.path("audit.jsonl.1");
@@ -437,7 +432,7 @@ async fn the_audit_file_is_reopened_after_rotation() {
     wait_log_count(&daemon, &["reload done"], 1).await;
 
     let mut c = session(imaps, &install, after, "rot-pw").await;
-    assert!(tagged(&mut c, "o1", "LOGOUT").await.starts_with("o1 OK"));
+    assert!(c.tagged("o1", "LOGOUT").await.starts_with("o1 OK"));
     let line = wait_audit(&install, after, &["\"event\":\"session\""]).await;
     assert_eq!(line["outcome"], "logged-in", "{line}");
     let mode =
@@ -477,7 +472,7 @@ async fn connect_when_free(addr: SocketAddr, install: &Install) -> MailClient {
 /// each counted against the client's address; the proxy then closes the connection.
 async fn fail_three_logins(mut c: MailClient) {
     for tag in ["f1", "f2", "f3"] {
-        let answer = tagged(&mut c, tag, "LOGIN stranger@example.com nope").await;
+        let answer = c.tagged(tag, "LOGIN stranger@example.com nope").await;
         assert!(answer.starts_with(&format!("{tag} NO")), "{answer}");
     }
     c.expect_closed().await;
@@ -492,7 +487,7 @@ async fn expect_busy(addr: SocketAddr, install: &Install) {
 }
 
 async fn logout(mut c: MailClient) {
-    assert!(tagged(&mut c, "o1", "LOGOUT").await.starts_with("o1 OK"));
+    assert!(c.tagged("o1", "LOGOUT").await.starts_with("o1 OK"));
     c.expect_closed().await;
 }
 
@@ -523,11 +518,11 @@ async fn ipv6_clients_get_per_address_limits_and_lockout() {
 
     fail_three_logins(connect_when_free(v6, &install).await).await;
     let mut c = connect_when_free(v6, &install).await;
-    assert!(tagged(&mut c, "l1", &format!("LOGIN {user} six-pw")).await.starts_with("l1 NO"), "::1 is throttled");
+    assert!(c.tagged("l1", &format!("LOGIN {user} six-pw")).await.starts_with("l1 NO"), "::1 is throttled");
     let line = wait_audit(&install, user, &["client IP throttled after repeated failed logins"]).await;
     assert!(line["client"].as_str().is_some_and(|c| c.starts_with("[::1]:")), "{line}");
     let mut c = connect_when_free(v4, &install).await;
-    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} six-pw")).await;
+    let answer = c.tagged("l1", &format!("LOGIN {user} six-pw")).await;
     assert!(answer.starts_with("l1 OK"), "127.0.0.1 is not throttled: {answer}");
 }
 
@@ -556,20 +551,20 @@ async fn ipv4_clients_of_a_dual_stack_listener_count_as_their_ipv4_address() {
     // Only an IPv4 allow entry lists the client, and the login gets through (once the
     // probe above has given its connection slot back).
     let mut held = connect_when_free(dual, &install).await;
-    assert!(tagged(&mut held, "l1", &format!("LOGIN {user} dual-pw")).await.starts_with("l1 OK"));
+    assert!(held.tagged("l1", &format!("LOGIN {user} dual-pw")).await.starts_with("l1 OK"));
     expect_busy(plain, &install).await;
     logout(held).await;
     let line = wait_audit(&install, user, &["\"event\":\"session\""]).await;
     assert_eq!(line["profile"], "ipv4-only (127.0.0.1/32)", "{line}");
     assert!(line["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1:")), "{line}");
     let mut held = connect_when_free(plain, &install).await;
-    assert!(tagged(&mut held, "l1", &format!("LOGIN {user} dual-pw")).await.starts_with("l1 OK"));
+    assert!(held.tagged("l1", &format!("LOGIN {user} dual-pw")).await.starts_with("l1 OK"));
     expect_busy(dual, &install).await;
     logout(held).await;
 
     fail_three_logins(connect_when_free(dual, &install).await).await;
     let mut c = connect_when_free(plain, &install).await;
-    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} dual-pw")).await;
+    let answer = c.tagged("l1", &format!("LOGIN {user} dual-pw")).await;
     assert!(answer.starts_with("l1 NO"), "failures through the [::] listener throttle 127.0.0.1: {answer}");
     let line = wait_audit(&install, user, &["client IP throttled after repeated failed logins"]).await;
     assert!(line["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1:")), "{line}");

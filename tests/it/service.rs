@@ -17,26 +17,21 @@ async fn connect(daemon: &Daemon, install: &Install) -> MailClient {
     c
 }
 
-async fn tagged(c: &mut MailClient, tag: &str, command: &str) -> String {
-    c.send(format!("{tag} {command}\r\n").as_bytes()).await;
-    c.read_until_tagged(tag).await.pop().expect("tagged line")
-}
-
 /// Logs in and returns the open session; panics unless the login succeeds.
 async fn session(daemon: &Daemon, install: &Install, user: &str) -> MailClient {
     let mut c = connect(daemon, install).await;
-    let answer = tagged(&mut c, "l1", &format!("LOGIN {user} dir-pw")).await;
+    let answer = c.tagged("l1", &format!("LOGIN {user} dir-pw")).await;
     assert!(answer.starts_with("l1 OK"), "login of {user}: {answer}\n{}", daemon.log());
     c
 }
 
 async fn login_answer(daemon: &Daemon, install: &Install, user: &str) -> String {
     let mut c = connect(daemon, install).await;
-    tagged(&mut c, "l1", &format!("LOGIN {user} dir-pw")).await
+    c.tagged("l1", &format!("LOGIN {user} dir-pw")).await
 }
 
 async fn still_works(c: &mut MailClient) {
-    assert!(tagged(c, "n1", "NOOP").await.starts_with("n1 OK"));
+    assert!(c.tagged("n1", "NOOP").await.starts_with("n1 OK"));
 }
 
 /// Waits until the audit file has a line for `user` containing `needle`.
@@ -89,7 +84,7 @@ async fn metrics_count_a_login_and_status_reports_the_last_upstream_result() {
     let mut c = session(&daemon, &install, "m1@example.com").await;
     assert!(login_answer(&daemon, &install, "m1@example.com").await.starts_with("l1 OK"));
     let mut wrong = connect(&daemon, &install).await;
-    assert!(tagged(&mut wrong, "w1", "LOGIN m1@example.com not-the-pw").await.starts_with("w1 NO"));
+    assert!(wrong.tagged("w1", "LOGIN m1@example.com not-the-pw").await.starts_with("w1 NO"));
 
     let text = scrape(metrics);
     assert_eq!(metric(&text, "postern_logins_total{outcome=\"ok\",reason=\"ok\"}"), 2);
@@ -200,7 +195,7 @@ async fn sigterm_stops_accepting_lets_sessions_finish_then_closes_them() {
     }
     still_works(&mut finishing).await;
     still_works(&mut lingering).await;
-    assert!(tagged(&mut finishing, "o1", "LOGOUT").await.starts_with("o1 OK"));
+    assert!(finishing.tagged("o1", "LOGOUT").await.starts_with("o1 OK"));
     wait_for_audit(&install, "t1@example.com", "\"reason\":\"closed\"");
 
     lingering.expect_closed().await;
@@ -225,7 +220,7 @@ async fn locked_users_show_in_status_and_unlock_lifts_the_lock() {
 
     let mut c = connect(&daemon, &install).await;
     for tag in ["w1", "w2"] {
-        assert!(tagged(&mut c, tag, "LOGIN lock1@example.com wrong").await.starts_with(&format!("{tag} NO")));
+        assert!(c.tagged(tag, "LOGIN lock1@example.com wrong").await.starts_with(&format!("{tag} NO")));
     }
     assert!(login_answer(&daemon, &install, "lock1@example.com").await.starts_with("l1 NO"), "locked");
     let status = expect_code(&install.run(&["status"], ""), 0);

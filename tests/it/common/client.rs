@@ -254,6 +254,12 @@ impl MailClient {
         }
     }
 
+    /// IMAP: sends `command` tagged `tag` and returns the tagged answer line.
+    pub async fn tagged(&mut self, tag: &str, command: &str) -> String {
+        self.send(format!("{tag} {command}\r\n").as_bytes()).await;
+        self.read_until_tagged(tag).await.pop().expect("tagged line")
+    }
+
     /// IMAP: all responses up to and including the tagged one starting with `tag `
     /// (each without its final CRLF; literal contents stay embedded, lossy UTF-8).
     pub async fn read_until_tagged(&mut self, tag: &str) -> Vec<String> {
