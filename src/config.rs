@@ -254,6 +254,12 @@ pub struct ProtocolConfig {
     /// How Postern logs in upstream: a stored password (default) or an OAuth2 token.
     #[serde(default)]
     pub upstream_auth: UpstreamAuthMode,
+    /// Pass the client's address and port to the upstream before logging in: IMAP `ID`
+    /// (`x-originating-ip`, `x-originating-port`), POP3 and SMTP `XCLIENT`, each only when the
+    /// upstream advertises it. Upstreams honour it only from networks they trust (Dovecot:
+    /// `login_trusted_networks`). Off by default.
+    #[serde(default)]
+    pub forward_client_address: bool,
     /// Connections come through a load balancer that sends a PROXY protocol header (version
     /// 1 or 2) before the TLS handshake; the client address is taken from it. Needs
     /// `trusted_proxies`.
@@ -283,8 +289,8 @@ fn parse_trusted_proxy(text: &str) -> Option<ipnet::IpNet> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamAuthMode {
-    /// The password or app password stored in the vault (IMAP `LOGIN`, POP3 `USER`/`PASS`,
-    /// SMTP `AUTH PLAIN`).
+    /// The password or app password stored in the vault (IMAP `LOGIN`, SASL PLAIN or LOGIN,
+    /// POP3 `USER`/`PASS`, whichever the upstream offers).
     #[default]
     Password,
     /// An access token from the `[oauth]` source, sent with SASL `XOAUTH2`.
@@ -797,6 +803,21 @@ mod tests {
         assert_eq!(c.imap.as_ref().unwrap().upstream_auth, UpstreamAuthMode::Xoauth2);
         assert_eq!(c.oauth.as_ref().unwrap().refresh_margin(), Duration::from_secs(60));
         assert_eq!(parse(MINIMAL).unwrap().imap.unwrap().upstream_auth, UpstreamAuthMode::Password);
+    }
+
+    #[test]
+    fn forwarding_the_client_address_is_off_unless_asked() {
+        assert!(!parse(MINIMAL).unwrap().imap.unwrap().forward_client_address);
+        let text = MINIMAL.replace(
+            "upstream = \"imap.gmail.com:993\"",
+            "upstream = \"imap.gmail.com:993\"\nforward_client_address = true",
+        );
+        assert!(parse(&text).unwrap().imap.unwrap().forward_client_address);
+        let text = MINIMAL.replace(
+            "upstream = \"imap.gmail.com:993\"",
+            "upstream = \"imap.gmail.com:993\"\nforward_client_address = \"yes\"",
+        );
+        assert!(parse(&text).unwrap_err().to_string().contains("forward_client_address"));
     }
 
     #[test]

@@ -131,7 +131,11 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
     eprintln!("starting slapd and Dovecot ...");
     let pki = common::pki::pki();
     let slapd = common::slapd::slapd();
-    let dovecot = dovecot::dovecot_tuned(Tuning { plain_imap: true, max_clients: (max_sessions + 1000) as u32 });
+    let dovecot = dovecot::dovecot_tuned(Tuning {
+        plain_imap: true,
+        max_clients: (max_sessions + 1000) as u32,
+        ..Tuning::default()
+    });
     let user_count = 100;
     let users = Users {
         list: (0..user_count)

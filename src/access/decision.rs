@@ -9,7 +9,7 @@
 //! `postern access explain`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::lockout::Refused;
@@ -278,16 +278,17 @@ pub struct Admitted {
     pub grant: Grant,
 }
 
-/// Runs the whole decision for `credentials` from `ip`, and logs in upstream if it passes.
-/// Every refusal is counted against the client's address; wrong passwords also against the
-/// user.
+/// Runs the whole decision for `credentials` from the client at `peer`, and logs in upstream
+/// if it passes. Every refusal is counted against the client's address; wrong passwords also
+/// against the user.
 pub async fn admit(
     state: &State,
     protocol: Protocol,
-    ip: IpAddr,
+    peer: SocketAddr,
     credentials: &Credentials,
 ) -> Result<Admitted, Refusal> {
-    let result = decide(state, protocol, ip, credentials).await;
+    let ip = peer.ip();
+    let result = decide(state, protocol, peer, credentials).await;
     if let Err(Refusal::Denied(denial)) = &result {
         if *denial != Denial::WrongPassword {
             state.counters.record_address_failure(ip).await;
@@ -304,7 +305,13 @@ pub async fn refuse(state: &State, ip: IpAddr, fault: CredentialFault) -> Refusa
     Refusal::Denied(Denial::from(fault))
 }
 
-async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Credentials) -> Result<Admitted, Refusal> {
+async fn decide(
+    state: &State,
+    protocol: Protocol,
+    peer: SocketAddr,
+    credentials: &Credentials,
+) -> Result<Admitted, Refusal> {
+    let ip = peer.ip();
     let user = normalize_user(&credentials.user).map_err(Refusal::Denied)?;
     match state.counters.precheck(&user, ip).await.map_err(|e| Refusal::Unavailable(Outage::Store(e)))? {
         Some(Refused::Throttled) => return Err(Refusal::Denied(Denial::Throttled)),
@@ -373,7 +380,7 @@ async fn decide(state: &State, protocol: Protocol, ip: IpAddr, credentials: &Cre
     let observe = |elapsed| metrics.upstream_latency.observe(elapsed);
     let upstream = state
         .upstreams
-        .login(protocol, &user, &credentials.upstream_prefix, credentials.client_hello.as_deref(), &observe)
+        .login(protocol, &user, &credentials.upstream_prefix, credentials.client_hello.as_deref(), Some(peer), &observe)
         .await?;
     Ok(Admitted { slot, upstream, grant })
 }

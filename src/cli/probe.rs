@@ -29,7 +29,7 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
     };
     let address = upstream.address().to_owned();
     let mode = upstream.auth_mode();
-    match upstreams.login(protocol, &user, "", None, &|_| {}).await {
+    match upstreams.login(protocol, &user, "", None, None, &|_| {}).await {
         Ok(mut logged_in) => {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut logged_in.stream).await;
             println!("OK: {address} accepted the {} credential of {user}", mode.as_str());
@@ -43,7 +43,7 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
                     user: previous.upstream_user.unwrap_or_else(|| user.clone()),
                     password: previous.secret,
                 };
-                if mode == UpstreamAuthMode::Password && upstream.login(&auth, None).await.is_ok() {
+                if mode == UpstreamAuthMode::Password && upstream.login(&auth, None, None).await.is_ok() {
                     eprintln!("the previous (rotated) secret still works: set the new one on the upstream account");
                 }
             }

@@ -202,7 +202,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn decide(&mut self, credentials: &Credentials, deadline: Instant) -> Option<Result<Admitted, Refusal>> {
         // Boxed: the decision's future is large and only lives during a login, so it must
         // not sit inline in every idle session's future.
-        let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer.ip(), credentials));
+        let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer, credentials));
         tokio::select! {
             decision = admit => Some(decision),
             // Time queued for the directory or the hashing pool counts too.

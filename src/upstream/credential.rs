@@ -12,6 +12,7 @@
 //! POP3's `recent:` prefix is put in front of the upstream login name.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,8 +142,9 @@ impl Upstreams {
 
     /// Builds `user`'s credential for `protocol` and logs in upstream with it. `user` is a
     /// normalized identity (`crate::user::normalize`); `upstream_prefix` is POP3's `recent:`
-    /// or empty; `client_hello` the client's SMTP `EHLO` name. `observe` is told how long
-    /// each upstream login attempt took.
+    /// or empty; `client_hello` the client's SMTP `EHLO` name; `client` the client's address,
+    /// passed on where the protocol's `forward_client_address` is on. `observe` is told how
+    /// long each upstream login attempt took.
     ///
     /// A cached OAuth2 token the upstream refuses may have been revoked early: it is
     /// forgotten and the login tried once more with a new token.
@@ -152,6 +154,7 @@ impl Upstreams {
         user: &str,
         upstream_prefix: &str,
         client_hello: Option<&str>,
+        client: Option<SocketAddr>,
         observe: &(dyn Fn(Duration) + Sync),
     ) -> Result<LoggedIn, LoginError> {
         let upstream = &self.upstreams[&protocol];
@@ -159,7 +162,7 @@ impl Upstreams {
         let mut retried = false;
         loop {
             let started = Instant::now();
-            let result = upstream.login(&credential.auth, client_hello).await;
+            let result = upstream.login(&credential.auth, client_hello, client).await;
             observe(started.elapsed());
             let error = match result {
                 Ok(logged_in) => return Ok(logged_in),

@@ -1,17 +1,27 @@
-//! IMAP login upstream: greeting, `LOGIN` or `AUTHENTICATE XOAUTH2`, capabilities.
+//! IMAP login upstream: greeting, capabilities, optional `ID` with the client's address,
+//! then `LOGIN`, `AUTHENTICATE PLAIN`, `AUTHENTICATE LOGIN` or `AUTHENTICATE XOAUTH2` as
+//! [`mechanism::choose`] says.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
 
-use super::{Conn, UpstreamAuth, UpstreamError, check_line_safe, excerpt, refused};
+use super::mechanism::{self, Method, Offer};
+use super::{Conn, UpstreamAuth, UpstreamError, b64, check_line_safe, excerpt, refused};
 use crate::protocol::imap::{self, Astring};
-use crate::protocol::{UpstreamInfo, sasl};
+use crate::protocol::{Protocol, UpstreamInfo, sasl};
 
 const TAG: &str = "P1";
 const CAPA_TAG: &str = "P2";
+const PRE_CAPA_TAG: &str = "P0";
+const ID_TAG: &str = "P3";
 
 pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Conn<S>,
     auth: &UpstreamAuth,
+    client: Option<SocketAddr>,
 ) -> Result<(Conn<S>, UpstreamInfo), UpstreamError> {
     let greeting = conn.read_line().await?;
     if starts_with_ci(&greeting, "* PREAUTH") {
@@ -22,31 +32,78 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     if !starts_with_ci(&greeting, "* OK") {
         return Err(UpstreamError::Protocol(excerpt(&greeting)));
     }
-    let greeting_caps = bracket_capabilities(&greeting);
-    let literal_plus = greeting_caps
-        .as_deref()
-        .is_some_and(|c| c.split_ascii_whitespace().any(|w| w.eq_ignore_ascii_case("LITERAL+")));
+    let mut pre_login = bracket_capabilities(&greeting);
+    if pre_login.is_none() {
+        conn.send(format!("{PRE_CAPA_TAG} CAPABILITY\r\n").as_bytes()).await?;
+        let (status, text) =
+            read_tagged(&mut conn, PRE_CAPA_TAG, &mut pre_login, &mut None, &mut VecDeque::new()).await?;
+        if !status.eq_ignore_ascii_case("OK") {
+            return Err(UpstreamError::Protocol(excerpt(&text)));
+        }
+    }
+    let pre_login = pre_login.unwrap_or_default();
+    let has = |name: &str| pre_login.split_ascii_whitespace().any(|w| w.eq_ignore_ascii_case(name));
+    let (literal_plus, sasl_ir) = (has("LITERAL+"), has("SASL-IR"));
 
+    if let Some(client) = client {
+        if has("ID") {
+            let command = format!(
+                "{ID_TAG} ID (\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\")\r\n",
+                client.ip(),
+                client.port()
+            );
+            conn.send(command.as_bytes()).await?;
+            let (status, text) = read_tagged(&mut conn, ID_TAG, &mut None, &mut None, &mut VecDeque::new()).await?;
+            if !status.eq_ignore_ascii_case("OK") {
+                tracing::info!(answer = %excerpt(&text), "upstream did not take the client's address (ID)");
+            }
+        } else {
+            tracing::debug!("upstream does not offer ID; the client's address is not passed on");
+        }
+    }
+
+    let method = mechanism::choose(Protocol::Imap, &offer(&pre_login), auth.kind())?;
+    tracing::debug!(method = method.name(), "upstream login method");
     let mut capabilities = None;
     let mut challenge = None;
-    let done = match auth {
-        UpstreamAuth::Password { user, password } => {
-            check_line_safe("upstream user name", user)?;
+    let mut responses: VecDeque<Zeroizing<String>> = VecDeque::new();
+    check_line_safe("upstream user name", auth.user())?;
+    let done = match (auth, method) {
+        (UpstreamAuth::Password { user, password }, Method::ImapLogin) => {
             check_line_safe("upstream password", password.expose())?;
-            let mut command = zeroize::Zeroizing::new(format!("{TAG} LOGIN ").into_bytes());
+            let mut command = Zeroizing::new(format!("{TAG} LOGIN ").into_bytes());
             append_astring(&mut conn, &mut command, user, literal_plus).await?;
             command.push(b' ');
             append_astring(&mut conn, &mut command, password.expose(), literal_plus).await?;
             command.extend_from_slice(b"\r\n");
             conn.send(&command).await?;
-            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge).await?
+            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge, &mut responses).await?
         }
-        UpstreamAuth::XOAuth2 { user, token } => {
-            check_line_safe("upstream user name", user)?;
-            let ir = zeroize::Zeroizing::new(sasl::encode_xoauth2(user, token.expose()));
-            let command = zeroize::Zeroizing::new(format!("{TAG} AUTHENTICATE XOAUTH2 {}\r\n", ir.as_str()));
+        (UpstreamAuth::Password { user, password }, Method::Login) => {
+            check_line_safe("upstream password", password.expose())?;
+            responses.push_back(b64(user));
+            responses.push_back(b64(password.expose()));
+            conn.send(format!("{TAG} AUTHENTICATE LOGIN\r\n").as_bytes()).await?;
+            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge, &mut responses).await?
+        }
+        (auth, _) => {
+            let (name, ir) = match auth {
+                UpstreamAuth::Password { user, password } => {
+                    check_line_safe("upstream password", password.expose())?;
+                    ("PLAIN", Zeroizing::new(sasl::encode_plain(user, password.expose())))
+                }
+                UpstreamAuth::XOAuth2 { user, token } => {
+                    ("XOAUTH2", Zeroizing::new(sasl::encode_xoauth2(user, token.expose())))
+                }
+            };
+            let command = if sasl_ir {
+                Zeroizing::new(format!("{TAG} AUTHENTICATE {name} {}\r\n", ir.as_str()))
+            } else {
+                responses.push_back(ir);
+                Zeroizing::new(format!("{TAG} AUTHENTICATE {name}\r\n"))
+            };
             conn.send(command.as_bytes()).await?;
-            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge).await?
+            read_tagged(&mut conn, TAG, &mut capabilities, &mut challenge, &mut responses).await?
         }
     };
     let (status, text) = done;
@@ -58,7 +115,8 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if capabilities.is_none() {
         conn.send(format!("{CAPA_TAG} CAPABILITY\r\n").as_bytes()).await?;
-        let (status, text) = read_tagged(&mut conn, CAPA_TAG, &mut capabilities, &mut None).await?;
+        let (status, text) =
+            read_tagged(&mut conn, CAPA_TAG, &mut capabilities, &mut None, &mut VecDeque::new()).await?;
         if !status.eq_ignore_ascii_case("OK") {
             return Err(UpstreamError::Protocol(excerpt(&text)));
         }
@@ -66,19 +124,38 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((conn, UpstreamInfo { capabilities }))
 }
 
-/// Reads responses up to the tagged one, noting capabilities; answers a SASL error
-/// challenge (`+ base64`) with an empty line, as XOAUTH2 requires, and keeps it in
+/// What a pre-login capability list offers: its `AUTH=` mechanisms, and `LOGIN` unless
+/// `LOGINDISABLED`.
+fn offer(capabilities: &str) -> Offer {
+    let words: Vec<&str> = capabilities.split_ascii_whitespace().collect();
+    Offer::new(
+        words.iter().filter_map(|w| strip_prefix_ci(w, "AUTH=")),
+        !words.iter().any(|w| w.eq_ignore_ascii_case("LOGINDISABLED")),
+    )
+}
+
+/// Reads responses up to the tagged one, noting capabilities. Each continuation (`+ ...`)
+/// is answered with the next of `responses`; once they are used up, a continuation is a
+/// SASL error challenge: answered with an empty line, as XOAUTH2 requires, and kept in
 /// `challenge` for the refusal.
 async fn read_tagged<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     tag: &str,
     capabilities: &mut Option<String>,
     challenge: &mut Option<String>,
+    responses: &mut VecDeque<Zeroizing<String>>,
 ) -> Result<(String, String), UpstreamError> {
     loop {
         let line = conn.read_line().await?;
         if let Some(rest) = strip_prefix_ci(&line, "* CAPABILITY ") {
             *capabilities = Some(rest.trim().to_owned());
+        } else if line.starts_with('+') && !responses.is_empty() {
+            if let Some(response) = responses.pop_front() {
+                let mut reply = Zeroizing::new(Vec::with_capacity(response.len() + 2));
+                reply.extend_from_slice(response.as_bytes());
+                reply.extend_from_slice(b"\r\n");
+                conn.send(&reply).await?;
+            }
         } else if let Some(rest) = line.strip_prefix('+') {
             let text = rest.trim();
             if !text.is_empty() {
@@ -162,7 +239,7 @@ mod tests {
     #[tokio::test]
     async fn preauth_greetings_are_refused() {
         let (conn, _server) = serve("* PREAUTH [CAPABILITY IMAP4rev1] hello\r\n", vec![]);
-        let err = login(conn, &password("u", "p")).await.err().unwrap();
+        let err = login(conn, &password("u", "p"), None).await.err().unwrap();
         assert!(err.to_string().contains("PREAUTH"), "{err}");
     }
 
@@ -171,15 +248,16 @@ mod tests {
         let (conn, server) = serve(
             "* OK ready\r\n",
             vec![
+                ("P0 CAPABILITY", "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nP0 OK done\r\n"),
                 ("P1 LOGIN alice@example.com \"p \\\"q\\\"\"", "P1 OK Logged in\r\n"),
                 ("P2 CAPABILITY", "* CAPABILITY IMAP4rev1 IDLE\r\nP2 OK done\r\n* 3 EXISTS\r\n"),
             ],
         );
-        let (conn, info) = login(conn, &password("alice@example.com", "p \"q\"")).await.unwrap();
+        let (conn, info) = login(conn, &password("alice@example.com", "p \"q\""), None).await.unwrap();
         assert_eq!(info.capabilities.as_deref(), Some("IMAP4rev1 IDLE"));
         let (_, leftover) = conn.into_parts();
         assert_eq!(&leftover[..], b"* 3 EXISTS\r\n", "what follows the login answer belongs to the client");
-        assert_eq!(server.await.unwrap().len(), 2);
+        assert_eq!(server.await.unwrap().len(), 3);
     }
 
     #[tokio::test]
@@ -188,7 +266,7 @@ mod tests {
             "* OK [CAPABILITY IMAP4rev1] ready\r\n",
             vec![("P1 LOGIN u {6}", "+ go on\r\n"), ("pässw", "P1 OK [CAPABILITY IMAP4rev1] in\r\n")],
         );
-        let (_, info) = login(conn, &password("u", "pässw")).await.unwrap();
+        let (_, info) = login(conn, &password("u", "pässw"), None).await.unwrap();
         assert_eq!(info.capabilities.as_deref(), Some("IMAP4rev1"));
         let seen = server.await.unwrap();
         assert_eq!(seen[1], "pässw\r\n");
@@ -196,9 +274,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_keeps_the_upstream_answer() {
-        let (conn, _server) =
-            serve("* OK ready\r\n", vec![("P1 LOGIN", "P1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")]);
-        match login(conn, &password("u", "p")).await {
+        let (conn, _server) = serve(
+            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
+            vec![("P1 LOGIN", "P1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")],
+        );
+        match login(conn, &password("u", "p"), None).await {
             Err(UpstreamError::Refused(answer)) => assert!(answer.contains("Invalid credentials"), "{answer}"),
             other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),
         }
@@ -208,18 +288,87 @@ mod tests {
     async fn xoauth2_error_challenges_are_answered_and_reported() {
         use base64::Engine;
         let challenge = base64::engine::general_purpose::STANDARD.encode(r#"{"status":"401","schemes":"bearer"}"#);
-        let greeting = "* OK ready\r\n";
+        let greeting = "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n";
         let reply: &'static str = Box::leak(format!("+ {challenge}\r\n").into_boxed_str());
         let (conn, server) = serve(
             greeting,
             vec![("P1 AUTHENTICATE XOAUTH2 ", reply), ("\r\n", "P1 NO SASL authentication failed\r\n")],
         );
         let auth = UpstreamAuth::XOAuth2 { user: "u@example.com".into(), token: Secret::new("tok") };
-        match login(conn, &auth).await {
+        match login(conn, &auth, None).await {
             Err(UpstreamError::Refused(answer)) => assert!(answer.contains("status=401"), "{answer}"),
             other => panic!("expected a refusal, got {:?}", other.map(|(_, i)| i)),
         }
         assert_eq!(server.await.unwrap().len(), 2, "the challenge was answered with an empty line");
+    }
+
+    #[tokio::test]
+    async fn logindisabled_leads_to_authenticate_login_with_each_field_in_base64() {
+        let (conn, server) = serve(
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGINDISABLED AUTH=LOGIN] ready\r\n",
+            vec![
+                ("P1 AUTHENTICATE LOGIN\r\n", "+ VXNlcm5hbWU6\r\n"),
+                ("dUBleGFtcGxlLmNvbQ==\r\n", "+ UGFzc3dvcmQ6\r\n"),
+                ("cCAiw6QiIFw=\r\n", "P1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"),
+            ],
+        );
+        let (_, info) = login(conn, &password("u@example.com", "p \"ä\" \\"), None).await.unwrap();
+        assert_eq!(info.capabilities.as_deref(), Some("IMAP4rev1 IDLE"));
+        assert_eq!(server.await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn authenticate_plain_waits_for_the_continuation_without_sasl_ir() {
+        let (conn, server) = serve(
+            "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=PLAIN AUTH=LOGIN] ready\r\n",
+            vec![("P1 AUTHENTICATE PLAIN\r\n", "+ \r\n"), ("AHUAcA==\r\n", "P1 OK [CAPABILITY IMAP4rev1] in\r\n")],
+        );
+        login(conn, &password("u", "p"), None).await.unwrap();
+        assert_eq!(server.await.unwrap().len(), 2);
+        let (conn, server) = serve(
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGINDISABLED AUTH=PLAIN] ready\r\n",
+            vec![("P1 AUTHENTICATE PLAIN AHUAcA==\r\n", "P1 OK [CAPABILITY IMAP4rev1] in\r\n")],
+        );
+        login(conn, &password("u", "p"), None).await.unwrap();
+        assert_eq!(server.await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn nothing_fitting_is_a_typed_error_naming_the_offer() {
+        let (conn, _server) = serve("* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=XOAUTH2] ready\r\n", vec![]);
+        match login(conn, &password("u", "p"), None).await {
+            Err(UpstreamError::NoMethod(e)) => assert_eq!(e.offered, "AUTH=XOAUTH2 LOGINDISABLED"),
+            other => panic!("expected no method, got {:?}", other.map(|(_, i)| i)),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_address_goes_in_an_id_before_the_login_when_offered() {
+        let client: SocketAddr = "[::ffff:192.0.2.7]:4242".parse().unwrap();
+        let client = super::super::canonical(client);
+        let (conn, server) = serve(
+            "* OK [CAPABILITY IMAP4rev1 ID] ready\r\n",
+            vec![
+                (
+                    "P3 ID (\"x-originating-ip\" \"192.0.2.7\" \"x-originating-port\" \"4242\")\r\n",
+                    "* ID NIL\r\nP3 OK ID completed\r\n",
+                ),
+                ("P1 LOGIN u p\r\n", "P1 OK [CAPABILITY IMAP4rev1] in\r\n"),
+            ],
+        );
+        login(conn, &password("u", "p"), Some(client)).await.unwrap();
+        assert_eq!(server.await.unwrap().len(), 2);
+        // Without ID on offer, nothing is sent before the login.
+        let (conn, server) =
+            serve("* OK [CAPABILITY IMAP4rev1] ready\r\n", vec![("P1 LOGIN u p", "P1 OK [CAPABILITY X] in\r\n")]);
+        login(conn, &password("u", "p"), Some(client)).await.unwrap();
+        assert_eq!(server.await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn offers_come_from_auth_capabilities_and_logindisabled() {
+        assert_eq!(offer("IMAP4rev1 SASL-IR auth=plain AUTH=LOGIN"), Offer::new(["PLAIN", "LOGIN"], true));
+        assert_eq!(offer("IMAP4rev1 LOGINDISABLED AUTH=XOAUTH2"), Offer::new(["XOAUTH2"], false));
     }
 
     #[test]

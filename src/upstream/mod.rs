@@ -4,6 +4,7 @@
 //! A login returns the TLS stream ready for splicing, what the client's success reply needs,
 //! and any bytes the server sent after its login answer (they belong to the client).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -19,6 +20,7 @@ use crate::tls::{self, TlsError};
 
 pub mod credential;
 mod imap;
+pub mod mechanism;
 mod pop3;
 mod smtp;
 
@@ -31,7 +33,8 @@ const MAX_UPSTREAM_LINE: usize = 64 * 1024;
 /// How Postern proves itself to the upstream for one user.
 #[derive(Debug, Clone)]
 pub enum UpstreamAuth {
-    /// A stored password or app password (IMAP `LOGIN`, POP3 `USER`/`PASS`, SMTP `AUTH PLAIN`).
+    /// A stored password or app password (IMAP `LOGIN`, SASL PLAIN or LOGIN, POP3
+    /// `USER`/`PASS`, as the upstream offers: see [`mechanism`]).
     Password {
         /// Upstream login name.
         user: String,
@@ -52,6 +55,14 @@ impl UpstreamAuth {
     pub fn user(&self) -> &str {
         match self {
             UpstreamAuth::Password { user, .. } | UpstreamAuth::XOAuth2 { user, .. } => user,
+        }
+    }
+
+    /// What kind of secret this is, for choosing the login method.
+    pub fn kind(&self) -> mechanism::CredentialKind {
+        match self {
+            UpstreamAuth::Password { .. } => mechanism::CredentialKind::Password,
+            UpstreamAuth::XOAuth2 { .. } => mechanism::CredentialKind::Token,
         }
     }
 }
@@ -84,6 +95,9 @@ pub enum UpstreamError {
     /// The upstream answered something the login dialogue does not allow.
     #[error("unexpected upstream answer: {0}")]
     Protocol(String),
+    /// Nothing the upstream offers fits the stored credential.
+    #[error(transparent)]
+    NoMethod(#[from] mechanism::NoMethod),
     /// The upstream refused the stored credential; its answer is kept for the admin.
     #[error("upstream refused the stored credential: {0}")]
     Refused(String),
@@ -107,6 +121,7 @@ pub struct Upstream {
     connector: TlsConnector,
     tls: UpstreamTls,
     auth_mode: UpstreamAuthMode,
+    forward_client_address: bool,
     timeout: Duration,
     hostname: String,
 }
@@ -136,6 +151,7 @@ impl Upstream {
             connector: TlsConnector::from(tls::upstream_client_config(ca_file, &config.upstream_trust())?),
             tls: config.upstream_tls,
             auth_mode: config.upstream_auth,
+            forward_client_address: config.forward_client_address,
             timeout,
             hostname: hostname.to_owned(),
         })
@@ -152,14 +168,27 @@ impl Upstream {
     }
 
     /// Connects, secures and logs in with `auth`. `client_hello` is the client's SMTP `EHLO`
-    /// name, reused upstream. The whole exchange is bounded by the upstream timeout.
-    pub async fn login(&self, auth: &UpstreamAuth, client_hello: Option<&str>) -> Result<LoggedIn, UpstreamError> {
-        tokio::time::timeout(self.timeout, self.login_inner(auth, client_hello))
+    /// name, reused upstream; `client` the client's address, passed on (IMAP `ID`, POP3 and
+    /// SMTP `XCLIENT`, where the upstream offers them) when `forward_client_address` is on.
+    /// The whole exchange is bounded by the upstream timeout.
+    pub async fn login(
+        &self,
+        auth: &UpstreamAuth,
+        client_hello: Option<&str>,
+        client: Option<SocketAddr>,
+    ) -> Result<LoggedIn, UpstreamError> {
+        let client = client.filter(|_| self.forward_client_address).map(canonical);
+        tokio::time::timeout(self.timeout, self.login_inner(auth, client_hello, client))
             .await
             .unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
     }
 
-    async fn login_inner(&self, auth: &UpstreamAuth, client_hello: Option<&str>) -> Result<LoggedIn, UpstreamError> {
+    async fn login_inner(
+        &self,
+        auth: &UpstreamAuth,
+        client_hello: Option<&str>,
+        client: Option<SocketAddr>,
+    ) -> Result<LoggedIn, UpstreamError> {
         let tcp = TcpStream::connect(&self.address)
             .await
             .map_err(|e| UpstreamError::Connect { address: self.address.clone(), message: e.to_string() })?;
@@ -169,14 +198,14 @@ impl Upstream {
             (Protocol::Smtp, UpstreamTls::Starttls) => {
                 let tcp = smtp::starttls(Conn::new(tcp), hello).await?;
                 let conn = Conn::new(self.handshake(tcp).await?);
-                smtp::login(conn, auth, hello, false).await
+                smtp::login(conn, auth, hello, false, client).await
             }
             (protocol, _) => {
                 let conn = Conn::new(self.handshake(tcp).await?);
                 match protocol {
-                    Protocol::Imap => imap::login(conn, auth).await,
-                    Protocol::Pop3 => pop3::login(conn, auth).await,
-                    Protocol::Smtp => smtp::login(conn, auth, hello, true).await,
+                    Protocol::Imap => imap::login(conn, auth, client).await,
+                    Protocol::Pop3 => pop3::login(conn, auth, client).await,
+                    Protocol::Smtp => smtp::login(conn, auth, hello, true, client).await,
                 }
             }
         };
@@ -230,6 +259,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn into_parts(self) -> (S, BytesMut) {
         (self.stream, self.buf)
     }
+}
+
+/// The address with an IPv4-mapped IPv6 address written as IPv4, as upstreams expect it.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Base64 of `text`, wiped on drop: one SASL response.
+fn b64(text: &str) -> zeroize::Zeroizing<String> {
+    use base64::Engine;
+    zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(text.as_bytes()))
 }
 
 /// Refuses a value that would break out of the protocol line it is written into.

@@ -25,4 +25,5 @@ mod secrets;
 mod service;
 mod shared_state;
 mod smtp;
+mod upstream_methods;
 mod vault_writers;

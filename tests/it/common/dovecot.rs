@@ -59,6 +59,8 @@ pub struct Dovecot {
     auth_socket: PathBuf,
     /// Owner for mailbox files when running as root (Dovecot refuses mail access as root).
     mail_owner: Option<(u32, u32)>,
+    /// Only SASL LOGIN is on ([`Tuning::login_only`]).
+    login_only: bool,
     /// Mailbox user -> passwd-file line, the source of every rewrite of the file.
     users: Mutex<BTreeMap<String, String>>,
     deliveries: AtomicU64,
@@ -68,13 +70,21 @@ pub struct Dovecot {
 }
 
 static DOVECOT: OnceLock<Dovecot> = OnceLock::new();
+static DOVECOT_LOGIN_ONLY: OnceLock<Dovecot> = OnceLock::new();
 
 /// The shared Dovecot, started (blocking, a second or two) on first use.
 pub fn dovecot() -> &'static Dovecot {
     DOVECOT.get_or_init(|| start(Tuning::default()))
 }
 
-/// What a benchmark asks of Dovecot beyond the tests' defaults.
+/// A second Dovecot, started on first use, that offers only SASL LOGIN
+/// ([`Tuning::login_only`]) and trusts loopback ([`Tuning::trust_loopback`]), like an upstream
+/// that takes neither PLAIN nor the protocols' own password commands.
+pub fn dovecot_login_only() -> &'static Dovecot {
+    DOVECOT_LOGIN_ONLY.get_or_init(|| start(Tuning { login_only: true, trust_loopback: true, ..Tuning::default() }))
+}
+
+/// What a benchmark or test asks of Dovecot beyond the tests' defaults.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tuning {
     /// Also listen for plaintext IMAP ([`Dovecot::imap`]).
@@ -82,6 +92,13 @@ pub struct Tuning {
     /// IMAP sessions to hold at once (login processes in high-performance mode, many clients
     /// per imap process, a higher file-descriptor limit); 0 keeps the test defaults.
     pub max_clients: u32,
+    /// Offer only SASL LOGIN (`auth_mechanisms = login`, bearer tokens still checked for
+    /// nothing): IMAP then announces `LOGINDISABLED`, and POP3 still lists `USER` but
+    /// refuses `PASS` ("Unsupported authentication mechanism").
+    pub login_only: bool,
+    /// Trust loopback (`login_trusted_networks = 127.0.0.0/8`): a client address passed on
+    /// with IMAP `ID` or POP3/SMTP `XCLIENT` from there is taken as the session's `rip`.
+    pub trust_loopback: bool,
 }
 
 /// The shared Dovecot started with `tuning`; if it already runs, the running one as it is.
@@ -190,6 +207,12 @@ fn start(tuning: Tuning) -> Dovecot {
         if tuning.max_clients > 0 {
             text.push_str(&scale_config(tuning.max_clients));
         }
+        if tuning.login_only {
+            text = text.replace("auth_mechanisms = plain login xoauth2 oauthbearer\n", "auth_mechanisms = login\n");
+        }
+        if tuning.trust_loopback {
+            text.push_str("login_trusted_networks = 127.0.0.0/8\n");
+        }
         fs::write(&conf, text).expect("write dovecot.conf");
         let stderr_file = dir.join("stderr.log");
         let stderr = fs::File::create(&stderr_file).expect("dovecot stderr file");
@@ -231,6 +254,7 @@ fn start(tuning: Tuning) -> Dovecot {
                     auth_socket: dir.join("run").join("auth-client"),
                     passwd_file,
                     mail_owner,
+                    login_only: tuning.login_only,
                     dir,
                     users: Mutex::new(BTreeMap::new()),
                     deliveries: AtomicU64::new(0),
@@ -525,7 +549,8 @@ impl Dovecot {
         }
     }
 
-    /// Asks Dovecot's auth service directly whether `user`/`password` log in (PLAIN).
+    /// Asks Dovecot's auth service directly whether `user`/`password` log in (PLAIN, or LOGIN
+    /// where only that is on).
     pub fn auth_test(&self, user: &str, password: &str) -> std::io::Result<bool> {
         let mut socket = UnixStream::connect(&self.auth_socket)?;
         socket.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -541,13 +566,26 @@ impl Dovecot {
                 break;
             }
         }
-        let mut plain = Vec::new();
-        plain.push(0);
-        plain.extend_from_slice(user.as_bytes());
-        plain.push(0);
-        plain.extend_from_slice(password.as_bytes());
-        let resp = base64::engine::general_purpose::STANDARD.encode(plain);
-        socket.write_all(format!("AUTH\t1\tPLAIN\tservice=imap\tsecured\tno-penalty\tresp={resp}\n").as_bytes())?;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        if self.login_only {
+            socket.write_all(b"AUTH\t1\tLOGIN\tservice=imap\tsecured\tno-penalty\n")?;
+            for field in [user, password] {
+                line.clear();
+                reader.read_line(&mut line)?;
+                if !line.starts_with("CONT\t1") {
+                    return Ok(false);
+                }
+                socket.write_all(format!("CONT\t1\t{}\n", b64(field.as_bytes())).as_bytes())?;
+            }
+        } else {
+            let mut plain = Vec::new();
+            plain.push(0);
+            plain.extend_from_slice(user.as_bytes());
+            plain.push(0);
+            plain.extend_from_slice(password.as_bytes());
+            let resp = b64(&plain);
+            socket.write_all(format!("AUTH\t1\tPLAIN\tservice=imap\tsecured\tno-penalty\tresp={resp}\n").as_bytes())?;
+        }
         line.clear();
         reader.read_line(&mut line)?;
         Ok(line.starts_with("OK\t1"))

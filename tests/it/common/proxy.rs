@@ -45,6 +45,10 @@ pub struct Options {
     pub no_upstream_ca: bool,
     /// The `[state]` table's lines (empty: the memory backend).
     pub state: String,
+    /// The upstream Dovecot (default: the shared one).
+    pub dovecot: Option<&'static dovecot::Dovecot>,
+    /// Extra lines for each of the `[imap]`, `[pop3]` and `[smtp]` tables.
+    pub protocol_extra: String,
 }
 
 impl Default for Options {
@@ -59,6 +63,8 @@ impl Default for Options {
             imap_extra: String::new(),
             no_upstream_ca: false,
             state: String::new(),
+            dovecot: None,
+            protocol_extra: String::new(),
         }
     }
 }
@@ -81,6 +87,8 @@ pub struct Proxy {
     pub ca_file: PathBuf,
     /// The config file.
     pub config_path: PathBuf,
+    /// The upstream Dovecot.
+    pub dovecot: &'static dovecot::Dovecot,
     config: Config,
     server: Arc<State>,
     running: Option<Running>,
@@ -99,7 +107,7 @@ impl Proxy {
         let d = dir.path();
         let pki = pki::pki();
         let issued = pki.issue_in("proxy", d);
-        let dovecot = dovecot::dovecot();
+        let dovecot = options.dovecot.unwrap_or_else(dovecot::dovecot);
         let mut closed = Vec::new();
         let mut closed_port = || {
             let port = super::closed_port();
@@ -167,18 +175,22 @@ listen = ["127.0.0.1:0"]
 upstream = "{imap}"
 {ca}
 {imap_extra}
+{protocol_extra}
 
 [pop3]
 listen = ["127.0.0.1:0"]
 upstream = "{pop3}"
 {ca}
+{protocol_extra}
 
 [smtp]
 listen = ["127.0.0.1:0"]
 upstream = "{smtp}"
 upstream_tls = "{smtp_tls}"
 {ca}
+{protocol_extra}
 "#,
+            protocol_extra = options.protocol_extra,
             cert = issued.cert_file.display().to_string(),
             key = issued.key_file.display().to_string(),
             limits = options.limits,
@@ -202,6 +214,7 @@ upstream_tls = "{smtp_tls}"
             smtps: addr(Protocol::Smtp),
             ca_file: pki.ca_file.clone(),
             config_path,
+            dovecot,
             config,
             server,
             running: Some(running),
@@ -267,13 +280,13 @@ pub struct TestUser {
     pub upstream_password: String,
 }
 
-/// Creates `uid`@example.com in slapd (with `password`) and in Dovecot (with a generated
-/// upstream password), and stores the upstream password in `proxy`'s vault.
+/// Creates `uid`@example.com in slapd (with `password`) and in the proxy's Dovecot (with a
+/// generated upstream password), and stores the upstream password in `proxy`'s vault.
 pub fn add_user(proxy: &Proxy, uid: &str, password: &str) -> TestUser {
     let mail = format!("{uid}@example.com");
     let upstream_password = format!("up-{uid}-Zq9x");
     slapd::slapd().add_user(uid, &mail, password, &[]);
-    dovecot::dovecot().add_user(&mail, &upstream_password);
+    proxy.dovecot.add_user(&mail, &upstream_password);
     proxy.set_upstream(&mail, &upstream_password);
     TestUser { mail, password: password.to_owned(), upstream_password }
 }
