@@ -145,12 +145,18 @@ async fn unknown_and_known_users_are_refused_in_the_same_time() {
             known_times.push(refusal_micros(&proxy, protocol, known).await);
             unknown_times.push(refusal_micros(&proxy, protocol, "timing-nobody@example.com").await);
         }
+        let fastest = |times: &[u128]| times.iter().copied().min().unwrap_or_default();
+        let (known_min, unknown_min) = (fastest(&known_times), fastest(&unknown_times));
         let (known, unknown) = (median(known_times), median(unknown_times));
-        eprintln!("{protocol}: refusal of a known user {known} µs, of an unknown one {unknown} µs (medians of 20)");
-        let ratio = unknown as f64 / known as f64;
+        eprintln!(
+            "{protocol}: refusal of a known user {known} µs, of an unknown one {unknown} µs (medians of 20; fastest {known_min} / {unknown_min} µs)"
+        );
+        // The fastest of each is what the work itself costs; medians also carry whatever else
+        // the machine (and the other tests) were doing at the time.
+        let ratio = unknown_min as f64 / known_min as f64;
         assert!(
             (0.8..=1.25).contains(&ratio),
-            "{protocol}: an unknown user is refused in {unknown} µs, a known one in {known} µs (median of 20)"
+            "{protocol}: an unknown user is refused in {unknown_min} µs at best, a known one in {known_min} µs (of 20 each)"
         );
     }
     proxy.stop().await;
