@@ -766,6 +766,85 @@ mod tests {
         crate::access::profiles::Profiles::parse(include_str!("../profiles.toml.example")).unwrap();
     }
 
+    /// The Debian package's config (packaging/deb/proxy.toml) is the example with packaged
+    /// paths; nothing else may drift. After editing the example, apply the same edit there.
+    #[test]
+    fn the_packaged_config_is_the_example_with_packaged_paths() {
+        let packaged = include_str!("../packaging/deb/proxy.toml");
+        let mut expected = include_str!("../proxy.toml.example").to_owned();
+        for (example, package) in [
+            (
+                r#"# Postern example configuration. Runs as is for a first try:
+#   cargo run --release -- serve --config proxy.toml.example
+# Relative paths are resolved against the folder of this file.
+"#,
+                r#"# Postern configuration, as the Debian package installs it: /etc/postern/proxy.toml.
+# Edit hostname and upstreams, then `systemctl restart postern`. Made from
+# proxy.toml.example; only the paths differ (a unit test keeps the two in step).
+"#,
+            ),
+            (
+                r#"# Vault of upstream credentials and other state. Under systemd: /var/lib/postern.
+state_dir = "state"
+"#,
+                r#"# Vault of upstream credentials and other state: the unit's StateDirectory.
+state_dir = "/var/lib/postern"
+"#,
+            ),
+            (
+                r#"# Certificate chain (leaf first) and private key clients see, PEM. See certs/README.md.
+cert = "certs/postern.pem"
+key = "certs/postern.key"
+# Generate a self-signed certificate when both files are missing (first runs only;
+# clients will warn until a real certificate is installed).
+generate_self_signed = true
+"#,
+                r#"# Certificate chain (leaf first) and private key clients see, PEM. The package generated a
+# self-signed pair at install (clients warn until a real certificate replaces it); the key
+# belongs to postern, mode 0600. `systemctl reload postern` picks up new files.
+cert = "/etc/postern/postern.pem"
+key = "/etc/postern/postern.key"
+# The service may not write to /etc/postern, so it cannot generate a pair itself.
+generate_self_signed = false
+"#,
+            ),
+            (
+                r#"path = "state/users.toml"
+"#,
+                r#"path = "/var/lib/postern/users.toml"
+"#,
+            ),
+            (
+                r#"profiles = "profiles.toml.example"
+"#,
+                r#"profiles = "/etc/postern/profiles.toml"
+"#,
+            ),
+            (
+                r#"# Relative to this file's folder; a packaged install uses e.g. "/var/log/postern/audit.jsonl".
+file = "state/audit.jsonl"
+"#,
+                r#"# In the unit's LogsDirectory.
+file = "/var/log/postern/audit.jsonl"
+"#,
+            ),
+        ] {
+            assert_eq!(expected.matches(example).count(), 1, "the example lost or repeats:\n{example}");
+            expected = expected.replacen(example, package, 1);
+        }
+        let first_difference = packaged.lines().zip(expected.lines()).position(|(p, e)| p != e);
+        if let Some(n) = first_difference.or((packaged != expected).then_some(expected.lines().count())) {
+            panic!(
+                "packaging/deb/proxy.toml line {} differs from proxy.toml.example with packaged paths; expected:\n{}",
+                n + 1,
+                expected.lines().nth(n).unwrap_or("(end of file)")
+            );
+        }
+        let c = parse(packaged).unwrap();
+        assert_eq!(c.server.state_dir, Path::new("/var/lib/postern"));
+        assert_eq!(c.audit.file.as_deref(), Some(Path::new("/var/log/postern/audit.jsonl")));
+    }
+
     #[test]
     fn bad_pins_name_their_key() {
         let text = MINIMAL.replace(
