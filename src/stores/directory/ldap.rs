@@ -12,6 +12,10 @@
 //! (`cn=mail-users,ou=groups,dc=example,dc=com`) and as the value of its first RDN
 //! (`mail-users`), so a profile may name either.
 //!
+//! Account states: a refused bind whose answer names a state of the account (Active
+//! Directory's diagnostic codes, OpenLDAP's password policy control; see [`states`]) is
+//! reported as [`DirectoryError::Account`], not as a wrong password.
+//!
 //! The directory failing (unreachable, TLS refused, timeout, unexpected result code) is
 //! reported per login as [`DirectoryError::Unavailable`]; the proxy starts regardless.
 
@@ -21,12 +25,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
+use ldap3::controls::RawControl;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, LdapResult, Scope, SearchEntry, SearchOptions};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::{DirectoryError, Entry};
 use crate::secret::Secret;
+
+pub mod states;
+
+use states::{PPOLICY_OID, ad_diagnostic, parse_ppolicy};
 
 /// LDAP result code: the search hit its size limit (more entries than asked for).
 const RC_SIZE_LIMIT_EXCEEDED: u32 = 4;
@@ -181,6 +190,33 @@ enum Locate {
     Search { base_dn: String, filter: String },
 }
 
+/// What a user bind's answer means: accepted, or the refusal for the login. A password
+/// policy control naming a state wins (a bind that must change its password succeeds,
+/// restricted); then result code 49 is a wrong password unless Active Directory's
+/// diagnostic names a state or an unknown user; any other non-zero code is a fault.
+fn judge_bind(result: &LdapResult) -> Result<(), Fault> {
+    let policy = result.ctrls.iter().filter(|c| c.1.ctype == PPOLICY_OID).find_map(|c| match &c.1.val {
+        Some(value) => match parse_ppolicy(value) {
+            Ok(response) => Some(response),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a password policy response control");
+                None
+            }
+        },
+        None => None,
+    });
+    if let Some(state) = policy.and_then(|p| p.error).and_then(|e| e.account_state()) {
+        return Err(Fault::Refused(DirectoryError::Account(state)));
+    }
+    match result.rc {
+        0 => Ok(()),
+        RC_INVALID_CREDENTIALS => Err(Fault::Refused(
+            ad_diagnostic(&result.text).map_or(DirectoryError::WrongPassword, states::AdState::into_error),
+        )),
+        rc => Err(Fault::Code(rc, result.text.clone())),
+    }
+}
+
 /// Why an operation on a connection failed.
 enum Fault {
     /// The connection broke or could not be used; it must be discarded.
@@ -189,6 +225,8 @@ enum Fault {
     Timeout,
     /// The server answered with this result code and diagnostic text.
     Code(u32, String),
+    /// A user bind was refused: this is the answer for the login.
+    Refused(DirectoryError),
 }
 
 impl Fault {
@@ -199,6 +237,7 @@ impl Fault {
             Fault::Timeout => format!("{context}: no answer in time"),
             Fault::Code(rc, text) if text.is_empty() => format!("{context}: result code {rc}"),
             Fault::Code(rc, text) => format!("{context}: result code {rc} ({text})"),
+            Fault::Refused(error) => return error,
         };
         DirectoryError::Unavailable(scrub(message, secret))
     }
@@ -391,12 +430,17 @@ impl LdapDirectory {
         let mut ldap = loop {
             attempt += 1;
             let (mut ldap, reused) = self.bind_connection().await?;
-            let bind = ldap.simple_bind(dn, password.expose());
-            match self.timed(bind).await.and_then(|r| code_to_fault(r.rc, r.text)) {
+            // Asks a password policy overlay to say why it refuses; other servers ignore it.
+            let policy = RawControl { ctype: PPOLICY_OID.to_owned(), crit: false, val: None };
+            let bind = ldap.with_controls(policy).simple_bind(dn, password.expose());
+            match self.timed(bind).await.and_then(|r| judge_bind(&r)) {
                 Ok(()) => break ldap,
-                Err(Fault::Code(RC_INVALID_CREDENTIALS, _)) => {
+                Err(Fault::Refused(error)) => {
                     self.release_bind_connection(ldap);
-                    return Err(DirectoryError::WrongPassword);
+                    if let DirectoryError::Account(state) = &error {
+                        tracing::debug!(dn, %state, "the directory refuses the account");
+                    }
+                    return Err(error);
                 }
                 Err(Fault::Code(rc, text)) => {
                     self.release_bind_connection(ldap);
@@ -911,6 +955,59 @@ mod tests {
         assert!(is_loopback_url("ldap://localhost"));
         assert!(is_loopback_url("ldap://[::1]:389"));
         assert!(!is_loopback_url("ldap://ldap.example.com"));
+    }
+
+    fn bind_result(rc: u32, text: &str, policy: Option<&[u8]>) -> LdapResult {
+        let ctrls = policy
+            .map(|value| {
+                ldap3::controls::Control(
+                    None,
+                    RawControl { ctype: PPOLICY_OID.to_owned(), crit: false, val: Some(value.to_vec()) },
+                )
+            })
+            .into_iter()
+            .collect();
+        LdapResult { rc, matched: String::new(), text: text.to_owned(), refs: Vec::new(), ctrls }
+    }
+
+    fn judged(result: &LdapResult) -> Result<(), DirectoryError> {
+        judge_bind(result).map_err(|fault| fault.unavailable("LDAP bind", None))
+    }
+
+    #[test]
+    fn bind_answers_are_judged() {
+        use super::super::AccountState;
+
+        assert!(judged(&bind_result(0, "", None)).is_ok());
+        assert!(matches!(judged(&bind_result(49, "", None)), Err(DirectoryError::WrongPassword)));
+        let ad = |code: &str| {
+            format!("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data {code}, v4563\0")
+        };
+        assert!(matches!(judged(&bind_result(49, &ad("52e"), None)), Err(DirectoryError::WrongPassword)));
+        assert!(matches!(judged(&bind_result(49, &ad("525"), None)), Err(DirectoryError::UnknownUser)));
+        assert!(matches!(
+            judged(&bind_result(49, &ad("533"), None)),
+            Err(DirectoryError::Account(AccountState::Disabled))
+        ));
+        assert!(matches!(judged(&bind_result(49, &ad("534"), None)), Err(DirectoryError::WrongPassword)));
+        assert!(matches!(judged(&bind_result(53, "unwilling", None)), Err(DirectoryError::Unavailable(_))));
+
+        // ppolicy: refused with a state, or accepted but restricted to a password change.
+        let locked: &[u8] = &[0x30, 0x03, 0x81, 0x01, 0x01];
+        let reset: &[u8] = &[0x30, 0x03, 0x81, 0x01, 0x02];
+        assert!(matches!(
+            judged(&bind_result(49, "", Some(locked))),
+            Err(DirectoryError::Account(AccountState::Locked))
+        ));
+        assert!(matches!(
+            judged(&bind_result(0, "", Some(reset))),
+            Err(DirectoryError::Account(AccountState::PasswordMustChange))
+        ));
+        // A warning alone, or a malformed control, changes nothing.
+        let warning: &[u8] = &[0x30, 0x05, 0xa0, 0x03, 0x80, 0x01, 0x3c];
+        assert!(judged(&bind_result(0, "", Some(warning))).is_ok());
+        assert!(judged(&bind_result(0, "", Some(&[0x30, 0x09]))).is_ok());
+        assert!(matches!(judged(&bind_result(49, "", Some(&[0xff]))), Err(DirectoryError::WrongPassword)));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum Dir {
     Ldap,
     /// An LDAP URL nothing listens on: the directory is down.
     LdapDown,
+    /// The test slapd with the password policy overlay, like [`Dir::Ldap`].
+    LdapPpolicy,
     /// The embedded users file (filled with [`Proxy::set_file_password`]).
     File,
 }
@@ -108,8 +110,11 @@ impl Proxy {
             number
         };
         let directory = match options.directory {
-            Dir::Ldap | Dir::LdapDown => {
-                let s = slapd::slapd();
+            Dir::Ldap | Dir::LdapDown | Dir::LdapPpolicy => {
+                let s = match options.directory {
+                    Dir::LdapPpolicy => slapd::slapd_with_ppolicy(),
+                    _ => slapd::slapd(),
+                };
                 let url = match options.directory {
                     Dir::LdapDown => format!("ldap://127.0.0.1:{}", closed_port()),
                     _ => s.url.clone(),
