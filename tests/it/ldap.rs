@@ -1,5 +1,5 @@
 //! The LDAP directory against a real slapd: search and template modes, plain, StartTLS
-//! and LDAPS, groups, wrong and odd passwords, filter injection, outages;
+//! and LDAPS, groups and nested groups, wrong and odd passwords, filter injection, outages;
 //! and against a slapd with the password policy overlay: accounts locked, expired or to be
 //! changed in the directory, each refused for its own reason and never counted toward
 //! Postern's lockout.
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::client::{self, MailClient};
 use common::logs;
-use common::proxy;
 use common::proxy::{Dir, Options, Proxy};
 use common::slapd::{PPOLICY_MAX_FAILURES, Slapd, slapd, slapd_with_ppolicy};
+use common::{dovecot, proxy};
 use postern::secret::Secret;
 use postern::stores::directory::ldap::{LdapConfig, LdapDirectory};
 use postern::stores::directory::{AccountState, Directory, DirectoryConfig, DirectoryError};
@@ -412,4 +412,67 @@ async fn directory_account_states_are_audited_apart_and_never_lock_in_postern() 
     let locked_in_postern = proxy.server().counters.locked_users().await.expect("memory store");
     assert_eq!(locked_in_postern.iter().map(|l| l.user.as_str()).collect::<Vec<_>>(), [guesser.as_str()]);
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn nested_groups_are_followed_recursively_and_cycles_end() {
+    let s = slapd();
+    // nest-outer ∋ nest-inner ∋ user; nest-loop-a ∋ nest-loop-b ∋ nest-loop-a, and the
+    // user is in nest-loop-b.
+    // The uid is the mail address, so the bind-DN template finds the user too.
+    s.add_user("nested@example.com", "nested@example.com", "nest-pw", &["nest-inner", "nest-loop-b"]);
+    s.add_member("nest-outer", &s.group_dn("nest-inner"));
+    s.add_member("nest-loop-a", &s.group_dn("nest-loop-b"));
+    s.add_member("nest-loop-b", &s.group_dn("nest-loop-a"));
+
+    let flat = open(&search_config(s, &s.url, "")).await;
+    let groups = login(&flat, "nested@example.com", "nest-pw").await.unwrap();
+    assert_member(&groups, s, "nest-inner");
+    assert!(!groups.iter().any(|g| g == "nest-outer"), "nesting off, yet {groups:?}");
+
+    let base = format!("group_base_dn = {:?}\nnested_groups = \"recursive\"", s.groups_dn);
+    // Groups under base_dn (the whole tree), under group_base_dn, and found by the group
+    // search after a bind without a service account.
+    let mut whole_tree = search_config(s, &s.url, "nested_groups = \"recursive\"");
+    whole_tree.base_dn = Some(s.base_dn.clone());
+    for config in
+        [whole_tree, search_config(s, &s.url, &base), template_config(s, &format!("group_attribute = \"\"\n{base}"))]
+    {
+        let dir = open(&config).await;
+        let groups = tokio::time::timeout(Duration::from_secs(30), login(&dir, "nested@example.com", "nest-pw"))
+            .await
+            .expect("a cycle of groups ends")
+            .unwrap();
+        for group in ["nest-inner", "nest-outer", "nest-loop-a", "nest-loop-b"] {
+            assert_member(&groups, s, group);
+        }
+        assert_eq!(groups.len(), 8, "each group once: {groups:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_profile_naming_an_enclosing_group_admits_a_member_of_a_nested_group() {
+    let s = slapd();
+    let mail = "nestproxy@example.com";
+    s.add_user("nestproxy", mail, "np-pw", &["np-team"]);
+    s.add_member("np-department", &s.group_dn("np-team"));
+    let profiles = "[[profile]]\nname = \"department\"\nallow = [\"127.0.0.1/32\"]\ngroups = [\"np-department\"]\n";
+    let start = |nested: &str| Options {
+        profiles: profiles.to_owned(),
+        directory_extra: nested.to_owned(),
+        ..Options::default()
+    };
+
+    let flat = Proxy::start(start("")).await;
+    assert_eq!(imap_login(&flat, "f1", mail, "np-pw").await, format!("f1 {DENIAL}"));
+    logs::wait_for_audit(mail, &["\"reason\":\"no profile applies to the user\""]).await;
+    flat.stop().await;
+
+    let nested = Proxy::start(start("nested_groups = \"recursive\"")).await;
+    dovecot::dovecot().add_user(mail, "up-nestproxy-Zq9x");
+    nested.set_upstream(mail, "up-nestproxy-Zq9x");
+    let answer = imap_login(&nested, "n1", mail, "np-pw").await;
+    assert!(answer.starts_with("n1 OK"), "{answer}");
+    logs::wait_for_audit(mail, &["\"profile\":\"department"]).await;
+    nested.stop().await;
 }

@@ -47,6 +47,8 @@ pub struct Options {
     pub no_upstream_ca: bool,
     /// The `[state]` table's lines (empty: the memory backend).
     pub state: String,
+    /// Extra lines for the `[directory]` table.
+    pub directory_extra: String,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             imap_extra: String::new(),
             no_upstream_ca: false,
             state: String::new(),
+            directory_extra: String::new(),
         }
     }
 }
@@ -120,8 +123,8 @@ impl Proxy {
                     _ => s.url.clone(),
                 };
                 format!(
-                    "kind = \"ldap\"\nurl = {url:?}\nbind_dn = {:?}\nbind_password = {:?}\nbase_dn = {:?}\nfilter = \"(mail={{user}})\"\ntimeout_secs = 3\n",
-                    s.service_dn, s.service_password, s.base_dn
+                    "kind = \"ldap\"\nurl = {url:?}\nbind_dn = {:?}\nbind_password = {:?}\nbase_dn = {:?}\nfilter = \"(mail={{user}})\"\ntimeout_secs = 3\n{}\n",
+                    s.service_dn, s.service_password, s.base_dn, options.directory_extra
                 )
             }
             Dir::File => "kind = \"file\"\npath = \"users.toml\"\n".to_owned(),

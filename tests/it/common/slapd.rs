@@ -318,6 +318,13 @@ impl Slapd {
         }
     }
 
+    /// Makes the entry `member_dn` (a person or a group) a member of `group` (created as
+    /// needed); group names must be plain DN-safe words.
+    pub fn add_member(&self, group: &str, member_dn: &str) {
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.add_member_locked(group, member_dn);
+    }
+
     fn add_member_locked(&self, group: &str, member_dn: &str) {
         let gdn = self.group_dn(group);
         let add_member = format!("dn: {gdn}\nchangetype: modify\nadd: member\nmember: {member_dn}\n");
