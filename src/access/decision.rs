@@ -18,7 +18,7 @@ use super::store::{ReserveError, SessionSlot, StoreError};
 use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{CredentialFault, Credentials, Protocol};
 use crate::state::State;
-use crate::stores::directory::DirectoryError;
+use crate::stores::directory::{AccountState, DirectoryError};
 use crate::upstream::LoggedIn;
 use crate::upstream::credential::LoginError;
 
@@ -52,6 +52,20 @@ pub enum Denial {
     AuthzidMismatch,
     /// The password is empty.
     EmptyPassword,
+    /// The directory says the account is disabled.
+    AccountDisabled,
+    /// The directory says the account has expired.
+    AccountExpired,
+    /// The directory says the password has expired.
+    PasswordExpired,
+    /// The directory says the password must be changed (after a reset) before use.
+    PasswordMustChange,
+    /// The directory itself has locked the account (its own lockout, not Postern's).
+    AccountLockedInDirectory,
+    /// The directory does not allow the user to log on at this time.
+    LogonNotAllowedNow,
+    /// The directory does not allow the user to log on from this workstation.
+    WorkstationNotAllowed,
 }
 
 impl Denial {
@@ -71,6 +85,27 @@ impl Denial {
             Denial::NoUpstreamCredential => "no upstream credential stored for the user",
             Denial::AuthzidMismatch => "authorization identity differs from the user",
             Denial::EmptyPassword => "empty password",
+            Denial::AccountDisabled => "account disabled in the directory",
+            Denial::AccountExpired => "account expired in the directory",
+            Denial::PasswordExpired => "directory password expired",
+            Denial::PasswordMustChange => "directory password must be changed",
+            Denial::AccountLockedInDirectory => "account locked in the directory",
+            Denial::LogonNotAllowedNow => "directory does not allow logons at this time",
+            Denial::WorkstationNotAllowed => "directory does not allow logons from this workstation",
+        }
+    }
+}
+
+impl From<AccountState> for Denial {
+    fn from(state: AccountState) -> Self {
+        match state {
+            AccountState::Disabled => Denial::AccountDisabled,
+            AccountState::Expired => Denial::AccountExpired,
+            AccountState::PasswordExpired => Denial::PasswordExpired,
+            AccountState::PasswordMustChange => Denial::PasswordMustChange,
+            AccountState::Locked => Denial::AccountLockedInDirectory,
+            AccountState::LogonHours => Denial::LogonNotAllowedNow,
+            AccountState::Workstation => Denial::WorkstationNotAllowed,
         }
     }
 }
@@ -174,6 +209,7 @@ impl From<DirectoryError> for Refusal {
         match error {
             DirectoryError::UnknownUser => Refusal::Denied(Denial::UnknownUser),
             DirectoryError::WrongPassword => Refusal::Denied(Denial::WrongPassword),
+            DirectoryError::Account(state) => Refusal::Denied(Denial::from(state)),
             e @ (DirectoryError::Unavailable(_) | DirectoryError::Config(_)) => {
                 Refusal::Unavailable(Outage::Directory(e))
             }
@@ -366,6 +402,13 @@ async fn decide(
             }
             return Err(Refusal::Denied(Denial::WrongPassword));
         }
+        // The directory refuses the account whatever the password (disabled, expired, locked
+        // there, ...): not a guess Postern's lockout should count. The reservation settles as
+        // nothing, like an outage's.
+        Err(e @ DirectoryError::Account(_)) => {
+            drop(reservation);
+            return Err(e.into());
+        }
         // An outage is not the user's fault: the dropped reservation counts as nothing.
         Err(e) => return Err(e.into()),
     };
@@ -520,6 +563,28 @@ mod tests {
         assert!(matches!(Refusal::from(down), Refusal::Unavailable(Outage::Directory(_))));
     }
 
+    #[test]
+    fn each_directory_account_state_is_its_own_denial() {
+        let states = [
+            AccountState::Disabled,
+            AccountState::Expired,
+            AccountState::PasswordExpired,
+            AccountState::PasswordMustChange,
+            AccountState::Locked,
+            AccountState::LogonHours,
+            AccountState::Workstation,
+        ];
+        let mut reasons = std::collections::HashSet::new();
+        for state in states {
+            let Refusal::Denied(denial) = Refusal::from(DirectoryError::Account(state)) else {
+                panic!("{state:?} is not a denial");
+            };
+            assert_ne!(denial, Denial::WrongPassword);
+            assert_ne!(denial, Denial::Locked);
+            assert!(reasons.insert(denial.reason()), "{state:?} shares its reason");
+        }
+    }
+
     /// One refusal of every kind: every denial, every outage, every upstream failure as an
     /// outage. The matches stop compiling when a kind is added; list it here then.
     fn one_refusal_of_every_kind() -> Vec<Refusal> {
@@ -544,6 +609,13 @@ mod tests {
             Denial::NoUpstreamCredential,
             Denial::AuthzidMismatch,
             Denial::EmptyPassword,
+            Denial::AccountDisabled,
+            Denial::AccountExpired,
+            Denial::PasswordExpired,
+            Denial::PasswordMustChange,
+            Denial::AccountLockedInDirectory,
+            Denial::LogonNotAllowedNow,
+            Denial::WorkstationNotAllowed,
         ];
         for denial in denials {
             match denial {
@@ -559,7 +631,14 @@ mod tests {
                 | Denial::WrongPassword
                 | Denial::NoUpstreamCredential
                 | Denial::AuthzidMismatch
-                | Denial::EmptyPassword => {}
+                | Denial::EmptyPassword
+                | Denial::AccountDisabled
+                | Denial::AccountExpired
+                | Denial::PasswordExpired
+                | Denial::PasswordMustChange
+                | Denial::AccountLockedInDirectory
+                | Denial::LogonNotAllowedNow
+                | Denial::WorkstationNotAllowed => {}
             }
         }
         let upstream_failures = vec![

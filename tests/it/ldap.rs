@@ -1,15 +1,29 @@
 //! The LDAP directory against a real slapd: search and template modes, plain, StartTLS
-//! and LDAPS, groups, wrong and odd passwords, filter injection, outages.
+//! and LDAPS, groups and nested groups, wrong and odd passwords, filter injection, outages;
+//! and against a slapd with the password policy overlay: accounts locked, expired or to be
+//! changed in the directory, each refused for its own reason and never counted toward
+//! Postern's lockout.
 
 use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::slapd::{Slapd, slapd};
+use common::client::{self, MailClient};
+use common::logs;
+use common::proxy::{Dir, Options, Proxy};
+use common::slapd::{PPOLICY_MAX_FAILURES, Slapd, slapd, slapd_with_ppolicy};
+use common::{dovecot, proxy};
 use postern::secret::Secret;
 use postern::stores::directory::ldap::{LdapConfig, LdapDirectory};
-use postern::stores::directory::{Directory, DirectoryConfig, DirectoryError};
+use postern::stores::directory::{AccountState, Directory, DirectoryConfig, DirectoryError};
+
+/// What every refused IMAP login reads, whatever the reason.
+const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
+/// `pwdAccountLockedTime` for "locked until an administrator unlocks".
+const LOCKED_FOR_GOOD: &str = "000001010000Z";
+/// A `pwdChangedTime` far older than the policy's maximum age.
+const LONG_AGO: &str = "20000101000000Z";
 
 /// Service-account search mode against `url`, plus `extra` TOML lines.
 fn search_config(s: &Slapd, url: &str, extra: &str) -> LdapConfig {
@@ -292,4 +306,173 @@ async fn bad_config_fails_to_open() {
 fn with_url(mut config: LdapConfig, url: &str) -> LdapConfig {
     config.url = url.to_owned();
     config
+}
+
+/// Person `uid` in the ppolicy slapd, put into a state by setting `attr` to `value`.
+fn policy_user(uid: &str, password: &str, state: Option<(&str, &str)>) -> String {
+    let s = slapd_with_ppolicy();
+    let mail = format!("{uid}@example.com");
+    s.add_user(uid, &mail, password, &[]);
+    if let Some((attr, value)) = state {
+        s.set_policy_attribute(uid, attr, value);
+    }
+    mail
+}
+
+fn is_state(result: &Result<Vec<String>, DirectoryError>, state: AccountState) -> bool {
+    matches!(result, Err(DirectoryError::Account(s)) if *s == state)
+}
+
+#[tokio::test]
+async fn password_policy_states_are_account_states_not_wrong_passwords() {
+    let s = slapd_with_ppolicy();
+    let locked = policy_user("pp-locked", "pp-pw", Some(("pwdAccountLockedTime", LOCKED_FOR_GOOD)));
+    let expired = policy_user("pp-expired", "pp-pw", Some(("pwdChangedTime", LONG_AGO)));
+    let reset = policy_user("pp-reset", "pp-pw", Some(("pwdReset", "TRUE")));
+    let fine = policy_user("pp-fine", "pp-pw", None);
+    let dir = open(&search_config(s, &s.url, "")).await;
+
+    // A lock refuses every password, right or wrong.
+    for password in ["pp-pw", "wrong"] {
+        let result = login(&dir, &locked, password).await;
+        assert!(is_state(&result, AccountState::Locked), "{password}: {result:?}");
+    }
+    // Expiry and a pending change show only with the right password (the bind of a reset
+    // password even succeeds, restricted to changing it).
+    let result = login(&dir, &expired, "pp-pw").await;
+    assert!(is_state(&result, AccountState::PasswordExpired), "{result:?}");
+    let result = login(&dir, &reset, "pp-pw").await;
+    assert!(is_state(&result, AccountState::PasswordMustChange), "{result:?}");
+    for user in [&expired, &reset, &fine] {
+        let result = login(&dir, user, "wrong").await;
+        assert!(matches!(result, Err(DirectoryError::WrongPassword)), "{user}: {result:?}");
+    }
+    login(&dir, &fine, "pp-pw").await.expect("an account in good standing logs in");
+}
+
+#[tokio::test]
+async fn the_directory_s_own_lockout_is_reported_as_locked_in_the_directory() {
+    let s = slapd_with_ppolicy();
+    let user = policy_user("pp-guessed", "pp-pw", None);
+    let dir = open(&search_config(s, &s.url, "")).await;
+    // Every guess up to the directory's limit is a wrong password (and so counts in Postern
+    // too); the last one locks the account there, and from then on every password is
+    // refused as locked.
+    for i in 1..=PPOLICY_MAX_FAILURES {
+        let result = login(&dir, &user, "wrong").await;
+        assert!(matches!(result, Err(DirectoryError::WrongPassword)), "guess {i}: {result:?}");
+    }
+    for password in ["wrong", "pp-pw"] {
+        let result = login(&dir, &user, password).await;
+        assert!(is_state(&result, AccountState::Locked), "{password}: {result:?}");
+    }
+}
+
+async fn imap_login(proxy: &Proxy, tag: &str, user: &str, password: &str) -> String {
+    let mut c: MailClient = client::connect_tls(proxy.imaps, &proxy.ca_file).await;
+    assert!(c.read_line().await.starts_with("* OK"));
+    c.tagged(tag, &format!("LOGIN {user} {password}")).await
+}
+
+#[tokio::test]
+async fn directory_account_states_are_audited_apart_and_never_lock_in_postern() {
+    let locked = policy_user("px-locked", "px-pw", Some(("pwdAccountLockedTime", LOCKED_FOR_GOOD)));
+    let expired = policy_user("px-expired", "px-pw", Some(("pwdChangedTime", LONG_AGO)));
+    let reset = policy_user("px-reset", "px-pw", Some(("pwdReset", "TRUE")));
+    let guesser = policy_user("px-guesser", "px-pw", None);
+    let users = [locked.as_str(), expired.as_str(), reset.as_str(), guesser.as_str()];
+    // One wrong password would lock a user in Postern.
+    let lockout = "failure_delay_ms = 0\nmax_failures = 1\nwindow_secs = 600\nlock_secs = 600".to_owned();
+    let proxy = Proxy::start(Options {
+        directory: Dir::LdapPpolicy,
+        profiles: proxy::profile_for(&users),
+        lockout,
+        ..Options::default()
+    })
+    .await;
+
+    for (user, reason) in [
+        (&locked, "account locked in the directory"),
+        (&expired, "directory password expired"),
+        (&reset, "directory password must be changed"),
+    ] {
+        for attempt in 0..2 {
+            let tag = format!("a{attempt}");
+            assert_eq!(imap_login(&proxy, &tag, user, "px-pw").await, format!("{tag} {DENIAL}"), "{user}");
+        }
+        let line = logs::wait_for_audit(user, &["login refused", &format!("\"reason\":\"{reason}\"")]).await;
+        assert!(line.contains("\"outcome\":\"denied\""), "{line}");
+    }
+    let locked_in_postern = proxy.server().counters.locked_users().await.expect("memory store");
+    assert!(locked_in_postern.is_empty(), "directory states counted as wrong passwords: {locked_in_postern:?}");
+
+    // The same proxy does lock after one wrong password.
+    assert_eq!(imap_login(&proxy, "w1", &guesser, "wrong").await, format!("w1 {DENIAL}"));
+    logs::wait_for_audit(&guesser, &["\"reason\":\"wrong password\""]).await;
+    let locked_in_postern = proxy.server().counters.locked_users().await.expect("memory store");
+    assert_eq!(locked_in_postern.iter().map(|l| l.user.as_str()).collect::<Vec<_>>(), [guesser.as_str()]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn nested_groups_are_followed_recursively_and_cycles_end() {
+    let s = slapd();
+    // nest-outer ∋ nest-inner ∋ user; nest-loop-a ∋ nest-loop-b ∋ nest-loop-a, and the
+    // user is in nest-loop-b.
+    // The uid is the mail address, so the bind-DN template finds the user too.
+    s.add_user("nested@example.com", "nested@example.com", "nest-pw", &["nest-inner", "nest-loop-b"]);
+    s.add_member("nest-outer", &s.group_dn("nest-inner"));
+    s.add_member("nest-loop-a", &s.group_dn("nest-loop-b"));
+    s.add_member("nest-loop-b", &s.group_dn("nest-loop-a"));
+
+    let flat = open(&search_config(s, &s.url, "")).await;
+    let groups = login(&flat, "nested@example.com", "nest-pw").await.unwrap();
+    assert_member(&groups, s, "nest-inner");
+    assert!(!groups.iter().any(|g| g == "nest-outer"), "nesting off, yet {groups:?}");
+
+    let base = format!("group_base_dn = {:?}\nnested_groups = \"recursive\"", s.groups_dn);
+    // Groups under base_dn (the whole tree), under group_base_dn, and found by the group
+    // search after a bind without a service account.
+    let mut whole_tree = search_config(s, &s.url, "nested_groups = \"recursive\"");
+    whole_tree.base_dn = Some(s.base_dn.clone());
+    for config in
+        [whole_tree, search_config(s, &s.url, &base), template_config(s, &format!("group_attribute = \"\"\n{base}"))]
+    {
+        let dir = open(&config).await;
+        let groups = tokio::time::timeout(Duration::from_secs(30), login(&dir, "nested@example.com", "nest-pw"))
+            .await
+            .expect("a cycle of groups ends")
+            .unwrap();
+        for group in ["nest-inner", "nest-outer", "nest-loop-a", "nest-loop-b"] {
+            assert_member(&groups, s, group);
+        }
+        assert_eq!(groups.len(), 8, "each group once: {groups:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_profile_naming_an_enclosing_group_admits_a_member_of_a_nested_group() {
+    let s = slapd();
+    let mail = "nestproxy@example.com";
+    s.add_user("nestproxy", mail, "np-pw", &["np-team"]);
+    s.add_member("np-department", &s.group_dn("np-team"));
+    let profiles = "[[profile]]\nname = \"department\"\nallow = [\"127.0.0.1/32\"]\ngroups = [\"np-department\"]\n";
+    let start = |nested: &str| Options {
+        profiles: profiles.to_owned(),
+        directory_extra: nested.to_owned(),
+        ..Options::default()
+    };
+
+    let flat = Proxy::start(start("")).await;
+    assert_eq!(imap_login(&flat, "f1", mail, "np-pw").await, format!("f1 {DENIAL}"));
+    logs::wait_for_audit(mail, &["\"reason\":\"no profile applies to the user\""]).await;
+    flat.stop().await;
+
+    let nested = Proxy::start(start("nested_groups = \"recursive\"")).await;
+    dovecot::dovecot().add_user(mail, "up-nestproxy-Zq9x");
+    nested.set_upstream(mail, "up-nestproxy-Zq9x");
+    let answer = imap_login(&nested, "n1", mail, "np-pw").await;
+    assert!(answer.starts_with("n1 OK"), "{answer}");
+    logs::wait_for_audit(mail, &["\"profile\":\"department"]).await;
+    nested.stop().await;
 }

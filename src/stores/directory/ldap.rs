@@ -12,6 +12,16 @@
 //! (`cn=mail-users,ou=groups,dc=example,dc=com`) and as the value of its first RDN
 //! (`mail-users`), so a profile may name either.
 //!
+//! Nested groups (`nested_groups`): with `"in-chain"` one search under the group base asks
+//! Active Directory for every group containing the user at any depth
+//! (`LDAP_MATCHING_RULE_IN_CHAIN`); with `"recursive"` Postern itself searches the groups
+//! containing the user's groups, level by level, at most [`MAX_NESTING_DEPTH`] levels and
+//! [`MAX_NESTED_GROUPS`] groups, each group once (so cycles end).
+//!
+//! Account states: a refused bind whose answer names a state of the account (Active
+//! Directory's diagnostic codes, OpenLDAP's password policy control; see [`states`]) is
+//! reported as [`DirectoryError::Account`], not as a wrong password.
+//!
 //! The directory failing (unreachable, TLS refused, timeout, unexpected result code) is
 //! reported per login as [`DirectoryError::Unavailable`]; the proxy starts regardless.
 
@@ -21,12 +31,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
+use std::collections::HashSet;
+
+use ldap3::controls::RawControl;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, LdapResult, Scope, SearchEntry, SearchOptions};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::{DirectoryError, Entry};
 use crate::secret::Secret;
+
+pub mod states;
+
+use states::{PPOLICY_OID, ad_diagnostic, parse_ppolicy};
 
 /// LDAP result code: the search hit its size limit (more entries than asked for).
 const RC_SIZE_LIMIT_EXCEEDED: u32 = 4;
@@ -36,6 +53,19 @@ const RC_NO_SUCH_OBJECT: u32 = 32;
 const RC_INVALID_CREDENTIALS: u32 = 49;
 /// Longer user names are refused without asking the server.
 const MAX_USER_LEN: usize = 320;
+/// `nested_groups = "recursive"`: how many levels of groups containing groups are followed
+/// above the user's own groups.
+pub const MAX_NESTING_DEPTH: usize = 8;
+/// `nested_groups`: the most groups a user is reported in (own and enclosing); more are
+/// left out, with a warning.
+pub const MAX_NESTED_GROUPS: usize = 256;
+/// `nested_groups = "recursive"`: groups whose enclosing groups one search asks for.
+const GROUPS_PER_SEARCH: usize = 32;
+/// OID of Active Directory's `LDAP_MATCHING_RULE_IN_CHAIN`.
+const IN_CHAIN_RULE: &str = "1.2.840.113556.1.4.1941";
+/// `nested_groups = "recursive"` without a group search: the filter finding the groups
+/// that contain the group `{dn}`.
+const NESTING_FILTER: &str = "(member={dn})";
 
 fn default_filter() -> String {
     "(mail={user})".to_owned()
@@ -51,6 +81,47 @@ fn default_timeout_secs() -> u64 {
 }
 fn default_pool_size() -> usize {
     4
+}
+
+/// `nested_groups`: whether and how groups inside groups count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NestedGroups {
+    /// `false` (the default): only the groups that list the user themselves.
+    #[default]
+    Off,
+    /// `"in-chain"`: Active Directory resolves the nesting, in one search with the
+    /// `LDAP_MATCHING_RULE_IN_CHAIN` filter `(member:1.2.840.113556.1.4.1941:=<user DN>)`.
+    InChain,
+    /// `"recursive"`: any server; Postern searches the groups containing the user's groups,
+    /// level by level (bounded by [`MAX_NESTING_DEPTH`] and [`MAX_NESTED_GROUPS`]).
+    Recursive,
+}
+
+impl<'de> serde::Deserialize<'de> for NestedGroups {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Name(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Flag(false) => Ok(NestedGroups::Off),
+            Raw::Flag(true) => Err(D::Error::custom(
+                "nested_groups = true: say how, \"in-chain\" (Active Directory) or \"recursive\" (any server)",
+            )),
+            Raw::Name(name) => match name.as_str() {
+                "in-chain" => Ok(NestedGroups::InChain),
+                "recursive" => Ok(NestedGroups::Recursive),
+                "off" => Ok(NestedGroups::Off),
+                other => Err(D::Error::custom(format!(
+                    "nested_groups = {other:?}: expected false, \"in-chain\" or \"recursive\""
+                ))),
+            },
+        }
+    }
 }
 
 /// `[directory] kind = "ldap"`.
@@ -93,6 +164,13 @@ pub struct LdapConfig {
     /// name, both RFC 4515-escaped.
     #[serde(default = "default_group_filter")]
     pub group_filter: String,
+    /// Whether groups containing the user's groups count as the user's groups too:
+    /// `false`, `"in-chain"` (Active Directory) or `"recursive"` (any server). Both search
+    /// under `group_base_dn`, or `base_dn` without it; `"recursive"` finds the groups
+    /// containing a group with `group_filter` (its `{dn}` being the group's DN), or with
+    /// `(member={dn})` when there is no group search.
+    #[serde(default)]
+    pub nested_groups: NestedGroups,
     /// Limit in seconds for connecting (TCP, TLS, StartTLS) and for every single operation.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
@@ -153,6 +231,17 @@ impl LdapConfig {
                 return bad(format!("group_filter: not a valid LDAP filter: {}", self.group_filter));
             }
         }
+        if self.nested_groups != NestedGroups::Off {
+            if self.group_base_dn.as_ref().or(self.base_dn.as_ref()).is_none_or(|b| b.trim().is_empty()) {
+                return bad("nested_groups: needs group_base_dn (or base_dn) to search groups under".to_owned());
+            }
+            if self.nested_groups == NestedGroups::Recursive
+                && self.group_base_dn.is_some()
+                && !self.group_filter.contains("{dn}")
+            {
+                return bad("nested_groups = \"recursive\": group_filter must contain {dn}".to_owned());
+            }
+        }
         if self.timeout_secs == 0 {
             return bad("timeout_secs: must be at least 1".to_owned());
         }
@@ -181,6 +270,86 @@ enum Locate {
     Search { base_dn: String, filter: String },
 }
 
+/// How nested groups are found (see [`NestedGroups`]).
+enum Nesting {
+    Off,
+    /// One in-chain search under `base`.
+    InChain {
+        base: String,
+    },
+    /// Level by level under `base`, each level with `filter` for every group found.
+    Recursive {
+        base: String,
+        filter: String,
+    },
+}
+
+impl Nesting {
+    fn new(config: &LdapConfig) -> Self {
+        let base = config.group_base_dn.clone().or_else(|| config.base_dn.clone()).unwrap_or_default();
+        match config.nested_groups {
+            NestedGroups::Off => Nesting::Off,
+            NestedGroups::InChain => Nesting::InChain { base },
+            NestedGroups::Recursive => {
+                let filter = match &config.group_base_dn {
+                    Some(_) => config.group_filter.clone(),
+                    None => NESTING_FILTER.to_owned(),
+                };
+                Nesting::Recursive { base, filter }
+            }
+        }
+    }
+}
+
+/// The filter asking Active Directory for every group containing `dn` at any depth.
+fn in_chain_filter(dn: &str) -> String {
+    format!("(member:{IN_CHAIN_RULE}:={})", escape_filter_value(dn))
+}
+
+/// One filter matching the groups that contain any of `groups`: `template` with `{dn}` as
+/// each group's DN (and `{user}` as the login name), or-ed.
+fn enclosing_filter(template: &str, groups: &[String], user: &str) -> String {
+    let user = escape_filter_value(user);
+    let parts: Vec<String> =
+        groups.iter().map(|dn| template.replace("{dn}", &escape_filter_value(dn)).replace("{user}", &user)).collect();
+    match parts.as_slice() {
+        [one] => one.clone(),
+        _ => format!("(|{})", parts.concat()),
+    }
+}
+
+/// A DN as compared to spot a group seen before.
+fn dn_key(dn: &str) -> String {
+    dn.trim().to_lowercase()
+}
+
+/// What a user bind's answer means: accepted, or the refusal for the login. A password
+/// policy control naming a state wins (a bind that must change its password succeeds,
+/// restricted); then result code 49 is a wrong password unless Active Directory's
+/// diagnostic names a state or an unknown user; any other non-zero code is a fault.
+fn judge_bind(result: &LdapResult) -> Result<(), Fault> {
+    let policy = result.ctrls.iter().filter(|c| c.1.ctype == PPOLICY_OID).find_map(|c| match &c.1.val {
+        Some(value) => match parse_ppolicy(value) {
+            Ok(response) => Some(response),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a password policy response control");
+                None
+            }
+        },
+        None => None,
+    });
+    if let Some(state) = policy.and_then(|p| p.error).and_then(|e| e.account_state()) {
+        return Err(Fault::Refused(DirectoryError::Account(state)));
+    }
+    match result.rc {
+        0 => Ok(()),
+        RC_INVALID_CREDENTIALS => Err(Fault::Refused(
+            ad_diagnostic(&result.text).map_or(DirectoryError::WrongPassword, states::AdState::into_error),
+        )),
+        rc => Err(Fault::Code(rc, result.text.clone())),
+    }
+}
+
 /// Why an operation on a connection failed.
 enum Fault {
     /// The connection broke or could not be used; it must be discarded.
@@ -189,6 +358,8 @@ enum Fault {
     Timeout,
     /// The server answered with this result code and diagnostic text.
     Code(u32, String),
+    /// A user bind was refused: this is the answer for the login.
+    Refused(DirectoryError),
 }
 
 impl Fault {
@@ -199,6 +370,7 @@ impl Fault {
             Fault::Timeout => format!("{context}: no answer in time"),
             Fault::Code(rc, text) if text.is_empty() => format!("{context}: result code {rc}"),
             Fault::Code(rc, text) => format!("{context}: result code {rc} ({text})"),
+            Fault::Refused(error) => return error,
         };
         DirectoryError::Unavailable(scrub(message, secret))
     }
@@ -222,6 +394,8 @@ pub struct LdapDirectory {
     group_attribute: Option<String>,
     /// Group search base DN and filter.
     group_search: Option<(String, String)>,
+    /// How nested groups are found.
+    nesting: Nesting,
     /// The connection for lookups, when one is open.
     lookup_conn: Mutex<Option<Ldap>>,
     /// Fresh connections for password checks, never yet used for a bind.
@@ -264,6 +438,7 @@ impl LdapDirectory {
             locate,
             group_attribute: Some(config.group_attribute.clone()).filter(|a| !a.is_empty()),
             group_search: config.group_base_dn.clone().map(|base| (base, config.group_filter.clone())),
+            nesting: Nesting::new(config),
             lookup_conn: Mutex::new(None),
             bind_pool: Arc::new(Mutex::new(Vec::new())),
             pool_size: config.pool_size,
@@ -391,12 +566,17 @@ impl LdapDirectory {
         let mut ldap = loop {
             attempt += 1;
             let (mut ldap, reused) = self.bind_connection().await?;
-            let bind = ldap.simple_bind(dn, password.expose());
-            match self.timed(bind).await.and_then(|r| code_to_fault(r.rc, r.text)) {
+            // Asks a password policy overlay to say why it refuses; other servers ignore it.
+            let policy = RawControl { ctype: PPOLICY_OID.to_owned(), crit: false, val: None };
+            let bind = ldap.with_controls(policy).simple_bind(dn, password.expose());
+            match self.timed(bind).await.and_then(|r| judge_bind(&r)) {
                 Ok(()) => break ldap,
-                Err(Fault::Code(RC_INVALID_CREDENTIALS, _)) => {
+                Err(Fault::Refused(error)) => {
                     self.release_bind_connection(ldap);
-                    return Err(DirectoryError::WrongPassword);
+                    if let DirectoryError::Account(state) = &error {
+                        tracing::debug!(dn, %state, "the directory refuses the account");
+                    }
+                    return Err(error);
                 }
                 Err(Fault::Code(rc, text)) => {
                     self.release_bind_connection(ldap);
@@ -451,7 +631,63 @@ impl LdapDirectory {
             let found = self.search(ldap, base, Scope::Subtree, &filter, &["1.1".to_owned()], 0).await?;
             dns.extend(found.into_iter().map(|group| group.dn));
         }
+        match &self.nesting {
+            Nesting::Off => {}
+            Nesting::InChain { base } => {
+                let limit = i32::try_from(MAX_NESTED_GROUPS).unwrap_or(i32::MAX);
+                let filter = in_chain_filter(&entry.dn);
+                let found = self.search(ldap, base, Scope::Subtree, &filter, &["1.1".to_owned()], limit).await?;
+                dns.extend(found.into_iter().map(|group| group.dn));
+            }
+            Nesting::Recursive { base, filter } => {
+                let enclosing = self.enclosing_groups(ldap, base, filter, &dns, user).await?;
+                dns.extend(enclosing);
+            }
+        }
+        if dns.len() > MAX_NESTED_GROUPS {
+            tracing::warn!(user, limit = MAX_NESTED_GROUPS, "the user is in too many groups; the rest are ignored");
+            dns.truncate(MAX_NESTED_GROUPS);
+        }
         Ok(group_names(dns))
+    }
+
+    /// The DNs of the groups containing any of `groups`, directly or through other groups,
+    /// found level by level; each group is searched for once, so cycles end, and the search
+    /// stops after [`MAX_NESTING_DEPTH`] levels or [`MAX_NESTED_GROUPS`] groups.
+    async fn enclosing_groups(
+        &self,
+        ldap: &mut Ldap,
+        base: &str,
+        filter: &str,
+        groups: &[String],
+        user: &str,
+    ) -> Result<Vec<String>, Fault> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut level: Vec<String> = groups.iter().filter(|dn| seen.insert(dn_key(dn))).cloned().collect();
+        let mut found = Vec::new();
+        for _ in 0..MAX_NESTING_DEPTH {
+            let mut next = Vec::new();
+            for chunk in level.chunks(GROUPS_PER_SEARCH) {
+                let filter = enclosing_filter(filter, chunk, user);
+                let limit = i32::try_from(MAX_NESTED_GROUPS).unwrap_or(i32::MAX);
+                for group in self.search(ldap, base, Scope::Subtree, &filter, &["1.1".to_owned()], limit).await? {
+                    if seen.len() >= MAX_NESTED_GROUPS {
+                        tracing::warn!(user, limit = MAX_NESTED_GROUPS, "nested groups beyond the limit are ignored");
+                        return Ok(found);
+                    }
+                    if seen.insert(dn_key(&group.dn)) {
+                        next.push(group.dn.clone());
+                        found.push(group.dn);
+                    }
+                }
+            }
+            if next.is_empty() {
+                return Ok(found);
+            }
+            level = next;
+        }
+        tracing::warn!(user, depth = MAX_NESTING_DEPTH, "groups nested deeper than the limit, if any, are ignored");
+        Ok(found)
     }
 
     /// The attributes to request for a user's entry.
@@ -911,6 +1147,98 @@ mod tests {
         assert!(is_loopback_url("ldap://localhost"));
         assert!(is_loopback_url("ldap://[::1]:389"));
         assert!(!is_loopback_url("ldap://ldap.example.com"));
+    }
+
+    #[test]
+    fn nested_groups_take_false_or_a_method() {
+        let with = |value: &str| {
+            toml::from_str::<LdapConfig>(&format!("url = \"ldap://h\"\nbase_dn = \"x\"\nnested_groups = {value}"))
+        };
+        assert_eq!(search_config().nested_groups, NestedGroups::Off);
+        assert_eq!(with("false").unwrap().nested_groups, NestedGroups::Off);
+        assert_eq!(with("\"in-chain\"").unwrap().nested_groups, NestedGroups::InChain);
+        assert_eq!(with("\"recursive\"").unwrap().nested_groups, NestedGroups::Recursive);
+        assert!(with("true").unwrap_err().to_string().contains("in-chain"));
+        assert!(with("\"deep\"").is_err());
+
+        let mut c =
+            config("url = \"ldap://h\"\nbind_dn_template = \"uid={user},ou=people\"\nnested_groups = \"in-chain\"");
+        assert!(error_of(&c).starts_with("nested_groups"));
+        c.group_base_dn = Some("ou=groups".to_owned());
+        c.validate().unwrap();
+        c.nested_groups = NestedGroups::Recursive;
+        c.group_filter = "(memberUid={user})".to_owned();
+        assert!(error_of(&c).starts_with("nested_groups"));
+    }
+
+    #[test]
+    fn nesting_filters_are_escaped_and_parse() {
+        let dn = "cn=a\\2cb (x*),ou=people,dc=example,dc=com";
+        let chain = in_chain_filter(dn);
+        assert_eq!(chain, "(member:1.2.840.113556.1.4.1941:=cn=a\\5c2cb \\28x\\2a\\29,ou=people,dc=example,dc=com)");
+        assert!(ldap3::parse_filter(&chain).is_ok());
+
+        let groups = ["cn=g1,ou=groups".to_owned(), "cn=g(2),ou=groups".to_owned()];
+        assert_eq!(enclosing_filter(NESTING_FILTER, &groups[..1], "u"), "(member=cn=g1,ou=groups)");
+        let both = enclosing_filter("(&(objectClass=groupOfNames)(member={dn}))", &groups, "u");
+        assert_eq!(
+            both,
+            "(|(&(objectClass=groupOfNames)(member=cn=g1,ou=groups))(&(objectClass=groupOfNames)(member=cn=g\\282\\29,ou=groups)))"
+        );
+        assert!(ldap3::parse_filter(&both).is_ok());
+    }
+
+    fn bind_result(rc: u32, text: &str, policy: Option<&[u8]>) -> LdapResult {
+        let ctrls = policy
+            .map(|value| {
+                ldap3::controls::Control(
+                    None,
+                    RawControl { ctype: PPOLICY_OID.to_owned(), crit: false, val: Some(value.to_vec()) },
+                )
+            })
+            .into_iter()
+            .collect();
+        LdapResult { rc, matched: String::new(), text: text.to_owned(), refs: Vec::new(), ctrls }
+    }
+
+    fn judged(result: &LdapResult) -> Result<(), DirectoryError> {
+        judge_bind(result).map_err(|fault| fault.unavailable("LDAP bind", None))
+    }
+
+    #[test]
+    fn bind_answers_are_judged() {
+        use super::super::AccountState;
+
+        assert!(judged(&bind_result(0, "", None)).is_ok());
+        assert!(matches!(judged(&bind_result(49, "", None)), Err(DirectoryError::WrongPassword)));
+        let ad = |code: &str| {
+            format!("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data {code}, v4563\0")
+        };
+        assert!(matches!(judged(&bind_result(49, &ad("52e"), None)), Err(DirectoryError::WrongPassword)));
+        assert!(matches!(judged(&bind_result(49, &ad("525"), None)), Err(DirectoryError::UnknownUser)));
+        assert!(matches!(
+            judged(&bind_result(49, &ad("533"), None)),
+            Err(DirectoryError::Account(AccountState::Disabled))
+        ));
+        assert!(matches!(judged(&bind_result(49, &ad("534"), None)), Err(DirectoryError::WrongPassword)));
+        assert!(matches!(judged(&bind_result(53, "unwilling", None)), Err(DirectoryError::Unavailable(_))));
+
+        // ppolicy: refused with a state, or accepted but restricted to a password change.
+        let locked: &[u8] = &[0x30, 0x03, 0x81, 0x01, 0x01];
+        let reset: &[u8] = &[0x30, 0x03, 0x81, 0x01, 0x02];
+        assert!(matches!(
+            judged(&bind_result(49, "", Some(locked))),
+            Err(DirectoryError::Account(AccountState::Locked))
+        ));
+        assert!(matches!(
+            judged(&bind_result(0, "", Some(reset))),
+            Err(DirectoryError::Account(AccountState::PasswordMustChange))
+        ));
+        // A warning alone, or a malformed control, changes nothing.
+        let warning: &[u8] = &[0x30, 0x05, 0xa0, 0x03, 0x80, 0x01, 0x3c];
+        assert!(judged(&bind_result(0, "", Some(warning))).is_ok());
+        assert!(judged(&bind_result(0, "", Some(&[0x30, 0x09]))).is_ok());
+        assert!(matches!(judged(&bind_result(49, "", Some(&[0xff]))), Err(DirectoryError::WrongPassword)));
     }
 
     #[test]

@@ -48,6 +48,39 @@ pub enum DirectoryError {
     /// The directory's own configuration or file is unusable.
     #[error("directory configuration: {0}")]
     Config(String),
+    /// The directory refuses the account itself (disabled, expired, locked there, ...),
+    /// whatever Postern thinks of the password.
+    #[error("directory refuses the account: {0}")]
+    Account(AccountState),
+}
+
+/// A state of a directory account that refuses logins, as the directory reports it on the
+/// bind: Active Directory in its diagnostic text (`data 533`, ...), OpenLDAP's password
+/// policy overlay in its bind response control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum AccountState {
+    /// The account is disabled (AD `533`).
+    #[error("account disabled")]
+    Disabled,
+    /// The account itself has expired (AD `701`).
+    #[error("account expired")]
+    Expired,
+    /// The password has expired (AD `532`, ppolicy `passwordExpired`).
+    #[error("password expired")]
+    PasswordExpired,
+    /// The password was reset and must be changed before use (AD `773`, ppolicy
+    /// `changeAfterReset`).
+    #[error("password must be changed")]
+    PasswordMustChange,
+    /// The directory has locked the account (AD `775`, ppolicy `accountLocked`).
+    #[error("account locked in the directory")]
+    Locked,
+    /// Logons are not allowed at this time of day (AD `530`).
+    #[error("logon not allowed at this time")]
+    LogonHours,
+    /// Logons are not allowed from this workstation (AD `531`).
+    #[error("logon not allowed from this workstation")]
+    Workstation,
 }
 
 /// An opened directory.

@@ -21,6 +21,8 @@ pub enum Dir {
     Ldap,
     /// An LDAP URL nothing listens on: the directory is down.
     LdapDown,
+    /// The test slapd with the password policy overlay, like [`Dir::Ldap`].
+    LdapPpolicy,
     /// The embedded users file (filled with [`Proxy::set_file_password`]).
     File,
 }
@@ -49,6 +51,8 @@ pub struct Options {
     pub dovecot: Option<&'static dovecot::Dovecot>,
     /// Extra lines for each of the `[imap]`, `[pop3]` and `[smtp]` tables.
     pub protocol_extra: String,
+    /// Extra lines for the `[directory]` table.
+    pub directory_extra: String,
 }
 
 impl Default for Options {
@@ -65,6 +69,7 @@ impl Default for Options {
             state: String::new(),
             dovecot: None,
             protocol_extra: String::new(),
+            directory_extra: String::new(),
         }
     }
 }
@@ -116,15 +121,18 @@ impl Proxy {
             number
         };
         let directory = match options.directory {
-            Dir::Ldap | Dir::LdapDown => {
-                let s = slapd::slapd();
+            Dir::Ldap | Dir::LdapDown | Dir::LdapPpolicy => {
+                let s = match options.directory {
+                    Dir::LdapPpolicy => slapd::slapd_with_ppolicy(),
+                    _ => slapd::slapd(),
+                };
                 let url = match options.directory {
                     Dir::LdapDown => format!("ldap://127.0.0.1:{}", closed_port()),
                     _ => s.url.clone(),
                 };
                 format!(
-                    "kind = \"ldap\"\nurl = {url:?}\nbind_dn = {:?}\nbind_password = {:?}\nbase_dn = {:?}\nfilter = \"(mail={{user}})\"\ntimeout_secs = 3\n",
-                    s.service_dn, s.service_password, s.base_dn
+                    "kind = \"ldap\"\nurl = {url:?}\nbind_dn = {:?}\nbind_password = {:?}\nbase_dn = {:?}\nfilter = \"(mail={{user}})\"\ntimeout_secs = 3\n{}\n",
+                    s.service_dn, s.service_password, s.base_dn, options.directory_extra
                 )
             }
             Dir::File => "kind = \"file\"\npath = \"users.toml\"\n".to_owned(),

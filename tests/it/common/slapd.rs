@@ -11,6 +11,12 @@
 //! ```
 //!
 //! Anonymous clients may only bind; users may read their own entry and the groups.
+//!
+//! A second server, [`slapd_with_ppolicy`], has the same tree plus the password policy
+//! overlay with a default policy (`ou=policies`) for every entry: lockout after
+//! [`PPOLICY_MAX_FAILURES`] wrong passwords, maximum password age, change after reset; and
+//! it tells a bind that asks why it is refused (`ppolicy_use_lockout`). Its own instance,
+//! so the directory's lockout never touches the other tests' users.
 
 use std::io::Write as _;
 use std::net::TcpStream;
@@ -27,6 +33,18 @@ const ROOT_DN: &str = "cn=admin,dc=example,dc=com";
 const ROOT_PW: &str = "root-secret";
 const SERVICE_DN: &str = "cn=postern,ou=services,dc=example,dc=com";
 const SERVICE_PW: &str = "service-secret";
+const POLICY_DN: &str = "cn=default,ou=policies,dc=example,dc=com";
+/// Wrong passwords after which the ppolicy server locks an account itself.
+pub const PPOLICY_MAX_FAILURES: u32 = 3;
+
+/// Which server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// memberof only.
+    Plain,
+    /// memberof and ppolicy.
+    Ppolicy,
+}
 
 /// The shared slapd and what a client needs to reach it.
 pub struct Slapd {
@@ -55,13 +73,19 @@ pub struct Slapd {
 }
 
 static SLAPD: OnceLock<Slapd> = OnceLock::new();
+static PPOLICY_SLAPD: OnceLock<Slapd> = OnceLock::new();
 
 /// The shared slapd, started on first use; blocks until it accepts connections.
 pub fn slapd() -> &'static Slapd {
-    SLAPD.get_or_init(start)
+    SLAPD.get_or_init(|| start(Flavor::Plain))
 }
 
-fn start() -> Slapd {
+/// The shared slapd with the password policy overlay, started on first use.
+pub fn slapd_with_ppolicy() -> &'static Slapd {
+    PPOLICY_SLAPD.get_or_init(|| start(Flavor::Ppolicy))
+}
+
+fn start(flavor: Flavor) -> Slapd {
     let slapd_bin = super::require_binary("slapd", "slapd ldap-utils");
     super::require_binary("ldapadd", "slapd ldap-utils");
     let dir = tempfile::tempdir().expect("temp dir for slapd");
@@ -70,7 +94,8 @@ fn start() -> Slapd {
     let pki = super::pki::pki();
     let issued = pki.issue_in("slapd", dir.path());
     let conf = dir.path().join("slapd.conf");
-    std::fs::write(&conf, config(dir.path(), &db, &issued.cert_file, &issued.key_file)).expect("write slapd.conf");
+    std::fs::write(&conf, config(dir.path(), &db, &issued.cert_file, &issued.key_file, flavor))
+        .expect("write slapd.conf");
 
     // The ports are picked free but only taken when slapd binds them, so another process may
     // win one in between: slapd then exits, and it is started again on new ports.
@@ -133,7 +158,7 @@ fn start() -> Slapd {
         service_password: SERVICE_PW.to_owned(),
         ca_file: pki.ca_file.clone(),
     };
-    slapd.populate();
+    slapd.populate(flavor);
     slapd
 }
 
@@ -156,12 +181,18 @@ fn wait_until_listening(log: &Path, addrs: &[String]) -> Result<(), String> {
     }
 }
 
-fn config(dir: &Path, db: &Path, cert: &Path, key: &Path) -> String {
+fn config(dir: &Path, db: &Path, cert: &Path, key: &Path, flavor: Flavor) -> String {
     let schema = "/etc/ldap/schema";
     let dir = dir.display();
     let db = db.display();
     let cert = cert.display();
     let key = key.display();
+    let (ppolicy_module, ppolicy_overlay) = match flavor {
+        Flavor::Plain => ("", String::new()),
+        Flavor::Ppolicy => {
+            ("moduleload ppolicy\n", format!("overlay ppolicy\nppolicy_default \"{POLICY_DN}\"\nppolicy_use_lockout\n"))
+        }
+    };
     format!(
         r#"include {schema}/core.schema
 include {schema}/cosine.schema
@@ -173,7 +204,7 @@ argsfile {dir}/slapd.args
 modulepath /usr/lib/ldap
 moduleload back_mdb
 moduleload memberof
-
+{ppolicy_module}
 TLSCertificateFile {cert}
 TLSCertificateKeyFile {key}
 
@@ -185,7 +216,7 @@ rootpw {ROOT_PW}
 directory {db}
 
 overlay memberof
-
+{ppolicy_overlay}
 access to attrs=userPassword
     by anonymous auth
     by self auth
@@ -213,8 +244,8 @@ fn b64_line(attr: &str, value: &str) -> String {
 }
 
 impl Slapd {
-    fn populate(&self) {
-        let ldif = format!(
+    fn populate(&self, flavor: Flavor) {
+        let mut ldif = format!(
             "dn: {BASE_DN}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
              dn: ou=people,{BASE_DN}\nobjectClass: organizationalUnit\nou: people\n\n\
              dn: ou=groups,{BASE_DN}\nobjectClass: organizationalUnit\nou: groups\n\n\
@@ -222,6 +253,16 @@ impl Slapd {
              dn: {SERVICE_DN}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\ncn: postern\n{}",
             b64_line("userPassword", SERVICE_PW)
         );
+        if flavor == Flavor::Ppolicy {
+            // No grace logins after expiry; a day's maximum age, so only entries made old on
+            // purpose are expired.
+            ldif.push_str(&format!(
+                "\ndn: ou=policies,{BASE_DN}\nobjectClass: organizationalUnit\nou: policies\n\n\
+                 dn: {POLICY_DN}\nobjectClass: organizationalRole\nobjectClass: pwdPolicy\ncn: default\n\
+                 pwdAttribute: userPassword\npwdLockout: TRUE\npwdMaxFailure: {PPOLICY_MAX_FAILURES}\n\
+                 pwdLockoutDuration: 0\npwdMaxAge: 86400\npwdGraceAuthNLimit: 0\npwdMustChange: TRUE\n"
+            ));
+        }
         let code = self.ldap_tool("ldapadd", &ldif);
         assert_eq!(code, 0, "ldapadd of the base entries failed");
     }
@@ -229,8 +270,14 @@ impl Slapd {
     /// Runs `tool` (ldapadd / ldapmodify) as the root DN with `ldif` on stdin; returns its
     /// exit status, which is the LDAP result code.
     fn ldap_tool(&self, tool: &str, ldif: &str) -> i32 {
+        self.ldap_tool_with(tool, &[], ldif)
+    }
+
+    /// [`Self::ldap_tool`] with `extra` arguments.
+    fn ldap_tool_with(&self, tool: &str, extra: &[&str], ldif: &str) -> i32 {
         let mut child = Command::new(tool)
             .args(["-x", "-H", &self.url, "-D", ROOT_DN, "-w", ROOT_PW])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -267,16 +314,34 @@ impl Slapd {
         );
         assert_eq!(self.ldap_tool("ldapadd", &user), 0, "adding user {uid} failed");
         for group in groups {
-            let gdn = self.group_dn(group);
-            let add_member = format!("dn: {gdn}\nchangetype: modify\nadd: member\nmember: {dn}\n");
-            match self.ldap_tool("ldapmodify", &add_member) {
-                0 => {}
-                32 => {
-                    let create = format!("dn: {gdn}\nobjectClass: groupOfNames\ncn: {group}\nmember: {dn}\n");
-                    assert_eq!(self.ldap_tool("ldapadd", &create), 0, "creating group {group} failed");
-                }
-                code => panic!("adding {uid} to group {group} failed with {code}"),
-            }
+            self.add_member_locked(group, &dn);
         }
+    }
+
+    /// Makes the entry `member_dn` (a person or a group) a member of `group` (created as
+    /// needed); group names must be plain DN-safe words.
+    pub fn add_member(&self, group: &str, member_dn: &str) {
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.add_member_locked(group, member_dn);
+    }
+
+    fn add_member_locked(&self, group: &str, member_dn: &str) {
+        let gdn = self.group_dn(group);
+        let add_member = format!("dn: {gdn}\nchangetype: modify\nadd: member\nmember: {member_dn}\n");
+        match self.ldap_tool("ldapmodify", &add_member) {
+            0 => {}
+            32 => {
+                let create = format!("dn: {gdn}\nobjectClass: groupOfNames\ncn: {group}\nmember: {member_dn}\n");
+                assert_eq!(self.ldap_tool("ldapadd", &create), 0, "creating group {group} failed");
+            }
+            code => panic!("adding {member_dn} to group {group} failed with {code}"),
+        }
+    }
+
+    /// Sets the password policy attribute `attr` of person `uid` to `value` (with the relax
+    /// control: the policy's own attributes are not for clients to write).
+    pub fn set_policy_attribute(&self, uid: &str, attr: &str, value: &str) {
+        let ldif = format!("dn: {}\nchangetype: modify\nreplace: {attr}\n{attr}: {value}\n", self.user_dn(uid));
+        assert_eq!(self.ldap_tool_with("ldapmodify", &["-e", "relax"], &ldif), 0, "setting {attr} of {uid} failed");
     }
 }
