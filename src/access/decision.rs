@@ -52,6 +52,8 @@ pub enum Denial {
     AuthzidMismatch,
     /// The password is empty.
     EmptyPassword,
+    /// A login attempted in plaintext, before STARTTLS.
+    TlsRequired,
 }
 
 impl Denial {
@@ -71,6 +73,7 @@ impl Denial {
             Denial::NoUpstreamCredential => "no upstream credential stored for the user",
             Denial::AuthzidMismatch => "authorization identity differs from the user",
             Denial::EmptyPassword => "empty password",
+            Denial::TlsRequired => "login attempted before STARTTLS",
         }
     }
 }
@@ -81,6 +84,7 @@ impl From<CredentialFault> for Denial {
             CredentialFault::AuthzidMismatch => Denial::AuthzidMismatch,
             CredentialFault::EmptyPassword => Denial::EmptyPassword,
             CredentialFault::InvalidUserName => Denial::InvalidUserName,
+            CredentialFault::TlsRequired => Denial::TlsRequired,
         }
     }
 }
@@ -537,6 +541,7 @@ mod tests {
             Denial::NoUpstreamCredential,
             Denial::AuthzidMismatch,
             Denial::EmptyPassword,
+            Denial::TlsRequired,
         ];
         for denial in denials {
             match denial {
@@ -552,7 +557,8 @@ mod tests {
                 | Denial::WrongPassword
                 | Denial::NoUpstreamCredential
                 | Denial::AuthzidMismatch
-                | Denial::EmptyPassword => {}
+                | Denial::EmptyPassword
+                | Denial::TlsRequired => {}
             }
         }
         let upstream_failures = vec![
