@@ -25,4 +25,5 @@ mod secrets;
 mod service;
 mod shared_state;
 mod smtp;
+mod starttls;
 mod vault_writers;
