@@ -783,6 +783,10 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let c = parse(include_str!("../proxy.toml.example")).unwrap();
         assert_eq!(c.protocols().count(), 3);
+        for (protocol, p) in c.protocols() {
+            let kinds: Vec<ClientTls> = p.listeners().map(|(_, tls)| tls).collect();
+            assert_eq!(kinds, [ClientTls::Implicit, ClientTls::Starttls], "{protocol}");
+        }
         crate::access::profiles::Profiles::parse(include_str!("../profiles.toml.example")).unwrap();
     }
 
