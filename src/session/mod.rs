@@ -704,4 +704,77 @@ mod tests {
         assert_eq!(line(&mut c).await, "* BYE [UNAVAILABLE] Too many connections from your address; try again later");
         assert_eq!(line(&mut c).await, "");
     }
+
+    /// Starts a STARTTLS session on one end of a pipe and returns the other end.
+    fn start_starttls(state: &Arc<State>, shutdown: &Shutdown) -> BufReader<DuplexStream> {
+        let (client, server_side) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let slot = state.sessions.try_ip(peer.ip());
+        let handshake = state.sessions.try_handshake(peer.ip()).unwrap();
+        let session =
+            run_starttls(state.clone(), Protocol::Imap, server_side, peer, None, shutdown.clone(), slot, handshake);
+        tokio::spawn(session);
+        BufReader::new(client)
+    }
+
+    /// A TLS client trusting the test state's self-signed certificate.
+    async fn upgrade(
+        dir: &std::path::Path,
+        c: BufReader<DuplexStream>,
+    ) -> BufReader<tokio_rustls::client::TlsStream<DuplexStream>> {
+        use rustls::pki_types::pem::PemObject;
+        assert!(c.buffer().is_empty(), "the server said more after its go-ahead");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from_pem_file(dir.join("c.pem")).unwrap()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("proxy.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, c.into_inner()).await.unwrap();
+        BufReader::new(tls)
+    }
+
+    #[tokio::test]
+    async fn starttls_drops_what_was_pipelined_and_goes_on_over_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(dir.path(), "max_handshakes_per_ip = 1").await;
+        let ip = "127.0.0.1".parse().unwrap();
+        let mut c = start_starttls(&state, &Shutdown::default());
+        assert_eq!(line(&mut c).await, "* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] Postern ready.");
+        assert!(state.sessions.try_handshake(ip).is_none(), "a plaintext connection holds a handshake slot");
+        send(&mut c, "a LOGIN alice@example.com pw\r\n").await;
+        assert_eq!(line(&mut c).await, "a NO [PRIVACYREQUIRED] Use STARTTLS first; no login before TLS");
+        send(&mut c, "b STARTTLS\r\nc LOGIN alice@example.com wrong\r\nd LOGOUT\r\n").await;
+        assert_eq!(line(&mut c).await, "b OK Begin TLS negotiation now");
+        let mut c = upgrade(dir.path(), c).await;
+        c.get_mut().write_all(b"e NOOP\r\n").await.unwrap();
+        let mut answer = String::new();
+        c.read_line(&mut answer).await.unwrap();
+        assert_eq!(answer, "e OK NOOP completed\r\n", "no greeting, no answer to what came after STARTTLS");
+        c.get_mut().write_all(b"f LOGIN alice@example.com wrong\r\n").await.unwrap();
+        answer.clear();
+        c.read_line(&mut answer).await.unwrap();
+        assert_eq!(answer, format!("f {DENIAL}\r\n"), "logins are decided over TLS");
+        let denied = |reason| {
+            state.metrics().logins(crate::metrics::LoginResult { outcome: crate::metrics::Outcome::Denied, reason })
+        };
+        assert_eq!(denied("login attempted before STARTTLS"), 1);
+        assert_eq!(denied("wrong password"), 1, "the pipelined LOGIN never ran");
+        assert!(state.sessions.try_handshake(ip).is_some(), "given back once the handshake is done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pre_login_deadline_covers_the_plaintext_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start_starttls(&state, &Shutdown::default());
+        assert!(line(&mut c).await.starts_with("* OK"));
+        let started = tokio::time::Instant::now();
+        assert_eq!(line(&mut c).await, "* BYE Autologout; login took too long");
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        assert_eq!(line(&mut c).await, "");
+    }
 }
