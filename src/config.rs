@@ -227,12 +227,37 @@ pub enum UpstreamTls {
     Starttls,
 }
 
+/// How clients secure their connection to one of Postern's listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientTls {
+    /// TLS from the first byte (IMAPS, POP3S, SMTPS): the `listen` addresses.
+    Implicit,
+    /// Plaintext until the client's STARTTLS (IMAP `STARTTLS`, POP3 `STLS`, SMTP
+    /// `STARTTLS`), with no login possible before it: the `starttls_listen` addresses.
+    Starttls,
+}
+
+impl ClientTls {
+    /// The name used in logs and in `postern check`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientTls::Implicit => "implicit",
+            ClientTls::Starttls => "starttls",
+        }
+    }
+}
+
 /// `[imap]`, `[pop3]`, `[smtp]`: one protocol's listeners and upstream.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtocolConfig {
-    /// Addresses to listen on, e.g. `["0.0.0.0:10993", "[::]:10993"]`.
+    /// Addresses to listen on with implicit TLS, e.g. `["0.0.0.0:10993", "[::]:10993"]`.
+    #[serde(default)]
     pub listen: Vec<SocketAddr>,
+    /// Addresses to listen on with STARTTLS: plaintext until the client upgrades, no login
+    /// before that, e.g. `["0.0.0.0:10143"]`. A protocol may have both kinds, or only one.
+    #[serde(default)]
+    pub starttls_listen: Vec<SocketAddr>,
     /// Upstream `host:port`, e.g. `imap.gmail.com:993`.
     pub upstream: String,
     /// `"implicit"` (default) or `"starttls"` (SMTP only).
@@ -461,6 +486,12 @@ impl OAuthConfig {
 }
 
 impl ProtocolConfig {
+    /// Every listen address with how clients secure it: `listen`, then `starttls_listen`.
+    pub fn listeners(&self) -> impl Iterator<Item = (SocketAddr, ClientTls)> + '_ {
+        let implicit = self.listen.iter().map(|&a| (a, ClientTls::Implicit));
+        implicit.chain(self.starttls_listen.iter().map(|&a| (a, ClientTls::Starttls)))
+    }
+
     /// The upstream trust settings, pins parsed (validation has checked them).
     pub fn upstream_trust(&self) -> crate::tls::UpstreamTrust {
         crate::tls::UpstreamTrust {
@@ -560,12 +591,19 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (protocol, p) in self.protocols() {
             let name = protocol.name();
-            if p.listen.is_empty() {
-                return Err(invalid(&format!("{name}.listen"), "give at least one address, e.g. \"0.0.0.0:10993\""));
+            if p.listen.is_empty() && p.starttls_listen.is_empty() {
+                return Err(invalid(
+                    &format!("{name}.listen"),
+                    "give at least one address, e.g. \"0.0.0.0:10993\" (or starttls_listen for STARTTLS)",
+                ));
             }
-            for addr in &p.listen {
-                if addr.port() != 0 && !seen.insert(*addr) {
-                    return Err(invalid(&format!("{name}.listen"), &format!("{addr} is used twice")));
+            for (addr, tls) in p.listeners() {
+                let key = match tls {
+                    ClientTls::Implicit => format!("{name}.listen"),
+                    ClientTls::Starttls => format!("{name}.starttls_listen"),
+                };
+                if addr.port() != 0 && !seen.insert(addr) {
+                    return Err(invalid(&key, &format!("{addr} is used twice")));
                 }
             }
             match p.upstream.rsplit_once(':') {
@@ -763,6 +801,10 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let c = parse(include_str!("../proxy.toml.example")).unwrap();
         assert_eq!(c.protocols().count(), 3);
+        for (protocol, p) in c.protocols() {
+            let kinds: Vec<ClientTls> = p.listeners().map(|(_, tls)| tls).collect();
+            assert_eq!(kinds, [ClientTls::Implicit, ClientTls::Starttls], "{protocol}");
+        }
         crate::access::profiles::Profiles::parse(include_str!("../profiles.toml.example")).unwrap();
     }
 
@@ -944,6 +986,38 @@ file = "/var/log/postern/audit.jsonl"
         let err = parse(&format!("{MINIMAL}\n[limits]\nproxy_header_timeout_secs = 0\n")).unwrap_err().to_string();
         assert!(err.contains("limits.proxy_header_timeout_secs"), "{err}");
         assert_eq!(parse(MINIMAL).unwrap().limits.proxy_header_timeout(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn starttls_listeners_sit_beside_or_instead_of_implicit_ones() {
+        let with = |listen: &str| {
+            let text = MINIMAL.replace("listen = [\"127.0.0.1:10993\"]", listen);
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let both =
+            with("listen = [\"127.0.0.1:10993\"]\nstarttls_listen = [\"127.0.0.1:10143\", \"[::1]:10143\"]").unwrap();
+        let listeners: Vec<_> = both.imap.unwrap().listeners().collect();
+        assert_eq!(
+            listeners,
+            [
+                ("127.0.0.1:10993".parse().unwrap(), ClientTls::Implicit),
+                ("127.0.0.1:10143".parse().unwrap(), ClientTls::Starttls),
+                ("[::1]:10143".parse().unwrap(), ClientTls::Starttls),
+            ]
+        );
+        let only = with("starttls_listen = [\"127.0.0.1:10143\"]").unwrap().imap.unwrap();
+        assert!(only.listen.is_empty());
+        assert_eq!(only.listeners().next().unwrap().1, ClientTls::Starttls);
+        let err = with("listen = []\nstarttls_listen = []").unwrap_err();
+        assert!(err.contains("imap.listen") && err.contains("starttls_listen"), "{err}");
+        let err = with("listen = [\"127.0.0.1:10993\"]\nstarttls_listen = [\"127.0.0.1:10993\"]").unwrap_err();
+        assert!(err.contains("imap.starttls_listen") && err.contains("used twice"), "{err}");
+        let err = with("starttls_listen = \"127.0.0.1:10143\"").unwrap_err();
+        assert!(err.contains("starttls_listen"), "{err}");
+        let err = with("starttls_listen = [\"127.0.0.1:10143\"]\ntls = \"starttls\"").unwrap_err();
+        assert!(err.contains("tls"), "{err}");
+        // Port 0 (any free port) may repeat, as for `listen`.
+        with("listen = [\"127.0.0.1:0\"]\nstarttls_listen = [\"127.0.0.1:0\"]").unwrap();
     }
 
     #[test]

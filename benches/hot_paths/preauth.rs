@@ -67,6 +67,7 @@ fn exchange(protocol: Protocol, settings: &DialogueSettings, input: &[u8], chunk
             },
             Step::Close(reply) => panic!("{protocol} closed: {}", String::from_utf8_lossy(&reply)),
             Step::Refused(rejected) => panic!("{protocol} refused the script's login: {rejected:?}"),
+            Step::StartTls(reply) => panic!("{protocol} started TLS: {}", String::from_utf8_lossy(&reply)),
         }
     }
 }

@@ -10,7 +10,10 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::BytesMut;
 use postern::protocol::proxy::{self, Command, Parsed, Version};
 use postern::protocol::sasl::{Mechanism, SaslExchange, SaslStep, decode_login_field, decode_plain, encode_plain};
-use postern::protocol::{Credentials, Dialogue, DialogueSettings, Protocol, Rejected, Step, UpstreamInfo, dialogue};
+use postern::protocol::{
+    CredentialFault, Credentials, Dialogue, DialogueSettings, Protocol, Rejected, Step, UpstreamInfo, dialogue,
+    pre_tls_dialogue,
+};
 
 /// The fuzz targets, by the name of their `fuzz_targets/` file and corpus folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,12 +436,23 @@ impl Plan {
 /// Checks that the dialogue only ever consumes from the front of its input and leaves
 /// the rest untouched, that replies and logins consume input, that every reply is
 /// well-formed CRLF lines, and that credentials hold no NUL, CR or LF.
+///
+/// The same input then runs again from the STARTTLS listener's pre-TLS dialogue, which
+/// must never yield a login, and only refusals for want of TLS; after its go-ahead, the
+/// buffered rest is dropped and the protocol's dialogue goes on, as in a session.
 pub fn preauth(protocol: Protocol, data: &[u8]) {
     let b0 = data.first().copied().unwrap_or(0);
     let b1 = data.get(1).copied().unwrap_or(0);
     let stream = data.get(2..).unwrap_or_default();
     let plan = Plan::new(b0, b1);
-    let mut d = dialogue(protocol, &plan.settings);
+    drive(protocol, &plan, stream, false);
+    drive(protocol, &plan, stream, true);
+}
+
+/// One run of [`preauth`], from the pre-TLS dialogue when `pre_tls`.
+fn drive(protocol: Protocol, plan: &Plan, stream: &[u8], pre_tls: bool) {
+    let mut d = if pre_tls { pre_tls_dialogue(protocol, &plan.settings) } else { dialogue(protocol, &plan.settings) };
+    let mut encrypted = !pre_tls;
     check_reply(&d.greeting());
 
     let mut sizes = XorShift::new(u64::from(plan.chunk_seed));
@@ -482,13 +496,30 @@ pub fn preauth(protocol: Protocol, data: &[u8]) {
                     check_reply(&reply);
                     break 'feed;
                 }
+                Step::StartTls(reply) => {
+                    assert!(consumed, "STARTTLS without consuming input");
+                    assert!(!encrypted, "STARTTLS offered over TLS");
+                    check_reply(&reply);
+                    buf.clear();
+                    d = dialogue(protocol, &plan.settings);
+                    encrypted = true;
+                }
                 Step::Refused(rejected) => {
                     assert!(consumed, "refusal without consuming input");
                     check_rejected(&rejected);
+                    assert_eq!(
+                        rejected.fault == CredentialFault::TlsRequired,
+                        !encrypted,
+                        "refusal {rejected:?} with encrypted = {encrypted}"
+                    );
+                    if !encrypted {
+                        assert!(rejected.user.is_none(), "a user name kept from before TLS");
+                    }
                     check_reply(&d.denied());
                 }
                 Step::Login(credentials) => {
                     assert!(consumed, "login without consuming input");
+                    assert!(encrypted, "login before TLS");
                     check_credentials(protocol, &credentials);
                     if refused == plan.refusals {
                         let info = UpstreamInfo { capabilities: plan.capabilities.map(str::to_owned) };

@@ -66,6 +66,8 @@ pub enum Denial {
     LogonNotAllowedNow,
     /// The directory does not allow the user to log on from this workstation.
     WorkstationNotAllowed,
+    /// A login attempted in plaintext, before STARTTLS.
+    TlsRequired,
 }
 
 impl Denial {
@@ -92,6 +94,7 @@ impl Denial {
             Denial::AccountLockedInDirectory => "account locked in the directory",
             Denial::LogonNotAllowedNow => "directory does not allow logons at this time",
             Denial::WorkstationNotAllowed => "directory does not allow logons from this workstation",
+            Denial::TlsRequired => "login attempted before STARTTLS",
         }
     }
 }
@@ -116,6 +119,7 @@ impl From<CredentialFault> for Denial {
             CredentialFault::AuthzidMismatch => Denial::AuthzidMismatch,
             CredentialFault::EmptyPassword => Denial::EmptyPassword,
             CredentialFault::InvalidUserName => Denial::InvalidUserName,
+            CredentialFault::TlsRequired => Denial::TlsRequired,
         }
     }
 }
@@ -616,6 +620,7 @@ mod tests {
             Denial::AccountLockedInDirectory,
             Denial::LogonNotAllowedNow,
             Denial::WorkstationNotAllowed,
+            Denial::TlsRequired,
         ];
         for denial in denials {
             match denial {
@@ -638,7 +643,8 @@ mod tests {
                 | Denial::PasswordMustChange
                 | Denial::AccountLockedInDirectory
                 | Denial::LogonNotAllowedNow
-                | Denial::WorkstationNotAllowed => {}
+                | Denial::WorkstationNotAllowed
+                | Denial::TlsRequired => {}
             }
         }
         let upstream_failures = vec![

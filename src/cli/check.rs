@@ -152,9 +152,9 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
             config.limits.upstream_timeout(),
         )
         .with_context(|| format!("[{protocol}] upstream"))?;
-        let listen: Vec<String> = p.listen.iter().map(ToString::to_string).collect();
+        let listen: Vec<String> = p.listeners().map(|(a, tls)| format!("{a} ({})", tls.name())).collect();
         println!("{protocol}: listen {} -> upstream {}", listen.join(", "), p.upstream);
-        if p.listen.iter().any(|a| a.port() != 0 && a.port() < 1024) {
+        if p.listeners().any(|(a, _)| a.port() != 0 && a.port() < 1024) {
             println!("{protocol}: a port below 1024 needs CAP_NET_BIND_SERVICE (see the systemd unit's comments)");
         }
     }

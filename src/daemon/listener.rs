@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::profiles::canonical_ip;
 use crate::access::slots::IpSlot;
 use crate::audit::{Event, Outcome, SessionRecord};
+use crate::config::ClientTls;
 use crate::metrics::ProxyRefusal;
 use crate::protocol::Protocol;
 use crate::protocol::proxy::{self, Command, Header, Invalid, Parsed};
@@ -107,10 +108,12 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Header, Hea
 
 /// Accepts connections on `listener` until shutdown, one task per connection. With
 /// `proxy_protocol`, connections come from trusted balancers and start with a PROXY header.
+/// `security` says whether clients start TLS at once or with STARTTLS.
 #[allow(clippy::too_many_arguments)]
 pub async fn accept_loop(
     listener: TcpListener,
     protocol: Protocol,
+    security: ClientTls,
     proxy_protocol: Option<Arc<ProxyProtocol>>,
     server: Arc<State>,
     permits: Arc<Semaphore>,
@@ -163,7 +166,7 @@ pub async fn accept_loop(
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                proxied(tcp, peer, protocol, server, shutdown, header_slot).await;
+                proxied(tcp, peer, protocol, security, server, shutdown, header_slot).await;
             });
             continue;
         }
@@ -177,7 +180,7 @@ pub async fn accept_loop(
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            handle(tcp, peer, None, protocol, server, shutdown, handshake, address_slot).await;
+            handle(tcp, peer, None, protocol, security, server, shutdown, handshake, address_slot).await;
         });
     }
 }
@@ -195,6 +198,7 @@ async fn proxied(
     mut tcp: TcpStream,
     balancer: SocketAddr,
     protocol: Protocol,
+    security: ClientTls,
     server: Arc<State>,
     shutdown: Shutdown,
     header_slot: IpSlot,
@@ -237,21 +241,29 @@ async fn proxied(
         return;
     };
     let address_slot = server.sessions.try_ip(client.ip());
-    handle(tcp, client, Some(balancer), protocol, server, shutdown, handshake, address_slot).await;
+    handle(tcp, client, Some(balancer), protocol, security, server, shutdown, handshake, address_slot).await;
 }
 
+/// Runs one client connection: the TLS handshake then the session, or, on a STARTTLS
+/// listener, the session, which does the handshake when the client asks. Either way the
+/// connection counts as an unfinished handshake of its address until the handshake is done.
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     via: Option<SocketAddr>,
     protocol: Protocol,
+    security: ClientTls,
     server: Arc<State>,
     shutdown: Shutdown,
     handshake_slot: IpSlot,
     address_slot: Option<IpSlot>,
 ) {
     let _ = tcp.set_nodelay(true);
+    if security == ClientTls::Starttls {
+        session::run_starttls(server, protocol, tcp, peer, via, shutdown, address_slot, handshake_slot).await;
+        return;
+    }
     let handshake = tokio::time::timeout(server.limits.handshake_timeout(), server.tls().accept(tcp)).await;
     drop(handshake_slot);
     let client = match handshake {

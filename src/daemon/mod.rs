@@ -128,8 +128,10 @@ async fn reload(path: &Path, server: &State) -> anyhow::Result<()> {
 
 /// A server whose listeners are bound and accepting.
 pub struct Running {
-    /// The bound addresses per protocol (useful when the config asked for port 0).
+    /// The bound implicit TLS addresses per protocol (useful when the config asked for port 0).
     pub addresses: HashMap<Protocol, Vec<SocketAddr>>,
+    /// The bound STARTTLS addresses per protocol.
+    pub starttls_addresses: HashMap<Protocol, Vec<SocketAddr>>,
     /// The bound metrics address, when `[metrics] listen` is set.
     pub metrics_address: Option<SocketAddr>,
     /// Stops the server when cancelled.
@@ -167,6 +169,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
     let tasks = TaskTracker::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let mut addresses: HashMap<Protocol, Vec<SocketAddr>> = HashMap::new();
+    let mut starttls_addresses: HashMap<Protocol, Vec<SocketAddr>> = HashMap::new();
     let mut bound = Vec::new();
     let mut proxy_protocols = HashMap::new();
     for (protocol, p) in config.protocols() {
@@ -174,7 +177,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
             let settings = Arc::new(listener::ProxyProtocol::new(p.trusted_proxies()));
             proxy_protocols.insert(protocol, settings);
         }
-        for &address in &p.listen {
+        for (address, security) in p.listeners() {
             let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind {
                 protocol,
                 address,
@@ -184,12 +187,17 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
             tracing::info!(
                 %protocol,
                 address = %local,
+                tls = security.name(),
                 upstream = server.upstream(protocol).address(),
                 proxy_protocol = p.proxy_protocol,
                 "listening"
             );
-            addresses.entry(protocol).or_default().push(local);
-            bound.push((protocol, listener));
+            let by_kind = match security {
+                crate::config::ClientTls::Implicit => &mut addresses,
+                crate::config::ClientTls::Starttls => &mut starttls_addresses,
+            };
+            by_kind.entry(protocol).or_default().push(local);
+            bound.push((protocol, security, listener));
         }
     }
     let helpers = CancellationToken::new();
@@ -213,10 +221,11 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         let path = config.resolve(&config.access.profiles);
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
     }
-    for (protocol, listener) in bound {
+    for (protocol, security, listener) in bound {
         let accept = listener::accept_loop(
             listener,
             protocol,
+            security,
             proxy_protocols.get(&protocol).cloned(),
             server.clone(),
             permits.clone(),
@@ -226,7 +235,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         tasks.spawn(accept);
     }
     readiness.set_listening();
-    Ok(Running { addresses, metrics_address, shutdown, readiness, tasks, grace, helpers, server })
+    Ok(Running { addresses, starttls_addresses, metrics_address, shutdown, readiness, tasks, grace, helpers, server })
 }
 
 /// The shared state as the readiness probe (see [`health::Probe`] for [`State`]).

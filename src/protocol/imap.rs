@@ -17,6 +17,13 @@ use super::{CredentialFault, Credentials, DENIAL_TEXT, Dialogue, DialogueSetting
 /// What Postern announces before login.
 const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
 
+/// What Postern announces before TLS on a STARTTLS listener: the upgrade, and that no
+/// login is possible until then (RFC 3501 section 6.2.1, 7.2.1).
+const PRE_TLS_CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
+
+/// The answer to `LOGIN` or `AUTHENTICATE` before TLS (RFC 5530 `PRIVACYREQUIRED`).
+const TLS_REQUIRED_TEXT: &str = "NO [PRIVACYREQUIRED] Use STARTTLS first; no login before TLS";
+
 /// Whether `b` may appear in an `astring` atom (ASTRING-CHAR of RFC 3501).
 fn is_astring_char(b: u8) -> bool {
     (0x21..=0x7e).contains(&b) && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\')
@@ -279,6 +286,9 @@ pub struct ImapDialogue {
     bad: BadCommands,
     /// What the next step returns before reading input (the answer to a literal).
     pending: Option<Step>,
+    /// Before TLS on a STARTTLS listener: only `CAPABILITY`, `NOOP`, `LOGOUT` and
+    /// `STARTTLS` run, logins are refused, literals are not accepted.
+    pre_tls: bool,
 }
 
 /// The answer to a command whose literal was refused for want of room.
@@ -302,7 +312,18 @@ impl ImapDialogue {
             state: State::Command,
             bad: BadCommands::default(),
             pending: None,
+            pre_tls: false,
         }
+    }
+
+    /// A dialogue for a new connection on a STARTTLS listener, before TLS; it ends with
+    /// [`Step::StartTls`] and the session goes on over TLS with [`ImapDialogue::new`].
+    pub fn pre_tls(settings: &DialogueSettings) -> Self {
+        Self { pre_tls: true, ..Self::new(settings) }
+    }
+
+    fn capabilities(&self) -> &'static str {
+        if self.pre_tls { PRE_TLS_CAPABILITIES } else { CAPABILITIES }
     }
 
     /// Sends a failure reply, closing once too many commands have failed.
@@ -378,6 +399,7 @@ impl ImapDialogue {
     fn line_done(&mut self, mut cmd: Box<Command>, end: LineEnd) -> Option<Step> {
         let LineEnd::Literal { size, non_sync } = end else {
             return Some(match cmd.error {
+                None if self.pre_tls => self.execute_pre_tls(cmd.tag.unwrap_or_default(), &cmd.tokens),
                 Some(_) => self.refuse_command(&cmd),
                 None => self.execute(cmd.tag.unwrap_or_default(), &cmd.tokens),
             });
@@ -390,6 +412,12 @@ impl ImapDialogue {
             _ if non_sync => return Some(self.close(b"* BYE Literal too large\r\n")),
             _ => return Some(self.bad(cmd.tag.as_deref(), "Literal too large")),
         };
+        if self.pre_tls {
+            // Nothing before TLS needs one, and a literal is where a password would go:
+            // a synchronizing one is refused before its bytes are sent, a LITERAL+ one
+            // is skipped unread.
+            cmd.error.get_or_insert("Literals are not accepted before STARTTLS");
+        }
         if cmd.error.is_some() && !non_sync {
             // The client waits for a continuation that will not come: answer now.
             return Some(self.refuse_command(&cmd));
@@ -429,7 +457,7 @@ impl ImapDialogue {
         let name = name.to_ascii_uppercase();
         match (name.as_slice(), args) {
             (b"CAPABILITY", []) => {
-                let mut reply = format!("* CAPABILITY {CAPABILITIES}\r\n").into_bytes();
+                let mut reply = format!("* CAPABILITY {}\r\n", self.capabilities()).into_bytes();
                 reply.extend(tagged(Some(&tag), "OK CAPABILITY completed"));
                 Step::Reply(reply)
             }
@@ -449,6 +477,27 @@ impl ImapDialogue {
             (b"LOGIN", _) => self.login(tag, args),
             (b"AUTHENTICATE", _) => self.authenticate(tag, args),
             _ => self.bad(Some(&tag), "Log in first"),
+        }
+    }
+
+    /// Runs a command before TLS. Logins are refused whatever their arguments, which are
+    /// not looked at; `STARTTLS` consumes its own line only, so whatever the client sent
+    /// after it stays in the input for the session to discard.
+    fn execute_pre_tls(&mut self, tag: Vec<u8>, tokens: &[Token]) -> Step {
+        let Some((Token::Atom(name), args)) = tokens.split_first() else {
+            return self.bad(Some(&tag), "Missing command");
+        };
+        let name = name.to_ascii_uppercase();
+        match (name.as_slice(), args) {
+            (b"CAPABILITY" | b"NOOP" | b"LOGOUT", _) => self.execute(tag, tokens),
+            (b"STARTTLS", []) => {
+                self.state = State::Finished;
+                Step::StartTls(tagged(Some(&tag), "OK Begin TLS negotiation now"))
+            }
+            (b"STARTTLS", _) => self.bad(Some(&tag), "Invalid arguments"),
+            (b"LOGIN", _) => self.refuse(tag, None, "LOGIN", CredentialFault::TlsRequired),
+            (b"AUTHENTICATE", _) => self.refuse(tag, None, "AUTHENTICATE", CredentialFault::TlsRequired),
+            _ => self.bad(Some(&tag), "Use STARTTLS first"),
         }
     }
 
@@ -567,7 +616,7 @@ fn is_id_argument(args: &[Token]) -> bool {
 
 impl Dialogue for ImapDialogue {
     fn greeting(&mut self) -> Vec<u8> {
-        format!("* OK [CAPABILITY {CAPABILITIES}] Postern ready.\r\n").into_bytes()
+        format!("* OK [CAPABILITY {}] Postern ready.\r\n", self.capabilities()).into_bytes()
     }
 
     fn step(&mut self, input: &mut BytesMut) -> Step {
@@ -599,6 +648,10 @@ impl Dialogue for ImapDialogue {
 
     fn denied(&mut self) -> Vec<u8> {
         let tag = self.pending_tag(State::Command);
+        if self.pre_tls {
+            // Before TLS the only refusal is that one.
+            return tagged(Some(&tag), TLS_REQUIRED_TEXT);
+        }
         let text = format!("NO [AUTHENTICATIONFAILED] {DENIAL_TEXT}");
         tagged(Some(&tag), &text)
     }
@@ -1042,5 +1095,108 @@ mod tests {
             }))
         };
         fuzz(&tiny, words, 4);
+    }
+
+    fn make_pre_tls() -> Box<dyn Dialogue> {
+        Box::new(ImapDialogue::pre_tls(&settings()))
+    }
+
+    fn check_pre_tls(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
+        testing::check(&make_pre_tls, input, expected, leftover);
+    }
+
+    const PRIVACY: &str = "NO [PRIVACYREQUIRED] Use STARTTLS first; no login before TLS\r\n";
+
+    #[test]
+    fn before_tls_only_the_upgrade_is_offered() {
+        assert_eq!(make_pre_tls().greeting(), b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] Postern ready.\r\n");
+        let caps = "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\na OK CAPABILITY completed\r\n";
+        check_pre_tls("a CAPABILITY\r\n", &[caps], "");
+        check_pre_tls("x noop\n", &["x OK NOOP completed\r\n"], "");
+        check_pre_tls(
+            "x LOGOUT\r\ny NOOP\r\n",
+            &["CLOSE * BYE Logging out\r\nx OK LOGOUT completed\r\n"],
+            "y NOOP\r\n",
+        );
+        check_pre_tls("x ID NIL\r\n", &["x BAD Use STARTTLS first\r\n"], "");
+        check_pre_tls("x SELECT INBOX\r\n", &["x BAD Use STARTTLS first\r\n"], "");
+        check_pre_tls("x STARTTLS now\r\n", &["x BAD Invalid arguments\r\n"], "");
+        check_pre_tls("x CAPABILITY x\r\n", &["x BAD Invalid arguments\r\n"], "");
+        check_pre_tls("a CAPABILITY\r\nb starttls\r\n", &[caps, "STARTTLS b OK Begin TLS negotiation now\r\n"], "");
+    }
+
+    #[test]
+    fn logins_before_tls_are_refused_unread() {
+        let refused = |mechanism: &str| format!("REFUSED -|{mechanism}|TlsRequired");
+        check_pre_tls("a LOGIN alice@example.com secret\r\n", &[&refused("LOGIN"), &format!("a {PRIVACY}")], "");
+        let plain = b64("\0alice@example.com\0secret");
+        check_pre_tls(
+            format!("b AUTHENTICATE PLAIN {plain}\r\nc AUTHENTICATE PLAIN\r\nd login\r\n"),
+            &[
+                &refused("AUTHENTICATE"),
+                &format!("b {PRIVACY}"),
+                &refused("AUTHENTICATE"),
+                &format!("c {PRIVACY}"),
+                &refused("LOGIN"),
+                &format!("d {PRIVACY}"),
+            ],
+            "",
+        );
+        // A literal is where a password would go: a synchronizing one gets no continuation,
+        // a LITERAL+ one is skipped unread.
+        check_pre_tls(
+            "a LOGIN alice {6}\r\nb NOOP\r\n",
+            &["a BAD Literals are not accepted before STARTTLS\r\n", "b OK NOOP completed\r\n"],
+            "",
+        );
+        check_pre_tls(
+            "a LOGIN alice {6+}\r\nsecret\r\nb NOOP\r\n",
+            &["a BAD Literals are not accepted before STARTTLS\r\n", "b OK NOOP completed\r\n"],
+            "",
+        );
+        check_pre_tls("a LOGIN alice {999}\r\n", &["a BAD Literal too large\r\n"], "");
+    }
+
+    #[test]
+    fn commands_pipelined_after_starttls_are_left_unexecuted() {
+        // The CVE-2011-0411 class: the step consumes the STARTTLS line only, and what follows
+        // is left for the session to discard, never answered.
+        check_pre_tls(
+            "a STARTTLS\r\nb LOGIN alice@example.com pw\r\nc CAPABILITY\r\n",
+            &["STARTTLS a OK Begin TLS negotiation now\r\n"],
+            "b LOGIN alice@example.com pw\r\nc CAPABILITY\r\n",
+        );
+        check_pre_tls("a STARTTLS\nb", &["STARTTLS a OK Begin TLS negotiation now\r\n"], "b");
+        // Once it said go ahead, the dialogue reads nothing more.
+        let mut d = make_pre_tls();
+        let (log, rest) = run(d.as_mut(), b"a STARTTLS\r\n", Decision::Deny);
+        assert_eq!(log, ["STARTTLS a OK Begin TLS negotiation now\r\n"]);
+        assert!(rest.is_empty());
+        let mut more = BytesMut::from(&b"b NOOP\r\n"[..]);
+        assert!(matches!(d.step(&mut more), Step::NeedMore));
+        assert_eq!(&more[..], b"b NOOP\r\n");
+    }
+
+    #[test]
+    fn pre_tls_garbage_never_panics() {
+        let words: &[&[u8]] = &[
+            b"a ",
+            b"STARTTLS",
+            b"LOGIN ",
+            b"AUTHENTICATE ",
+            b"PLAIN",
+            b"CAPABILITY",
+            b"NOOP",
+            b"LOGOUT",
+            b"{3}\r\n",
+            b"{2+}\r\n",
+            b"\"",
+            b"\r\n",
+            b"\n",
+            b" ",
+            b"\0",
+            b"x",
+        ];
+        fuzz(&make_pre_tls, words, 5);
     }
 }

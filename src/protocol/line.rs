@@ -195,6 +195,11 @@ pub(crate) mod testing {
                     log.push(format!("CLOSE {}", String::from_utf8_lossy(&r)));
                     return false;
                 }
+                Step::StartTls(r) => {
+                    // The session takes over: what is left in `buf` is what it discards.
+                    log.push(format!("STARTTLS {}", String::from_utf8_lossy(&r)));
+                    return false;
+                }
                 Step::Login(c) => {
                     for field in [&c.user, &c.upstream_prefix, &c.password.expose().to_owned()] {
                         assert!(!field.contains(['\0', '\r', '\n']), "bad credentials {c:?}");

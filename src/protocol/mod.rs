@@ -91,6 +91,11 @@ pub enum Step {
     /// room for it, tell [`Dialogue::literal_room`] whether there is, then step again.
     /// Nothing is allocated for it, nor any continuation sent, before that.
     Literal(usize),
+    /// The client asked for TLS on a STARTTLS listener (IMAP `STARTTLS`, POP3 `STLS`,
+    /// SMTP `STARTTLS`): write these bytes (the go-ahead), drop every byte still buffered
+    /// (plaintext sent after the command must never be executed), run the TLS handshake,
+    /// then go on with a new [`dialogue`] over TLS. The dialogue reads nothing more.
+    StartTls(Vec<u8>),
 }
 
 /// Credentials refused by the dialogue itself, before the directory is asked.
@@ -113,6 +118,9 @@ pub enum CredentialFault {
     EmptyPassword,
     /// The user name is blank or holds control characters.
     InvalidUserName,
+    /// A login was attempted before STARTTLS on a STARTTLS listener. Nothing the client
+    /// sent with it is kept: no user name, no password.
+    TlsRequired,
 }
 
 /// Limits and names a dialogue is built with.
@@ -185,6 +193,19 @@ pub fn dialogue(protocol: Protocol, settings: &DialogueSettings) -> Box<dyn Dial
         Protocol::Imap => Box::new(imap::ImapDialogue::new(settings)),
         Protocol::Pop3 => Box::new(pop3::Pop3Dialogue::new(settings)),
         Protocol::Smtp => Box::new(smtp::SmtpDialogue::new(settings)),
+    }
+}
+
+/// Builds the dialogue for `protocol` on a STARTTLS listener, before TLS: it only offers
+/// the upgrade (IMAP `CAPABILITY`, `NOOP`, `LOGOUT`, `STARTTLS`; POP3 `CAPA`, `STLS`,
+/// `QUIT`; SMTP `EHLO`/`HELO`, `STARTTLS`, `NOOP`, `RSET`, `QUIT`), answers every login
+/// attempt with [`Step::Refused`] ([`CredentialFault::TlsRequired`]) and the protocol's
+/// "use TLS first" reply as [`Dialogue::denied`], and ends with [`Step::StartTls`].
+pub fn pre_tls_dialogue(protocol: Protocol, settings: &DialogueSettings) -> Box<dyn Dialogue> {
+    match protocol {
+        Protocol::Imap => Box::new(imap::ImapDialogue::pre_tls(settings)),
+        Protocol::Pop3 => Box::new(pop3::Pop3Dialogue::pre_tls(settings)),
+        Protocol::Smtp => Box::new(smtp::SmtpDialogue::pre_tls(settings)),
     }
 }
 

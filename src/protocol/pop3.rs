@@ -17,6 +17,13 @@ const RECENT_PREFIX: &str = "recent:";
 const CAPABILITIES: &[u8] = b"+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\n\
 RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION Postern\r\n.\r\n";
 
+/// `CAPA` before TLS on a STARTTLS listener: the upgrade, and no way to log in (RFC 2595).
+const PRE_TLS_CAPABILITIES: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n\
+RESP-CODES\r\nAUTH-RESP-CODE\r\nIMPLEMENTATION Postern\r\n.\r\n";
+
+/// The answer to `USER`, `PASS` or `AUTH` before TLS.
+const TLS_REQUIRED: &[u8] = b"-ERR [AUTH] Use STLS first; no login before TLS\r\n";
+
 /// POP3 pre-login state machine.
 pub struct Pop3Dialogue {
     max_line: usize,
@@ -24,12 +31,55 @@ pub struct Pop3Dialogue {
     bad: BadCommands,
     /// The user name from `USER`, waiting for `PASS`.
     user: Option<String>,
+    /// Before TLS on a STARTTLS listener: only `CAPA`, `STLS` and `QUIT` run.
+    pre_tls: bool,
 }
 
 impl Pop3Dialogue {
     /// A dialogue for a new connection.
     pub fn new(settings: &DialogueSettings) -> Self {
-        Self { max_line: settings.max_line, state: LineState::Command, bad: BadCommands::default(), user: None }
+        Self {
+            max_line: settings.max_line,
+            state: LineState::Command,
+            bad: BadCommands::default(),
+            user: None,
+            pre_tls: false,
+        }
+    }
+
+    /// A dialogue for a new connection on a STARTTLS listener, before TLS; it ends with
+    /// [`Step::StartTls`] and the session goes on over TLS with [`Pop3Dialogue::new`].
+    pub fn pre_tls(settings: &DialogueSettings) -> Self {
+        Self { pre_tls: true, ..Self::new(settings) }
+    }
+
+    /// A command before TLS. Logins are refused unread; `STLS` consumes its own line
+    /// only, so whatever the client sent after it stays for the session to discard.
+    fn command_pre_tls(&mut self, line: &[u8]) -> Step {
+        let (verb, rest) = line::split_verb(line);
+        match verb.to_ascii_uppercase().as_slice() {
+            b"CAPA" => Step::Reply(PRE_TLS_CAPABILITIES.to_vec()),
+            b"STLS" if rest.is_empty() => {
+                self.state = LineState::Finished;
+                Step::StartTls(b"+OK Begin TLS negotiation\r\n".to_vec())
+            }
+            b"STLS" => self.fail("-ERR Syntax: STLS\r\n"),
+            b"QUIT" => {
+                self.state = LineState::Finished;
+                Step::Close(b"+OK Bye\r\n".to_vec())
+            }
+            b"AUTH" if line::words(rest).next().is_none() => self.fail("-ERR Use STLS first\r\n"),
+            verb @ (b"USER" | b"PASS" | b"AUTH" | b"APOP") => {
+                let mechanism = match verb {
+                    b"AUTH" => "AUTH",
+                    b"APOP" => "APOP",
+                    _ => "USER/PASS",
+                };
+                self.state = LineState::Deciding;
+                Step::Refused(Rejected { user: None, mechanism, fault: CredentialFault::TlsRequired })
+            }
+            _ => self.fail("-ERR Use STLS first\r\n"),
+        }
     }
 
     /// Answers a failed or invalid command, closing once too many have been seen.
@@ -149,6 +199,7 @@ impl Dialogue for Pop3Dialogue {
     fn step(&mut self, input: &mut BytesMut) -> Step {
         match self.state.next(input, self.max_line, b"-ERR Line too long\r\n") {
             NextLine::Step(step) => step,
+            NextLine::Command(line) if self.pre_tls => self.command_pre_tls(&line),
             NextLine::Command(line) => self.command(&line),
             NextLine::Sasl(line, mut exchange) => {
                 let step = exchange.respond(&line);
@@ -159,6 +210,10 @@ impl Dialogue for Pop3Dialogue {
 
     fn denied(&mut self) -> Vec<u8> {
         self.state.refused();
+        if self.pre_tls {
+            // Before TLS the only refusal is that one.
+            return TLS_REQUIRED.to_vec();
+        }
         format!("-ERR [AUTH] {DENIAL_TEXT}\r\n").into_bytes()
     }
 
@@ -363,5 +418,65 @@ mod tests {
             b"YQ==",
         ];
         fuzz(&make, words, 1);
+    }
+
+    fn make_pre_tls() -> Box<dyn Dialogue> {
+        Box::new(Pop3Dialogue::pre_tls(&settings()))
+    }
+
+    fn check_pre_tls(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
+        testing::check(&make_pre_tls, input, expected, leftover);
+    }
+
+    const TLS_FIRST: &str = "-ERR [AUTH] Use STLS first; no login before TLS\r\n";
+
+    #[test]
+    fn before_tls_only_the_upgrade_is_offered() {
+        assert_eq!(make_pre_tls().greeting(), b"+OK Postern ready.\r\n");
+        let capa = std::str::from_utf8(PRE_TLS_CAPABILITIES).unwrap();
+        assert!(capa.contains("\r\nSTLS\r\n") && !capa.contains("SASL") && !capa.contains("USER"));
+        check_pre_tls("CAPA\r\n", &[capa], "");
+        check_pre_tls("QUIT\r\nCAPA\r\n", &["CLOSE +OK Bye\r\n"], "CAPA\r\n");
+        check_pre_tls("NOOP\r\nSTAT\r\nAUTH\r\n", &["-ERR Use STLS first\r\n"; 3], "");
+        check_pre_tls("STLS x\r\n", &["-ERR Syntax: STLS\r\n"], "");
+        check_pre_tls("capa\nstls\n", &[capa, "STARTTLS +OK Begin TLS negotiation\r\n"], "");
+    }
+
+    #[test]
+    fn logins_before_tls_are_refused_unread() {
+        let refused = |mechanism: &str| format!("REFUSED -|{mechanism}|TlsRequired");
+        check_pre_tls(
+            format!("USER alice@example.com\r\nPASS secret\r\nAUTH PLAIN {}\r\n", b64("\0a\0b")),
+            &[&refused("USER/PASS"), TLS_FIRST, &refused("USER/PASS"), TLS_FIRST, &refused("AUTH"), TLS_FIRST],
+            "",
+        );
+        // No SASL exchange starts: the next line is a command again.
+        check_pre_tls(
+            "AUTH LOGIN\r\nCAPA\r\n",
+            &[&refused("AUTH"), TLS_FIRST, std::str::from_utf8(PRE_TLS_CAPABILITIES).unwrap()],
+            "",
+        );
+        check_pre_tls("APOP a b\r\n", &[&refused("APOP"), TLS_FIRST], "");
+    }
+
+    #[test]
+    fn commands_pipelined_after_stls_are_left_unexecuted() {
+        check_pre_tls(
+            "STLS\r\nUSER alice@example.com\r\nPASS pw\r\n",
+            &["STARTTLS +OK Begin TLS negotiation\r\n"],
+            "USER alice@example.com\r\nPASS pw\r\n",
+        );
+        let mut d = make_pre_tls();
+        run(d.as_mut(), b"STLS\r\n", Decision::Deny);
+        let mut more = BytesMut::from(&b"CAPA\r\n"[..]);
+        assert!(matches!(d.step(&mut more), Step::NeedMore));
+        assert_eq!(&more[..], b"CAPA\r\n");
+    }
+
+    #[test]
+    fn pre_tls_garbage_never_panics() {
+        let words: &[&[u8]] =
+            &[b"STLS", b"USER ", b"PASS ", b"AUTH ", b"PLAIN", b"CAPA", b"QUIT", b"x", b" ", b"\r\n", b"\n", b"\0"];
+        fuzz(&make_pre_tls, words, 6);
     }
 }

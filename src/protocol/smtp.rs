@@ -8,7 +8,7 @@ use bytes::BytesMut;
 
 use super::line::{self, BadCommands, LineState, NextLine};
 use super::sasl::{Mechanism, SaslError, SaslExchange, SaslStep};
-use super::{Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Rejected, Step, UpstreamInfo};
+use super::{CredentialFault, Credentials, DENIAL_TEXT, Dialogue, DialogueSettings, Rejected, Step, UpstreamInfo};
 
 /// SMTP submission pre-login state machine.
 pub struct SmtpDialogue {
@@ -19,7 +19,13 @@ pub struct SmtpDialogue {
     bad: BadCommands,
     /// The name from the latest `EHLO`/`HELO`; `AUTH` needs one.
     hello: Option<String>,
+    /// Before TLS on a STARTTLS listener: only `EHLO`/`HELO`, `STARTTLS`, `NOOP`, `RSET`
+    /// and `QUIT` run.
+    pre_tls: bool,
 }
+
+/// The answer to `AUTH` and mail commands before TLS (RFC 3207).
+const TLS_REQUIRED: &str = "530 5.7.0 Must issue a STARTTLS command first\r\n";
 
 impl SmtpDialogue {
     /// A dialogue for a new connection.
@@ -31,6 +37,35 @@ impl SmtpDialogue {
             state: LineState::Command,
             bad: BadCommands::default(),
             hello: None,
+            pre_tls: false,
+        }
+    }
+
+    /// A dialogue for a new connection on a STARTTLS listener, before TLS; it ends with
+    /// [`Step::StartTls`] and the session goes on over TLS with [`SmtpDialogue::new`],
+    /// which knows nothing of what was said before (RFC 3207 section 4.2).
+    pub fn pre_tls(settings: &DialogueSettings) -> Self {
+        Self { pre_tls: true, ..Self::new(settings) }
+    }
+
+    /// A command before TLS. `AUTH` is refused unread; `STARTTLS` consumes its own line
+    /// only, so whatever the client sent after it stays for the session to discard.
+    fn command_pre_tls(&mut self, line: &[u8]) -> Step {
+        let (verb, rest) = line::split_verb(line);
+        match verb.to_ascii_uppercase().as_slice() {
+            b"EHLO" | b"HELO" | b"RSET" | b"NOOP" | b"QUIT" => self.command(line),
+            b"STARTTLS" if line::words(rest).next().is_none() => {
+                self.state = LineState::Finished;
+                Step::StartTls(b"220 2.0.0 Ready to start TLS\r\n".to_vec())
+            }
+            b"STARTTLS" => self.fail("501 5.5.4 Syntax: STARTTLS\r\n"),
+            b"AUTH" => {
+                self.state = LineState::Deciding;
+                Step::Refused(Rejected { user: None, mechanism: "AUTH", fault: CredentialFault::TlsRequired })
+            }
+            b"MAIL" | b"RCPT" | b"DATA" | b"BDAT" => self.fail(TLS_REQUIRED),
+            b"VRFY" | b"EXPN" => self.fail("502 5.5.1 Command not implemented\r\n"),
+            _ => self.fail("500 5.5.2 Command unrecognized\r\n"),
         }
     }
 
@@ -72,6 +107,11 @@ impl SmtpDialogue {
         self.hello = Some(String::from_utf8_lossy(name).into_owned());
         if !extended {
             return Step::Reply(format!("250 {}\r\n", self.hostname).into_bytes());
+        }
+        if self.pre_tls {
+            // No PIPELINING and no AUTH before TLS: only the way to it.
+            let reply = format!("250-{}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n", self.hostname);
+            return Step::Reply(reply.into_bytes());
         }
         let mut reply =
             format!("250-{}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n", self.hostname);
@@ -141,6 +181,7 @@ impl Dialogue for SmtpDialogue {
     fn step(&mut self, input: &mut BytesMut) -> Step {
         match self.state.next(input, self.max_line, b"500 5.5.2 Line too long\r\n") {
             NextLine::Step(step) => step,
+            NextLine::Command(line) if self.pre_tls => self.command_pre_tls(&line),
             NextLine::Command(line) => self.command(&line),
             NextLine::Sasl(line, mut exchange) => {
                 let step = exchange.respond(&line);
@@ -151,6 +192,10 @@ impl Dialogue for SmtpDialogue {
 
     fn denied(&mut self) -> Vec<u8> {
         self.state.refused();
+        if self.pre_tls {
+            // Before TLS the only refusal is that one.
+            return TLS_REQUIRED.as_bytes().to_vec();
+        }
         format!("535 5.7.8 {DENIAL_TEXT}\r\n").into_bytes()
     }
 
@@ -356,5 +401,80 @@ mod tests {
             b"YQ==",
         ];
         fuzz(&make, words, 2);
+    }
+
+    fn make_pre_tls() -> Box<dyn Dialogue> {
+        Box::new(SmtpDialogue::pre_tls(&settings()))
+    }
+
+    fn check_pre_tls(input: impl AsRef<[u8]>, expected: &[&str], leftover: &str) {
+        testing::check(&make_pre_tls, input, expected, leftover);
+    }
+
+    const PRE_TLS_EHLO: &str = "250-mx.example.net\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n";
+    const TLS_FIRST: &str = "530 5.7.0 Must issue a STARTTLS command first\r\n";
+    const GO: &str = "STARTTLS 220 2.0.0 Ready to start TLS\r\n";
+
+    #[test]
+    fn before_tls_only_the_upgrade_is_offered() {
+        assert_eq!(make_pre_tls().greeting(), b"220 mx.example.net ESMTP Postern\r\n");
+        check_pre_tls("EHLO client.example\r\n", &[PRE_TLS_EHLO], "");
+        check_pre_tls("HELO client.example\r\n", &["250 mx.example.net\r\n"], "");
+        check_pre_tls("RSET\r\nnoop\r\n", &["250 2.0.0 OK\r\n", "250 2.0.0 OK\r\n"], "");
+        check_pre_tls("QUIT\r\nNOOP\r\n", &["CLOSE 221 2.0.0 Bye\r\n"], "NOOP\r\n");
+        check_pre_tls("MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", &[TLS_FIRST, TLS_FIRST], "");
+        check_pre_tls(
+            "VRFY root\r\nFROB\r\n",
+            &["502 5.5.1 Command not implemented\r\n", "500 5.5.2 Command unrecognized\r\n"],
+            "",
+        );
+        check_pre_tls("STARTTLS now\r\n", &["501 5.5.4 Syntax: STARTTLS\r\n"], "");
+        check_pre_tls("EHLO c\r\nstarttls\r\n", &[PRE_TLS_EHLO, GO], "");
+        check_pre_tls("STARTTLS\n", &[GO], "");
+    }
+
+    #[test]
+    fn auth_before_tls_is_refused_unread() {
+        let refused = "REFUSED -|AUTH|TlsRequired";
+        let plain = b64("\0alice@example.com\0secret");
+        check_pre_tls(
+            format!("EHLO c\r\nAUTH PLAIN {plain}\r\nAUTH LOGIN\r\nNOOP\r\n"),
+            &[PRE_TLS_EHLO, refused, TLS_FIRST, refused, TLS_FIRST, "250 2.0.0 OK\r\n"],
+            "",
+        );
+        check_pre_tls("AUTH PLAIN\r\n", &[refused, TLS_FIRST], "");
+    }
+
+    #[test]
+    fn commands_pipelined_after_starttls_are_left_unexecuted() {
+        let plain = b64("\0alice@example.com\0pw");
+        check_pre_tls(
+            format!("EHLO c\r\nSTARTTLS\r\nAUTH PLAIN {plain}\r\nMAIL FROM:<a@b>\r\n"),
+            &[PRE_TLS_EHLO, GO],
+            &format!("AUTH PLAIN {plain}\r\nMAIL FROM:<a@b>\r\n"),
+        );
+        let mut d = make_pre_tls();
+        run(d.as_mut(), b"STARTTLS\r\n", Decision::Deny);
+        let mut more = BytesMut::from(&b"EHLO c\r\n"[..]);
+        assert!(matches!(d.step(&mut more), Step::NeedMore));
+        assert_eq!(&more[..], b"EHLO c\r\n");
+    }
+
+    #[test]
+    fn pre_tls_garbage_never_panics() {
+        let words: &[&[u8]] = &[
+            b"EHLO c",
+            b"STARTTLS",
+            b"AUTH ",
+            b"PLAIN",
+            b"MAIL FROM:<a@b>",
+            b"QUIT",
+            b"x",
+            b" ",
+            b"\r\n",
+            b"\n",
+            b"\0",
+        ];
+        fuzz(&make_pre_tls, words, 7);
     }
 }

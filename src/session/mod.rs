@@ -1,5 +1,12 @@
 //! One client connection from TLS accept to the end of the splice: the pipeline all three
 //! protocols share. Only the [`Dialogue`] differs between them.
+//!
+//! On a STARTTLS listener the connection starts in plaintext with the protocol's pre-TLS
+//! dialogue ([`protocol::pre_tls_dialogue`]), which can only offer the upgrade. When the
+//! client asks for it, every byte still buffered is dropped (commands pipelined after
+//! STARTTLS are never executed, the CVE-2011-0411 class), the TLS handshake runs, and the
+//! session goes on exactly as on an implicit TLS listener, with a new dialogue and no
+//! greeting. One pre-login deadline covers the plaintext part, the handshake and the login.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,29 +53,89 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
-    let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text);
+    let span = span(protocol, peer, via);
     async move {
         let _active = server.metrics().session_started(protocol);
-        let mut record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
-        record.via = via;
-        let mut session = Session {
-            dialogue: protocol::dialogue(protocol, &server.dialogue_settings(protocol)),
-            claim: server.preauth_budget.claim(),
-            server,
-            protocol,
-            client,
-            peer,
-            // Sized by what arrives (see `read_more`), not ahead of it.
-            input: BytesMut::new(),
-            record,
-            shutdown,
-        };
+        let mut session = Session::new(server, protocol, client, peer, via, shutdown, true);
         session.serve(address_slot).await;
         session.server.audit(&session.record, Event::Session);
     }
     .instrument(span)
     .await
+}
+
+/// Runs the session of a client on a STARTTLS listener, from the plaintext greeting on,
+/// and writes its audit line. As [`run`], plus `handshake_slot`: the client address's
+/// unfinished-handshake slot, held until the TLS handshake after STARTTLS is done.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_starttls<S>(
+    server: Arc<State>,
+    protocol: Protocol,
+    client: S,
+    peer: SocketAddr,
+    via: Option<SocketAddr>,
+    shutdown: Shutdown,
+    address_slot: Option<IpSlot>,
+    handshake_slot: IpSlot,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let span = span(protocol, peer, via);
+    async move {
+        let _active = server.metrics().session_started(protocol);
+        let server_ref = server.clone();
+        let session = Session::new(server, protocol, client, peer, via, shutdown, false);
+        let record = serve_starttls(session, address_slot, handshake_slot).await;
+        server_ref.audit(&record, Event::Session);
+    }
+    .instrument(span)
+    .await
+}
+
+fn span(protocol: Protocol, peer: SocketAddr, via: Option<SocketAddr>) -> tracing::Span {
+    let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text)
+}
+
+/// A STARTTLS session: the plaintext part, the upgrade, then the same pipeline as on an
+/// implicit TLS listener. Returns the record to audit.
+async fn serve_starttls<S>(mut plain: Session<S>, address_slot: Option<IpSlot>, handshake_slot: IpSlot) -> SessionRecord
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Some(_address_slot) = address_slot else {
+        plain.too_many_connections().await;
+        return plain.record;
+    };
+    match plain.pre_login().await {
+        PreLogin::StartTls => {}
+        // The pre-TLS dialogue never yields a login; a session never splices in plaintext.
+        PreLogin::Admitted(_) | PreLogin::Ended => {
+            let _ = plain.client.shutdown().await;
+            return plain.record;
+        }
+    }
+    let mut tls = match plain.start_tls(handshake_slot).await {
+        Ok(tls) => tls,
+        Err(record) => return record,
+    };
+    match tls.pre_login().await {
+        PreLogin::Admitted(admitted) => tls.splice(*admitted).await,
+        PreLogin::StartTls | PreLogin::Ended => {
+            let _ = tls.client.shutdown().await;
+        }
+    }
+    tls.record
+}
+
+/// How the pre-login dialogue ended.
+enum PreLogin {
+    /// Logged in upstream: splice. Boxed: the other outcomes carry nothing.
+    Admitted(Box<Admitted>),
+    /// The client asked for TLS on a STARTTLS listener, and was told to go ahead.
+    StartTls,
+    /// The connection ended without a login.
+    Ended,
 }
 
 struct Session<S> {
@@ -82,31 +149,131 @@ struct Session<S> {
     claim: Claim,
     record: SessionRecord,
     shutdown: Shutdown,
+    /// The end of the pre-login time: from the connection's start, across a STARTTLS.
+    deadline: Instant,
+    /// Whether the client connection is TLS already. Only then may a login be decided.
+    encrypted: bool,
+    /// The greeting is still to be sent: not after STARTTLS.
+    greet: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    async fn serve(&mut self, address_slot: Option<IpSlot>) {
-        let Some(_address_slot) = address_slot else {
-            let limit = self.server.sessions.per_ip();
-            self.record.set(Outcome::Busy, format!("too many connections from the client IP (limit {limit})"));
-            let bye = self.dialogue.too_many_connections();
-            let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
-            let _ = self.client.shutdown().await;
-            return;
+    /// A session for a new connection: `encrypted` on implicit TLS listeners (with the
+    /// protocol's dialogue), plaintext with the pre-TLS dialogue otherwise.
+    fn new(
+        server: Arc<State>,
+        protocol: Protocol,
+        client: S,
+        peer: SocketAddr,
+        via: Option<SocketAddr>,
+        shutdown: Shutdown,
+        encrypted: bool,
+    ) -> Self {
+        let mut record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
+        record.via = via;
+        let settings = server.dialogue_settings(protocol);
+        let dialogue = if encrypted {
+            protocol::dialogue(protocol, &settings)
+        } else {
+            protocol::pre_tls_dialogue(protocol, &settings)
         };
-        let Some(admitted) = self.pre_login().await else {
-            let _ = self.client.shutdown().await;
-            return;
-        };
-        self.splice(admitted).await;
+        Session {
+            dialogue,
+            claim: server.preauth_budget.claim(),
+            deadline: Instant::now() + server.limits.preauth_timeout(),
+            server,
+            protocol,
+            client,
+            peer,
+            // Sized by what arrives (see `read_more`), not ahead of it.
+            input: BytesMut::new(),
+            record,
+            shutdown,
+            encrypted,
+            greet: true,
+        }
     }
 
-    /// The pre-login dialogue, bounded by the pre-login deadline. `None` when the
-    /// connection ended without a successful login.
-    async fn pre_login(&mut self) -> Option<Admitted> {
-        let deadline = Instant::now() + self.server.limits.preauth_timeout();
-        let greeting = self.dialogue.greeting();
-        self.write(&greeting, deadline).await?;
+    async fn serve(&mut self, address_slot: Option<IpSlot>) {
+        let Some(_address_slot) = address_slot else {
+            self.too_many_connections().await;
+            return;
+        };
+        match self.pre_login().await {
+            PreLogin::Admitted(admitted) => self.splice(*admitted).await,
+            PreLogin::StartTls | PreLogin::Ended => {
+                let _ = self.client.shutdown().await;
+            }
+        }
+    }
+
+    /// Says the client's address holds too many connections, and closes.
+    async fn too_many_connections(&mut self) {
+        let limit = self.server.sessions.per_ip();
+        self.record.set(Outcome::Busy, format!("too many connections from the client IP (limit {limit})"));
+        let bye = self.dialogue.too_many_connections();
+        let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
+        let _ = self.client.shutdown().await;
+    }
+
+    /// The TLS handshake after STARTTLS, within the handshake timeout and the pre-login
+    /// deadline; the session goes on over TLS with the protocol's dialogue and no greeting.
+    /// The record to audit when the handshake fails.
+    async fn start_tls(
+        self,
+        handshake_slot: IpSlot,
+    ) -> Result<Session<tokio_rustls::server::TlsStream<S>>, SessionRecord> {
+        let Session { server, protocol, client, peer, mut record, shutdown, deadline, claim, .. } = self;
+        let limit = deadline.min(Instant::now() + server.limits.handshake_timeout());
+        let handshake = tokio::time::timeout_at(limit, server.tls().accept(client)).await;
+        drop(handshake_slot);
+        let client = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                server.metrics().tls_failure(protocol);
+                record.set(Outcome::Abandoned, format!("TLS handshake after STARTTLS failed: {e}"));
+                return Err(record);
+            }
+            Err(_) => {
+                server.metrics().tls_failure(protocol);
+                record.set(Outcome::TimedOut, "no TLS handshake after STARTTLS in time");
+                return Err(record);
+            }
+        };
+        let dialogue = protocol::dialogue(protocol, &server.dialogue_settings(protocol));
+        Ok(Session {
+            server,
+            protocol,
+            dialogue,
+            client,
+            peer,
+            input: BytesMut::new(),
+            claim,
+            record,
+            shutdown,
+            deadline,
+            encrypted: true,
+            greet: false,
+        })
+    }
+
+    /// The pre-login dialogue, bounded by the pre-login deadline: greeting (unless the
+    /// session continues after STARTTLS), commands, logins.
+    async fn pre_login(&mut self) -> PreLogin {
+        match self.dialogue_loop().await {
+            Some(outcome) => outcome,
+            None => PreLogin::Ended,
+        }
+    }
+
+    /// See [`Session::pre_login`]; `None` when the connection ended without a login.
+    async fn dialogue_loop(&mut self) -> Option<PreLogin> {
+        let deadline = self.deadline;
+        // After STARTTLS the client speaks first (IMAP CAPABILITY, POP3 CAPA, SMTP EHLO).
+        if std::mem::take(&mut self.greet) {
+            let greeting = self.dialogue.greeting();
+            self.write(&greeting, deadline).await?;
+        }
         loop {
             let started = std::time::Instant::now();
             let step = self.dialogue.step(&mut self.input);
@@ -141,6 +308,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let _ = self.write(&bytes, deadline).await;
                     return None;
                 }
+                Step::StartTls(reply) => {
+                    if self.encrypted {
+                        self.record.set(Outcome::ProtocolError, "STARTTLS on a connection already using TLS");
+                        return None;
+                    }
+                    // Whatever the client sent after the command is plaintext it must not
+                    // be able to inject into the TLS session: dropped before anything else.
+                    let dropped = self.input.len();
+                    self.input = BytesMut::new();
+                    self.claim.resize(self.buffered());
+                    if dropped > 0 {
+                        tracing::debug!(bytes = dropped, "dropped plaintext sent after STARTTLS");
+                    }
+                    self.write(&reply, deadline).await?;
+                    return Some(PreLogin::StartTls);
+                }
+                Step::Login(_) if !self.encrypted => {
+                    // Pre-TLS dialogues never yield one; a password is never checked in plaintext.
+                    self.record.set(Outcome::ProtocolError, "login offered before TLS");
+                    return None;
+                }
                 Step::Login(credentials) => {
                     self.attempt(Some(&credentials.user), credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
@@ -148,6 +336,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Step::Refused(rejected) => {
                     self.attempt(rejected.user.as_deref(), rejected.mechanism);
+                    if rejected.fault == protocol::CredentialFault::TlsRequired {
+                        // Nothing the client sent with it is kept, not even a user name.
+                        self.record.user = None;
+                    }
                     self.record.mode = None;
                     Err(decision::refuse(&self.server, self.peer.ip(), rejected.fault).await)
                 }
@@ -160,7 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let reply = self.dialogue.accepted(&admitted.upstream.info);
                     self.write(&reply, deadline).await?;
                     self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
-                    return Some(admitted);
+                    return Some(PreLogin::Admitted(Box::new(admitted)));
                 }
                 Err(Refusal::Denied(denial)) => {
                     self.record.set(Outcome::Denied, denial.reason());
@@ -510,6 +702,79 @@ mod tests {
         let state = state(dir.path()).await;
         let mut c = start(&state, &Shutdown::default(), false);
         assert_eq!(line(&mut c).await, "* BYE [UNAVAILABLE] Too many connections from your address; try again later");
+        assert_eq!(line(&mut c).await, "");
+    }
+
+    /// Starts a STARTTLS session on one end of a pipe and returns the other end.
+    fn start_starttls(state: &Arc<State>, shutdown: &Shutdown) -> BufReader<DuplexStream> {
+        let (client, server_side) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let slot = state.sessions.try_ip(peer.ip());
+        let handshake = state.sessions.try_handshake(peer.ip()).unwrap();
+        let session =
+            run_starttls(state.clone(), Protocol::Imap, server_side, peer, None, shutdown.clone(), slot, handshake);
+        tokio::spawn(session);
+        BufReader::new(client)
+    }
+
+    /// A TLS client trusting the test state's self-signed certificate.
+    async fn upgrade(
+        dir: &std::path::Path,
+        c: BufReader<DuplexStream>,
+    ) -> BufReader<tokio_rustls::client::TlsStream<DuplexStream>> {
+        use rustls::pki_types::pem::PemObject;
+        assert!(c.buffer().is_empty(), "the server said more after its go-ahead");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from_pem_file(dir.join("c.pem")).unwrap()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("proxy.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, c.into_inner()).await.unwrap();
+        BufReader::new(tls)
+    }
+
+    #[tokio::test]
+    async fn starttls_drops_what_was_pipelined_and_goes_on_over_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(dir.path(), "max_handshakes_per_ip = 1").await;
+        let ip = "127.0.0.1".parse().unwrap();
+        let mut c = start_starttls(&state, &Shutdown::default());
+        assert_eq!(line(&mut c).await, "* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] Postern ready.");
+        assert!(state.sessions.try_handshake(ip).is_none(), "a plaintext connection holds a handshake slot");
+        send(&mut c, "a LOGIN alice@example.com pw\r\n").await;
+        assert_eq!(line(&mut c).await, "a NO [PRIVACYREQUIRED] Use STARTTLS first; no login before TLS");
+        send(&mut c, "b STARTTLS\r\nc LOGIN alice@example.com wrong\r\nd LOGOUT\r\n").await;
+        assert_eq!(line(&mut c).await, "b OK Begin TLS negotiation now");
+        let mut c = upgrade(dir.path(), c).await;
+        c.get_mut().write_all(b"e NOOP\r\n").await.unwrap();
+        let mut answer = String::new();
+        c.read_line(&mut answer).await.unwrap();
+        assert_eq!(answer, "e OK NOOP completed\r\n", "no greeting, no answer to what came after STARTTLS");
+        c.get_mut().write_all(b"f LOGIN alice@example.com wrong\r\n").await.unwrap();
+        answer.clear();
+        c.read_line(&mut answer).await.unwrap();
+        assert_eq!(answer, format!("f {DENIAL}\r\n"), "logins are decided over TLS");
+        let denied = |reason| {
+            state.metrics().logins(crate::metrics::LoginResult { outcome: crate::metrics::Outcome::Denied, reason })
+        };
+        assert_eq!(denied("login attempted before STARTTLS"), 1);
+        assert_eq!(denied("wrong password"), 1, "the pipelined LOGIN never ran");
+        assert!(state.sessions.try_handshake(ip).is_some(), "given back once the handshake is done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pre_login_deadline_covers_the_plaintext_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let mut c = start_starttls(&state, &Shutdown::default());
+        assert!(line(&mut c).await.starts_with("* OK"));
+        let started = tokio::time::Instant::now();
+        assert_eq!(line(&mut c).await, "* BYE Autologout; login took too long");
+        assert!(started.elapsed() >= Duration::from_secs(30));
         assert_eq!(line(&mut c).await, "");
     }
 }

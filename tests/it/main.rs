@@ -25,5 +25,6 @@ mod secrets;
 mod service;
 mod shared_state;
 mod smtp;
+mod starttls;
 mod upstream_methods;
 mod vault_writers;

@@ -88,6 +88,12 @@ pub struct Proxy {
     pub pop3s: SocketAddr,
     /// Bound SMTPS address.
     pub smtps: SocketAddr,
+    /// Bound IMAP STARTTLS address.
+    pub imap_starttls: SocketAddr,
+    /// Bound POP3 STLS address.
+    pub pop3_starttls: SocketAddr,
+    /// Bound SMTP submission STARTTLS address.
+    pub smtp_starttls: SocketAddr,
     /// The CA clients must trust.
     pub ca_file: PathBuf,
     /// The config file.
@@ -180,6 +186,7 @@ profiles = "profiles.toml"
 
 [imap]
 listen = ["127.0.0.1:0"]
+starttls_listen = ["127.0.0.1:0"]
 upstream = "{imap}"
 {ca}
 {imap_extra}
@@ -187,12 +194,14 @@ upstream = "{imap}"
 
 [pop3]
 listen = ["127.0.0.1:0"]
+starttls_listen = ["127.0.0.1:0"]
 upstream = "{pop3}"
 {ca}
 {protocol_extra}
 
 [smtp]
 listen = ["127.0.0.1:0"]
+starttls_listen = ["127.0.0.1:0"]
 upstream = "{smtp}"
 upstream_tls = "{smtp_tls}"
 {ca}
@@ -216,10 +225,14 @@ upstream_tls = "{smtp_tls}"
         let server = State::from_config(&config).await.expect("proxy starts");
         let running = daemon::start(server.clone(), &config, Duration::from_secs(2)).await.expect("proxy listens");
         let addr = |p: Protocol| running.addresses[&p][0];
+        let starttls = |p: Protocol| running.starttls_addresses[&p][0];
         Proxy {
             imaps: addr(Protocol::Imap),
             pop3s: addr(Protocol::Pop3),
             smtps: addr(Protocol::Smtp),
+            imap_starttls: starttls(Protocol::Imap),
+            pop3_starttls: starttls(Protocol::Pop3),
+            smtp_starttls: starttls(Protocol::Smtp),
             ca_file: pki.ca_file.clone(),
             config_path,
             dovecot,
