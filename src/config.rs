@@ -658,12 +658,7 @@ impl Config {
         if lockout.window_secs == 0 {
             return Err(invalid("lockout.window_secs", "must be at least 1 second"));
         }
-        if lockout.max_failures > 0 && lockout.lock_secs == 0 {
-            return Err(invalid(
-                "lockout.lock_secs",
-                "must be at least 1 second (or set lockout.max_failures = 0 to disable locking)",
-            ));
-        }
+        // lock_secs = 0 locks until an admin unlocks the user (`postern user unlock`).
         if lockout.max_failure_delay_ms > 60_000 {
             return Err(invalid(
                 "lockout.max_failure_delay_ms",

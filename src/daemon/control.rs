@@ -163,7 +163,7 @@ async fn status(server: &State) -> Value {
         "state_store_up": server.counters.is_up(),
         "locked": match server.counters.locked_users().await {
             Ok(locked) => json!(locked.into_iter()
-                .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.as_secs()}))
+                .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.map(|r| r.as_secs())}))
                 .collect::<Vec<_>>()),
             Err(e) => json!({"error": e.to_string()}),
         },
