@@ -76,6 +76,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[oauth]`: where OAuth2 access tokens for `upstream_auth = "xoauth2"` come from.
     pub oauth: Option<OAuthConfig>,
+    /// `[alerts]`: webhooks that hear about locks, unlocks, refused upstream credentials and
+    /// expiring certificates.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
     /// Folder relative paths are resolved against: the config file's folder.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -685,6 +689,7 @@ impl Config {
         if let Some(oauth) = &self.oauth {
             oauth.validate()?;
         }
+        self.alerts.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         Ok(())
     }
 }
@@ -839,6 +844,25 @@ mod tests {
         let err = parse(&format!("{MINIMAL}\n[limits]\nproxy_header_timeout_secs = 0\n")).unwrap_err().to_string();
         assert!(err.contains("limits.proxy_header_timeout_secs"), "{err}");
         assert_eq!(parse(MINIMAL).unwrap().limits.proxy_header_timeout(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn alert_webhooks_parse_and_name_bad_keys() {
+        let table =
+            "[alerts]\nwebhooks = [{ url = \"https://hooks.example/p\", ca_file = \"ca.pem\", timeout_secs = 3 }]\n";
+        let c = parse(&format!("{MINIMAL}\n{table}")).unwrap();
+        assert_eq!(c.alerts.webhooks[0].retries, 3);
+        assert_eq!(c.alerts.webhooks[0].ca_file.as_deref(), Some(Path::new("ca.pem")));
+        let err = parse(&format!("{MINIMAL}\n{}", table.replace("https", "http"))).unwrap_err().to_string();
+        assert!(err.contains("alerts.webhooks[0].url"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[alerts]\nwebhook = []\n")).unwrap_err().to_string();
+        assert!(err.contains("webhook"), "{err}");
+    }
+
+    #[test]
+    fn lock_secs_zero_is_allowed_and_means_until_unlocked() {
+        let c = parse(&format!("{MINIMAL}\n[lockout]\nlock_secs = 0\n")).unwrap();
+        assert_eq!((c.lockout.max_failures, c.lockout.lock_secs), (5, 0));
     }
 
     #[test]
