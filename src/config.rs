@@ -76,6 +76,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[oauth]`: where OAuth2 access tokens for `upstream_auth = "xoauth2"` come from.
     pub oauth: Option<OAuthConfig>,
+    /// `[alerts]`: webhooks that hear about locks, unlocks, refused upstream credentials and
+    /// expiring certificates.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
     /// Folder relative paths are resolved against: the config file's folder.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -702,12 +706,7 @@ impl Config {
         if lockout.window_secs == 0 {
             return Err(invalid("lockout.window_secs", "must be at least 1 second"));
         }
-        if lockout.max_failures > 0 && lockout.lock_secs == 0 {
-            return Err(invalid(
-                "lockout.lock_secs",
-                "must be at least 1 second (or set lockout.max_failures = 0 to disable locking)",
-            ));
-        }
+        // lock_secs = 0 locks until an admin unlocks the user (`postern user unlock`).
         if lockout.max_failure_delay_ms > 60_000 {
             return Err(invalid(
                 "lockout.max_failure_delay_ms",
@@ -734,6 +733,7 @@ impl Config {
         if let Some(oauth) = &self.oauth {
             oauth.validate()?;
         }
+        self.alerts.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         Ok(())
     }
 }
@@ -1018,6 +1018,25 @@ file = "/var/log/postern/audit.jsonl"
         assert!(err.contains("tls"), "{err}");
         // Port 0 (any free port) may repeat, as for `listen`.
         with("listen = [\"127.0.0.1:0\"]\nstarttls_listen = [\"127.0.0.1:0\"]").unwrap();
+    }
+
+    #[test]
+    fn alert_webhooks_parse_and_name_bad_keys() {
+        let table =
+            "[alerts]\nwebhooks = [{ url = \"https://hooks.example/p\", ca_file = \"ca.pem\", timeout_secs = 3 }]\n";
+        let c = parse(&format!("{MINIMAL}\n{table}")).unwrap();
+        assert_eq!(c.alerts.webhooks[0].retries, 3);
+        assert_eq!(c.alerts.webhooks[0].ca_file.as_deref(), Some(Path::new("ca.pem")));
+        let err = parse(&format!("{MINIMAL}\n{}", table.replace("https", "http"))).unwrap_err().to_string();
+        assert!(err.contains("alerts.webhooks[0].url"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[alerts]\nwebhook = []\n")).unwrap_err().to_string();
+        assert!(err.contains("webhook"), "{err}");
+    }
+
+    #[test]
+    fn lock_secs_zero_is_allowed_and_means_until_unlocked() {
+        let c = parse(&format!("{MINIMAL}\n[lockout]\nlock_secs = 0\n")).unwrap();
+        assert_eq!((c.lockout.max_failures, c.lockout.lock_secs), (5, 0));
     }
 
     #[test]

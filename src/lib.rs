@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod alerts;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -244,6 +244,42 @@ impl TokenEndpointMetrics {
     }
 }
 
+/// The alert webhooks' counters: shared by the delivery tasks that update them and the
+/// registry that exports them ([`Metrics::export_alerts`]).
+#[derive(Debug, Clone)]
+pub struct AlertMetrics {
+    sent: Family<ResultLabels, Counter>,
+    dropped: Counter,
+}
+
+impl Default for AlertMetrics {
+    fn default() -> Self {
+        Self { sent: by_result(), dropped: Counter::default() }
+    }
+}
+
+impl AlertMetrics {
+    /// Counts one alert delivered (`Ok`) or given up after its retries (`Failed`).
+    pub fn sent(&self, result: Success) {
+        self.sent.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts one alert dropped because a webhook's queue was full.
+    pub fn dropped(&self) {
+        self.dropped.inc();
+    }
+
+    /// Alerts counted with `result`.
+    pub fn sent_count(&self, result: Success) -> u64 {
+        self.sent.get_or_create(&ResultLabels { result }).get()
+    }
+
+    /// Alerts dropped.
+    pub fn dropped_count(&self) -> u64 {
+        self.dropped.get()
+    }
+}
+
 /// Every metric the daemon exports, and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -352,6 +388,21 @@ impl Metrics {
             upstream_latency,
             login_latency,
         }
+    }
+
+    /// Exports the alert webhooks' counters too (`postern_alerts_sent_total{result}`,
+    /// `postern_alerts_dropped_total`).
+    pub fn export_alerts(&mut self, alerts: &AlertMetrics) {
+        self.registry.register(
+            "postern_alerts_sent",
+            "Alerts to webhooks by result: delivered, or failed after every retry",
+            alerts.sent.clone(),
+        );
+        self.registry.register(
+            "postern_alerts_dropped",
+            "Alerts dropped because a webhook's queue was full",
+            alerts.dropped.clone(),
+        );
     }
 
     /// Exports the OAuth2 token endpoint's counters too.

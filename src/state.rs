@@ -48,6 +48,9 @@ pub enum LoadError {
     /// The store of lockout and session counters could not be set up.
     #[error(transparent)]
     Counters(#[from] crate::access::store::SetupError),
+    /// The alert webhooks could not be set up.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertsError),
 }
 
 /// The two stages of stopping: first no new logins, then (after a grace period) every
@@ -68,6 +71,8 @@ pub struct State {
     directory: ArcSwap<Directory>,
     /// Lockout and per-user session counters, in memory or shared (`[state]`).
     pub counters: Arc<CounterStore>,
+    /// The alert webhooks (`[alerts]`); going nowhere when none is configured.
+    pub alerts: Arc<crate::alerts::Alerts>,
     /// Concurrent connection and handshake limits per address (this instance's own).
     pub sessions: Arc<SessionLimits>,
     /// The bytes all connections together may buffer before login.
@@ -98,6 +103,7 @@ struct RestartOnly {
     metrics: MetricsConfig,
     oauth: Option<OAuthConfig>,
     state: crate::access::store::StateConfig,
+    alerts: crate::alerts::AlertsConfig,
 }
 
 impl RestartOnly {
@@ -111,6 +117,7 @@ impl RestartOnly {
             metrics: config.metrics.clone(),
             oauth: config.oauth.clone(),
             state: config.state.clone(),
+            alerts: config.alerts.clone(),
         }
     }
 }
@@ -156,6 +163,11 @@ impl State {
         if let Some(oauth) = upstreams.oauth() {
             metrics.export_token_endpoint(oauth.metrics().exported());
         }
+        let alert_metrics = crate::metrics::AlertMetrics::default();
+        metrics.export_alerts(&alert_metrics);
+        let alerts =
+            crate::alerts::Alerts::start(&config.alerts, &config.server.hostname, &config.base_dir, alert_metrics)?;
+        alerts.check_certificate(&cert);
         let sessions = SessionLimits::with_proxy_headers(
             config.limits.max_sessions_per_user,
             config.limits.max_connections_per_ip,
@@ -176,6 +188,7 @@ impl State {
             hostname: config.server.hostname.clone(),
             directory: ArcSwap::from_pointee(directory),
             counters: Arc::new(counters),
+            alerts,
             sessions,
             preauth_budget: crate::session::budget::Budget::new(config.limits.preauth_buffer_budget),
             profiles: ArcSwap::from_pointee(profiles),
@@ -261,13 +274,14 @@ impl State {
         tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
-                "listen addresses, upstreams, [oauth], [state], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
+                "listen addresses, upstreams, [oauth], [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
             );
         }
         self.set_profiles(profiles);
         self.upstreams.set_vault(vault);
         self.directory.store(Arc::new(directory));
         self.tls.store(Arc::new(tls));
+        self.alerts.check_certificate(&config.resolve(&config.tls.cert));
         self.audit_file.store(audit_file);
         self.metrics.reload(true);
         self.last_reload.store(unix_now(), Ordering::Relaxed);

@@ -403,6 +403,8 @@ async fn decide(
         Err(DirectoryError::WrongPassword) => {
             if reservation.failed().await {
                 tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
+                let lockout = state.counters.local().config();
+                state.alerts.user_locked(&user, ip, lockout.max_failures, lockout.lock_secs);
             }
             return Err(Refusal::Denied(Denial::WrongPassword));
         }
@@ -425,10 +427,19 @@ async fn decide(
         .ok_or(Refusal::Unavailable(Outage::SessionCap { limit: state.counters.per_user() }))?;
     let metrics = state.metrics();
     let observe = |elapsed| metrics.upstream_latency.observe(elapsed);
-    let upstream = state
+    let upstream = match state
         .upstreams
         .login(protocol, &user, &credentials.upstream_prefix, credentials.client_hello.as_deref(), Some(peer), &observe)
-        .await?;
+        .await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            if let LoginError::Refused { address, answer } = &e {
+                state.alerts.upstream_refused(&user, protocol, address, answer);
+            }
+            return Err(e.into());
+        }
+    };
     Ok(Admitted { slot, upstream, grant })
 }
 

@@ -30,7 +30,8 @@ pub struct LockoutConfig {
     pub max_failures: u32,
     /// The window failures are counted in, seconds.
     pub window_secs: u64,
-    /// How long a locked user stays locked, seconds.
+    /// How long a locked user stays locked, seconds; 0: until an admin lifts the lock
+    /// (`postern user unlock USER`).
     pub lock_secs: u64,
     /// Failed logins from one address within `window_secs` after which that address is
     /// refused outright until the window passes (0: never).
@@ -55,13 +56,31 @@ impl Default for LockoutConfig {
     }
 }
 
+/// How long a lock holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    /// Until this instant.
+    Until(Instant),
+    /// Until an admin lifts it (`lock_secs = 0`).
+    Indefinite,
+}
+
+impl Lock {
+    fn holds(self, now: Instant) -> bool {
+        match self {
+            Lock::Until(until) => until > now,
+            Lock::Indefinite => true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Counter {
     failures: u32,
     /// Password checks reserved and not yet settled.
     in_flight: u32,
     window_start: Instant,
-    locked_until: Option<Instant>,
+    locked_until: Option<Lock>,
 }
 
 impl Counter {
@@ -123,11 +142,14 @@ impl Reservation<'_> {
         let Some(user) = self.user.take() else { return false };
         let Some(mut counter) = self.lockout.users.get_mut(&user) else { return false };
         counter.in_flight = counter.in_flight.saturating_sub(1);
-        if counter.locked_until.is_some_and(|until| until > now) {
+        if counter.locked_until.is_some_and(|lock| lock.holds(now)) {
             return false;
         }
         if counter.add(now, window) >= self.lockout.config.max_failures {
-            counter.locked_until = Some(now + Duration::from_secs(self.lockout.config.lock_secs));
+            counter.locked_until = Some(match self.lockout.config.lock_secs {
+                0 => Lock::Indefinite,
+                secs => Lock::Until(now + Duration::from_secs(secs)),
+            });
             counter.failures = 0;
             return true;
         }
@@ -174,8 +196,8 @@ impl Drop for Reservation<'_> {
 pub struct Locked {
     /// The user.
     pub user: String,
-    /// Time left until the lock lifts.
-    pub remaining: Duration,
+    /// Time left until the lock lifts; `None`: until an admin lifts it.
+    pub remaining: Option<Duration>,
 }
 
 /// Failure counts per user and per client address.
@@ -226,7 +248,7 @@ impl Lockout {
     /// Whether `user` is locked now.
     pub fn is_locked(&self, user: &str) -> bool {
         let now = Instant::now();
-        self.users.get(user).and_then(|c| c.locked_until).is_some_and(|until| until > now)
+        self.users.get(user).and_then(|c| c.locked_until).is_some_and(|lock| lock.holds(now))
     }
 
     /// Whether `ip` has failed so often lately that its logins are refused unchecked.
@@ -247,7 +269,8 @@ impl Lockout {
         let mut user_entry =
             (user_limit > 0).then(|| self.users.entry(user.to_owned()).or_insert_with(|| Counter::new(now)));
         if let Some(counter) = &user_entry {
-            if counter.locked_until.is_some_and(|until| until > now) || counter.committed(now, window) >= user_limit {
+            if counter.locked_until.is_some_and(|lock| lock.holds(now)) || counter.committed(now, window) >= user_limit
+            {
                 return Err(Refused::Locked);
             }
         }
@@ -301,7 +324,7 @@ impl Lockout {
     pub fn unlock(&self, user: &str) -> bool {
         let now = Instant::now();
         self.changed();
-        self.users.remove(user).and_then(|(_, c)| c.locked_until).is_some_and(|until| until > now)
+        self.users.remove(user).and_then(|(_, c)| c.locked_until).is_some_and(|lock| lock.holds(now))
     }
 
     /// Users locked now, with the time left.
@@ -311,8 +334,12 @@ impl Lockout {
             .users
             .iter()
             .filter_map(|e| {
-                let until = e.value().locked_until?;
-                (until > now).then(|| Locked { user: e.key().clone(), remaining: until - now })
+                let remaining = match e.value().locked_until? {
+                    Lock::Until(until) if until > now => Some(until - now),
+                    Lock::Until(_) => return None,
+                    Lock::Indefinite => None,
+                };
+                Some(Locked { user: e.key().clone(), remaining })
             })
             .collect();
         locked.sort_by(|a, b| a.user.cmp(&b.user));
@@ -330,12 +357,17 @@ impl Lockout {
         let window = self.window();
         let at = |instant: Instant| unix_ms.saturating_add(instant.saturating_duration_since(now).as_millis() as u64);
         let save = |c: &Counter| {
-            let locked_until_ms = c.locked_until.filter(|&until| until > now).map(at);
+            let locked_until_ms = match c.locked_until {
+                Some(Lock::Until(until)) if until > now => Some(at(until)),
+                _ => None,
+            };
+            let locked_indefinitely = c.locked_until == Some(Lock::Indefinite);
             let failures = c.current(now, window);
-            (failures > 0 || locked_until_ms.is_some()).then(|| SavedCounter {
+            (failures > 0 || locked_until_ms.is_some() || locked_indefinitely).then(|| SavedCounter {
                 failures,
                 window_ends_ms: at(c.window_start + window),
                 locked_until_ms,
+                locked_indefinitely,
             })
         };
         let mut users: Vec<(String, SavedCounter)> =
@@ -358,7 +390,11 @@ impl Lockout {
         let window = self.window();
         let left = |at_ms: u64| Duration::from_millis(at_ms.saturating_sub(unix_ms));
         let load = |saved: &SavedCounter| -> Option<Counter> {
-            let locked_until = saved.locked_until_ms.map(left).filter(|d| !d.is_zero()).map(|d| now + d);
+            let locked_until = if saved.locked_indefinitely {
+                Some(Lock::Indefinite)
+            } else {
+                saved.locked_until_ms.map(left).filter(|d| !d.is_zero()).map(|d| Lock::Until(now + d))
+            };
             let window_left = left(saved.window_ends_ms).min(window);
             let failures = if window_left.is_zero() { 0 } else { saved.failures };
             if failures == 0 && locked_until.is_none() {
@@ -400,8 +436,11 @@ pub struct SavedCounter {
     pub failures: u32,
     /// When the failure window ends.
     pub window_ends_ms: u64,
-    /// When the lock lifts, if locked.
+    /// When the lock lifts, if locked for a time.
     pub locked_until_ms: Option<u64>,
+    /// Locked until an admin lifts it (`lock_secs = 0`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locked_indefinitely: bool,
 }
 
 /// Locks and failure counts saved across a restart (`lockout.json` in the state folder).
@@ -478,6 +517,26 @@ mod tests {
         assert!(l.unlock("u"));
         assert!(!l.is_locked("u"));
         assert!(!l.unlock("u"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lock_secs_zero_locks_until_unlocked_and_survives_a_snapshot() {
+        let l = lockout(2, 600, 0);
+        let a = ip("192.0.2.1");
+        record_failure(&l, "u", a);
+        assert!(record_failure(&l, "u", a));
+        tokio::time::advance(Duration::from_secs(10 * 365 * 86_400)).await;
+        assert!(l.is_locked("u"), "no time lifts it");
+        assert_eq!(l.locked_users(), vec![Locked { user: "u".into(), remaining: None }]);
+        let json = serde_json::to_string(&l.snapshot()).unwrap();
+        assert!(json.contains("\"locked_indefinitely\":true"), "{json}");
+        let restored = lockout(2, 600, 0);
+        restored.restore_at(serde_json::from_str(&json).unwrap(), unix_ms() + 365 * 86_400_000);
+        assert!(restored.is_locked("u"), "the lock survives a restart, however late");
+        assert_eq!(restored.reserve("u", a).unwrap_err(), Refused::Locked);
+        assert!(restored.unlock("u"));
+        assert!(!restored.is_locked("u"));
+        assert!(restored.locked_users().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

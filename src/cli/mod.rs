@@ -50,11 +50,11 @@ pub async fn status(path: &Path, user: Option<&str>) -> anyhow::Result<()> {
     let locked = answer.get("locked").and_then(|l| l.as_array()).cloned().unwrap_or_default();
     println!("locked users: {}", locked.len());
     for entry in locked {
-        println!(
-            "  {} ({}s left; `postern user unlock` lifts it)",
-            entry["user"].as_str().unwrap_or("-"),
-            entry["remaining_secs"]
-        );
+        let left = match entry["remaining_secs"].as_u64() {
+            Some(secs) => format!("{secs}s left"),
+            None => "until unlocked".to_owned(),
+        };
+        println!("  {} ({left}; `postern user unlock` lifts it)", entry["user"].as_str().unwrap_or("-"));
     }
     if let Some(user) = user {
         let user = normalized(user)?;

@@ -23,6 +23,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::Event;
 use crate::protocol::Protocol;
 use crate::state::State;
 
@@ -93,13 +94,36 @@ pub async fn serve(
     }
 }
 
+/// Who is at the other end of a control connection, for the audit log and alerts:
+/// `uid=1000(alice)` from the socket's peer credentials, or `admin` when they cannot be read.
+fn peer_account(stream: &UnixStream) -> String {
+    let Ok(credentials) = stream.peer_cred() else { return "admin".to_owned() };
+    let uid = credentials.uid();
+    match account_name(uid) {
+        Some(name) => format!("uid={uid}({name})"),
+        None => format!("uid={uid}"),
+    }
+}
+
+/// The name of the account `uid` in `/etc/passwd`, if it is listed there.
+fn account_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
+}
+
 async fn answer_connection(stream: UnixStream, server: &State, reload: &mpsc::Sender<ReloadRequest>) -> io::Result<()> {
+    let peer = peer_account(&stream);
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_CONNECTION_INPUT));
     let mut line = String::new();
     while lines.read_line(&mut line).await? != 0 {
         let answer = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => answer(request, server, reload).await,
+            Ok(request) => answer(request, server, reload, &peer).await,
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         };
         write.write_all(format!("{answer}\n").as_bytes()).await?;
@@ -108,7 +132,7 @@ async fn answer_connection(stream: UnixStream, server: &State, reload: &mpsc::Se
     Ok(())
 }
 
-async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRequest>) -> Value {
+async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRequest>, peer: &str) -> Value {
     match request {
         Request::Status => status(server).await,
         Request::User { user } => {
@@ -134,7 +158,10 @@ async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRe
             };
             match server.counters.unlock(&user).await {
                 Ok(was_locked) => {
-                    tracing::info!(target: "audit", user = %user, was_locked, "lockout lifted by an admin");
+                    tracing::info!(target: "audit", user = %user, was_locked, by = peer, "lockout lifted by an admin");
+                    if was_locked {
+                        server.alerts.emit(Event::UserUnlocked { user: user.clone(), by: peer.to_owned() });
+                    }
                     json!({"ok": true, "user": user, "was_locked": was_locked})
                 }
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
@@ -163,7 +190,7 @@ async fn status(server: &State) -> Value {
         "state_store_up": server.counters.is_up(),
         "locked": match server.counters.locked_users().await {
             Ok(locked) => json!(locked.into_iter()
-                .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.as_secs()}))
+                .map(|l| json!({"user": l.user, "remaining_secs": l.remaining.map(|r| r.as_secs())}))
                 .collect::<Vec<_>>()),
             Err(e) => json!({"error": e.to_string()}),
         },

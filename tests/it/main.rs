@@ -7,6 +7,7 @@
 mod common;
 mod install;
 
+mod alerts;
 mod balancer;
 mod cli;
 mod flood;

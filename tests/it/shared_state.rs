@@ -3,7 +3,7 @@
 //! both, unlock on both, count sessions over both and, raced by parallel guesses, check
 //! no more passwords than the limit; Redis stopped mid-run gives the configured behaviour
 //! and the gauge, and its return is picked up. A real daemon with the memory backend
-//! keeps a lock across a restart.
+//! keeps a lock across a restart, and `lock_secs = 0` leaves a lock key without expiry.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -175,7 +175,10 @@ async fn a_lock_in_redis_survives_a_restart_of_the_instances() {
     c.set_upstream(&user.mail, &user.upstream_password);
     assert!(login(&c, &user.mail, &user.password).await.ends_with(DENIAL), "still locked after the restart");
     let locked = c.server().counters.locked_users().await.expect("store up");
-    assert!(locked.iter().any(|l| l.user == user.mail && l.remaining > Duration::from_secs(500)), "{locked:?}");
+    assert!(
+        locked.iter().any(|l| l.user == user.mail && l.remaining.is_some_and(|r| r > Duration::from_secs(500))),
+        "{locked:?}"
+    );
     c.stop().await;
 }
 
@@ -261,4 +264,20 @@ async fn a_lock_survives_a_daemon_restart_with_the_memory_backend() {
     assert!(c.read_until_tagged("l1").await.pop().unwrap_or_default().ends_with(DENIAL), "still locked");
     let status = crate::install::expect_code(&install.run(&["status"], ""), 0);
     assert!(status.contains("keep1@example.com"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_lock_secs_zero_a_lock_in_redis_has_no_expiry_until_unlocked() {
+    logs::capture();
+    let redis = Redis::start();
+    let lockout = "failure_delay_ms = 0\nmax_failures = 2\nwindow_secs = 600\nlock_secs = 0";
+    let (a, b, user) = pair(&redis, "t-forever", "shared-forever", lockout, "").await;
+    for proxy in [&a, &b] {
+        assert!(login(proxy, &user.mail, "wrong").await.ends_with(DENIAL));
+    }
+    let locked = b.server().counters.locked_users().await.expect("store up");
+    assert!(locked.iter().any(|l| l.user == user.mail && l.remaining.is_none()), "no expiry: {locked:?}");
+    assert!(login(&a, &user.mail, &user.password).await.ends_with(DENIAL));
+    assert!(b.server().counters.unlock(&user.mail).await.expect("store up"));
+    assert!(login(&a, &user.mail, &user.password).await.starts_with("g1 OK"), "unlocked on both");
 }

@@ -5,6 +5,7 @@
 //! | key                 | type       | what                                               |
 //! |---------------------|------------|----------------------------------------------------|
 //! | `P:lock:USER`       | string     | the user is locked; expires when the lock lifts    |
+//! |                     |            | (no expiry with `lock_secs = 0`: until unlocked)   |
 //! | `P:fail:user:USER`  | counter    | wrong passwords in the window; expires with it     |
 //! | `P:fail:ip:IP`      | counter    | failed logins from the address in the window       |
 //! | `P:fly:user:USER`   | sorted set | password checks in flight, scored by their expiry  |
@@ -72,8 +73,8 @@ end
 return 0
 ";
 
-/// KEYS as [`RESERVE`]. ARGV: member, window ms, lock ms, user limit, has user (1/0).
-/// 1 when this failure locked the user.
+/// KEYS as [`RESERVE`]. ARGV: member, window ms, lock ms (0: until unlocked), user limit,
+/// has user (1/0). 1 when this failure locked the user.
 const FAILED: &str = r"
 redis.call('ZREM', KEYS[5], ARGV[1])
 if redis.call('INCR', KEYS[4]) == 1 then redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
@@ -83,7 +84,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local failures = redis.call('INCR', KEYS[2])
 if failures == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 if failures >= tonumber(ARGV[4]) then
-  redis.call('SET', KEYS[1], now, 'PX', ARGV[3])
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('SET', KEYS[1], now, 'PX', ARGV[3])
+  else
+    redis.call('SET', KEYS[1], now)
+  end
   redis.call('DEL', KEYS[2])
   return 1
 end
@@ -351,7 +356,7 @@ impl RedisCounters {
         Ok(deleted > 0)
     }
 
-    /// Users locked now, with the time left.
+    /// Users locked now, with the time left (none for a lock without expiry).
     pub async fn locked_users(&self) -> Result<Vec<Locked>, StoreError> {
         let mut connection = self.connection.clone();
         let pattern = format!("{}:lock:*", self.prefix);
@@ -378,10 +383,12 @@ impl RedisCounters {
         let mut locked: Vec<Locked> = keys
             .iter()
             .zip(ttls)
-            .filter(|(_, ttl)| *ttl > 0)
+            // PTTL: -2 the key is gone, -1 it has no expiry (locked until unlocked).
+            .filter(|(_, ttl)| *ttl > 0 || *ttl == -1)
             .filter_map(|(key, ttl)| {
                 let user = key.strip_prefix(&strip)?.to_owned();
-                Some(Locked { user, remaining: Duration::from_millis(ttl.unsigned_abs()) })
+                let remaining = (ttl > 0).then(|| Duration::from_millis(ttl.unsigned_abs()));
+                Some(Locked { user, remaining })
             })
             .collect();
         locked.sort_by(|a, b| a.user.cmp(&b.user));

@@ -1,5 +1,6 @@
-//! A small HTTPS client for token endpoints: one form POST per connection, over TLS
-//! verified with the system roots (plus an optional extra CA), bounded in time and size.
+//! A small HTTPS client for token endpoints (and alert webhooks): one form or JSON POST per
+//! connection, over TLS verified with the system roots (plus an optional extra CA), bounded
+//! in time and size.
 //!
 //! Token requests are rare (one per user and hour at most), so connections are not pooled.
 //! Request bodies carry credentials: they are built in wiped buffers and handed to hyper
@@ -164,12 +165,21 @@ impl HttpsClient {
 
     /// Posts `form` to `url` and reads the whole answer, within the timeout.
     pub async fn post_form(&self, url: &HttpsUrl, form: Form) -> Result<Response, HttpError> {
-        tokio::time::timeout(self.timeout, self.exchange(url, form))
+        let body = Bytes::from_owner(form.0);
+        tokio::time::timeout(self.timeout, self.exchange(url, "application/x-www-form-urlencoded", body))
             .await
             .unwrap_or(Err(HttpError::Timeout(self.timeout)))
     }
 
-    async fn exchange(&self, url: &HttpsUrl, form: Form) -> Result<Response, HttpError> {
+    /// Posts the JSON document `body` to `url` and reads the whole answer, within the
+    /// timeout.
+    pub async fn post_json(&self, url: &HttpsUrl, body: Bytes) -> Result<Response, HttpError> {
+        tokio::time::timeout(self.timeout, self.exchange(url, "application/json", body))
+            .await
+            .unwrap_or(Err(HttpError::Timeout(self.timeout)))
+    }
+
+    async fn exchange(&self, url: &HttpsUrl, content_type: &'static str, body: Bytes) -> Result<Response, HttpError> {
         let tcp =
             TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| HttpError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
@@ -180,10 +190,10 @@ impl HttpsClient {
             .map_err(|e| HttpError::Exchange(e.to_string()))?;
         let request = Request::post(url.path.as_str())
             .header(HOST, url.authority.as_str())
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(CONTENT_TYPE, content_type)
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, concat!("postern/", env!("CARGO_PKG_VERSION")))
-            .body(Full::new(Bytes::from_owner(form.0)))
+            .body(Full::new(body))
             .map_err(|e| HttpError::Exchange(e.to_string()))?;
         let exchange = async move {
             let response = sender.send_request(request).await.map_err(|e| HttpError::Exchange(e.to_string()))?;

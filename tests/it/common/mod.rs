@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod redis;
 pub mod sink;
 pub mod slapd;
+pub mod webhook;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

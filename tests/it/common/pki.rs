@@ -47,7 +47,16 @@ impl Pki {
 
     /// Like [`Pki::issue`], writing the files into `dir`.
     pub fn issue_in(&self, name: &str, dir: &Path) -> Issued {
+        self.issue_until(name, dir, None)
+    }
+
+    /// Like [`Pki::issue_in`], valid until midnight (UTC) starting the date `not_after`
+    /// (year, month, day) when given.
+    pub fn issue_until(&self, name: &str, dir: &Path, not_after: Option<(i32, u8, u8)>) -> Issued {
         let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("params");
+        if let Some((year, month, day)) = not_after {
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+        }
         params.distinguished_name.push(DnType::CommonName, name);
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).expect("sign");

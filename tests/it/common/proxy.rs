@@ -53,6 +53,11 @@ pub struct Options {
     pub protocol_extra: String,
     /// Extra lines for the `[directory]` table.
     pub directory_extra: String,
+    /// The `[alerts]` table's lines (empty: no webhooks).
+    pub alerts: String,
+    /// The proxy's certificate expires at midnight (UTC) starting this date (year, month,
+    /// day); by default it is valid for decades.
+    pub cert_not_after: Option<(i32, u8, u8)>,
 }
 
 impl Default for Options {
@@ -70,6 +75,8 @@ impl Default for Options {
             dovecot: None,
             protocol_extra: String::new(),
             directory_extra: String::new(),
+            alerts: String::new(),
+            cert_not_after: None,
         }
     }
 }
@@ -117,7 +124,7 @@ impl Proxy {
         let dir = tempfile::tempdir().expect("proxy temp dir");
         let d = dir.path();
         let pki = pki::pki();
-        let issued = pki.issue_in("proxy", d);
+        let issued = pki.issue_until("proxy", d, options.cert_not_after);
         let dovecot = options.dovecot.unwrap_or_else(dovecot::dovecot);
         let mut closed = Vec::new();
         let mut closed_port = || {
@@ -178,6 +185,9 @@ upstream_timeout_secs = 5
 [state]
 {state}
 
+[alerts]
+{alerts}
+
 [directory]
 {directory}
 
@@ -213,6 +223,7 @@ upstream_tls = "{smtp_tls}"
             limits = options.limits,
             lockout = options.lockout,
             state = options.state,
+            alerts = options.alerts,
             imap_extra = options.imap_extra,
             imap = upstream(dovecot.imaps),
             pop3 = upstream(dovecot.pop3s),
@@ -280,6 +291,39 @@ upstream_tls = "{smtp_tls}"
             postern::access::profiles::Profiles::load(&self.config.base_dir.join("profiles.toml")).expect("profiles");
         self.server.set_profiles(profiles);
         self.server.upstreams.set_vault(Vault::open(&self.state_dir()).expect("vault"));
+    }
+
+    /// Re-reads everything reloadable, as SIGHUP does (profiles, vault, directory,
+    /// certificate, audit file).
+    pub async fn reload_all(&self) {
+        self.server.reload(&self.config).await.expect("reload");
+    }
+
+    /// Serves the control socket (`postern status`, `postern user unlock`) in the proxy's
+    /// state folder, as the daemon does; returns its path.
+    pub fn serve_control(&self) -> PathBuf {
+        let path = self.config.control_socket();
+        let listener = daemon::control::bind(&path).expect("bind the control socket");
+        let (reload, _) = tokio::sync::mpsc::channel(1);
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(daemon::control::serve(listener, self.server.clone(), reload, stop));
+        path
+    }
+
+    /// Stops the proxy as the daemon does at SIGTERM (saving its lockouts), then starts it
+    /// again from the same config and state folder, on new ports.
+    pub async fn restart(mut self) -> Proxy {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        let server = State::from_config(&self.config).await.expect("proxy starts again");
+        let running =
+            daemon::start(server.clone(), &self.config, Duration::from_secs(2)).await.expect("proxy listens again");
+        let addr = |p: Protocol| running.addresses[&p][0];
+        (self.imaps, self.pop3s, self.smtps) = (addr(Protocol::Imap), addr(Protocol::Pop3), addr(Protocol::Smtp));
+        self.server = server;
+        self.running = Some(running);
+        self
     }
 
     /// Stops the proxy (grace period 2 s).
