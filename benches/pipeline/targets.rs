@@ -180,6 +180,7 @@ upstream_timeout_secs = 60
 max_connections = 50000
 max_sessions_per_user = 100000
 max_connections_per_ip = 100000
+max_handshakes_per_ip = 100000
 
 [lockout]
 failure_delay_ms = 0
