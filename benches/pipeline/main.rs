@@ -13,22 +13,33 @@
 //! Prints a table with ratios and writes it (with conditions and a `perf` profile of
 //! Postern's login path) to `benches/results/latest.md`.
 //!
+//! Two more targets, not in the default list, put HAProxy in TCP mode (round robin,
+//! `send-proxy-v2`) in front of two Postern instances with `proxy_protocol = true`:
+//! `lb-memory` (each instance on the memory state backend) and `lb-redis` (both sharing one
+//! redis-server started here). They run the login workload only (and one NOOP latency
+//! measurement), in `POSTERN_BENCH_ROUNDS` rounds alternating the targets, then time the
+//! state store's calls of one login alone (see `lb.rs`).
+//!
 //! ```sh
 //! cargo bench --bench pipeline
 //! POSTERN_BENCH_SESSIONS=1000,10000 cargo bench --bench pipeline
+//! POSTERN_BENCH_TARGETS=lb-memory,lb-redis POSTERN_BENCH_CLIENTS=1,50 POSTERN_BENCH_LOGIN_SECS=3 \
+//!     POSTERN_BENCH_OUT=benches/results/lb-state.md cargo bench --bench pipeline
 //! ```
 //!
 //! Knobs (environment): `POSTERN_BENCH_SESSIONS` (idle sessions, comma list, default 1000),
 //! `POSTERN_BENCH_CLIENTS` (login concurrency, default 1,50,500), `POSTERN_BENCH_LOGIN_SECS`
 //! (per level, default 4), `POSTERN_BENCH_MESSAGE_MB` (default 32), `POSTERN_BENCH_FETCHES`
 //! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
-//! skip the profile), `POSTERN_BENCH_OUT` (results file).
+//! skip the profile), `POSTERN_BENCH_OUT` (results file), `POSTERN_BENCH_ROUNDS` (rounds of
+//! the `lb-*` comparison, default 3).
 
 #[path = "../../tests/it/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
 mod common;
 
 mod client;
+mod lb;
 mod load;
 mod report;
 mod targets;
@@ -50,6 +61,18 @@ pub struct User {
     pub password: String,
     /// Upstream (Dovecot) password.
     pub upstream_password: String,
+}
+
+/// The servers and files every Postern target is configured with.
+pub struct Env<'a> {
+    /// Postern's certificate.
+    pub issued: &'a common::pki::Issued,
+    /// The LDAP directory.
+    pub slapd: &'a common::slapd::Slapd,
+    /// The upstream.
+    pub dovecot: &'a common::dovecot::Dovecot,
+    /// The bench users.
+    pub users: &'a Users,
 }
 
 /// All bench users.
@@ -104,6 +127,8 @@ pub struct Plan {
     pub fetches: usize,
     /// NOOP round trips.
     pub noops: usize,
+    /// Rounds of the `lb-*` comparison.
+    pub rounds: usize,
 }
 
 fn main() {
@@ -115,6 +140,7 @@ fn main() {
         message_mb: env_num("POSTERN_BENCH_MESSAGE_MB", 32),
         fetches: env_num("POSTERN_BENCH_FETCHES", 8),
         noops: 2000,
+        rounds: env_num("POSTERN_BENCH_ROUNDS", 3).max(1),
     };
     let peers = std::env::var("POSTERN_BENCH_TARGETS").unwrap_or_else(|_| "direct,postern,haproxy,nginx".into());
     let max_sessions = plan.sessions.iter().copied().max().unwrap_or(0);
@@ -238,12 +264,31 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         }
     }
 
-    let table = report::table(&rows, &plan);
-    println!("\n{table}");
+    let mut balanced = None;
+    if peers.contains("lb-") {
+        let sub = dir.path().join("lb");
+        std::fs::create_dir_all(&sub).expect("lb dir");
+        let env = Env { issued: &issued, slapd, dovecot, users: &users };
+        let template =
+            Target { name: "", addr: direct.addr, tls: Some(tls.clone()), credentials: directory_login, pid: None };
+        match lb::start_all(&sub, &env, &template, peers) {
+            Some((redis, targets)) => {
+                let section = lb::compare(&targets, &redis, &plan, users.list.len(), plan.rounds).await;
+                println!("\n{section}");
+                balanced = Some(section);
+            }
+            None => eprintln!("haproxy is not installed (apt-get install haproxy); lb-* skipped"),
+        }
+    }
+
+    let table = if rows.is_empty() { None } else { Some(report::table(&rows, &plan)) };
+    if let Some(table) = &table {
+        println!("\n{table}");
+    }
     let out = std::env::var_os("POSTERN_BENCH_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results/latest.md"));
-    report::write(&out, &conditions, &plan, &table, profile.as_deref());
+    report::write(&out, &conditions, &plan, table.as_deref(), balanced.as_deref(), profile.as_deref());
     println!("results written to {}", out.display());
 }
 

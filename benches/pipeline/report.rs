@@ -131,12 +131,13 @@ pub fn conditions() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let date = targets::version("date", "-u");
     format!(
-        "- date: {date}\n- machine: {cpus} CPUs ({model}), {uname}; load average at start: {}\n- Dovecot {}, {}, {}, OpenLDAP {}\n- every process on 127.0.0.1; clients are this bench's tokio + rustls (aws-lc-rs) with TLS resumption off, so each login is a full handshake",
+        "- date: {date}\n- machine: {cpus} CPUs ({model}), {uname}; load average at start: {}\n- Dovecot {}, {}, {}, OpenLDAP {}, {}\n- every process on 127.0.0.1; clients are this bench's tokio + rustls (aws-lc-rs) with TLS resumption off, so each login is a full handshake",
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         targets::version("dovecot", "--version"),
         targets::version("haproxy", "-v"),
         targets::version("nginx", "-v"),
         targets::version("slapd", "-VV"),
+        targets::version("redis-server", "--version"),
     )
 }
 
@@ -226,16 +227,30 @@ const KINDS: &[(&str, &[&str])] = &[
 ];
 
 /// Writes the results file.
-pub fn write(path: &Path, conditions: &str, plan: &Plan, table: &str, profile: Option<&str>) {
+pub fn write(
+    path: &Path,
+    conditions: &str,
+    plan: &Plan,
+    table: Option<&str>,
+    balanced: Option<&str>,
+    profile: Option<&str>,
+) {
     let mut text = String::from("# Pipeline benchmark results\n\nWritten by `cargo bench --bench pipeline`");
     let sessions: Vec<String> = plan.sessions.iter().map(usize::to_string).collect();
     let _ = write!(
         text,
-        " (idle sessions: {}; login clients: {:?}, {} s each).\n\n## Conditions\n\n{conditions}\n\n## Results\n\n{table}\n",
+        " (targets: {}; idle sessions: {}; login clients: {:?}, {} s each).\n\n## Conditions\n\n{conditions}\n\n",
+        std::env::var("POSTERN_BENCH_TARGETS").unwrap_or_else(|_| "default".into()),
         sessions.join(", "),
         plan.clients,
         plan.login_secs
     );
+    if let Some(table) = table {
+        let _ = write!(text, "## Results\n\n{table}\n");
+    }
+    if let Some(balanced) = balanced {
+        let _ = writeln!(text, "{balanced}");
+    }
     if let Some(profile) = profile {
         let _ = write!(text, "## Login path profile\n\n{profile}\n");
     }

@@ -1,6 +1,7 @@
 //! The proxies under test, each a separate process on loopback so its memory is its own:
-//! Postern (the release binary), HAProxy TLS-to-TLS (no authentication, the splice limit) and
-//! nginx's mail proxy (TLS to clients, plaintext to Dovecot, `auth_http` answered here).
+//! Postern (the release binary), HAProxy TLS-to-TLS (no authentication, the splice limit),
+//! nginx's mail proxy (TLS to clients, plaintext to Dovecot, `auth_http` answered here) and
+//! HAProxy in TCP mode balancing over several Postern instances with the PROXY protocol.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
@@ -148,6 +149,27 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
 /// Starts Postern with an LDAP directory (slapd), the bench users' profile and vault, and
 /// Dovecot's IMAPS as upstream.
 pub fn postern(dir: &Path, issued: &Issued, slapd: &Slapd, dovecot: &Dovecot, users: &Users) -> (Process, SocketAddr) {
+    postern_with(dir, issued, slapd, dovecot, users, &Extra::default())
+}
+
+/// Configuration added to the bench's Postern configuration.
+#[derive(Default)]
+pub struct Extra {
+    /// Lines appended to the `[imap]` table (e.g. `proxy_protocol = true`).
+    pub imap: String,
+    /// Whole tables appended to the file (e.g. `[state]`).
+    pub tables: String,
+}
+
+/// Like [`postern`], with `extra` configuration.
+pub fn postern_with(
+    dir: &Path,
+    issued: &Issued,
+    slapd: &Slapd,
+    dovecot: &Dovecot,
+    users: &Users,
+    extra: &Extra,
+) -> (Process, SocketAddr) {
     use postern::secret::Secret;
     use postern::stores::vault::{UpstreamSecret, Vault};
     let addr = free_addr();
@@ -180,6 +202,7 @@ upstream_timeout_secs = 60
 max_connections = 50000
 max_sessions_per_user = 100000
 max_connections_per_ip = 100000
+max_handshakes_per_ip = 100000
 
 [lockout]
 failure_delay_ms = 0
@@ -200,7 +223,8 @@ profiles = "profiles.toml"
 listen = ["{addr}"]
 upstream = "localhost:{port}"
 upstream_ca_file = {ca:?}
-"#,
+{imap_extra}
+{tables}"#,
         cert = issued.cert_file.display().to_string(),
         key = issued.key_file.display().to_string(),
         url = slapd.url,
@@ -209,6 +233,8 @@ upstream_ca_file = {ca:?}
         base = slapd.base_dn,
         port = dovecot.imaps.port(),
         ca = dovecot.ca_file.display().to_string(),
+        imap_extra = extra.imap,
+        tables = extra.tables,
     );
     let config_path = dir.join("proxy.toml");
     std::fs::write(&config_path, config).expect("proxy.toml");
@@ -253,6 +279,42 @@ backend dovecot
         combined = combined.display(),
         upstream = dovecot.imaps,
         ca = dovecot.ca_file.display(),
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).expect("haproxy.cfg");
+    let mut process = Process::spawn("haproxy", &binary, &["-f", path.to_str()?, "-db"], dir, &[]);
+    process.wait_for(addr);
+    Some((process, addr))
+}
+
+/// Starts HAProxy as a TCP load balancer on loopback: round robin over `backends`, each
+/// connection opened with a PROXY protocol v2 header (`send-proxy-v2`), no TLS of its own.
+pub fn haproxy_balancer(dir: &Path, backends: &[SocketAddr]) -> Option<(Process, SocketAddr)> {
+    let binary = which("haproxy")?;
+    let addr = free_addr();
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, backend)| format!("    server postern{i} {backend} send-proxy-v2\n"))
+        .collect();
+    let config = format!(
+        r#"global
+    maxconn 9500
+    nbthread 2
+
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+
+frontend imaps
+    bind {addr}
+    default_backend postern
+
+backend postern
+    balance roundrobin
+{servers}"#
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).expect("haproxy.cfg");

@@ -38,6 +38,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn try_start(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("redis log");
         let child = Command::new(&self.binary)
