@@ -60,12 +60,17 @@ pub trait Probe: Send + Sync {
 }
 
 impl Probe for State {
-    /// The directory answers (the file directory always does). Each further dependency of
-    /// a login gets its check here, in turn, e.g. the shared store of `[state] backend`.
+    /// The directory answers (the file directory always does), and the shared store of
+    /// `[state] backend` answers where logins need it (`on_store_down = "closed"`; with
+    /// `"open"` local counters stand in, and taking every instance out of the balancer for a
+    /// store outage would turn it into a mail outage).
     fn probe(&self) -> ProbeFuture<'_> {
         Box::pin(async move {
             let directory = self.directory();
             directory.reachable().await.map_err(|e| format!("directory: {e}"))?;
+            if !self.counters.serves_logins() {
+                return Err("state store: down, and on_store_down = \"closed\"".to_owned());
+            }
             Ok(())
         })
     }

@@ -192,6 +192,7 @@ async fn with_redis_down_logins_fail_open_on_local_counters_and_the_store_comes_
     redis.stop();
     wait_for_gauge(&a, false).await;
     logs::wait_for_line(&["state store is down"]).await;
+    assert_eq!(postern::daemon::health::Probe::probe(a.server()).await, Ok(()), "fail-open: still ready");
     assert!(login(&a, &user.mail, &user.password).await.starts_with("g1 OK"), "fail-open: logins go on");
     for _ in 0..2 {
         assert!(login(&a, &user.mail, "wrong").await.ends_with(DENIAL));
@@ -221,6 +222,9 @@ async fn with_redis_down_and_on_store_down_closed_logins_are_unavailable_until_i
     assert!(login(&a, &user.mail, &user.password).await.starts_with("g1 OK"));
     redis.stop();
     wait_for_gauge(&a, false).await;
+    // Balancers stop sending here: the readiness check names the store.
+    let ready = postern::daemon::health::Probe::probe(a.server()).await;
+    assert!(ready.as_ref().is_err_and(|why| why.contains("state store")), "{ready:?}");
     assert!(login(&a, &user.mail, &user.password).await.starts_with("g1 NO [UNAVAILABLE]"));
     logs::wait_for_audit(&user.mail, &["state store unavailable"]).await;
     let text = a.server().metrics().render();
@@ -230,6 +234,7 @@ async fn with_redis_down_and_on_store_down_closed_logins_are_unavailable_until_i
     );
     redis.restart();
     wait_for_gauge(&a, true).await;
+    assert_eq!(postern::daemon::health::Probe::probe(a.server()).await, Ok(()), "ready again");
     eventually(&a, &user, "g1 OK").await;
 }
 

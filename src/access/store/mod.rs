@@ -267,6 +267,12 @@ impl CounterStore {
         self.shared.as_ref().is_none_or(|s| s.is_up())
     }
 
+    /// Whether logins can be decided now: the store answers, or `on_store_down = "open"`
+    /// lets local counters stand in while it does not.
+    pub fn serves_logins(&self) -> bool {
+        self.is_up() || self.on_down == OnStoreDown::Open
+    }
+
     /// What to do with a failed store call: fall back to local counters (`Ok(())`) or
     /// refuse (`Err`).
     fn when_down(&self, error: StoreError) -> Result<(), StoreError> {
