@@ -151,10 +151,7 @@ async fn read_tagged<S: AsyncRead + AsyncWrite + Unpin>(
             *capabilities = Some(rest.trim().to_owned());
         } else if line.starts_with('+') && !responses.is_empty() {
             if let Some(response) = responses.pop_front() {
-                let mut reply = Zeroizing::new(Vec::with_capacity(response.len() + 2));
-                reply.extend_from_slice(response.as_bytes());
-                reply.extend_from_slice(b"\r\n");
-                conn.send(&reply).await?;
+                conn.send_secret_line(&response).await?;
             }
         } else if let Some(rest) = line.strip_prefix('+') {
             let text = rest.trim();

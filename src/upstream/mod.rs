@@ -256,6 +256,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.stream.flush().await.map_err(|e| UpstreamError::Io(e.to_string()))
     }
 
+    /// Sends `text` and CRLF from one buffer that is wiped afterwards: for lines that carry
+    /// a credential (SASL responses).
+    async fn send_secret_line(&mut self, text: &str) -> Result<(), UpstreamError> {
+        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(text.len() + 2));
+        line.extend_from_slice(text.as_bytes());
+        line.extend_from_slice(b"\r\n");
+        self.send(&line).await
+    }
+
     fn into_parts(self) -> (S, BytesMut) {
         (self.stream, self.buf)
     }

@@ -99,10 +99,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match next.next() {
             Some(response) => {
-                let mut reply = Zeroizing::new(Vec::with_capacity(response.len() + 2));
-                reply.extend_from_slice(response.as_bytes());
-                reply.extend_from_slice(b"\r\n");
-                conn.send(&reply).await?;
+                conn.send_secret_line(response).await?;
             }
             None if challenge.is_none() => {
                 *challenge = Some(answer[1..].trim().to_owned());

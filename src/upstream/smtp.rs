@@ -169,10 +169,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match responses.next() {
             Some(response) => {
-                let mut reply = Zeroizing::new(Vec::with_capacity(response.len() + 2));
-                reply.extend_from_slice(response.as_bytes());
-                reply.extend_from_slice(b"\r\n");
-                conn.send(&reply).await?;
+                conn.send_secret_line(&response).await?;
             }
             // After the responses, a challenge is an error report: XOAUTH2 wants an empty
             // line for it, and the final answer follows.
