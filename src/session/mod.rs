@@ -53,15 +53,12 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let span = span(protocol, peer, via);
-    async move {
-        let _active = server.metrics().session_started(protocol);
-        let mut session = Session::new(server, protocol, client, peer, via, shutdown, true);
+    let mut session = Session::new(server.clone(), protocol, client, peer, via, shutdown, true);
+    audited(&server, protocol, peer, via, async move {
         session.serve(address_slot).await;
-        session.server.audit(&session.record, Event::Session);
-    }
-    .instrument(span)
-    .await
+        session.record
+    })
+    .await;
 }
 
 /// Runs the session of a client on a STARTTLS listener, from the plaintext greeting on,
@@ -80,21 +77,28 @@ pub async fn run_starttls<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let span = span(protocol, peer, via);
+    let session = Session::new(server.clone(), protocol, client, peer, via, shutdown, false);
+    audited(&server, protocol, peer, via, serve_starttls(session, address_slot, handshake_slot)).await;
+}
+
+/// Runs `session` in the connection's span, counted as active while it runs, and writes the
+/// audit line of the record it returns.
+async fn audited(
+    server: &State,
+    protocol: Protocol,
+    peer: SocketAddr,
+    via: Option<SocketAddr>,
+    session: impl Future<Output = SessionRecord>,
+) {
+    let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text);
     async move {
         let _active = server.metrics().session_started(protocol);
-        let server_ref = server.clone();
-        let session = Session::new(server, protocol, client, peer, via, shutdown, false);
-        let record = serve_starttls(session, address_slot, handshake_slot).await;
-        server_ref.audit(&record, Event::Session);
+        let record = session.await;
+        server.audit(&record, Event::Session);
     }
     .instrument(span)
     .await
-}
-
-fn span(protocol: Protocol, peer: SocketAddr, via: Option<SocketAddr>) -> tracing::Span {
-    let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
-    tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text)
 }
 
 /// A STARTTLS session: the plaintext part, the upgrade, then the same pipeline as on an
