@@ -11,6 +11,10 @@ use crate::protocol::Protocol;
 use crate::stores::directory::DirectoryConfig;
 pub use crate::tls::TlsVersion;
 
+mod upstream;
+
+pub use upstream::{DEFAULT_OAUTH_SOURCE, OAuthSources, RouteConfig, UpstreamConfig};
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -74,8 +78,14 @@ pub struct Config {
     /// `[metrics]`: the Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
-    /// `[oauth]`: where OAuth2 access tokens for `upstream_auth = "xoauth2"` come from.
-    pub oauth: Option<OAuthConfig>,
+    /// `[oauth]` or `[oauth.NAME]`: where OAuth2 access tokens for `upstream_auth =
+    /// "xoauth2"` come from.
+    #[serde(default)]
+    pub oauth: OAuthSources,
+    /// `[[route]]`: users sent to other upstreams than the protocol tables', by mail domain,
+    /// user or directory group; the first matching route wins.
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
     /// `[alerts]`: webhooks that hear about locks, unlocks, refused upstream credentials and
     /// expiring certificates.
     #[serde(default)]
@@ -251,53 +261,65 @@ impl ClientTls {
     }
 }
 
-/// `[imap]`, `[pop3]`, `[smtp]`: one protocol's listeners and upstream.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[imap]`, `[pop3]`, `[smtp]`: one protocol's listeners and its default upstream (for
+/// users no `[[route]]` matches). The listener keys apply at start; the upstream keys
+/// ([`UpstreamConfig`]) on reload too.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProtocolConfig {
     /// Addresses to listen on with implicit TLS, e.g. `["0.0.0.0:10993", "[::]:10993"]`.
-    #[serde(default)]
     pub listen: Vec<SocketAddr>,
     /// Addresses to listen on with STARTTLS: plaintext until the client upgrades, no login
     /// before that, e.g. `["0.0.0.0:10143"]`. A protocol may have both kinds, or only one.
-    #[serde(default)]
     pub starttls_listen: Vec<SocketAddr>,
-    /// Upstream `host:port`, e.g. `imap.gmail.com:993`.
-    pub upstream: String,
-    /// `"implicit"` (default) or `"starttls"` (SMTP only).
-    #[serde(default)]
-    pub upstream_tls: UpstreamTls,
-    /// Name to verify the upstream certificate against; defaults to the host of `upstream`.
-    pub upstream_server_name: Option<String>,
-    /// Extra PEM CA certificates trusted for the upstream, besides the system roots.
-    pub upstream_ca_file: Option<PathBuf>,
     /// SMTP: the message size limit advertised to clients before login (`SIZE`).
     pub max_message_size: Option<u64>,
-    /// SHA-256 pins (hex or base64) of the upstream's certificate or public key; when set,
-    /// the verified certificate must also match one of them.
-    #[serde(default)]
-    pub upstream_pin_sha256: Vec<String>,
-    /// Accept any upstream certificate. Never in production: a warning is logged at start.
-    #[serde(default)]
-    pub upstream_tls_insecure_no_verify: bool,
-    /// How Postern logs in upstream: a stored password (default) or an OAuth2 token.
-    #[serde(default)]
-    pub upstream_auth: UpstreamAuthMode,
-    /// Pass the client's address and port to the upstream before logging in: IMAP `ID`
-    /// (`x-originating-ip`, `x-originating-port`), POP3 and SMTP `XCLIENT`, each only when the
-    /// upstream advertises it. Upstreams honour it only from networks they trust (Dovecot:
-    /// `login_trusted_networks`). Off by default.
-    #[serde(default)]
-    pub forward_client_address: bool,
     /// Connections come through a load balancer that sends a PROXY protocol header (version
     /// 1 or 2) before the TLS handshake; the client address is taken from it. Needs
     /// `trusted_proxies`.
-    #[serde(default)]
     pub proxy_protocol: bool,
     /// The balancers allowed to send the header, as CIDR blocks or single addresses
     /// (e.g. `["10.0.0.0/24"]`); connections from anywhere else are closed.
-    #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The default upstream: the table's other keys.
+    pub upstream: UpstreamConfig,
+}
+
+/// The listener keys of a protocol table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerKeys {
+    #[serde(default)]
+    listen: Vec<SocketAddr>,
+    #[serde(default)]
+    starttls_listen: Vec<SocketAddr>,
+    max_message_size: Option<u64>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for ProtocolConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let mut listener = toml::Table::new();
+        for key in ["listen", "starttls_listen", "max_message_size", "proxy_protocol", "trusted_proxies"] {
+            if let Some(value) = table.remove(key) {
+                listener.insert(key.to_owned(), value);
+            }
+        }
+        let keys: ListenerKeys = toml::Value::Table(listener).try_into().map_err(D::Error::custom)?;
+        let upstream: UpstreamConfig = toml::Value::Table(table).try_into().map_err(D::Error::custom)?;
+        Ok(Self {
+            listen: keys.listen,
+            starttls_listen: keys.starttls_listen,
+            max_message_size: keys.max_message_size,
+            proxy_protocol: keys.proxy_protocol,
+            trusted_proxies: keys.trusted_proxies,
+            upstream,
+        })
+    }
 }
 
 /// A `trusted_proxies` entry as a network: a CIDR block or a single address.
@@ -405,8 +427,9 @@ fn default_refresh_margin() -> u64 {
 }
 
 impl OAuthConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid { key: format!("oauth.{key}"), message };
+    /// Checks the source's keys; `at` is its table, `oauth` or `oauth.NAME`.
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid { key: format!("{at}.{key}"), message };
         let source = self.source.name();
         let require = |key: &str, present: bool| {
             if present { Ok(()) } else { Err(invalid(key, format!("required with source = \"{source}\""))) }
@@ -496,26 +519,10 @@ impl ProtocolConfig {
         implicit.chain(self.starttls_listen.iter().map(|&a| (a, ClientTls::Starttls)))
     }
 
-    /// The upstream trust settings, pins parsed (validation has checked them).
-    pub fn upstream_trust(&self) -> crate::tls::UpstreamTrust {
-        crate::tls::UpstreamTrust {
-            pins: self.upstream_pin_sha256.iter().filter_map(|p| crate::tls::parse_pin(p)).collect(),
-            insecure_no_verify: self.upstream_tls_insecure_no_verify,
-        }
-    }
-
     /// The parsed `trusted_proxies` (validated when the config was loaded), truncated to
     /// their networks.
     pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
         self.trusted_proxies.iter().filter_map(|t| parse_trusted_proxy(t)).map(|n| n.trunc()).collect()
-    }
-
-    /// The host part of `upstream`.
-    pub fn upstream_host(&self) -> &str {
-        match self.upstream.rsplit_once(':') {
-            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-            None => &self.upstream,
-        }
     }
 }
 
@@ -579,6 +586,16 @@ impl Config {
         }
     }
 
+    /// Every upstream table: each protocol's default (`imap`, ...) and each route's
+    /// (`route.NAME.imap`, ...), with its config key.
+    pub fn upstreams(&self) -> impl Iterator<Item = (String, Protocol, &UpstreamConfig)> {
+        let defaults = self.protocols().map(|(p, c)| (p.name().to_owned(), p, &c.upstream));
+        let routes = self.route.iter().flat_map(|r| {
+            Protocol::ALL.into_iter().filter_map(move |p| r.upstream(p).map(|u| (format!("route.{}.{p}", r.name), p, u)))
+        });
+        defaults.chain(routes)
+    }
+
     /// The configured protocols, in a fixed order.
     pub fn protocols(&self) -> impl Iterator<Item = (Protocol, &ProtocolConfig)> {
         [(Protocol::Imap, &self.imap), (Protocol::Pop3, &self.pop3), (Protocol::Smtp, &self.smtp)]
@@ -610,33 +627,7 @@ impl Config {
                     return Err(invalid(&key, &format!("{addr} is used twice")));
                 }
             }
-            match p.upstream.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-                _ => {
-                    return Err(invalid(
-                        &format!("{name}.upstream"),
-                        "expected host:port, e.g. \"imap.gmail.com:993\"",
-                    ));
-                }
-            }
-            if p.upstream_tls == UpstreamTls::Starttls && protocol != Protocol::Smtp {
-                return Err(invalid(
-                    &format!("{name}.upstream_tls"),
-                    "\"starttls\" is only supported for smtp; use \"implicit\"",
-                ));
-            }
-            if let Some(bad) = p.upstream_pin_sha256.iter().find(|pin| crate::tls::parse_pin(pin).is_none()) {
-                return Err(invalid(
-                    &format!("{name}.upstream_pin_sha256"),
-                    &format!("`{bad}` is not a SHA-256 digest in hex (64 digits) or base64"),
-                ));
-            }
-            if p.upstream_tls_insecure_no_verify && !p.upstream_pin_sha256.is_empty() {
-                return Err(invalid(
-                    &format!("{name}.upstream_tls_insecure_no_verify"),
-                    "cannot be combined with upstream_pin_sha256; remove one",
-                ));
-            }
+            p.upstream.validate(name, protocol, &self.oauth)?;
             if p.max_message_size.is_some() && protocol != Protocol::Smtp {
                 return Err(invalid(&format!("{name}.max_message_size"), "only applies to [smtp]"));
             }
@@ -658,11 +649,13 @@ impl Config {
                     &format!("`{bad}` is not a CIDR block or address, e.g. \"10.0.0.0/24\" or \"2001:db8::/64\""),
                 ));
             }
-            if p.upstream_auth == UpstreamAuthMode::Xoauth2 && self.oauth.is_none() {
-                return Err(invalid(
-                    &format!("{name}.upstream_auth"),
-                    "\"xoauth2\" needs an [oauth] table saying where access tokens come from",
-                ));
+        }
+        let configured: Vec<Protocol> = self.protocols().map(|(p, _)| p).collect();
+        let mut names = std::collections::HashSet::new();
+        for (index, route) in self.route.iter().enumerate() {
+            route.validate(index, &configured, &self.oauth)?;
+            if !names.insert(route.name.as_str()) {
+                return Err(invalid(&format!("route.{}", route.name), "the name is used by two routes"));
             }
         }
         let l = &self.limits;
@@ -730,9 +723,7 @@ impl Config {
         if self.server.hostname.is_empty() || self.server.hostname.contains(char::is_whitespace) {
             return Err(invalid("server.hostname", "must be a host name without spaces"));
         }
-        if let Some(oauth) = &self.oauth {
-            oauth.validate()?;
-        }
+        self.oauth.validate()?;
         self.alerts.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         Ok(())
     }
@@ -768,7 +759,7 @@ mod tests {
     fn minimal_config_parses_with_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.limits.idle_timeout_secs, 2100);
-        assert_eq!(c.imap.as_ref().unwrap().upstream_host(), "imap.gmail.com");
+        assert_eq!(c.imap.as_ref().unwrap().upstream.upstream_host(), "imap.gmail.com");
         assert_eq!(c.resolve(Path::new("users.toml")), PathBuf::from("/etc/postern/users.toml"));
     }
 
@@ -921,19 +912,19 @@ file = "/var/log/postern/audit.jsonl"
         let google =
             format!("{text}\n[oauth]\nsource = \"google-service-account\"\nservice_account_key = \"sa.json\"\n");
         let c = parse(&google).unwrap();
-        assert_eq!(c.imap.as_ref().unwrap().upstream_auth, UpstreamAuthMode::Xoauth2);
-        assert_eq!(c.oauth.as_ref().unwrap().refresh_margin(), Duration::from_secs(60));
-        assert_eq!(parse(MINIMAL).unwrap().imap.unwrap().upstream_auth, UpstreamAuthMode::Password);
+        assert_eq!(c.imap.as_ref().unwrap().upstream.upstream_auth, UpstreamAuthMode::Xoauth2);
+        assert_eq!(c.oauth.get(DEFAULT_OAUTH_SOURCE).unwrap().refresh_margin(), Duration::from_secs(60));
+        assert_eq!(parse(MINIMAL).unwrap().imap.unwrap().upstream.upstream_auth, UpstreamAuthMode::Password);
     }
 
     #[test]
     fn forwarding_the_client_address_is_off_unless_asked() {
-        assert!(!parse(MINIMAL).unwrap().imap.unwrap().forward_client_address);
+        assert!(!parse(MINIMAL).unwrap().imap.unwrap().upstream.forward_client_address);
         let text = MINIMAL.replace(
             "upstream = \"imap.gmail.com:993\"",
             "upstream = \"imap.gmail.com:993\"\nforward_client_address = true",
         );
-        assert!(parse(&text).unwrap().imap.unwrap().forward_client_address);
+        assert!(parse(&text).unwrap().imap.unwrap().upstream.forward_client_address);
         let text = MINIMAL.replace(
             "upstream = \"imap.gmail.com:993\"",
             "upstream = \"imap.gmail.com:993\"\nforward_client_address = \"yes\"",

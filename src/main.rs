@@ -142,6 +142,9 @@ enum UserCommand {
     Authorize {
         /// The user's mail address.
         user: String,
+        /// The refresh-token source, when several `[oauth.NAME]` tables are configured.
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Replace a user's upstream password, keeping the old one as "previous" until confirmed.
     Rotate {
@@ -260,7 +263,9 @@ fn main() -> ExitCode {
                 let source = if stdin { SecretSource::Stdin } else { SecretSource::Generate };
                 cli::rotate(config, &user, source, confirm)
             }
-            Command::User(UserCommand::Authorize { user }) => cli::authorize(config, &user).await,
+            Command::User(UserCommand::Authorize { user, source }) => {
+                cli::authorize(config, &user, source.as_deref()).await
+            }
             Command::User(UserCommand::Remove { user }) => cli::remove(config, &user),
             Command::User(UserCommand::Unlock { user }) => cli::unlock(config, &user).await,
             Command::User(UserCommand::List) => cli::list(config),

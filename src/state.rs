@@ -15,14 +15,14 @@ use crate::access::profiles::Profiles;
 use crate::access::slots::SessionLimits;
 use crate::access::store::CounterStore;
 use crate::audit::file::AuditFile;
-use crate::config::{Config, Limits, MetricsConfig, OAuthConfig, ProtocolConfig};
+use crate::config::{Config, Limits, MetricsConfig};
 use crate::metrics::Metrics;
 use crate::protocol::{DialogueSettings, Protocol};
 use crate::session::registry::{LastResults, LiveSessions};
 use crate::stores::directory::Directory;
 use crate::stores::vault::Vault;
-use crate::upstream::Upstream;
 use crate::upstream::credential::{SetupUpstreamsError, Upstreams};
+use crate::upstream::route::DEFAULT_ROUTE;
 
 /// Why the shared state could not be loaded (at start or on reload).
 #[derive(Debug, thiserror::Error)]
@@ -92,16 +92,19 @@ pub struct State {
     restart_only: RestartOnly,
 }
 
+/// A protocol table's listener keys: `listen`, `starttls_listen`, `max_message_size`,
+/// `proxy_protocol`, `trusted_proxies`.
+type ListenerKeys = (Vec<std::net::SocketAddr>, Vec<std::net::SocketAddr>, Option<u64>, bool, Vec<String>);
+
 /// The parts of a config that only a restart applies.
 #[derive(Debug, PartialEq)]
 struct RestartOnly {
-    protocols: Vec<(Protocol, ProtocolConfig)>,
+    listeners: Vec<(Protocol, ListenerKeys)>,
     limits: Limits,
     hostname: String,
     state_dir: PathBuf,
     control_socket: PathBuf,
     metrics: MetricsConfig,
-    oauth: Option<OAuthConfig>,
     state: crate::access::store::StateConfig,
     alerts: crate::alerts::AlertsConfig,
 }
@@ -109,13 +112,24 @@ struct RestartOnly {
 impl RestartOnly {
     fn of(config: &Config) -> Self {
         Self {
-            protocols: config.protocols().map(|(p, c)| (p, c.clone())).collect(),
+            listeners: config
+                .protocols()
+                .map(|(p, c)| {
+                    let keys = (
+                        c.listen.clone(),
+                        c.starttls_listen.clone(),
+                        c.max_message_size,
+                        c.proxy_protocol,
+                        c.trusted_proxies.clone(),
+                    );
+                    (p, keys)
+                })
+                .collect(),
             limits: config.limits.clone(),
             hostname: config.server.hostname.clone(),
             state_dir: config.server.state_dir.clone(),
             control_socket: config.control_socket(),
             metrics: config.metrics.clone(),
-            oauth: config.oauth.clone(),
             state: config.state.clone(),
             alerts: config.alerts.clone(),
         }
@@ -160,9 +174,7 @@ impl State {
         let vault = Vault::open(&state_dir)?;
         let upstreams = Upstreams::from_config(config, vault)?;
         let mut metrics = Metrics::new();
-        if let Some(oauth) = upstreams.oauth() {
-            metrics.export_token_endpoint(oauth.metrics().exported());
-        }
+        metrics.export_token_endpoint(upstreams.token_metrics());
         let alert_metrics = crate::metrics::AlertMetrics::default();
         metrics.export_alerts(&alert_metrics);
         let alerts =
@@ -250,8 +262,8 @@ impl State {
         self.profiles.store(Arc::new(profiles));
     }
 
-    /// Re-reads the profiles file, the vault, the directory, the TLS certificate and the
-    /// audit file, all or nothing: on any error the old ones stay in force. The caller then
+    /// Re-reads the profiles file, the vault, the directory, the upstreams, routes and token
+    /// sources, the TLS certificate and the audit file, all or nothing: on any error the old ones stay in force. The caller then
     /// re-checks the live sessions (`crate::access::decision::revalidate`).
     pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
@@ -261,24 +273,30 @@ impl State {
             let tls = tls_acceptor(config)?;
             let audit_file = open_audit_file(config)?;
             let directory = Directory::open(&config.directory, &config.base_dir).await?;
-            Ok::<_, LoadError>((profiles, vault, tls, audit_file, directory))
+            let routing = self.upstreams.prepare(config)?;
+            Ok::<_, LoadError>((profiles, vault, tls, audit_file, directory, routing))
         }
         .await;
-        let (profiles, vault, tls, audit_file, directory) = match loaded {
+        let (profiles, vault, tls, audit_file, directory, routing) = match loaded {
             Ok(parts) => parts,
             Err(e) => {
                 self.metrics.reload(false);
                 return Err(e);
             }
         };
-        tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
+        tracing::info!(
+            profiles = profiles.len(),
+            routes = config.route.len(),
+            "reloaded security profiles, vault, directory, upstreams and routes, and TLS certificate"
+        );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
-                "listen addresses, upstreams, [oauth], [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
+                "listen addresses, [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
             );
         }
         self.set_profiles(profiles);
         self.upstreams.set_vault(vault);
+        self.upstreams.set_routing(routing);
         self.directory.store(Arc::new(directory));
         self.tls.store(Arc::new(tls));
         self.alerts.check_certificate(&config.resolve(&config.tls.cert));
@@ -298,9 +316,11 @@ impl State {
         self.upstreams.vault()
     }
 
-    /// The upstream of `protocol`. Sessions exist only for configured protocols.
-    pub fn upstream(&self, protocol: Protocol) -> &Upstream {
-        self.upstreams.get(protocol).expect("sessions exist only for configured protocols")
+    /// The `host:port` of `protocol`'s default upstream (its table's), for sessions not yet
+    /// routed.
+    pub fn default_upstream(&self, protocol: Protocol) -> String {
+        let routing = self.upstreams.routing();
+        routing.get(DEFAULT_ROUTE).and_then(|r| r.address(protocol)).unwrap_or("-").to_owned()
     }
 
     /// The TLS acceptor for new client connections (the certificate in force now).
@@ -336,9 +356,10 @@ mod tests {
         assert_eq!(base, restart_only(MINIMAL), "the same config");
         let reloadable = MINIMAL.replace("profiles.toml", "other-profiles.toml").replace("c.pem", "new.pem");
         assert_eq!(base, restart_only(&reloadable), "profiles and certificate apply on reload");
+        let upstream = MINIMAL.replace("imap.gmail.com:993", "imap.example.com:993");
+        assert_eq!(base, restart_only(&upstream), "upstreams and routes apply on reload");
         for changed in [
             MINIMAL.replace("10993", "10994"),
-            MINIMAL.replace("imap.gmail.com:993", "imap.example.com:993"),
             MINIMAL.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]"),
         ] {
             assert_ne!(base, restart_only(&changed), "{changed}");

@@ -21,6 +21,7 @@ use crate::state::State;
 use crate::stores::directory::{AccountState, DirectoryError};
 use crate::upstream::LoggedIn;
 use crate::upstream::credential::LoginError;
+use crate::upstream::route::RouteTaken;
 
 /// The precise reason a login was refused. The client never sees it (every refusal reads
 /// the same); the audit log does.
@@ -68,6 +69,8 @@ pub enum Denial {
     WorkstationNotAllowed,
     /// A login attempted in plaintext, before STARTTLS.
     TlsRequired,
+    /// The user's route has no upstream for the protocol.
+    NotRouted,
 }
 
 impl Denial {
@@ -95,6 +98,7 @@ impl Denial {
             Denial::LogonNotAllowedNow => "directory does not allow logons at this time",
             Denial::WorkstationNotAllowed => "directory does not allow logons from this workstation",
             Denial::TlsRequired => "login attempted before STARTTLS",
+            Denial::NotRouted => "the user's route has no upstream for the protocol",
         }
     }
 }
@@ -172,6 +176,7 @@ impl Outage {
             Outage::Store(_) => "state store unavailable",
             Outage::Upstream(e) => match e {
                 LoginError::NoCredential => Denial::NoUpstreamCredential.reason(),
+                LoginError::NotRouted { .. } => Denial::NotRouted.reason(),
                 LoginError::Vault(_) => "vault unreadable",
                 LoginError::WrongKind { .. } => "stored credential of the wrong kind",
                 LoginError::NoTokenSource(_) => "no OAuth2 token source",
@@ -203,6 +208,7 @@ impl From<LoginError> for Refusal {
     fn from(error: LoginError) -> Self {
         match error {
             LoginError::NoCredential => Refusal::Denied(Denial::NoUpstreamCredential),
+            LoginError::NotRouted { .. } => Refusal::Denied(Denial::NotRouted),
             other => Refusal::Unavailable(Outage::Upstream(other)),
         }
     }
@@ -308,7 +314,8 @@ pub fn normalize_user(user: &str) -> Result<String, Denial> {
     crate::user::normalize(user).map_err(|_| Denial::InvalidUserName)
 }
 
-/// A login that got through: the upstream session and the profile that admitted it.
+/// A login that got through: the upstream session, the profile that admitted it and the
+/// route it took.
 pub struct Admitted {
     /// The user's session slot, held while the session lives.
     pub slot: SessionSlot,
@@ -316,7 +323,10 @@ pub struct Admitted {
     pub upstream: LoggedIn,
     /// The profile and allow entry that matched.
     pub grant: Grant,
+    /// The user's route (`crate::upstream::route`) and the upstream's `host:port` on it.
+    pub route: RouteTaken,
 }
+
 
 /// Runs the whole decision for `credentials` from the client at `peer`, and logs in upstream
 /// if it passes. Every refusal is counted against the client's address; wrong passwords also
@@ -419,6 +429,12 @@ async fn decide(
         Err(e) => return Err(e.into()),
     };
     let grant = check_profiles(&profiles, &user, &groups, protocol, ip).map_err(Refusal::Denied)?;
+    let routing = state.upstreams.routing();
+    let route = routing.resolve(&user, &groups);
+    let Some(address) = route.address(protocol) else {
+        return Err(Refusal::Denied(Denial::NotRouted));
+    };
+    let route_taken = RouteTaken::new(route.name(), address);
     let slot = state
         .counters
         .try_user(&user)
@@ -429,7 +445,15 @@ async fn decide(
     let observe = |elapsed| metrics.upstream_latency.observe(elapsed);
     let upstream = match state
         .upstreams
-        .login(protocol, &user, &credentials.upstream_prefix, credentials.client_hello.as_deref(), Some(peer), &observe)
+        .login(
+            route,
+            protocol,
+            &user,
+            &credentials.upstream_prefix,
+            credentials.client_hello.as_deref(),
+            Some(peer),
+            &observe,
+        )
         .await
     {
         Ok(upstream) => upstream,
@@ -440,22 +464,23 @@ async fn decide(
             return Err(e.into());
         }
     };
-    Ok(Admitted { slot, upstream, grant })
+    Ok(Admitted { slot, upstream, grant, route: route_taken })
 }
 
 /// Re-runs the password-free part of the decision for every live session with the
-/// profiles, vault and directory in force now, and closes the sessions that no longer
-/// pass; returns how many.
+/// profiles, vault, directory and routes in force now, and closes the sessions that no
+/// longer pass or whose route or upstream changed; returns how many.
 ///
-/// Groups are looked up again only when some profile names groups. A directory that
-/// cannot answer, or does not tell groups without a password, keeps sessions open: only a
-/// definite "no" closes one.
+/// Groups are looked up again only when some profile or route names groups. A directory
+/// that cannot answer, or does not tell groups without a password, keeps sessions open:
+/// only a definite "no" closes one.
 pub async fn revalidate(state: &State) -> usize {
     let sessions = state.live().snapshot();
     if sessions.is_empty() {
         return 0;
     }
     let profiles = state.profiles();
+    let routing = state.upstreams.routing();
     let vault = state.upstreams.vault();
     let directory = state.directory();
     let mut groups_of: HashMap<String, Result<Option<Vec<String>>, &'static str>> = HashMap::new();
@@ -465,7 +490,7 @@ pub async fn revalidate(state: &State) -> usize {
             Some("closed: the user's upstream credential was removed from the vault".to_owned())
         } else {
             if !groups_of.contains_key(&session.user) {
-                let groups = if profiles.uses_groups() {
+                let groups = if profiles.uses_groups() || routing.uses_groups() {
                     match directory.lookup(&session.user).await {
                         Ok(entry) => Ok(entry.groups),
                         Err(DirectoryError::UnknownUser) => Err("closed: the user was removed from the directory"),
@@ -484,7 +509,17 @@ pub async fn revalidate(state: &State) -> usize {
                 Ok(groups) => {
                     let known = groups.as_deref().unwrap_or_default();
                     match check_profiles(&profiles, &session.user, known, session.protocol, session.ip) {
-                        Ok(_) => None,
+                        Ok(_) if groups.is_none() && routing.uses_groups() => None,
+                        Ok(_) => {
+                            let route = routing.resolve(&session.user, known);
+                            let now = RouteTaken::new(route.name(), route.address(session.protocol).unwrap_or("none"));
+                            (now != session.route).then(|| {
+                                format!(
+                                    "closed: the user's route changed from {} ({}) to {} ({})",
+                                    session.route.name, session.route.upstream, now.name, now.upstream
+                                )
+                            })
+                        }
                         Err(_) if groups.is_none() => None,
                         Err(denial) => Some(format!("closed: profile change no longer allows this client ({denial})")),
                     }
@@ -632,6 +667,7 @@ mod tests {
             Denial::LogonNotAllowedNow,
             Denial::WorkstationNotAllowed,
             Denial::TlsRequired,
+            Denial::NotRouted,
         ];
         for denial in denials {
             match denial {
@@ -655,7 +691,8 @@ mod tests {
                 | Denial::AccountLockedInDirectory
                 | Denial::LogonNotAllowedNow
                 | Denial::WorkstationNotAllowed
-                | Denial::TlsRequired => {}
+                | Denial::TlsRequired
+                | Denial::NotRouted => {}
             }
         }
         let upstream_failures = vec![
@@ -667,6 +704,7 @@ mod tests {
                 stored: SecretKind::Password,
                 needed: SecretKind::RefreshToken,
             },
+            LoginError::NotRouted { route: "m365".into(), protocol: Protocol::Pop3 },
             LoginError::NoTokenSource(Protocol::Smtp),
             LoginError::Token { mailbox: "u@x".into(), source: TokenError::Sign("no key".into()) },
             LoginError::Refused { address: "u:1".into(), answer: "NO".into() },
@@ -677,6 +715,7 @@ mod tests {
                 LoginError::NoCredential
                 | LoginError::Vault(_)
                 | LoginError::WrongKind { .. }
+                | LoginError::NotRouted { .. }
                 | LoginError::NoTokenSource(_)
                 | LoginError::Token { .. }
                 | LoginError::Refused { .. }
@@ -734,8 +773,8 @@ mod tests {
         let shared: Vec<_> = denied.iter().filter(|r| unavailable.contains(r)).collect();
         assert_eq!(
             shared,
-            [&Denial::NoUpstreamCredential.reason()],
-            "only a missing credential reads the same as a denial and as an outage"
+            [&Denial::NoUpstreamCredential.reason(), &Denial::NotRouted.reason()],
+            "only a missing credential or route upstream reads the same as a denial and as an outage"
         );
         assert!(!denied.contains(&LoginResult::OK.reason) && !unavailable.contains(&LoginResult::OK.reason));
     }

@@ -93,7 +93,9 @@ pub struct SessionRecord {
     pub mechanism: Option<&'static str>,
     /// The profile and allow entry that admitted the client.
     pub profile: Option<String>,
-    /// The upstream `host:port`.
+    /// The route the login took (`default` for the protocol tables), once admitted.
+    pub route: Option<String>,
+    /// The upstream `host:port`: the default route's until a login takes its route.
     pub upstream: String,
     /// Login attempts on this connection.
     pub attempts: u32,
@@ -120,6 +122,7 @@ impl SessionRecord {
             mode: None,
             mechanism: None,
             profile: None,
+            route: None,
             upstream: upstream.to_owned(),
             attempts: 0,
             outcome: Outcome::Abandoned,
@@ -148,6 +151,7 @@ impl SessionRecord {
             "outcome": self.outcome.as_str(),
             "reason": escape(&self.reason),
             "profile": escape(self.profile.as_deref().unwrap_or("-")),
+            "route": self.route.as_deref().unwrap_or("-"),
             "upstream": escape(&self.upstream),
             "attempts": self.attempts,
             "bytes_up": self.bytes_up,
@@ -169,6 +173,7 @@ impl SessionRecord {
             outcome = self.outcome.as_str(),
             reason = %escape(&self.reason),
             profile = %escape(self.profile.as_deref().unwrap_or("-")),
+            route = self.route.as_deref().unwrap_or("-"),
             upstream = %escape(&self.upstream),
             attempts = self.attempts,
             bytes_up = self.bytes_up,

@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::protocol::Protocol;
 use anyhow::{Context, bail};
 
 use crate::config::Config;
@@ -71,17 +72,18 @@ fn named_files(config: &Config) -> Vec<(String, PathBuf, Secrecy)> {
             }
         }
     }
-    for (protocol, p) in config.protocols() {
-        if let Some(f) = &p.upstream_ca_file {
-            files.push((format!("{protocol}.upstream_ca_file"), config.resolve(f), Secrecy::Public));
+    for (key, _, upstream) in config.upstreams() {
+        if let Some(f) = &upstream.upstream_ca_file {
+            files.push((format!("{key}.upstream_ca_file"), config.resolve(f), Secrecy::Public));
         }
     }
-    if let Some(oauth) = &config.oauth {
+    for (name, oauth) in config.oauth.iter() {
+        let key = config.oauth.key(name);
         if let Some(f) = &oauth.service_account_key {
-            files.push(("oauth.service_account_key".into(), config.resolve(f), Secrecy::Secret));
+            files.push((format!("{key}.service_account_key"), config.resolve(f), Secrecy::Secret));
         }
         if let Some(f) = &oauth.client_secret_file {
-            files.push(("oauth.client_secret_file".into(), config.resolve(f), Secrecy::Secret));
+            files.push((format!("{key}.client_secret_file"), config.resolve(f), Secrecy::Secret));
         }
     }
     let state_dir = config.resolve(&config.server.state_dir);
@@ -142,24 +144,27 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
         let vault = crate::stores::vault::Vault::open(&state_dir)?;
         println!("vault: {} credential(s) in {}", vault.list().len(), vault.path().display());
     }
+    let routing = crate::upstream::route::Routing::from_config(&config, None, &Default::default())
+        .context("setting up the upstreams and OAuth2 token sources")?;
     for (protocol, p) in config.protocols() {
-        let ca = p.upstream_ca_file.as_ref().map(|f| config.resolve(f));
-        crate::upstream::Upstream::new(
-            protocol,
-            p,
-            ca.as_deref(),
-            &config.server.hostname,
-            config.limits.upstream_timeout(),
-        )
-        .with_context(|| format!("[{protocol}] upstream"))?;
         let listen: Vec<String> = p.listeners().map(|(a, tls)| format!("{a} ({})", tls.name())).collect();
-        println!("{protocol}: listen {} -> upstream {}", listen.join(", "), p.upstream);
+        println!("{protocol}: listen {} -> upstream {}", listen.join(", "), p.upstream.address);
         if p.listeners().any(|(a, _)| a.port() != 0 && a.port() < 1024) {
             println!("{protocol}: a port below 1024 needs CAP_NET_BIND_SERVICE (see the systemd unit's comments)");
         }
     }
-    if crate::stores::oauth::TokenSource::from_config(&config).context("[oauth]")?.is_some() {
-        println!("oauth: token source set up");
+    for route in &config.route {
+        let targets: Vec<String> = Protocol::ALL
+            .into_iter()
+            .filter_map(|p| route.upstream(p).map(|u| format!("{p} -> {} ({})", u.address, u.upstream_auth.as_str())))
+            .collect();
+        let mut who: Vec<String> = route.domains.iter().map(|d| format!("domain {d}")).collect();
+        who.extend(route.users.iter().map(|u| format!("user {u}")));
+        who.extend(route.groups.iter().map(|g| format!("group {g}")));
+        println!("route {}: {}: {}", route.name, who.join(", "), targets.join("; "));
+    }
+    for (name, source) in routing.sources() {
+        println!("oauth source {name}: {} at {}", source.source().name(), source.token_url());
     }
     if let Some(metrics) = config.metrics.listen {
         println!("metrics: http://{metrics}/metrics");

@@ -196,14 +196,13 @@ pub fn set_upstream(
 }
 
 /// Enrols `user`'s OAuth2 refresh token with the device authorization grant (RFC 8628) of
-/// the `[oauth]` refresh-token source, and stores it in the vault (keeping the user's
-/// upstream login name, if one is stored).
-pub async fn authorize(path: &Path, user: &str) -> anyhow::Result<()> {
+/// a refresh-token source (`source` names one of several `[oauth.NAME]` tables), and stores
+/// it in the vault (keeping the user's upstream login name, if one is stored).
+pub async fn authorize(path: &Path, user: &str, source: Option<&str>) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
-    let Some(source) = crate::stores::oauth::TokenSource::from_config(&config)? else {
-        bail!("no [oauth] table in {}: device enrolment needs the refresh-token source", path.display());
-    };
+    let source = crate::stores::oauth::TokenSource::chosen(&config, source)
+        .with_context(|| format!("device enrolment needs a refresh-token source in {}", path.display()))?;
     let state_dir = config.resolve(&config.server.state_dir);
     Vault::init(&state_dir)?;
     let refresh_token = source

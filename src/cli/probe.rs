@@ -1,5 +1,5 @@
 //! `postern probe USER`: logs in upstream exactly as a client login would once the directory
-//! said yes (the same credential choice, `upstream_auth` and OAuth2 source included), and
+//! said yes (the same route, credential choice, `upstream_auth` and OAuth2 source), and
 //! reports the upstream's verdict.
 
 use std::path::Path;
@@ -24,12 +24,17 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
     }
     let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
     let upstreams = Upstreams::from_config(&config, vault)?;
-    let Some(upstream) = upstreams.get(protocol) else {
-        bail!("{protocol} is not configured in {}", path.display());
+    let routing = upstreams.routing();
+    let groups = if routing.uses_groups() { groups_of(&config, &user).await? } else { Vec::new() };
+    let route = routing.resolve(&user, &groups);
+    let Some(target) = route.target(protocol) else {
+        bail!("{user} takes route {}, which has no upstream for {protocol}: logins would be refused", route.name());
     };
+    let upstream = &target.upstream;
     let address = upstream.address().to_owned();
     let mode = upstream.auth_mode();
-    match upstreams.login(protocol, &user, "", None, None, &|_| {}).await {
+    println!("route {}: {protocol} upstream {address}", route.name());
+    match upstreams.login(route, protocol, &user, "", None, None, &|_| {}).await {
         Ok(mut logged_in) => {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut logged_in.stream).await;
             println!("OK: {address} accepted the {} credential of {user}", mode.as_str());
@@ -58,5 +63,18 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
             )
         }
         Err(other) => bail!("cannot build the upstream credential of {user}: {other}"),
+    }
+}
+
+/// The user's directory groups, for routes that match by group; a directory that tells groups
+/// only after a password check gives none (and says so).
+async fn groups_of(config: &crate::config::Config, user: &str) -> anyhow::Result<Vec<String>> {
+    let directory = crate::stores::directory::Directory::open(&config.directory, &config.base_dir).await?;
+    match directory.lookup(user).await {
+        Ok(entry) => Ok(entry.groups.unwrap_or_else(|| {
+            eprintln!("the directory tells groups only after a password check: routes by group are not considered");
+            Vec::new()
+        })),
+        Err(e) => bail!("cannot look up {user}'s groups for the routes that match by group: {e}"),
     }
 }

@@ -188,7 +188,7 @@ pub async fn accept_loop(
 /// Counts, logs and audits a connection closed because of its PROXY protocol header.
 fn refuse(server: &State, protocol: Protocol, peer: SocketAddr, label: ProxyRefusal, outcome: Outcome, reason: String) {
     server.metrics().proxy_refusal(protocol, label);
-    let mut record = SessionRecord::new(protocol, peer, server.upstream(protocol).address());
+    let mut record = SessionRecord::new(protocol, peer, &server.default_upstream(protocol));
     record.set(outcome, reason);
     server.audit(&record, Event::ProxyHeaderRefused);
 }

@@ -188,7 +188,7 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
                 %protocol,
                 address = %local,
                 tls = security.name(),
-                upstream = server.upstream(protocol).address(),
+                upstream = server.default_upstream(protocol),
                 proxy_protocol = p.proxy_protocol,
                 "listening"
             );

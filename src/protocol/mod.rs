@@ -31,6 +31,9 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every protocol, in the order config files and reports list them.
+    pub const ALL: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp];
+
     /// Lower-case name used in config, logs and metrics.
     pub fn name(self) -> &'static str {
         match self {

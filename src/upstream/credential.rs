@@ -1,27 +1,30 @@
 //! The one place that chooses what Postern presents upstream for a user, and logs in with
 //! it: client logins and `postern probe` both go through [`Upstreams::login`].
 //!
-//! Per protocol, `upstream_auth` says which credential:
+//! The user's route (`super::route`) says which upstream; its `upstream_auth` says which
+//! credential:
 //!
 //! - `"password"`: the password stored in the vault (none stored: [`LoginError::NoCredential`]);
 //! - `"xoauth2"`: an access token from the `[oauth]` source for the user's mailbox (the
-//!   vault's upstream login name if one is stored, else the address). With the
+//!   vault's upstream login name if one is stored, else the address), from the upstream's
+//!   `oauth_source`. With the
 //!   refresh-token source the vault must hold the user's refresh token; a rotated one is
 //!   written back.
 //!
 //! POP3's `recent:` prefix is put in front of the upstream login name.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::{LoggedIn, Upstream, UpstreamAuth, UpstreamError};
+use super::route::{Route, Routing, Target};
+use super::{LoggedIn, UpstreamAuth, UpstreamError};
 use crate::config::{Config, UpstreamAuthMode};
+use crate::metrics::TokenEndpointMetrics;
 use crate::protocol::Protocol;
-use crate::stores::oauth::{SetupError, TokenError, TokenSource};
+use crate::stores::oauth::{SetupError, TokenError};
 use crate::stores::vault::{SecretKind, Vault, VaultError};
 use crate::tls::TlsError;
 
@@ -50,6 +53,14 @@ pub enum LoginError {
         stored: SecretKind,
         /// What the mode needs.
         needed: SecretKind,
+    },
+    /// The user's route has no upstream for the protocol.
+    #[error("route {route} has no upstream for {protocol}")]
+    NotRouted {
+        /// The route.
+        route: String,
+        /// The protocol.
+        protocol: Protocol,
     },
     /// `upstream_auth = "xoauth2"` without an `[oauth]` source.
     #[error("{0}.upstream_auth is \"xoauth2\" but no [oauth] source is set up")]
@@ -91,12 +102,12 @@ pub enum SetupUpstreamsError {
     OAuth(#[from] SetupError),
 }
 
-/// The configured upstreams with what logs in to them: the vault in force and the OAuth2
-/// token source.
+/// The configured routes and their upstreams with what logs in to them: the vault in force
+/// and the OAuth2 token sources. Both are swapped whole on reload.
 pub struct Upstreams {
-    upstreams: HashMap<Protocol, Upstream>,
+    routing: ArcSwap<Routing>,
     vault: ArcSwap<Vault>,
-    oauth: Option<TokenSource>,
+    token_metrics: TokenEndpointMetrics,
 }
 
 /// The credential presented upstream for one attempt.
@@ -107,22 +118,27 @@ struct Credential {
 }
 
 impl Upstreams {
-    /// Prepares every configured protocol's upstream and the token source; nothing is
-    /// dialled yet.
+    /// Prepares every route's upstreams and token sources; nothing is dialled yet.
     pub fn from_config(config: &Config, vault: Vault) -> Result<Self, SetupUpstreamsError> {
-        let mut upstreams = HashMap::new();
-        for (protocol, p) in config.protocols() {
-            let ca = p.upstream_ca_file.as_ref().map(|f| config.resolve(f));
-            let upstream =
-                Upstream::new(protocol, p, ca.as_deref(), &config.server.hostname, config.limits.upstream_timeout())?;
-            upstreams.insert(protocol, upstream);
-        }
-        Ok(Self { upstreams, vault: ArcSwap::from_pointee(vault), oauth: TokenSource::from_config(config)? })
+        let token_metrics = TokenEndpointMetrics::default();
+        let routing = Routing::from_config(config, None, &token_metrics)?;
+        Ok(Self { routing: ArcSwap::from_pointee(routing), vault: ArcSwap::from_pointee(vault), token_metrics })
     }
 
-    /// The upstream of `protocol`, if configured.
-    pub fn get(&self, protocol: Protocol) -> Option<&Upstream> {
-        self.upstreams.get(&protocol)
+    /// The routes of `config`, ready for [`Upstreams::set_routing`]; token sources whose
+    /// settings did not change are carried over with their cached tokens.
+    pub fn prepare(&self, config: &Config) -> Result<Routing, SetupUpstreamsError> {
+        Routing::from_config(config, Some(&self.routing.load()), &self.token_metrics)
+    }
+
+    /// Replaces the routes for every login from now on.
+    pub fn set_routing(&self, routing: Routing) {
+        self.routing.store(Arc::new(routing));
+    }
+
+    /// The routes in force now.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
     }
 
     /// The vault in force now.
@@ -135,21 +151,23 @@ impl Upstreams {
         self.vault.store(Arc::new(vault));
     }
 
-    /// The OAuth2 token source, when some upstream uses XOAUTH2.
-    pub fn oauth(&self) -> Option<&TokenSource> {
-        self.oauth.as_ref()
+    /// The token endpoints' request and cache-hit counters, all sources together.
+    pub fn token_metrics(&self) -> &TokenEndpointMetrics {
+        &self.token_metrics
     }
 
-    /// Builds `user`'s credential for `protocol` and logs in upstream with it. `user` is a
-    /// normalized identity (`crate::user::normalize`); `upstream_prefix` is POP3's `recent:`
+    /// Builds `user`'s credential for `protocol` on `route` (from [`Routing::resolve`]) and
+    /// logs in upstream with it. `user` is a normalized identity (`crate::user::normalize`); `upstream_prefix` is POP3's `recent:`
     /// or empty; `client_hello` the client's SMTP `EHLO` name; `client` the client's address,
     /// passed on where the protocol's `forward_client_address` is on. `observe` is told how
     /// long each upstream login attempt took.
     ///
     /// A cached OAuth2 token the upstream refuses may have been revoked early: it is
     /// forgotten and the login tried once more with a new token.
+    #[allow(clippy::too_many_arguments)]
     pub async fn login(
         &self,
+        route: &Route,
         protocol: Protocol,
         user: &str,
         upstream_prefix: &str,
@@ -157,8 +175,11 @@ impl Upstreams {
         client: Option<SocketAddr>,
         observe: &(dyn Fn(Duration) + Sync),
     ) -> Result<LoggedIn, LoginError> {
-        let upstream = &self.upstreams[&protocol];
-        let mut credential = self.credential(protocol, upstream.auth_mode(), user, upstream_prefix).await?;
+        let target = route
+            .target(protocol)
+            .ok_or_else(|| LoginError::NotRouted { route: route.name().to_owned(), protocol })?;
+        let upstream = &target.upstream;
+        let mut credential = self.credential(protocol, target, user, upstream_prefix).await?;
         let mut retried = false;
         loop {
             let started = Instant::now();
@@ -173,12 +194,12 @@ impl Upstreams {
                 Some((mailbox, from_cache)),
                 Some(oauth),
                 UpstreamAuth::XOAuth2 { token, .. },
-            ) = (&error, &credential.oauth, &self.oauth, &credential.auth)
+            ) = (&error, &credential.oauth, &target.oauth, &credential.auth)
             {
                 if oauth.forget(mailbox, token).await && *from_cache && !retried {
                     retried = true;
                     tracing::info!(user, %error, "upstream refused a cached OAuth2 token; retrying with a new one");
-                    credential = self.credential(protocol, upstream.auth_mode(), user, upstream_prefix).await?;
+                    credential = self.credential(protocol, target, user, upstream_prefix).await?;
                     continue;
                 }
             }
@@ -193,10 +214,11 @@ impl Upstreams {
     async fn credential(
         &self,
         protocol: Protocol,
-        mode: UpstreamAuthMode,
+        target: &Target,
         user: &str,
         upstream_prefix: &str,
     ) -> Result<Credential, LoginError> {
+        let mode = target.upstream.auth_mode();
         let stored = self.vault().get(user)?;
         let wrong_kind =
             |stored: SecretKind, needed: SecretKind| LoginError::WrongKind { protocol, mode, stored, needed };
@@ -213,7 +235,7 @@ impl Upstreams {
                 })
             }
             UpstreamAuthMode::Xoauth2 => {
-                let oauth = self.oauth.as_ref().ok_or(LoginError::NoTokenSource(protocol))?;
+                let oauth = target.oauth.as_ref().ok_or(LoginError::NoTokenSource(protocol))?;
                 let mailbox = stored.as_ref().and_then(|s| s.upstream_user.clone()).unwrap_or_else(|| user.to_owned());
                 let refresh_token = if oauth.needs_refresh_token() {
                     let stored = stored.as_ref().ok_or(LoginError::NoCredential)?;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{ProtocolConfig, UpstreamAuthMode, UpstreamTls};
+use crate::config::{UpstreamAuthMode, UpstreamConfig, UpstreamTls};
 use crate::protocol::{Protocol, UpstreamInfo};
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
@@ -22,6 +22,7 @@ pub mod credential;
 mod imap;
 pub mod mechanism;
 mod pop3;
+pub mod route;
 mod smtp;
 
 /// The TLS stream to an upstream server.
@@ -130,13 +131,13 @@ impl Upstream {
     /// Prepares connections to the upstream `config` names; nothing is dialled yet.
     pub fn new(
         protocol: Protocol,
-        config: &ProtocolConfig,
+        config: &UpstreamConfig,
         ca_file: Option<&std::path::Path>,
         hostname: &str,
         timeout: Duration,
     ) -> Result<Self, TlsError> {
         if config.upstream_tls_insecure_no_verify {
-            tracing::warn!(%protocol, upstream = %config.upstream, "upstream certificates are NOT verified (upstream_tls_insecure_no_verify); anyone on the path can read every password");
+            tracing::warn!(%protocol, upstream = %config.address, "upstream certificates are NOT verified (upstream_tls_insecure_no_verify); anyone on the path can read every password");
         }
         let name = config.upstream_server_name.clone().unwrap_or_else(|| config.upstream_host().to_owned());
         let server_name = ServerName::try_from(name.clone()).map_err(|e| TlsError::File {
@@ -146,7 +147,7 @@ impl Upstream {
         })?;
         Ok(Self {
             protocol,
-            address: config.upstream.clone(),
+            address: config.address.clone(),
             server_name,
             connector: TlsConnector::from(tls::upstream_client_config(ca_file, &config.upstream_trust())?),
             tls: config.upstream_tls,

@@ -22,6 +22,7 @@ mod memory;
 mod oauth;
 mod paths;
 mod pop3;
+mod routes;
 mod secrets;
 mod service;
 mod shared_state;

@@ -101,7 +101,7 @@ async fn google_service_account_imap_login_and_fetch() {
     // A second session reuses the cached token.
     assert!(imap_login(&proxy, &mail, "dir-pw-g1").await.starts_with("a1 OK"));
     assert_eq!(token_server().grants(&mail), 1);
-    let metrics = proxy.server.upstreams.oauth().unwrap().metrics().snapshot();
+    let metrics = proxy.server.upstreams.routing().sources()[0].1.metrics().snapshot();
     eprintln!("token endpoint metrics: {metrics:?}");
     assert!(metrics.requests >= 1 && metrics.cache_hits >= 1 && metrics.mean_latency().is_some(), "{metrics:?}");
     let text = proxy.server.metrics().render();
@@ -270,7 +270,7 @@ async fn token_endpoint_outage_is_an_upstream_outage() {
     let audit =
         logs::wait_for_audit(&mail, &["\"outcome\":\"unavailable\"", "no OAuth2 token for", "unreachable"]).await;
     assert!(audit.contains("cannot connect"), "{audit}");
-    let metrics = proxy.server.upstreams.oauth().unwrap().metrics().snapshot();
+    let metrics = proxy.server.upstreams.routing().sources()[0].1.metrics().snapshot();
     assert_eq!((metrics.requests, metrics.failures), (1, 1));
     let text = proxy.server.metrics().render();
     assert!(text.contains("postern_oauth_token_requests_total{result=\"failed\"} 1"), "{text}");

@@ -122,7 +122,7 @@ fn concurrent_admin_commands_each_keep_their_user() {
 
 fn token_source(config: &Path) -> TokenSource {
     let config = Config::load(config).expect("load config");
-    TokenSource::from_config(&config).expect("token source").expect("an [oauth] table")
+    TokenSource::chosen(&config, None).expect("the [oauth] token source")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

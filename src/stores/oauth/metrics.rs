@@ -55,6 +55,11 @@ impl TokenMetrics {
         self.exported.cache_hit();
     }
 
+    /// Counts requests and cache hits in `exported` (shared by every source) from now on.
+    pub(crate) fn export_into(&mut self, exported: &TokenEndpointMetrics) {
+        self.exported = exported.clone();
+    }
+
     /// The request and cache-hit counters, for the daemon's metrics registry.
     pub fn exported(&self) -> &TokenEndpointMetrics {
         &self.exported

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, OAuthConfig, OAuthSource};
+use crate::metrics::TokenEndpointMetrics;
 use crate::secret::{Secret, SecretFileError};
 use crate::stores::vault::{SecretKind, UpstreamSecret, Vault, VaultError};
 use crate::tls::TlsError;
@@ -67,6 +68,9 @@ pub enum SetupError {
         /// What is wrong.
         message: String,
     },
+    /// No `[oauth]` table is the source asked for.
+    #[error("{0}: add the [oauth] table or name another source")]
+    NoSuchSource(String),
     /// The CA file for the token endpoint is unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -126,6 +130,7 @@ enum Grant {
 
 /// Where access tokens come from, with their cache and counters.
 pub struct TokenSource {
+    settings: OAuthConfig,
     grant: Grant,
     client: http::HttpsClient,
     cache: cache::TokenCache,
@@ -143,13 +148,31 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    /// The token source the config's `[oauth]` table describes, if it has one.
-    pub fn from_config(config: &Config) -> Result<Option<Self>, SetupError> {
-        config
+    /// The token source `name` of the config's `[oauth]` tables (`default` for a single
+    /// `[oauth]` table), counting its requests in `exported` too.
+    pub fn named(config: &Config, name: &str, exported: &TokenEndpointMetrics) -> Result<Self, SetupError> {
+        let oauth = config
             .oauth
-            .as_ref()
-            .map(|oauth| Self::new(oauth, &config.base_dir, config.resolve(&config.server.state_dir)))
-            .transpose()
+            .get(name)
+            .ok_or_else(|| SetupError::NoSuchSource(format!("there is no [{}] table", config.oauth.key(name))))?;
+        let mut source = Self::new(oauth, &config.base_dir, config.resolve(&config.server.state_dir))?;
+        source.metrics.export_into(exported);
+        Ok(source)
+    }
+
+    /// The token source an admin command means: the one called `name`, or the only one
+    /// when no name is given.
+    pub fn chosen(config: &Config, name: Option<&str>) -> Result<Self, SetupError> {
+        let names = || config.oauth.names().collect::<Vec<_>>().join(", ");
+        let Some((name, _)) = config.oauth.choose(name) else {
+            let message = match name {
+                Some(name) => format!("there is no [oauth.{name}] table; the sources are: {}", names()),
+                None if config.oauth.is_empty() => "there is no [oauth] table".to_owned(),
+                None => format!("several sources are configured; name one of: {}", names()),
+            };
+            return Err(SetupError::NoSuchSource(message));
+        };
+        Self::named(config, name, &TokenEndpointMetrics::default())
     }
 
     /// Loads keys and secrets for `oauth`; relative paths are resolved against `base_dir`.
@@ -196,6 +219,7 @@ impl TokenSource {
         let ca = oauth.ca_file.as_deref().map(resolve);
         let tls = crate::tls::client_config(ca.as_deref())?;
         Ok(Self {
+            settings: oauth.clone(),
             grant,
             client: http::HttpsClient::new(tls, oauth.timeout()),
             cache: cache::TokenCache::new(oauth.refresh_margin()),
@@ -217,6 +241,11 @@ impl TokenSource {
         let authorization = refresh.start_device(&self.client).await?;
         announce(&authorization);
         device::wait_for_grant(&authorization, || refresh.poll_device(&self.client, &authorization)).await
+    }
+
+    /// The settings it was made from.
+    pub fn settings(&self) -> &OAuthConfig {
+        &self.settings
     }
 
     /// Which kind of source this is.

@@ -58,6 +58,8 @@ pub struct Options {
     /// The proxy's certificate expires at midnight (UTC) starting this date (year, month,
     /// day); by default it is valid for decades.
     pub cert_not_after: Option<(i32, u8, u8)>,
+    /// Lines appended at the end of the config (`[[route]]`, `[oauth.NAME]` tables).
+    pub config_extra: String,
 }
 
 impl Default for Options {
@@ -77,6 +79,7 @@ impl Default for Options {
             directory_extra: String::new(),
             alerts: String::new(),
             cert_not_after: None,
+            config_extra: String::new(),
         }
     }
 }
@@ -216,7 +219,10 @@ upstream = "{smtp}"
 upstream_tls = "{smtp_tls}"
 {ca}
 {protocol_extra}
+
+{config_extra}
 "#,
+            config_extra = options.config_extra,
             protocol_extra = options.protocol_extra,
             cert = issued.cert_file.display().to_string(),
             key = issued.key_file.display().to_string(),
@@ -297,6 +303,16 @@ upstream_tls = "{smtp_tls}"
     /// certificate, audit file).
     pub async fn reload_all(&self) {
         self.server.reload(&self.config).await.expect("reload");
+    }
+
+    /// Rewrites the config file with `edit` and reloads it as SIGHUP does: everything
+    /// reloadable, then the re-check of live sessions; returns how many were closed.
+    pub async fn reconfigure(&mut self, edit: impl FnOnce(String) -> String) -> usize {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
+        self.config = Config::load(&self.config_path).expect("edited config is valid");
+        self.server.reload(&self.config).await.expect("reload");
+        postern::access::decision::revalidate(&self.server).await
     }
 
     /// Serves the control socket (`postern status`, `postern user unlock`) in the proxy's
