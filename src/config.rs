@@ -591,7 +591,9 @@ impl Config {
     pub fn upstreams(&self) -> impl Iterator<Item = (String, Protocol, &UpstreamConfig)> {
         let defaults = self.protocols().map(|(p, c)| (p.name().to_owned(), p, &c.upstream));
         let routes = self.route.iter().flat_map(|r| {
-            Protocol::ALL.into_iter().filter_map(move |p| r.upstream(p).map(|u| (format!("route.{}.{p}", r.name), p, u)))
+            Protocol::ALL
+                .into_iter()
+                .filter_map(move |p| r.upstream(p).map(|u| (format!("route.{}.{p}", r.name), p, u)))
         });
         defaults.chain(routes)
     }

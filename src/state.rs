@@ -358,10 +358,9 @@ mod tests {
         assert_eq!(base, restart_only(&reloadable), "profiles and certificate apply on reload");
         let upstream = MINIMAL.replace("imap.gmail.com:993", "imap.example.com:993");
         assert_eq!(base, restart_only(&upstream), "upstreams and routes apply on reload");
-        for changed in [
-            MINIMAL.replace("10993", "10994"),
-            MINIMAL.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]"),
-        ] {
+        for changed in
+            [MINIMAL.replace("10993", "10994"), MINIMAL.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]")]
+        {
             assert_ne!(base, restart_only(&changed), "{changed}");
         }
     }

@@ -327,7 +327,6 @@ pub struct Admitted {
     pub route: RouteTaken,
 }
 
-
 /// Runs the whole decision for `credentials` from the client at `peer`, and logs in upstream
 /// if it passes. Every refusal is counted against the client's address; wrong passwords also
 /// against the user.

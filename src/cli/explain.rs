@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use super::{load_config, normalized};
-use crate::config::{Config, UpstreamAuthMode};
 use crate::access::decision::{Denial, Verdict, evaluate};
 use crate::access::profiles::Profiles;
+use crate::config::{Config, UpstreamAuthMode};
 use crate::protocol::Protocol;
 use crate::stores::directory::{Directory, DirectoryError};
 use crate::upstream::route::{DEFAULT_ROUTE, RouteMatchers};

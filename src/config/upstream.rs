@@ -190,7 +190,10 @@ impl RouteConfig {
             }
         }
         if !any {
-            return Err(invalid("imap", "a route needs an upstream table: [route.imap], [route.pop3] or [route.smtp]".into()));
+            return Err(invalid(
+                "imap",
+                "a route needs an upstream table: [route.imap], [route.pop3] or [route.smtp]".into(),
+            ));
         }
         Ok(())
     }
@@ -265,7 +268,9 @@ impl<'de> Deserialize<'de> for OAuthSources {
         let table = toml::Table::deserialize(deserializer)?;
         let mut sources = BTreeMap::new();
         if table.contains_key("source") {
-            let one = toml::Value::Table(table).try_into::<OAuthConfig>().map_err(|e| D::Error::custom(format!("[oauth]: {e}")))?;
+            let one = toml::Value::Table(table)
+                .try_into::<OAuthConfig>()
+                .map_err(|e| D::Error::custom(format!("[oauth]: {e}")))?;
             sources.insert(DEFAULT_OAUTH_SOURCE.to_owned(), one);
         } else {
             for (name, value) in table {
@@ -290,8 +295,8 @@ mod tests {
 
     #[test]
     fn one_oauth_table_is_the_default_source_and_named_tables_are_sources() {
-        let one: OAuthSources = toml::from_str("source = \"refresh-token\"\ntoken_url = \"https://t\"\nclient_id = \"c\"")
-            .unwrap();
+        let one: OAuthSources =
+            toml::from_str("source = \"refresh-token\"\ntoken_url = \"https://t\"\nclient_id = \"c\"").unwrap();
         assert_eq!(one.names().collect::<Vec<_>>(), [DEFAULT_OAUTH_SOURCE]);
         assert_eq!(one.choose(None).unwrap().0, DEFAULT_OAUTH_SOURCE);
         assert_eq!(one.key(DEFAULT_OAUTH_SOURCE), "oauth");
@@ -362,9 +367,13 @@ mod tests {
             let err = parse(&format!("{}\n{TWO_SOURCES}", route(body))).unwrap_err();
             assert!(err.contains(key) && err.contains(says), "{body}: {err}");
         }
-        let twice = format!("{0}\n[route.imap]\nupstream = \"o:993\"\n{0}\n[route.imap]\nupstream = \"o:993\"", route("domains = [\"b.example\"]"));
+        let twice = format!(
+            "{0}\n[route.imap]\nupstream = \"o:993\"\n{0}\n[route.imap]\nupstream = \"o:993\"",
+            route("domains = [\"b.example\"]")
+        );
         assert!(parse(&twice).unwrap_err().contains("used by two routes"));
-        let unknown = parse(&route("domains = [\"b.example\"]\n[route.imap]\nupstream = \"o:993\"\nsurprise = 1")).unwrap_err();
+        let unknown =
+            parse(&route("domains = [\"b.example\"]\n[route.imap]\nupstream = \"o:993\"\nsurprise = 1")).unwrap_err();
         assert!(unknown.contains("surprise"), "{unknown}");
         let err = parse(&format!("{TWO_SOURCES}\n[oauth.m365.extra]\nx = 1")).unwrap_err();
         assert!(err.contains("oauth.m365"), "{err}");
@@ -373,7 +382,8 @@ mod tests {
     #[test]
     fn a_protocol_table_keeps_strict_keys_after_the_split() {
         let err = crate::config::Config::parse(
-            &crate::config::MINIMAL.replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nlisten_too = 1"),
+            &crate::config::MINIMAL
+                .replace("upstream = \"imap.gmail.com:993\"", "upstream = \"imap.gmail.com:993\"\nlisten_too = 1"),
             std::path::Path::new("proxy.toml"),
             "/etc/postern".into(),
         )

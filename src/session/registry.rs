@@ -137,8 +137,18 @@ mod tests {
     #[tokio::test]
     async fn registrations_leave_on_drop_and_revocation_keeps_the_first_reason() {
         let live = LiveSessions::default();
-        let a = live.register("a@x".into(), Protocol::Imap, IpAddr::from([127, 0, 0, 1]), RouteTaken::new("default", "u:1"));
-        let b = live.register("b@x".into(), Protocol::Pop3, IpAddr::from([127, 0, 0, 1]), RouteTaken::new("default", "u:1"));
+        let a = live.register(
+            "a@x".into(),
+            Protocol::Imap,
+            IpAddr::from([127, 0, 0, 1]),
+            RouteTaken::new("default", "u:1"),
+        );
+        let b = live.register(
+            "b@x".into(),
+            Protocol::Pop3,
+            IpAddr::from([127, 0, 0, 1]),
+            RouteTaken::new("default", "u:1"),
+        );
         assert_eq!(live.len(), 2);
         for s in live.snapshot().iter().filter(|s| s.user == "a@x") {
             s.revoke("first");

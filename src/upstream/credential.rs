@@ -175,9 +175,8 @@ impl Upstreams {
         client: Option<SocketAddr>,
         observe: &(dyn Fn(Duration) + Sync),
     ) -> Result<LoggedIn, LoginError> {
-        let target = route
-            .target(protocol)
-            .ok_or_else(|| LoginError::NotRouted { route: route.name().to_owned(), protocol })?;
+        let target =
+            route.target(protocol).ok_or_else(|| LoginError::NotRouted { route: route.name().to_owned(), protocol })?;
         let upstream = &target.upstream;
         let mut credential = self.credential(protocol, target, user, upstream_prefix).await?;
         let mut retried = false;

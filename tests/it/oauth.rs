@@ -187,6 +187,44 @@ async fn microsoft_client_credentials_share_one_token_across_mailboxes() {
     assert_no_secret_logged();
 }
 
+/// Google Workspace for the default route and Microsoft 365 for a route by user, each with
+/// its own named token source: each user's token comes from their route's source.
+#[tokio::test]
+async fn each_route_takes_its_tokens_from_its_own_named_source() {
+    logs::capture();
+    let google_user = oauth::add_user("rt-g1", "dir-pw-rg1");
+    let m365_user = oauth::add_user("rt-m1", "dir-pw-rm1");
+    let proxy = OAuthProxy::start_edited(Source::Google { token_uri: None }, &[&google_user, &m365_user], "", |text, dir| {
+        oauth::write_private(&dir.join("ms-secret"), &format!("{}\n", oauth::MS_CLIENT_SECRET));
+        let tokens = token_server();
+        let ca = common::pki::pki().ca_file.display().to_string();
+        let imap = common::dovecot::dovecot().imaps.port();
+        let text = text
+            .replace("[oauth]\n", "[oauth.google]\n")
+            .replace("upstream_auth = \"xoauth2\"", "upstream_auth = \"xoauth2\"\noauth_source = \"google\"");
+        format!(
+            "{text}\n[oauth.m365]\nsource = \"microsoft\"\ntenant = {tenant:?}\nclient_id = {id:?}\nclient_secret_file = \"ms-secret\"\ntoken_url = \"{base}/ms/{tenant}/oauth2/v2.0/token\"\nca_file = {ca:?}\n\n[[route]]\nname = \"m365\"\nusers = [{m365_user:?}]\n[route.imap]\nupstream = \"localhost:{imap}\"\nupstream_ca_file = {ca:?}\nupstream_auth = \"xoauth2\"\noauth_source = \"m365\"\n",
+            tenant = oauth::TENANT,
+            id = oauth::MS_CLIENT_ID,
+            base = tokens.base_url,
+        )
+    })
+    .await;
+    let app_grants = token_server().grants(APP_SUBJECT);
+
+    assert!(imap_login(&proxy, &google_user, "dir-pw-rg1").await.starts_with("a1 OK"));
+    assert!(imap_login(&proxy, &m365_user, "dir-pw-rm1").await.starts_with("a1 OK"));
+    assert_eq!(token_server().grants(&google_user), 1, "refusals: {:?}", token_server().refusals());
+    assert_eq!(token_server().grants(&m365_user), 0, "not from the Google source");
+    assert_eq!(token_server().grants(APP_SUBJECT), app_grants + 1, "from the Microsoft source");
+    assert_eq!(dovecot_xoauth2_logins(&m365_user, 1), 1);
+    logs::wait_for_audit(&m365_user, &["\"route\":\"m365\""]).await;
+    logs::wait_for_audit(&google_user, &["\"route\":\"default\""]).await;
+    let sources: Vec<String> = proxy.server.upstreams.routing().sources().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(sources, ["google", "m365"]);
+    assert_no_secret_logged();
+}
+
 #[tokio::test]
 async fn refresh_tokens_from_the_vault_are_traded_and_rotated_ones_written_back() {
     logs::capture();

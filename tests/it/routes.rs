@@ -136,7 +136,10 @@ async fn a_reload_that_moves_a_user_closes_only_their_session_and_the_next_login
     // The admin moves one user to the second provider and reloads.
     let closed = proxy
         .reconfigure(|text| {
-            text.replace("domains = [\"second.example\"]", &format!("domains = [\"second.example\"]\nusers = [{moving:?}]"))
+            text.replace(
+                "domains = [\"second.example\"]",
+                &format!("domains = [\"second.example\"]\nusers = [{moving:?}]"),
+            )
         })
         .await;
     assert_eq!(closed, 1, "only the moved user's session is closed");

@@ -600,9 +600,20 @@ impl OAuthProxy {
     /// Starts a proxy using `source`, letting `users` in from 127.0.0.1; `oauth_extra` is
     /// appended to the `[oauth]` table.
     pub async fn start(source: Source, users: &[&str], oauth_extra: &str) -> OAuthProxy {
+        Self::start_edited(source, users, oauth_extra, |text, _| text).await
+    }
+
+    /// Like [`OAuthProxy::start`], with the config text passed through `edit` (given the
+    /// proxy's folder, for files the edit names) first.
+    pub async fn start_edited(
+        source: Source,
+        users: &[&str],
+        oauth_extra: &str,
+        edit: impl FnOnce(String, &Path) -> String,
+    ) -> OAuthProxy {
         super::logs::capture();
         let dir = tempfile::tempdir().expect("proxy temp dir");
-        let text = config_text(dir.path(), &source, oauth_extra);
+        let text = edit(config_text(dir.path(), &source, oauth_extra), dir.path());
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, &text).expect("write config");
         std::fs::write(dir.path().join("profiles.toml"), super::proxy::profile_for(users)).expect("write profiles");
