@@ -179,3 +179,41 @@ async fn explain_and_probe_name_the_route() {
     assert!(probed.contains(&format!("route second: imap upstream localhost:{port}")), "{probed}");
     assert!(probed.contains("OK"), "{probed}");
 }
+
+/// The shipped two-provider example passes `postern check` once the files it names exist.
+#[test]
+fn the_google_and_m365_example_passes_check() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (etc, var) = (dir.path().join("etc"), dir.path().join("var"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&var).unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/google-and-m365.toml"))
+        .expect("read the example");
+    let text = example
+        .replace("/etc/postern", etc.to_str().unwrap())
+        .replace("/var/lib/postern", var.to_str().unwrap())
+        .replace("0.0.0.0:10", "127.0.0.1:10");
+    assert_ne!(text, example, "the example names /etc/postern and /var/lib/postern");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(etc.join("profiles.toml"), proxy::profile_for(&["someone@example.org"])).unwrap();
+    let key = common::oauth::token_server().write_google_key(&etc, "https://oauth2.googleapis.com/token");
+    std::fs::rename(key, etc.join("google-sa.json")).unwrap();
+    common::oauth::write_private(&etc.join("m365-secret"), "not-a-real-secret\n");
+    let output = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .expect("run postern check");
+    let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{out}{err}");
+    for line in [
+        "route m365: domain example.org: imap -> outlook.office365.com:993 (xoauth2)",
+        "smtp -> smtp.office365.com:587 (xoauth2)",
+        "oauth source google: google-service-account",
+        "oauth source m365: microsoft at https://login.microsoftonline.com/example.onmicrosoft.com/oauth2/v2.0/token",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+}
