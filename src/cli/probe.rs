@@ -33,11 +33,11 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
     let upstream = &target.upstream;
     let address = upstream.address().to_owned();
     let mode = upstream.auth_mode();
-    println!("route {}: {protocol} upstream {address}", route.name());
+    let route_name = route.name();
     match upstreams.login(route, protocol, &user, "", None, None, &|_| {}).await {
         Ok(mut logged_in) => {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut logged_in.stream).await;
-            println!("OK: {address} accepted the {} credential of {user}", mode.as_str());
+            println!("OK: {address} accepted the {} credential of {user} (route {route_name})", mode.as_str());
             Ok(())
         }
         Err(LoginError::Refused { answer, .. }) => {
@@ -52,14 +52,14 @@ pub async fn probe(path: &Path, user: &str, protocol: Protocol) -> anyhow::Resul
                     eprintln!("the previous (rotated) secret still works: set the new one on the upstream account");
                 }
             }
-            bail!("{address} refused the {} credential of {user}", mode.as_str())
+            bail!("{address} (route {route_name}) refused the {} credential of {user}", mode.as_str())
         }
         Err(LoginError::NoCredential) => {
             bail!("no upstream credential is stored for {user}: store one with `postern user set-upstream {user}`")
         }
         Err(LoginError::Unreachable { source, .. }) => {
             bail!(
-                "cannot log in to {address}: {source}; the credential was not tried (check the upstream address and the network)"
+                "cannot log in to {address} (route {route_name}): {source}; the credential was not tried (check the upstream address and the network)"
             )
         }
         Err(other) => bail!("cannot build the upstream credential of {user}: {other}"),
