@@ -29,3 +29,4 @@ pub mod stores;
 pub mod tls;
 pub mod upstream;
 pub mod user;
+pub mod web;
