@@ -11,8 +11,10 @@ use crate::protocol::Protocol;
 use crate::stores::directory::DirectoryConfig;
 pub use crate::tls::TlsVersion;
 
+mod console;
 mod upstream;
 
+pub use console::ConsoleConfig;
 pub use upstream::{DEFAULT_OAUTH_SOURCE, OAuthSources, RouteConfig, UpstreamConfig};
 
 /// Why a configuration could not be used.
@@ -82,6 +84,8 @@ pub struct Config {
     /// "xoauth2"` come from.
     #[serde(default)]
     pub oauth: OAuthSources,
+    /// `[console]`: the admin web console; off when absent.
+    pub console: Option<ConsoleConfig>,
     /// `[[route]]`: users sent to other upstreams than the protocol tables', by mail domain,
     /// user or directory group; the first matching route wins.
     #[serde(default)]
@@ -322,8 +326,9 @@ impl<'de> Deserialize<'de> for ProtocolConfig {
     }
 }
 
-/// A `trusted_proxies` entry as a network: a CIDR block or a single address.
-fn parse_trusted_proxy(text: &str) -> Option<ipnet::IpNet> {
+/// A `trusted_proxies` or `console.allow` entry as a network: a CIDR block or a single
+/// address.
+fn parse_network(text: &str) -> Option<ipnet::IpNet> {
     let text = text.trim();
     let net = text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(Into::into))?;
     // Peers are compared as canonical addresses (IPv4 rather than IPv4-mapped IPv6).
@@ -522,7 +527,7 @@ impl ProtocolConfig {
     /// The parsed `trusted_proxies` (validated when the config was loaded), truncated to
     /// their networks.
     pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
-        self.trusted_proxies.iter().filter_map(|t| parse_trusted_proxy(t)).map(|n| n.trunc()).collect()
+        self.trusted_proxies.iter().filter_map(|t| parse_network(t)).map(|n| n.trunc()).collect()
     }
 }
 
@@ -645,7 +650,7 @@ impl Config {
                     "only used with proxy_protocol = true; set it or remove this key",
                 ));
             }
-            if let Some(bad) = p.trusted_proxies.iter().find(|t| parse_trusted_proxy(t).is_none()) {
+            if let Some(bad) = p.trusted_proxies.iter().find(|t| parse_network(t).is_none()) {
                 return Err(invalid(
                     &format!("{name}.trusted_proxies"),
                     &format!("`{bad}` is not a CIDR block or address, e.g. \"10.0.0.0/24\" or \"2001:db8::/64\""),
@@ -726,6 +731,13 @@ impl Config {
             return Err(invalid("server.hostname", "must be a host name without spaces"));
         }
         self.oauth.validate()?;
+        if let Some(console) = &self.console {
+            console.validate()?;
+            let taken = seen.contains(&console.listen) || self.metrics.listen == Some(console.listen);
+            if console.listen.port() != 0 && taken {
+                return Err(invalid("console.listen", &format!("{} is also another listener", console.listen)));
+            }
+        }
         self.alerts.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         Ok(())
     }

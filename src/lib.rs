@@ -18,6 +18,7 @@ pub mod alerts;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod csv;
 pub mod daemon;
 pub mod fsutil;
 pub mod metrics;

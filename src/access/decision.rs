@@ -71,6 +71,10 @@ pub enum Denial {
     TlsRequired,
     /// The user's route has no upstream for the protocol.
     NotRouted,
+    /// An admin console login from an address outside `[console] allow`.
+    ConsoleAddressNotAllowed,
+    /// An admin console login by someone in none of `[console] admin_groups`.
+    NotAnAdmin,
 }
 
 impl Denial {
@@ -99,6 +103,8 @@ impl Denial {
             Denial::WorkstationNotAllowed => "directory does not allow logons from this workstation",
             Denial::TlsRequired => "login attempted before STARTTLS",
             Denial::NotRouted => "the user's route has no upstream for the protocol",
+            Denial::ConsoleAddressNotAllowed => "client IP not allowed to use the console",
+            Denial::NotAnAdmin => "not in a console admin group",
         }
     }
 }
@@ -667,6 +673,8 @@ mod tests {
             Denial::WorkstationNotAllowed,
             Denial::TlsRequired,
             Denial::NotRouted,
+            Denial::ConsoleAddressNotAllowed,
+            Denial::NotAnAdmin,
         ];
         for denial in denials {
             match denial {
@@ -691,7 +699,9 @@ mod tests {
                 | Denial::LogonNotAllowedNow
                 | Denial::WorkstationNotAllowed
                 | Denial::TlsRequired
-                | Denial::NotRouted => {}
+                | Denial::NotRouted
+                | Denial::ConsoleAddressNotAllowed
+                | Denial::NotAnAdmin => {}
             }
         }
         let upstream_failures = vec![

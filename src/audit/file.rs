@@ -90,6 +90,12 @@ pub struct Filter {
     pub user: Option<String>,
     /// Only lines at or after this Unix time.
     pub since: Option<u64>,
+    /// Only lines before this Unix time.
+    pub until: Option<u64>,
+    /// Only lines whose client address starts with this text (an address or its prefix).
+    pub client: Option<String>,
+    /// Only lines with this outcome (`logged-in`, `denied`, ...).
+    pub outcome: Option<String>,
 }
 
 impl Filter {
@@ -98,8 +104,13 @@ impl Filter {
             .user
             .as_ref()
             .is_none_or(|u| event.get("user").and_then(|v| v.as_str()).is_some_and(|v| v.eq_ignore_ascii_case(u)));
-        let time_ok = self.since.is_none_or(|s| event.get("unix").and_then(|v| v.as_u64()).is_some_and(|t| t >= s));
-        user_ok && time_ok
+        let unix = event.get("unix").and_then(|v| v.as_u64());
+        let time_ok = self.since.is_none_or(|s| unix.is_some_and(|t| t >= s))
+            && self.until.is_none_or(|u| unix.is_some_and(|t| t < u));
+        let text = |key: &str| event.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+        let client_ok = self.client.as_ref().is_none_or(|c| text("client").starts_with(c.as_str()));
+        let outcome_ok = self.outcome.as_ref().is_none_or(|o| text("outcome") == o || text("event") == o);
+        user_ok && time_ok && client_ok && outcome_ok
     }
 }
 
@@ -194,7 +205,7 @@ mod tests {
         let all = read(&path, &Filter::default()).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(all[0]["time"], "1970-01-01T00:16:40Z");
-        let filter = Filter { user: Some("a@x".into()), since: Some(2000) };
+        let filter = Filter { user: Some("a@x".into()), since: Some(2000), ..Filter::default() };
         assert_eq!(read(&path, &filter).unwrap().len(), 1);
     }
 }

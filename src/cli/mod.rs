@@ -14,7 +14,6 @@ use crate::stores::vault::{self, UpstreamSecret, Vault};
 
 mod check;
 pub mod control;
-mod csv;
 mod explain;
 mod probe;
 mod users;
@@ -110,7 +109,7 @@ pub fn audit(path: &Path, file: Option<&Path>, user: Option<&str>, since: Option
         None => None,
     };
     let user = user.map(normalized).transpose()?;
-    let filter = crate::audit::file::Filter { user, since };
+    let filter = crate::audit::file::Filter { user, since, ..Default::default() };
     for event in crate::audit::file::read(&file, &filter)? {
         println!("{event}");
     }

@@ -7,8 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use super::{SecretSource, csv, load_config, normalized, read_secret};
+use super::{SecretSource, load_config, normalized, read_secret};
 use crate::config::Config;
+use crate::csv;
 use crate::secret::Secret;
 use crate::stores::directory::DirectoryConfig;
 use crate::stores::vault::{self, UpstreamSecret, Vault};
@@ -94,12 +95,9 @@ pub fn rotate(path: &Path, user: &str, source: SecretSource, confirm: bool) -> a
     };
     // Kind and upstream login come from the entry as it is under the lock.
     Vault::update(&state_dir, |vault| {
-        let Some(current) = vault.get(&user)? else {
+        if !vault.rotate_secret(&user, secret.clone())? {
             bail!("{user} has no upstream secret to rotate (it was removed meanwhile); nothing was changed");
-        };
-        let mut entry = UpstreamSecret::new(current.kind, secret.clone());
-        entry.upstream_user = current.upstream_user;
-        vault.rotate(&user, entry)?;
+        }
         Ok(())
     })?;
     if matches!(source, SecretSource::Generate) {
@@ -117,16 +115,7 @@ pub fn rotate(path: &Path, user: &str, source: SecretSource, confirm: bool) -> a
 pub fn remove(path: &Path, user: &str) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
-    let state_dir = config.resolve(&config.server.state_dir);
-    let mut removed = Vec::new();
-    if Vault::update(&state_dir, |vault| vault.remove(&user))? {
-        removed.push("upstream credential");
-    }
-    if let DirectoryConfig::File(file) = &config.directory {
-        if crate::stores::directory::file::remove_user(&config.resolve(&file.path), &user)? {
-            removed.push("directory entry");
-        }
-    }
+    let removed = crate::stores::remove_user(&config, &user)?;
     if removed.is_empty() {
         bail!("{user} is not known: no upstream credential and no directory entry");
     }

@@ -38,6 +38,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The admin console could not start.
+    #[error(transparent)]
+    Console(#[from] crate::web::console::StartError),
     /// A listen address could not be bound.
     #[error("cannot listen on {address} for {protocol}: {source} (is another process using the port?)")]
     Bind {
@@ -134,6 +137,8 @@ pub struct Running {
     pub starttls_addresses: HashMap<Protocol, Vec<SocketAddr>>,
     /// The bound metrics address, when `[metrics] listen` is set.
     pub metrics_address: Option<SocketAddr>,
+    /// The bound admin console address, when `[console]` is set.
+    pub console_address: Option<SocketAddr>,
     /// Stops the server when cancelled.
     pub shutdown: Shutdown,
     /// What `/healthz` answers: draining as soon as [`Running::stop`] begins.
@@ -216,6 +221,10 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         }
         None => None,
     };
+    let console_address = match &config.console {
+        Some(settings) => Some(crate::web::console::start(server.clone(), config, settings, helpers.clone()).await?),
+        None => None,
+    };
     tokio::spawn(server.counters.clone().save_periodically(helpers.clone()));
     if config.server.watch_profiles {
         let path = config.resolve(&config.access.profiles);
@@ -235,7 +244,18 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         tasks.spawn(accept);
     }
     readiness.set_listening();
-    Ok(Running { addresses, starttls_addresses, metrics_address, shutdown, readiness, tasks, grace, helpers, server })
+    Ok(Running {
+        addresses,
+        starttls_addresses,
+        metrics_address,
+        console_address,
+        shutdown,
+        readiness,
+        tasks,
+        grace,
+        helpers,
+        server,
+    })
 }
 
 /// The shared state as the readiness probe (see [`health::Probe`] for [`State`]).

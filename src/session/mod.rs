@@ -529,6 +529,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let server = self.server.clone();
         let user = self.record.user.clone().unwrap_or_default();
         let registration = server.live().register(user, self.protocol, self.peer.ip(), route);
+        registration.track(counters.clone());
         let revoked = registration.revoked();
         let end = relay::splice(&mut self.client, &mut upstream_stream, idle, counters.clone(), async move {
             tokio::select! {

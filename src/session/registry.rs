@@ -9,12 +9,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
+use super::relay::Counters;
 use crate::protocol::Protocol;
 use crate::upstream::route::RouteTaken;
 
 /// One logged-in session as the registry sees it.
 #[derive(Debug)]
 pub struct LiveSession {
+    /// The registry's number for it, unique while the process runs.
+    pub id: u64,
+    /// When it logged in.
+    pub since: SystemTime,
+    bytes: OnceLock<Arc<Counters>>,
     /// The user (directory identity, lower case).
     pub user: String,
     /// The protocol.
@@ -28,6 +34,11 @@ pub struct LiveSession {
 }
 
 impl LiveSession {
+    /// Bytes relayed so far: client to upstream, upstream to client.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.bytes.get().map_or((0, 0), |c| (c.up.load(Ordering::Relaxed), c.down.load(Ordering::Relaxed)))
+    }
+
     /// Closes the session; the first reason given is the one its audit line shows.
     pub fn revoke(&self, reason: impl Into<String>) {
         let _ = self.reason.set(reason.into());
@@ -51,6 +62,11 @@ pub struct Registration<'a> {
 }
 
 impl Registration<'_> {
+    /// Lets the registry show the session's byte counts.
+    pub fn track(&self, counters: Arc<Counters>) {
+        let _ = self.session.bytes.set(counters);
+    }
+
     /// Completes when the session has been revoked.
     pub fn revoked(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.session.revoke.clone().cancelled_owned()
@@ -73,6 +89,9 @@ impl LiveSessions {
     pub fn register(&self, user: String, protocol: Protocol, ip: IpAddr, route: RouteTaken) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(LiveSession {
+            id,
+            since: SystemTime::now(),
+            bytes: OnceLock::new(),
             user,
             protocol,
             ip,
@@ -87,6 +106,11 @@ impl LiveSessions {
     /// A snapshot of the sessions logged in now.
     pub fn snapshot(&self) -> Vec<Arc<LiveSession>> {
         self.sessions.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// The session numbered `id`, if it is still logged in.
+    pub fn get(&self, id: u64) -> Option<Arc<LiveSession>> {
+        self.sessions.get(&id).map(|e| e.value().clone())
     }
 
     /// Number of sessions logged in now.

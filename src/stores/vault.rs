@@ -436,6 +436,17 @@ impl Vault {
         self.write_locked(|vault| vault.rotate_locked(user, secret))
     }
 
+    /// Replaces `user`'s secret with `secret`, keeping its kind and upstream login name and
+    /// the replaced secret as "previous" (see [`Vault::rotate`]); `false` when `user` has none.
+    pub fn rotate_secret(&mut self, user: &str, secret: Secret) -> Result<bool, VaultError> {
+        let Some(current) = self.get(user)? else {
+            return Ok(false);
+        };
+        let mut entry = UpstreamSecret::new(current.kind, secret);
+        entry.upstream_user = current.upstream_user;
+        self.rotate(user, entry)
+    }
+
     fn rotate_locked(&mut self, user: &str, secret: UpstreamSecret) -> Result<bool, VaultError> {
         let user = normalize_user(user)?;
         let Some(old) = self.get(&user)? else {

@@ -17,6 +17,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+pub mod console;
+
 /// The address of the client that sent a request (an axum extension).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);

@@ -1,0 +1,287 @@
+//! The users page: per user, the upstream credential (kind, when set, a rotation waiting
+//! for confirmation), the last upstream login result, and a lock; and the admin commands'
+//! actions on them: unlock, generate (shown once) or set an upstream password, confirm a
+//! rotation, remove, and probe the upstream with the stored credential.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::State;
+use axum::response::Response;
+
+use super::Console;
+use super::auth::Admin;
+use super::page::{self, Message, Nav};
+use crate::audit::file::rfc3339;
+use crate::protocol::Protocol;
+use crate::secret::Secret;
+use crate::stores::vault::{self, UpstreamSecret, Vault, VaultError};
+
+/// One row of the users table.
+pub struct Row {
+    user: String,
+    credential: String,
+    last: String,
+    locked: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/users.html")]
+struct UsersPage {
+    nav: Option<Nav>,
+    rows: Vec<Row>,
+    csrf: String,
+    error: String,
+}
+
+/// `GET /users`.
+pub async fn list(State(console): State<Arc<Console>>, admin: Admin) -> Response {
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    let mut error = String::new();
+    let row =
+        |user: &str| Row { user: user.to_owned(), credential: "none".into(), last: "-".into(), locked: "no".into() };
+    match Vault::open(&console.state_dir()) {
+        Ok(vault) => {
+            for entry in vault.list() {
+                let mut r = row(&entry.user);
+                r.credential = format!(
+                    "{}{}, set {}{}",
+                    entry.kind.as_str(),
+                    entry.upstream_user.map(|u| format!(" as {u}")).unwrap_or_default(),
+                    rfc3339(entry.changed),
+                    if entry.has_previous { " (rotation waiting for confirmation)" } else { "" }
+                );
+                rows.insert(entry.user, r);
+            }
+        }
+        Err(e) => error = format!("The vault cannot be read: {e}"),
+    }
+    match console.state.counters.locked_users().await {
+        Ok(locked) => {
+            for lock in locked {
+                let r = rows.entry(lock.user.clone()).or_insert_with(|| row(&lock.user));
+                r.locked = match lock.remaining {
+                    Some(left) => format!("for {} more seconds", left.as_secs()),
+                    None => "until an admin unlocks".into(),
+                };
+            }
+        }
+        Err(e) => error = format!("The lockout store cannot be read: {e}"),
+    }
+    for r in rows.values_mut() {
+        if let Some(last) = console.state.last_results().get(&r.user) {
+            r.last = format!(
+                "{} {} {}: {}",
+                rfc3339(last.at),
+                last.protocol,
+                if last.ok { "ok" } else { "failed" },
+                last.message
+            );
+        }
+    }
+    page::html(&UsersPage {
+        nav: Nav::of(&admin, "users"),
+        rows: rows.into_values().collect(),
+        csrf: admin.csrf.clone(),
+        error,
+    })
+}
+
+/// An action's form.
+#[derive(serde::Deserialize)]
+pub struct ActionForm {
+    #[serde(default)]
+    op: String,
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    secret: String,
+    #[serde(default)]
+    protocol: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Runs a vault change under the vault's write lock, off the async threads.
+async fn vault_change<T: Send + 'static>(
+    console: &Console,
+    change: impl FnOnce(&mut Vault) -> Result<T, VaultError> + Send + 'static,
+) -> Result<T, String> {
+    let state_dir = console.state_dir();
+    let result = tokio::task::spawn_blocking(move || {
+        Vault::init(&state_dir)?;
+        Vault::update(&state_dir, change)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e: VaultError| e.to_string())?;
+    console.reload_vault().await.map_err(|e| e.to_string())?;
+    Ok(result)
+}
+
+/// `POST /users/action`.
+pub async fn action(
+    State(console): State<Arc<Console>>,
+    admin: Admin,
+    axum::Form(form): axum::Form<ActionForm>,
+) -> Response {
+    if let Some(refused) = admin.csrf_refusal(&form.csrf) {
+        return refused;
+    }
+    let user = match crate::user::normalize(&form.user) {
+        Ok(user) => user,
+        Err(e) => return page::result(&admin, false, format!("Not a usable user name: {e}"), String::new(), "/users"),
+    };
+    let done = |ok: bool, event: &str, message: String, details: String| {
+        console.audit(&admin.name, admin.ip, event, &user, if ok { "ok" } else { "failed" });
+        page::result(&admin, ok, message, details, "/users")
+    };
+    match form.op.as_str() {
+        "unlock" => match console.state.counters.unlock(&user).await {
+            Ok(true) => {
+                let by = format!("console:{}", admin.name);
+                console.state.alerts.emit(crate::alerts::Event::UserUnlocked { user: user.clone(), by });
+                done(true, "console_unlock", format!("Unlocked {user}."), String::new())
+            }
+            Ok(false) => done(false, "console_unlock", format!("{user} was not locked."), String::new()),
+            Err(e) => done(false, "console_unlock", "The lockout store is unavailable.".into(), e.to_string()),
+        },
+        "generate" => {
+            let secret = vault::generate_password();
+            let stored = secret.clone();
+            let who = user.clone();
+            let result = vault_change(&console, move |vault| {
+                if vault.rotate_secret(&who, stored.clone())? {
+                    Ok(true)
+                } else {
+                    vault.set(&who, UpstreamSecret::password(stored)).map(|()| false)
+                }
+            })
+            .await;
+            match result {
+                Ok(rotated) => {
+                    console.audit(&admin.name, admin.ip, "console_upstream_generated", &user, "ok");
+                    let message = if rotated {
+                        format!(
+                            "Generated a new upstream password for {user}. Set it on the upstream account now, then confirm the rotation on the users page (the previous one is kept until then)."
+                        )
+                    } else {
+                        format!(
+                            "Generated and stored an upstream password for {user}. Set it on the upstream account now."
+                        )
+                    };
+                    page::html(&Message {
+                        nav: Nav::of(&admin, "users"),
+                        title: "Upstream password".into(),
+                        class: "ok",
+                        message,
+                        secret: Some(secret.expose().to_owned()),
+                        details: String::new(),
+                        back: "/users",
+                    })
+                }
+                Err(e) => done(false, "console_upstream_generated", "The vault was not changed.".into(), e),
+            }
+        }
+        "set" => {
+            let secret = Secret::new(form.secret);
+            if secret.is_empty() {
+                return done(false, "console_upstream_set", "Give the password to store.".into(), String::new());
+            }
+            let who = user.clone();
+            match vault_change(&console, move |vault| {
+                let upstream_user = vault.get(&who)?.and_then(|e| e.upstream_user);
+                let mut entry = UpstreamSecret::password(secret);
+                if let Some(name) = upstream_user {
+                    entry = entry.with_upstream_user(name);
+                }
+                vault.set(&who, entry)
+            })
+            .await
+            {
+                Ok(()) => done(
+                    true,
+                    "console_upstream_set",
+                    format!("Stored the upstream password for {user}."),
+                    String::new(),
+                ),
+                Err(e) => done(false, "console_upstream_set", "The vault was not changed.".into(), e),
+            }
+        }
+        "confirm" => {
+            let who = user.clone();
+            match vault_change(&console, move |vault| vault.confirm(&who)).await {
+                Ok(true) => done(
+                    true,
+                    "console_rotation_confirmed",
+                    format!("Confirmed; the previous upstream password of {user} is forgotten."),
+                    String::new(),
+                ),
+                Ok(false) => done(
+                    false,
+                    "console_rotation_confirmed",
+                    format!("{user} has no rotation waiting for confirmation."),
+                    String::new(),
+                ),
+                Err(e) => done(false, "console_rotation_confirmed", "The vault was not changed.".into(), e),
+            }
+        }
+        "remove" => {
+            let config = console.config.clone();
+            let who = user.clone();
+            let removed = tokio::task::spawn_blocking(move || crate::stores::remove_user(&config, &who)).await;
+            match removed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(removed) if removed.is_empty() => {
+                    done(false, "console_remove", format!("{user} is not known."), String::new())
+                }
+                Ok(removed) => {
+                    let _ = console.reload_vault().await;
+                    done(
+                        true,
+                        "console_remove",
+                        format!("Removed {user}: {}; their live sessions are closed.", removed.join(" and ")),
+                        String::new(),
+                    )
+                }
+                Err(e) => done(false, "console_remove", "Nothing was removed.".into(), e),
+            }
+        }
+        "probe" => {
+            let protocol = match form.protocol.as_str() {
+                "pop3" => Protocol::Pop3,
+                "smtp" => Protocol::Smtp,
+                _ => Protocol::Imap,
+            };
+            let (ok, message, details) = probe(&console, &user, protocol).await;
+            done(ok, "console_probe", message, details)
+        }
+        other => page::result(&admin, false, format!("Unknown action {other:?}."), String::new(), "/users"),
+    }
+}
+
+/// Logs in upstream with `user`'s stored credential through their route, as a client login
+/// would; what the upstream answered.
+async fn probe(console: &Console, user: &str, protocol: Protocol) -> (bool, String, String) {
+    let routing = console.state.upstreams.routing();
+    let groups = if routing.uses_groups() {
+        console.state.directory().lookup(user).await.ok().and_then(|e| e.groups).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let route = routing.resolve(user, &groups);
+    let Some(address) = route.address(protocol).map(str::to_owned) else {
+        return (false, format!("{user}'s route {} has no {protocol} upstream.", route.name()), String::new());
+    };
+    match console.state.upstreams.login(route, protocol, user, "", None, None, &|_| {}).await {
+        Ok(mut logged_in) => {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut logged_in.stream).await;
+            (
+                true,
+                format!("{address} (route {}) accepted the stored credential of {user}.", route.name()),
+                String::new(),
+            )
+        }
+        Err(e) => (false, format!("{address} (route {}) did not log {user} in.", route.name()), e.to_string()),
+    }
+}
