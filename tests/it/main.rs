@@ -10,6 +10,7 @@ mod install;
 mod alerts;
 mod balancer;
 mod cli;
+mod console;
 mod flood;
 mod forgery;
 mod harness;

@@ -172,6 +172,14 @@ async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next
     let allowed = request.extensions().get::<ClientAddr>().is_some_and(|c| console.access.allows(c.0.ip()));
     let mut response = if allowed {
         if request.method() == axum::http::Method::POST && !auth::same_origin(request.headers()) {
+            let header =
+                |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+            tracing::warn!(
+                origin = header("origin"),
+                host = header("host"),
+                site = header("sec-fetch-site"),
+                "console: a cross-site form post was refused"
+            );
             page::error(StatusCode::FORBIDDEN, "Cross-site form posts are refused.")
         } else {
             next.run(request).await
@@ -183,7 +191,7 @@ async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
     response

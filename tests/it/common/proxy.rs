@@ -110,6 +110,8 @@ pub struct Proxy {
     pub config_path: PathBuf,
     /// The upstream Dovecot.
     pub dovecot: &'static dovecot::Dovecot,
+    /// The admin console's address, when the config has a `[console]` table.
+    pub console: Option<SocketAddr>,
     config: Config,
     server: Arc<State>,
     running: Option<Running>,
@@ -253,6 +255,7 @@ upstream_tls = "{smtp_tls}"
             ca_file: pki.ca_file.clone(),
             config_path,
             dovecot,
+            console: running.console_address,
             config,
             server,
             running: Some(running),

@@ -1,0 +1,125 @@
+"""Drives the admin console in headless Chromium (Selenium + chromedriver), as an admin would.
+
+Usage: console.py BASE_URL ADMIN PASSWORD NON_ADMIN PASSWORD NEW_ADDRESS SCREENSHOT_DIR
+
+Logs in as the admin, edits the profile "office" to allow NEW_ADDRESS, checks the diff
+preview, saves, visits every page (a screenshot of each), then checks that a form post
+without or with a wrong CSRF token is refused, and that a directory user outside the admin
+groups cannot log in. Prints one line per step; exits non-zero on the first failure.
+"""
+
+import http.cookiejar
+import os
+import ssl
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+base, admin, admin_pw, other, other_pw, new_address, shots = sys.argv[1:8]
+
+
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900",
+                 "--user-data-dir=" + tempfile.mkdtemp(prefix="postern-chromium-")]:
+        options.add_argument(flag)
+    # The console's certificate comes from the tests' own CA, which the browser does not know.
+    options.set_capability("acceptInsecureCerts", True)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def shot(driver, name):
+    driver.save_screenshot(os.path.join(shots, name + ".png"))
+    print("screenshot", name)
+
+
+def log_in(driver, user, password):
+    driver.get(base + "/login")
+    driver.find_element(By.ID, "user").send_keys(user)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "login").click()
+
+
+def post(path, fields, cookie):
+    """A form post from outside the browser, with the admin's session cookie."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    data = urllib.parse.urlencode(fields).encode()
+    request = urllib.request.Request(base + path, data=data, method="POST")
+    request.add_header("Cookie", "__Host-postern-console=" + cookie)
+    request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(request, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+driver = browser()
+try:
+    driver.get(base + "/profiles")
+    assert driver.current_url.endswith("/login"), "not logged in: sent to the login page"
+    shot(driver, "login")
+
+    log_in(driver, admin, admin_pw)
+    assert driver.current_url.endswith("/profiles"), (driver.current_url, driver.find_element(By.TAG_NAME, "main").text)
+    assert "office" in driver.find_element(By.ID, "profiles").text
+    shot(driver, "profiles")
+    print("admin logged in")
+
+    driver.find_element(By.ID, "edit-office").click()
+    allow = driver.find_element(By.ID, "allow")
+    allow.send_keys("\n" + new_address)
+    shot(driver, "profile-edit")
+    driver.find_element(By.ID, "preview").click()
+    diff = driver.find_element(By.ID, "diff").text
+    assert '"' + new_address + '"' in diff and "+" in diff, diff
+    shot(driver, "profile-preview")
+    print("diff shows the new address")
+    driver.find_element(By.ID, "save").click()
+    message = driver.find_element(By.ID, "message").text
+    assert message.startswith("Saved"), message
+    print("saved")
+
+    # A broken entry is refused with the parser's error shown, and nothing is written.
+    driver.get(base + "/profiles/edit?name=office")
+    driver.find_element(By.ID, "allow").send_keys("\nnot-an-address")
+    driver.find_element(By.ID, "preview").click()
+    error = driver.find_element(By.ID, "error").text
+    assert "not-an-address" in error, error
+    shot(driver, "profile-error")
+    print("broken profile refused:", error)
+
+    for page in ["users", "sessions", "history"]:
+        driver.get(base + "/" + page)
+        assert driver.find_element(By.ID, page), page
+        shot(driver, page)
+
+    cookie = driver.get_cookie("__Host-postern-console")
+    assert cookie and cookie["httpOnly"] and cookie["secure"] and cookie.get("sameSite") == "Strict", cookie
+    status, body = post("/profiles/save", {"new_text": "", "base": "", "name": "office"}, cookie["value"])
+    assert status == 403 and "security token" in body, (status, body[:200])
+    status, body = post("/sessions/close", {"id": "1", "csrf": "forged"}, cookie["value"])
+    assert status == 403, status
+    print("posts without the CSRF token refused")
+
+    driver.delete_all_cookies()
+    log_in(driver, other, other_pw)
+    assert driver.current_url.endswith("/login"), driver.current_url
+    assert "You are not allowed to access this server" in driver.find_element(By.ID, "message").text
+    driver.get(base + "/users")
+    assert driver.current_url.endswith("/login"), "a refused login gets no session"
+    print("non-admin refused")
+finally:
+    driver.quit()
+print("OK")
