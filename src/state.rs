@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::certificate::ClientCa;
 use crate::access::profiles::Profiles;
 use crate::access::slots::SessionLimits;
 use crate::access::store::CounterStore;
@@ -82,6 +83,7 @@ pub struct State {
     pub upstreams: Upstreams,
     smtp_max_size: Option<u64>,
     tls: ArcSwap<TlsAcceptor>,
+    client_ca: ArcSwapOption<ClientCa>,
     metrics: Arc<Metrics>,
     live: LiveSessions,
     last_results: LastResults,
@@ -122,10 +124,22 @@ impl RestartOnly {
     }
 }
 
-fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, LoadError> {
+/// `[tls] client_ca` and `client_crl`, loaded; `None` when no client CA is configured.
+fn load_client_ca(config: &Config) -> Result<Option<Arc<ClientCa>>, LoadError> {
+    let Some(ca) = &config.tls.client_ca else {
+        return Ok(None);
+    };
+    let crl = config.tls.client_crl.as_ref().map(|p| config.resolve(p));
+    Ok(Some(Arc::new(ClientCa::load(&config.resolve(ca), crl.as_deref())?)))
+}
+
+/// The acceptor for client connections; asks for a certificate issued by `client_ca`'s
+/// subjects when there is one.
+fn tls_acceptor(config: &Config, client_ca: Option<&ClientCa>) -> Result<TlsAcceptor, LoadError> {
     let cert = config.resolve(&config.tls.cert);
     let key = config.resolve(&config.tls.key);
-    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version)?))
+    let hints = client_ca.map(ClientCa::subjects);
+    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, hints)?))
 }
 
 fn open_audit_file(config: &Config) -> Result<Option<Arc<AuditFile>>, LoadError> {
@@ -149,7 +163,8 @@ impl State {
             crate::tls::generate_self_signed(&config.server.hostname, &cert, &key)?;
             tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; clients will warn until a real one is installed");
         }
-        let tls = tls_acceptor(config)?;
+        let client_ca = load_client_ca(config)?;
+        let tls = tls_acceptor(config, client_ca.as_deref())?;
         let audit_file = open_audit_file(config)?;
         let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
         let directory = Directory::open(&config.directory, &config.base_dir).await?;
@@ -195,6 +210,7 @@ impl State {
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
             tls: ArcSwap::from_pointee(tls),
+            client_ca: ArcSwapOption::new(client_ca),
             metrics: Arc::new(metrics),
             live: LiveSessions::default(),
             last_results: LastResults::default(),
@@ -250,28 +266,34 @@ impl State {
         self.profiles.store(Arc::new(profiles));
     }
 
-    /// Re-reads the profiles file, the vault, the directory, the TLS certificate and the
-    /// audit file, all or nothing: on any error the old ones stay in force. The caller then
+    /// Re-reads the profiles file, the vault, the directory, the TLS certificate, the client
+    /// CA and CRL and the audit file, all or nothing: on any error the old ones stay in force. The caller then
     /// re-checks the live sessions (`crate::access::decision::revalidate`).
     pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let loaded = async {
             let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
             let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
-            let tls = tls_acceptor(config)?;
+            let client_ca = load_client_ca(config)?;
+            let tls = tls_acceptor(config, client_ca.as_deref())?;
             let audit_file = open_audit_file(config)?;
             let directory = Directory::open(&config.directory, &config.base_dir).await?;
-            Ok::<_, LoadError>((profiles, vault, tls, audit_file, directory))
+            Ok::<_, LoadError>((profiles, vault, tls, client_ca, audit_file, directory))
         }
         .await;
-        let (profiles, vault, tls, audit_file, directory) = match loaded {
+        let (profiles, vault, tls, client_ca, audit_file, directory) = match loaded {
             Ok(parts) => parts,
             Err(e) => {
                 self.metrics.reload(false);
                 return Err(e);
             }
         };
-        tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
+        tracing::info!(
+            profiles = profiles.len(),
+            client_ca = client_ca.is_some(),
+            client_crls = client_ca.as_ref().map_or(0, |ca| ca.revocation_lists()),
+            "reloaded security profiles, vault, directory, TLS certificate and client CA"
+        );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
                 "listen addresses, upstreams, [oauth], [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
@@ -281,6 +303,7 @@ impl State {
         self.upstreams.set_vault(vault);
         self.directory.store(Arc::new(directory));
         self.tls.store(Arc::new(tls));
+        self.client_ca.store(client_ca);
         self.alerts.check_certificate(&config.resolve(&config.tls.cert));
         self.audit_file.store(audit_file);
         self.metrics.reload(true);
@@ -301,6 +324,11 @@ impl State {
     /// The upstream of `protocol`. Sessions exist only for configured protocols.
     pub fn upstream(&self, protocol: Protocol) -> &Upstream {
         self.upstreams.get(protocol).expect("sessions exist only for configured protocols")
+    }
+
+    /// The client CA and CRL in force now (`[tls] client_ca`); `None` when not configured.
+    pub fn client_ca(&self) -> Option<Arc<ClientCa>> {
+        self.client_ca.load_full()
     }
 
     /// The TLS acceptor for new client connections (the certificate in force now).

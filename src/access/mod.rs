@@ -3,6 +3,7 @@
 //! [`slots`] per user and per address, and the [`store`] that keeps those counters (in
 //! memory or shared in Redis).
 
+pub mod certificate;
 pub mod decision;
 pub mod lockout;
 pub mod profiles;

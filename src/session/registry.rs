@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::certificate::PresentedCertificate;
 use crate::protocol::Protocol;
 
 /// One logged-in session as the registry sees it.
@@ -20,6 +21,8 @@ pub struct LiveSession {
     pub protocol: Protocol,
     /// The client's address.
     pub ip: IpAddr,
+    /// The certificate the client presented in its TLS handshake, judged again on reload.
+    pub certificate: Option<PresentedCertificate>,
     revoke: CancellationToken,
     reason: OnceLock<String>,
 }
@@ -67,10 +70,22 @@ impl Drop for Registration<'_> {
 
 impl LiveSessions {
     /// Registers a session that has just logged in.
-    pub fn register(&self, user: String, protocol: Protocol, ip: IpAddr) -> Registration<'_> {
+    pub fn register(
+        &self,
+        user: String,
+        protocol: Protocol,
+        ip: IpAddr,
+        certificate: Option<PresentedCertificate>,
+    ) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let session =
-            Arc::new(LiveSession { user, protocol, ip, revoke: CancellationToken::new(), reason: OnceLock::new() });
+        let session = Arc::new(LiveSession {
+            user,
+            protocol,
+            ip,
+            certificate,
+            revoke: CancellationToken::new(),
+            reason: OnceLock::new(),
+        });
         self.sessions.insert(id, session.clone());
         Registration { id, session, registry: self }
     }
@@ -128,8 +143,8 @@ mod tests {
     #[tokio::test]
     async fn registrations_leave_on_drop_and_revocation_keeps_the_first_reason() {
         let live = LiveSessions::default();
-        let a = live.register("a@x".into(), Protocol::Imap, IpAddr::from([127, 0, 0, 1]));
-        let b = live.register("b@x".into(), Protocol::Pop3, IpAddr::from([127, 0, 0, 1]));
+        let a = live.register("a@x".into(), Protocol::Imap, IpAddr::from([127, 0, 0, 1]), None);
+        let b = live.register("b@x".into(), Protocol::Pop3, IpAddr::from([127, 0, 0, 1]), None);
         assert_eq!(live.len(), 2);
         for s in live.snapshot().iter().filter(|s| s.user == "a@x") {
             s.revoke("first");
