@@ -10,6 +10,7 @@ mod install;
 mod alerts;
 mod balancer;
 mod cli;
+mod client_certs;
 mod flood;
 mod forgery;
 mod harness;

@@ -58,6 +58,9 @@ pub struct Options {
     /// The proxy's certificate expires at midnight (UTC) starting this date (year, month,
     /// day); by default it is valid for decades.
     pub cert_not_after: Option<(i32, u8, u8)>,
+    /// Create a client CA with `postern ca init` in the state folder before starting, and
+    /// point `[tls] client_ca` and `client_crl` at it.
+    pub client_certs: bool,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             directory_extra: String::new(),
             alerts: String::new(),
             cert_not_after: None,
+            client_certs: false,
         }
     }
 }
@@ -174,6 +178,7 @@ shutdown_grace_secs = 2
 [tls]
 cert = {cert:?}
 key = {key:?}
+{client_ca}
 
 [limits]
 upstream_timeout_secs = 5
@@ -218,6 +223,11 @@ upstream_tls = "{smtp_tls}"
 {protocol_extra}
 "#,
             protocol_extra = options.protocol_extra,
+            client_ca = if options.client_certs {
+                "client_ca = \"state/ca/ca.pem\"\nclient_crl = \"state/ca/crl.pem\""
+            } else {
+                ""
+            },
             cert = issued.cert_file.display().to_string(),
             key = issued.key_file.display().to_string(),
             limits = options.limits,
@@ -232,6 +242,13 @@ upstream_tls = "{smtp_tls}"
         let config_path = d.join("proxy.toml");
         std::fs::write(&config_path, &text).expect("write config");
         std::fs::write(d.join("profiles.toml"), &options.profiles).expect("write profiles");
+        if options.client_certs {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+                .args(["--config", &config_path.display().to_string(), "ca", "init", "--name", "Test client CA"])
+                .output()
+                .expect("run postern ca init");
+            assert!(out.status.success(), "postern ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let config = Config::load(&config_path).expect("test config is valid");
         let server = State::from_config(&config).await.expect("proxy starts");
         let running = daemon::start(server.clone(), &config, Duration::from_secs(2)).await.expect("proxy listens");
@@ -297,6 +314,12 @@ upstream_tls = "{smtp_tls}"
     /// certificate, audit file).
     pub async fn reload_all(&self) {
         self.server.reload(&self.config).await.expect("reload");
+    }
+
+    /// Like [`Proxy::reload_all`], returning the error of a reload that fails (the old
+    /// state stays in force).
+    pub async fn try_reload_all(&self) -> Result<(), postern::state::LoadError> {
+        self.server.reload(&self.config).await
     }
 
     /// Serves the control socket (`postern status`, `postern user unlock`) in the proxy's
