@@ -97,7 +97,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// The control socket `postern status` talks to; `state_dir/control.sock` when absent.
     pub control_socket: Option<PathBuf>,
-    /// Apply edits of the profiles file without a reload (checked every second).
+    /// Apply edits of the profiles file, and of `[tls] client_ca` and `client_crl`, without a
+    /// reload (checked every second).
     pub watch_profiles: bool,
 }
 

@@ -311,6 +311,18 @@ impl State {
         Ok(())
     }
 
+    /// Re-reads `[tls] client_ca` and `client_crl` (and the certificate, whose acceptor
+    /// names the CA to clients), both or neither: on an error the ones in force stay. The
+    /// caller then re-checks the live sessions.
+    pub async fn reload_client_ca(&self, config: &Config) -> Result<(), LoadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let client_ca = load_client_ca(config)?;
+        let tls = tls_acceptor(config, client_ca.as_deref())?;
+        self.tls.store(Arc::new(tls));
+        self.client_ca.store(client_ca);
+        Ok(())
+    }
+
     /// The directory in force now.
     pub fn directory(&self) -> Arc<Directory> {
         self.directory.load_full()

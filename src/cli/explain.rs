@@ -140,16 +140,12 @@ pub async fn explain(
         (None, true) => " without a certificate",
         (None, false) => "",
     };
-    print_decision(with, &evaluation, in_any || (given.is_some() && profiles.any_accepts_certificates()));
+    print_decision(with, &evaluation);
     if given.is_none() && asks {
         let id = CertificateId { fingerprint: "-".into(), serial: "-".into() };
         let valid = CertificateStatus::Valid(id);
         let evaluation = evaluate(&profiles, &user, &groups, protocol, ip, &valid);
-        print_decision(
-            &format!(" with a valid certificate for {user}"),
-            &evaluation,
-            in_any || profiles.any_accepts_certificates(),
-        );
+        print_decision(&format!(" with a valid certificate for {user}"), &evaluation);
     }
     let state_dir = config.resolve(&config.server.state_dir);
     if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
@@ -159,11 +155,9 @@ pub async fn explain(
     Ok(())
 }
 
-/// Prints one decision line; `past_filter` is whether the client gets past the first check
-/// (its address is in some profile, or a certificate may stand in for it).
-fn print_decision(with: &str, evaluation: &Evaluation<'_>, past_filter: bool) {
+/// Prints one decision line.
+fn print_decision(with: &str, evaluation: &Evaluation<'_>) {
     match &evaluation.decision {
-        _ if !past_filter => println!("decision{with}: refused: {}", Denial::IpNotInAnyProfile),
         Ok(grant) => {
             let how = grant.to_string();
             let how = how.strip_prefix(grant.profile.as_str()).unwrap_or_default();
