@@ -111,7 +111,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// The control socket `postern status` talks to; `state_dir/control.sock` when absent.
     pub control_socket: Option<PathBuf>,
-    /// Apply edits of the profiles file without a reload (checked every second).
+    /// Apply edits of the profiles file, and of `[tls] client_ca` and `client_crl`, without a
+    /// reload (checked every second).
     pub watch_profiles: bool,
 }
 
@@ -141,6 +142,12 @@ pub struct TlsConfig {
     /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// PEM bundle of the CA(s) that issue client certificates; when set, clients are asked
+    /// for a certificate (never required at the handshake) and profiles may use
+    /// `client_cert`.
+    pub client_ca: Option<PathBuf>,
+    /// Revocation list (PEM or DER) of client certificates; needs `client_ca`.
+    pub client_crl: Option<PathBuf>,
 }
 
 /// `[limits]`: every timer and size that bounds a connection.
@@ -616,6 +623,12 @@ impl Config {
         if self.protocols().next().is_none() {
             return Err(invalid("imap", "no protocol is configured: add an [imap], [pop3] or [smtp] table"));
         }
+        if self.tls.client_crl.is_some() && self.tls.client_ca.is_none() {
+            return Err(invalid(
+                "tls.client_crl",
+                "a CRL needs the CA it belongs to: set tls.client_ca too (e.g. the ca.pem `postern ca init` wrote)",
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (protocol, p) in self.protocols() {
             let name = protocol.name();
@@ -800,6 +813,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("imap.upstream_tls"), "{err}");
+        let err = parse(&MINIMAL.replace("key = \"k.pem\"", "key = \"k.pem\"\nclient_crl = \"crl.pem\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls.client_crl") && err.contains("client_ca"), "{err}");
+        let both =
+            MINIMAL.replace("key = \"k.pem\"", "key = \"k.pem\"\nclient_ca = \"ca.pem\"\nclient_crl = \"crl.pem\"");
+        assert_eq!(parse(&both).unwrap().tls.client_ca, Some(PathBuf::from("ca.pem")));
     }
 
     #[test]
@@ -853,6 +873,18 @@ cert = "/etc/postern/postern.pem"
 key = "/etc/postern/postern.key"
 # The service may not write to /etc/postern, so it cannot generate a pair itself.
 generate_self_signed = false
+"#,
+            ),
+            (
+                r#"#client_ca = "state/ca/ca.pem"
+"#,
+                r#"#client_ca = "/var/lib/postern/ca/ca.pem"
+"#,
+            ),
+            (
+                r#"#client_crl = "state/ca/crl.pem"
+"#,
+                r#"#client_crl = "/var/lib/postern/ca/crl.pem"
 "#,
             ),
             (

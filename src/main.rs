@@ -71,9 +71,25 @@ enum Command {
     /// Users: directory passwords (file directory) and upstream credentials.
     #[command(subcommand)]
     User(UserCommand),
-    /// Certificates.
+    /// Certificates: the server's, and client certificates issued by Postern's CA.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The small CA under state_dir that issues client certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA (key 0600, certificate, empty CRL) in state_dir/ca; never overwrites one.
+    Init {
+        /// The CA's name, shown to users when their mail client asks which certificate to use.
+        #[arg(long, default_value = "Postern client CA")]
+        name: String,
+        /// Days the CA certificate is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +120,9 @@ enum AccessCommand {
         /// The protocol the client would use.
         #[arg(long, value_enum, default_value = "imap")]
         protocol: ProtocolArg,
+        /// A client certificate (PEM) to judge against [tls] client_ca and client_crl.
+        #[arg(long)]
+        cert: Option<PathBuf>,
     },
 }
 
@@ -210,6 +229,25 @@ enum CertCommand {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Issue a client certificate for a user as a password-protected PKCS#12 file; the
+    /// password is printed once.
+    Issue {
+        /// The user's mail address (put in the certificate as its email name).
+        user: String,
+        /// The PKCS#12 file to write (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Revoke a client certificate by serial (hex, as `cert list` shows) and rewrite the CRL.
+    Revoke {
+        /// The serial number.
+        serial: String,
+    },
+    /// List the client certificates the CA issued: serial, user, expiry, revoked or not.
+    List,
 }
 
 fn init_logging(format: LogFormat) {
@@ -246,8 +284,8 @@ fn main() -> ExitCode {
             Command::Audit { user, since, file } => {
                 cli::audit(config, file.as_deref(), user.as_deref(), since.as_deref())
             }
-            Command::Access(AccessCommand::Explain { user, ip, protocol }) => {
-                cli::explain(config, &user, ip, protocol.into()).await
+            Command::Access(AccessCommand::Explain { user, ip, protocol, cert }) => {
+                cli::explain(config, &user, ip, protocol.into(), cert.as_deref()).await
             }
             Command::Vault(VaultCommand::Init) => cli::vault_init(config),
             Command::User(UserCommand::SetPassword { user }) => cli::set_password(config, &user),
@@ -273,6 +311,10 @@ fn main() -> ExitCode {
             Command::User(UserCommand::Import { file, skip_invalid }) => cli::import(config, &file, skip_invalid),
             Command::User(UserCommand::Export { output, reveal }) => cli::export(config, output.as_deref(), reveal),
             Command::Cert(CertCommand::Generate { hostname, cert, key }) => cli::cert_generate(&hostname, &cert, &key),
+            Command::Cert(CertCommand::Issue { user, out, days }) => cli::cert_issue(config, &user, &out, days),
+            Command::Cert(CertCommand::Revoke { serial }) => cli::cert_revoke(config, &serial),
+            Command::Cert(CertCommand::List) => cli::cert_list(config),
+            Command::Ca(CaCommand::Init { name, days }) => cli::ca_init(config, &name, days),
         }
     });
     match result {

@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::certificate::ClientCa;
 use crate::access::profiles::Profiles;
 use crate::access::slots::SessionLimits;
 use crate::access::store::CounterStore;
@@ -82,6 +83,7 @@ pub struct State {
     pub upstreams: Upstreams,
     smtp_max_size: Option<u64>,
     tls: ArcSwap<TlsAcceptor>,
+    client_ca: ArcSwapOption<ClientCa>,
     metrics: Arc<Metrics>,
     live: LiveSessions,
     last_results: LastResults,
@@ -136,10 +138,22 @@ impl RestartOnly {
     }
 }
 
-fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, LoadError> {
+/// `[tls] client_ca` and `client_crl`, loaded; `None` when no client CA is configured.
+fn load_client_ca(config: &Config) -> Result<Option<Arc<ClientCa>>, LoadError> {
+    let Some(ca) = &config.tls.client_ca else {
+        return Ok(None);
+    };
+    let crl = config.tls.client_crl.as_ref().map(|p| config.resolve(p));
+    Ok(Some(Arc::new(ClientCa::load(&config.resolve(ca), crl.as_deref())?)))
+}
+
+/// The acceptor for client connections; asks for a certificate issued by `client_ca`'s
+/// subjects when there is one.
+fn tls_acceptor(config: &Config, client_ca: Option<&ClientCa>) -> Result<TlsAcceptor, LoadError> {
     let cert = config.resolve(&config.tls.cert);
     let key = config.resolve(&config.tls.key);
-    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version)?))
+    let hints = client_ca.map(ClientCa::subjects);
+    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, hints)?))
 }
 
 fn open_audit_file(config: &Config) -> Result<Option<Arc<AuditFile>>, LoadError> {
@@ -163,7 +177,8 @@ impl State {
             crate::tls::generate_self_signed(&config.server.hostname, &cert, &key)?;
             tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; clients will warn until a real one is installed");
         }
-        let tls = tls_acceptor(config)?;
+        let client_ca = load_client_ca(config)?;
+        let tls = tls_acceptor(config, client_ca.as_deref())?;
         let audit_file = open_audit_file(config)?;
         let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
         let directory = Directory::open(&config.directory, &config.base_dir).await?;
@@ -207,6 +222,7 @@ impl State {
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
             tls: ArcSwap::from_pointee(tls),
+            client_ca: ArcSwapOption::new(client_ca),
             metrics: Arc::new(metrics),
             live: LiveSessions::default(),
             last_results: LastResults::default(),
@@ -263,21 +279,23 @@ impl State {
     }
 
     /// Re-reads the profiles file, the vault, the directory, the upstreams, routes and token
-    /// sources, the TLS certificate and the audit file, all or nothing: on any error the old ones stay in force. The caller then
+    /// sources, the TLS certificate, the client CA and CRL and the audit file, all or nothing:
+    /// on any error the old ones stay in force. The caller then
     /// re-checks the live sessions (`crate::access::decision::revalidate`).
     pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let loaded = async {
             let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
             let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
-            let tls = tls_acceptor(config)?;
+            let client_ca = load_client_ca(config)?;
+            let tls = tls_acceptor(config, client_ca.as_deref())?;
             let audit_file = open_audit_file(config)?;
             let directory = Directory::open(&config.directory, &config.base_dir).await?;
             let routing = self.upstreams.prepare(config)?;
-            Ok::<_, LoadError>((profiles, vault, tls, audit_file, directory, routing))
+            Ok::<_, LoadError>((profiles, vault, tls, client_ca, audit_file, directory, routing))
         }
         .await;
-        let (profiles, vault, tls, audit_file, directory, routing) = match loaded {
+        let (profiles, vault, tls, client_ca, audit_file, directory, routing) = match loaded {
             Ok(parts) => parts,
             Err(e) => {
                 self.metrics.reload(false);
@@ -287,7 +305,9 @@ impl State {
         tracing::info!(
             profiles = profiles.len(),
             routes = config.route.len(),
-            "reloaded security profiles, vault, directory, upstreams and routes, and TLS certificate"
+            client_ca = client_ca.is_some(),
+            client_crls = client_ca.as_ref().map_or(0, |ca| ca.revocation_lists()),
+            "reloaded security profiles, vault, directory, upstreams and routes, TLS certificate and client CA"
         );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
@@ -299,10 +319,23 @@ impl State {
         self.upstreams.set_routing(routing);
         self.directory.store(Arc::new(directory));
         self.tls.store(Arc::new(tls));
+        self.client_ca.store(client_ca);
         self.alerts.check_certificate(&config.resolve(&config.tls.cert));
         self.audit_file.store(audit_file);
         self.metrics.reload(true);
         self.last_reload.store(unix_now(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Re-reads `[tls] client_ca` and `client_crl` (and the certificate, whose acceptor
+    /// names the CA to clients), both or neither: on an error the ones in force stay. The
+    /// caller then re-checks the live sessions.
+    pub async fn reload_client_ca(&self, config: &Config) -> Result<(), LoadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let client_ca = load_client_ca(config)?;
+        let tls = tls_acceptor(config, client_ca.as_deref())?;
+        self.tls.store(Arc::new(tls));
+        self.client_ca.store(client_ca);
         Ok(())
     }
 
@@ -321,6 +354,11 @@ impl State {
     pub fn default_upstream(&self, protocol: Protocol) -> String {
         let routing = self.upstreams.routing();
         routing.get(DEFAULT_ROUTE).and_then(|r| r.address(protocol)).unwrap_or("-").to_owned()
+    }
+
+    /// The client CA and CRL in force now (`[tls] client_ca`); `None` when not configured.
+    pub fn client_ca(&self) -> Option<Arc<ClientCa>> {
+        self.client_ca.load_full()
     }
 
     /// The TLS acceptor for new client connections (the certificate in force now).

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{ClientConfig, DistinguishedName, RootCertStore, ServerConfig};
 
 use serde::Deserialize;
 
@@ -16,7 +17,7 @@ pub enum TlsError {
     /// A certificate or key file is missing, unreadable or not PEM.
     #[error("{what} {path}: {message}")]
     File {
-        /// "certificate", "private key" or "CA file".
+        /// "certificate", "private key", "CA file", "client CA" or "client CRL".
         what: &'static str,
         /// The file.
         path: PathBuf,
@@ -34,7 +35,8 @@ pub enum TlsError {
     KeyFile(#[from] crate::secret::SecretFileError),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The one crypto provider (aws-lc-rs).
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -95,9 +97,91 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), TlsError
     Ok(())
 }
 
+/// Loads the certificate revocation lists in `path`: PEM (one or more `X509 CRL` blocks) or
+/// one DER CRL.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let file_error = |message: String| TlsError::File { what: "client CRL", path: path.to_owned(), message };
+    let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
+    if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_error(e.to_string()))?;
+        if crls.is_empty() {
+            return Err(file_error("contains no PEM `X509 CRL` block".to_owned()));
+        }
+        Ok(crls)
+    } else if bytes.first() == Some(&0x30) {
+        Ok(vec![CertificateRevocationListDer::from(bytes)])
+    } else {
+        Err(file_error("is neither a PEM nor a DER CRL".to_owned()))
+    }
+}
+
+/// Asks clients for a certificate issued by one of `hints`' subjects without requiring one,
+/// and accepts whatever chain comes: only the handshake signature is checked here (the
+/// client holds the certificate's key). The chain, validity and revocation are judged after
+/// the handshake by the access decision (`crate::access::certificate`), so a refusal can
+/// say why and clients without a certificate still connect.
+#[derive(Debug)]
+struct RequestClientCertificate {
+    hints: Vec<DistinguishedName>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ClientCertVerifier for RequestClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Builds the server config clients see, from a PEM chain and key. The leaf must be within
-/// its validity period and match the key.
-pub fn server_config(cert: &Path, key: &Path, min: TlsVersion) -> Result<Arc<ServerConfig>, TlsError> {
+/// its validity period and match the key. With `client_ca_subjects` (the subjects of
+/// `[tls] client_ca`), clients are asked for a certificate but may connect without one.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    min: TlsVersion,
+    client_ca_subjects: Option<Vec<DistinguishedName>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = load_certs(cert, "certificate")?;
     check_validity(&chain[0], cert)?;
     // The key is a secret file like any other: owner-only, read through the one reader.
@@ -107,10 +191,14 @@ pub fn server_config(cert: &Path, key: &Path, min: TlsVersion) -> Result<Arc<Ser
         path: key.to_owned(),
         message: format!("{e} (expected a PEM PKCS#8, PKCS#1 or SEC1 key)"),
     })?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(min))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder = ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions(min))?;
+    let builder = match client_ca_subjects {
+        Some(hints) => {
+            builder.with_client_cert_verifier(Arc::new(RequestClientCertificate { hints, provider: provider() }))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 
@@ -135,7 +223,8 @@ pub fn parse_pin(text: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
+/// The SHA-256 digest of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
@@ -316,8 +405,8 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         generate_self_signed("mail.example.com", &cert, &key).unwrap();
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-        server_config(&cert, &key, TlsVersion::Tls12).unwrap();
-        server_config(&cert, &key, TlsVersion::Tls13).unwrap();
+        server_config(&cert, &key, TlsVersion::Tls12, None).unwrap();
+        server_config(&cert, &key, TlsVersion::Tls13, None).unwrap();
     }
 
     #[test]
@@ -331,7 +420,7 @@ mod tests {
         let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key_pair.serialize_pem()).unwrap();
-        let err = server_config(&c, &k, TlsVersion::Tls12).unwrap_err().to_string();
+        let err = server_config(&c, &k, TlsVersion::Tls12, None).unwrap_err().to_string();
         assert!(err.contains("expired on") && err.contains("2002"), "{err}");
     }
 
@@ -360,14 +449,14 @@ mod tests {
         let p = |n: &str| dir.path().join(n);
         generate_self_signed("a", &p("a.pem"), &p("a.key")).unwrap();
         generate_self_signed("b", &p("b.pem"), &p("b.key")).unwrap();
-        assert!(server_config(&p("a.pem"), &p("b.key"), TlsVersion::Tls12).is_err());
+        assert!(server_config(&p("a.pem"), &p("b.key"), TlsVersion::Tls12, None).is_err());
     }
 
     #[test]
     fn missing_or_non_pem_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.pem");
-        let err = server_config(&missing, &missing, TlsVersion::Tls12).unwrap_err().to_string();
+        let err = server_config(&missing, &missing, TlsVersion::Tls12, None).unwrap_err().to_string();
         assert!(err.contains("nope.pem"), "{err}");
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not pem").unwrap();

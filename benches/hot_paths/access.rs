@@ -5,6 +5,7 @@ use std::hint::black_box;
 use std::net::IpAddr;
 
 use criterion::{Criterion, Throughput};
+use postern::access::certificate::CertificateStatus::Absent;
 use postern::access::decision::check_profiles;
 use postern::access::profiles::Profiles;
 use postern::protocol::Protocol;
@@ -69,16 +70,16 @@ pub fn bench(c: &mut Criterion) {
     let (last, stranger) = (ip(LAST), ip(STRANGER));
     let groups: Vec<String> = Vec::new();
 
-    assert!(check_profiles(&big, USER, &groups, Protocol::Imap, last).is_ok());
-    assert!(check_profiles(&big, USER, &groups, Protocol::Imap, stranger).is_err());
+    assert!(check_profiles(&big, USER, &groups, Protocol::Imap, last, &Absent).is_ok());
+    assert!(check_profiles(&big, USER, &groups, Protocol::Imap, stranger, &Absent).is_err());
     assert!(many.any_allows(last) && !many.any_allows(stranger));
 
     let mut group = c.benchmark_group("access");
     group.bench_function("check_profiles_1000_entries_match_last", |b| {
-        b.iter(|| check_profiles(&big, black_box(USER), &groups, Protocol::Imap, black_box(last)))
+        b.iter(|| check_profiles(&big, black_box(USER), &groups, Protocol::Imap, black_box(last), &Absent))
     });
     group.bench_function("check_profiles_1000_entries_no_match", |b| {
-        b.iter(|| check_profiles(&big, black_box(USER), &groups, Protocol::Imap, black_box(stranger)))
+        b.iter(|| check_profiles(&big, black_box(USER), &groups, Protocol::Imap, black_box(stranger), &Absent))
     });
     group.bench_function("any_allows_1000_profiles_match_last", |b| b.iter(|| many.any_allows(black_box(last))));
     group.bench_function("any_allows_1000_profiles_no_match", |b| b.iter(|| many.any_allows(black_box(stranger))));

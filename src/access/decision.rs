@@ -4,7 +4,10 @@
 //! stored credential (`crate::upstream::credential`).
 //!
 //! Cheap checks run first so strangers never reach the directory, and a disallowed address
-//! never gets a password checked. The per-profile evaluation ([`evaluate`]) is the same for
+//! never gets a password checked. A client certificate is judged once per login
+//! (`super::certificate`), before the first check that needs it; a profile with
+//! `client_cert = "alternative"` lets a client whose address is in no profile past the
+//! first filter only with a certificate that is valid and names the user. The per-profile evaluation ([`evaluate`]) is the same for
 //! a login, the re-check of live sessions after a change ([`revalidate`]) and
 //! `postern access explain`.
 
@@ -12,8 +15,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use super::certificate::{CertProblem, CertificateId, CertificateStatus, PresentedCertificate};
 use super::lockout::Refused;
-use super::profiles::{Profile, Profiles};
+use super::profiles::{CertRequirement, Profile, Profiles};
 use super::store::{ReserveError, SessionSlot, StoreError};
 use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{CredentialFault, Credentials, Protocol};
@@ -75,6 +79,18 @@ pub enum Denial {
     ConsoleAddressNotAllowed,
     /// An admin console login by someone in none of `[console] admin_groups`.
     NotAnAdmin,
+    /// A profile requires a client certificate and the client presented none.
+    CertificateMissing,
+    /// The client certificate is valid but names another user.
+    CertificateOtherUser,
+    /// The client certificate has expired.
+    CertificateExpired,
+    /// The client certificate is not valid yet.
+    CertificateNotYetValid,
+    /// The client certificate is in the client CRL.
+    CertificateRevoked,
+    /// The client certificate is not from the client CA, or its chain or signature is bad.
+    CertificateUntrusted,
 }
 
 impl Denial {
@@ -105,6 +121,12 @@ impl Denial {
             Denial::NotRouted => "the user's route has no upstream for the protocol",
             Denial::ConsoleAddressNotAllowed => "client IP not allowed to use the console",
             Denial::NotAnAdmin => "not in a console admin group",
+            Denial::CertificateMissing => "client certificate missing",
+            Denial::CertificateOtherUser => "client certificate names another user",
+            Denial::CertificateExpired => "client certificate expired",
+            Denial::CertificateNotYetValid => "client certificate not valid yet",
+            Denial::CertificateRevoked => "client certificate revoked",
+            Denial::CertificateUntrusted => "client certificate from an unknown CA or with a bad chain",
         }
     }
 }
@@ -119,6 +141,18 @@ impl From<AccountState> for Denial {
             AccountState::Locked => Denial::AccountLockedInDirectory,
             AccountState::LogonHours => Denial::LogonNotAllowedNow,
             AccountState::Workstation => Denial::WorkstationNotAllowed,
+        }
+    }
+}
+
+impl From<CertProblem> for Denial {
+    fn from(problem: CertProblem) -> Self {
+        match problem {
+            CertProblem::OtherUser => Denial::CertificateOtherUser,
+            CertProblem::Expired => Denial::CertificateExpired,
+            CertProblem::NotYetValid => Denial::CertificateNotYetValid,
+            CertProblem::Revoked => Denial::CertificateRevoked,
+            CertProblem::Untrusted => Denial::CertificateUntrusted,
         }
     }
 }
@@ -238,8 +272,23 @@ impl From<DirectoryError> for Refusal {
 pub struct Grant {
     /// The profile's name.
     pub profile: String,
-    /// The allow entry that matched the client's address.
-    pub entry: ipnet::IpNet,
+    /// The allow entry that matched the client's address; `None` when a certificate let
+    /// the client in from an address the profile does not list.
+    pub entry: Option<ipnet::IpNet>,
+    /// The client certificate the profile required or accepted.
+    pub certificate: Option<CertificateId>,
+}
+
+impl std::fmt::Display for Grant {
+    /// `office (203.0.113.0/24)`, `office (203.0.113.0/24 + certificate)` or
+    /// `travel (certificate)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.entry, &self.certificate) {
+            (Some(entry), None) => write!(f, "{} ({entry})", self.profile),
+            (Some(entry), Some(_)) => write!(f, "{} ({entry} + certificate)", self.profile),
+            (None, _) => write!(f, "{} (certificate)", self.profile),
+        }
+    }
 }
 
 /// What one profile says about one client.
@@ -251,8 +300,14 @@ pub enum Verdict {
     ProtocolNotCovered,
     /// No allow entry contains the address.
     AddressNotListed,
-    /// This allow entry contains the address.
+    /// This allow entry contains the address (and the certificate the profile requires, if
+    /// it does, is valid and names the user).
     Allows(ipnet::IpNet),
+    /// The address is not listed, but the profile accepts a valid certificate naming the
+    /// user instead, and the client presented one.
+    AllowsByCertificate,
+    /// The profile requires or would accept a certificate, and the client's does not do.
+    CertificateRefused(Denial),
 }
 
 /// The profiles applying to a user, each with its verdict, and the decision they make.
@@ -264,14 +319,34 @@ pub struct Evaluation<'a> {
     pub decision: Result<Grant, Denial>,
 }
 
+/// What one profile that grants mail access for the protocol says about a client at `ip`
+/// with `certificate`.
+fn verdict(profile: &Profile, ip: IpAddr, certificate: &CertificateStatus) -> Verdict {
+    let listed = profile.matching_entry(ip).copied();
+    let refused = |problem: CertProblem| Verdict::CertificateRefused(problem.into());
+    match (profile.client_cert, listed, certificate) {
+        (CertRequirement::Off, Some(entry), _) => Verdict::Allows(entry),
+        (CertRequirement::Alternative, None, CertificateStatus::Refused(_, problem)) => refused(*problem),
+        (CertRequirement::Alternative, None, CertificateStatus::Valid(_)) => Verdict::AllowsByCertificate,
+        (_, None, _) => Verdict::AddressNotListed,
+        (CertRequirement::Alternative, Some(entry), _) => Verdict::Allows(entry),
+        (CertRequirement::Required, Some(entry), CertificateStatus::Valid(_)) => Verdict::Allows(entry),
+        (CertRequirement::Required, Some(_), CertificateStatus::Absent) => {
+            Verdict::CertificateRefused(Denial::CertificateMissing)
+        }
+        (CertRequirement::Required, Some(_), CertificateStatus::Refused(_, problem)) => refused(*problem),
+    }
+}
+
 /// Evaluates the profiles applying to `user` (normalized) with directory `groups` for a
-/// client at `ip` using `protocol`.
+/// client at `ip` using `protocol` with `certificate` (judged for this user).
 pub fn evaluate<'a>(
     profiles: &'a Profiles,
     user: &str,
     groups: &[String],
     protocol: Protocol,
     ip: IpAddr,
+    certificate: &CertificateStatus,
 ) -> Evaluation<'a> {
     let verdicts: Vec<(&Profile, Verdict)> = profiles
         .for_user(user, groups)
@@ -282,13 +357,22 @@ pub fn evaluate<'a>(
             } else if !p.covers(protocol) {
                 Verdict::ProtocolNotCovered
             } else {
-                p.matching_entry(ip).map_or(Verdict::AddressNotListed, |entry| Verdict::Allows(*entry))
+                verdict(p, ip, certificate)
             };
             (p, verdict)
         })
         .collect();
+    let used = |p: &Profile| match (p.client_cert, certificate) {
+        (CertRequirement::Required | CertRequirement::Alternative, CertificateStatus::Valid(id)) => Some(id.clone()),
+        _ => None,
+    };
     let allowed = verdicts.iter().find_map(|(p, v)| match v {
-        Verdict::Allows(entry) => Some(Grant { profile: p.name.clone(), entry: *entry }),
+        Verdict::Allows(entry) => Some(Grant { profile: p.name.clone(), entry: Some(*entry), certificate: used(p) }),
+        Verdict::AllowsByCertificate => Some(Grant { profile: p.name.clone(), entry: None, certificate: used(p) }),
+        _ => None,
+    });
+    let certificate_refusal = verdicts.iter().find_map(|(_, v)| match v {
+        Verdict::CertificateRefused(denial) => Some(*denial),
         _ => None,
     });
     let decision = match allowed {
@@ -298,7 +382,9 @@ pub fn evaluate<'a>(
         None if verdicts.iter().all(|(_, v)| matches!(v, Verdict::MailAccessOff | Verdict::ProtocolNotCovered)) => {
             Err(Denial::ProtocolNotAllowed)
         }
-        None => Err(Denial::IpNotAllowed),
+        // A certificate problem says more than "address not listed": it is what would have
+        // let the client in.
+        None => Err(certificate_refusal.unwrap_or(Denial::IpNotAllowed)),
     };
     Evaluation { profiles: verdicts, decision }
 }
@@ -310,8 +396,9 @@ pub fn check_profiles(
     groups: &[String],
     protocol: Protocol,
     ip: IpAddr,
+    certificate: &CertificateStatus,
 ) -> Result<Grant, Denial> {
-    evaluate(profiles, user, groups, protocol, ip).decision
+    evaluate(profiles, user, groups, protocol, ip, certificate).decision
 }
 
 /// The user name as the decision sees it: [`crate::user::normalize`], refused as
@@ -333,17 +420,19 @@ pub struct Admitted {
     pub route: RouteTaken,
 }
 
-/// Runs the whole decision for `credentials` from the client at `peer`, and logs in upstream
-/// if it passes. Every refusal is counted against the client's address; wrong passwords also
+/// Runs the whole decision for `credentials` from the client at `peer` (with the
+/// certificate it presented in the TLS handshake, if any), and logs in upstream if it
+/// passes. Every refusal is counted against the client's address; wrong passwords also
 /// against the user.
 pub async fn admit(
     state: &State,
     protocol: Protocol,
     peer: SocketAddr,
     credentials: &Credentials,
+    certificate: Option<&PresentedCertificate>,
 ) -> Result<Admitted, Refusal> {
     let ip = peer.ip();
-    let result = decide(state, protocol, peer, credentials).await;
+    let result = decide(state, protocol, peer, credentials, certificate).await;
     if let Err(Refusal::Denied(denial)) = &result {
         if *denial != Denial::WrongPassword {
             state.counters.record_address_failure(ip).await;
@@ -365,6 +454,7 @@ async fn decide(
     protocol: Protocol,
     peer: SocketAddr,
     credentials: &Credentials,
+    presented: Option<&PresentedCertificate>,
 ) -> Result<Admitted, Refusal> {
     let ip = peer.ip();
     let user = normalize_user(&credentials.user).map_err(Refusal::Denied)?;
@@ -374,8 +464,18 @@ async fn decide(
         None => {}
     }
     let profiles = state.profiles();
+    let certificate = super::certificate::judge(state.client_ca().as_deref(), presented, &user);
     if !profiles.any_allows(ip) {
-        return Err(Refusal::Denied(Denial::IpNotInAnyProfile));
+        // Only a certificate can still let this client in, and only through a profile that
+        // accepts one instead of an address; one that does not do is refused here, before
+        // the directory is asked.
+        match &certificate {
+            CertificateStatus::Valid(_) if profiles.any_accepts_certificates() => {}
+            CertificateStatus::Refused(_, problem) if profiles.any_accepts_certificates() => {
+                return Err(Refusal::Denied(Denial::from(*problem)));
+            }
+            _ => return Err(Refusal::Denied(Denial::IpNotInAnyProfile)),
+        }
     }
     let directory = state.directory();
     let started = Instant::now();
@@ -394,7 +494,7 @@ async fn decide(
         }
     };
     if let Some(groups) = &entry.groups {
-        if let Err(denial) = check_profiles(&profiles, &user, groups, protocol, ip) {
+        if let Err(denial) = check_profiles(&profiles, &user, groups, protocol, ip, &certificate) {
             directory.equalize_refusal(&credentials.password).await;
             return Err(Refusal::Denied(denial));
         }
@@ -433,7 +533,7 @@ async fn decide(
         // An outage is not the user's fault: the dropped reservation counts as nothing.
         Err(e) => return Err(e.into()),
     };
-    let grant = check_profiles(&profiles, &user, &groups, protocol, ip).map_err(Refusal::Denied)?;
+    let grant = check_profiles(&profiles, &user, &groups, protocol, ip, &certificate).map_err(Refusal::Denied)?;
     let routing = state.upstreams.routing();
     let route = routing.resolve(&user, &groups);
     let Some(address) = route.address(protocol) else {
@@ -488,6 +588,7 @@ pub async fn revalidate(state: &State) -> usize {
     let routing = state.upstreams.routing();
     let vault = state.upstreams.vault();
     let directory = state.directory();
+    let client_ca = state.client_ca();
     let mut groups_of: HashMap<String, Result<Option<Vec<String>>, &'static str>> = HashMap::new();
     let mut closed = 0;
     for session in sessions {
@@ -513,7 +614,9 @@ pub async fn revalidate(state: &State) -> usize {
                 Err(reason) => Some((*reason).to_owned()),
                 Ok(groups) => {
                     let known = groups.as_deref().unwrap_or_default();
-                    match check_profiles(&profiles, &session.user, known, session.protocol, session.ip) {
+                    let certificate =
+                        super::certificate::judge(client_ca.as_deref(), session.certificate.as_ref(), &session.user);
+                    match check_profiles(&profiles, &session.user, known, session.protocol, session.ip, &certificate) {
                         Ok(_) if groups.is_none() && routing.uses_groups() => None,
                         Ok(_) => {
                             let route = routing.resolve(&session.user, known);
@@ -573,7 +676,7 @@ mod tests {
 
     fn check(user: &str, groups: &[&str], protocol: Protocol, addr: &str) -> Result<Grant, Denial> {
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        check_profiles(&profiles(), user, &groups, protocol, ip(addr))
+        check_profiles(&profiles(), user, &groups, protocol, ip(addr), &CertificateStatus::Absent)
     }
 
     #[test]
@@ -599,13 +702,106 @@ mod tests {
     fn the_evaluation_gives_each_profile_its_verdict_in_file_order() {
         let p = profiles();
         let groups = vec!["travellers".to_owned()];
-        let e = evaluate(&p, "alice@example.com", &groups, Protocol::Pop3, ip("192.0.2.9"));
+        let e = evaluate(&p, "alice@example.com", &groups, Protocol::Pop3, ip("192.0.2.9"), &CertificateStatus::Absent);
         let verdicts: Vec<(&str, Verdict)> = e.profiles.iter().map(|(p, v)| (p.name.as_str(), v.clone())).collect();
         assert_eq!(
             verdicts,
             [("office", Verdict::ProtocolNotCovered), ("remote", Verdict::Allows("192.0.2.0/24".parse().unwrap()))]
         );
         assert_eq!(e.decision.unwrap().profile, "remote");
+    }
+
+    fn certificate_profiles() -> Profiles {
+        Profiles::parse(
+            r#"
+            [[profile]]
+            name = "office"
+            allow = ["10.0.0.0/8"]
+            users = ["alice@example.com"]
+            client_cert = "required"
+            [[profile]]
+            name = "anywhere"
+            allow = ["192.0.2.0/24"]
+            users = ["bob@example.com"]
+            client_cert = "alternative"
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn certificate(status: &str) -> CertificateStatus {
+        let id = CertificateId { fingerprint: "ab".repeat(32), serial: "01".into() };
+        match status {
+            "none" => CertificateStatus::Absent,
+            "valid" => CertificateStatus::Valid(id),
+            "revoked" => CertificateStatus::Refused(id, CertProblem::Revoked),
+            "expired" => CertificateStatus::Refused(id, CertProblem::Expired),
+            "other user" => CertificateStatus::Refused(id, CertProblem::OtherUser),
+            _ => CertificateStatus::Refused(id, CertProblem::Untrusted),
+        }
+    }
+
+    #[test]
+    fn required_needs_the_address_and_a_valid_certificate() {
+        let p = certificate_profiles();
+        let check = |addr: &str, cert: &str| {
+            check_profiles(&p, "alice@example.com", &[], Protocol::Imap, ip(addr), &certificate(cert))
+        };
+        let grant = check("10.1.2.3", "valid").unwrap();
+        assert_eq!(grant.to_string(), "office (10.0.0.0/8 + certificate)");
+        assert_eq!(grant.certificate.unwrap().serial, "01");
+        assert_eq!(check("10.1.2.3", "none"), Err(Denial::CertificateMissing));
+        assert_eq!(check("10.1.2.3", "revoked"), Err(Denial::CertificateRevoked));
+        assert_eq!(check("10.1.2.3", "expired"), Err(Denial::CertificateExpired));
+        assert_eq!(check("10.1.2.3", "other user"), Err(Denial::CertificateOtherUser));
+        assert_eq!(check("10.1.2.3", "untrusted"), Err(Denial::CertificateUntrusted));
+        assert_eq!(
+            check("198.51.100.1", "valid"),
+            Err(Denial::IpNotAllowed),
+            "a certificate does not replace the address"
+        );
+    }
+
+    #[test]
+    fn alternative_takes_the_address_or_a_valid_certificate() {
+        let p = certificate_profiles();
+        let check = |addr: &str, cert: &str| {
+            check_profiles(&p, "bob@example.com", &[], Protocol::Imap, ip(addr), &certificate(cert))
+        };
+        let by_address = check("192.0.2.5", "none").unwrap();
+        assert_eq!((by_address.entry, by_address.certificate), (Some("192.0.2.0/24".parse().unwrap()), None));
+        assert_eq!(check("192.0.2.5", "revoked").unwrap().profile, "anywhere", "the address alone suffices");
+        let by_certificate = check("198.51.100.1", "valid").unwrap();
+        assert_eq!(by_certificate.to_string(), "anywhere (certificate)");
+        assert_eq!(check("198.51.100.1", "none"), Err(Denial::IpNotAllowed));
+        assert_eq!(check("198.51.100.1", "revoked"), Err(Denial::CertificateRevoked));
+        assert_eq!(check("198.51.100.1", "other user"), Err(Denial::CertificateOtherUser));
+        let e = evaluate(&p, "bob@example.com", &[], Protocol::Imap, ip("198.51.100.1"), &certificate("valid"));
+        assert_eq!(e.profiles[0].1, Verdict::AllowsByCertificate);
+    }
+
+    #[test]
+    fn certificates_play_no_part_in_profiles_that_do_not_ask_for_them() {
+        for cert in ["none", "valid", "revoked"] {
+            let grant = check_profiles(
+                &profiles(),
+                "alice@example.com",
+                &[],
+                Protocol::Imap,
+                ip("127.0.0.1"),
+                &certificate(cert),
+            );
+            assert_eq!(grant.unwrap().certificate, None, "{cert}");
+            let refused = check_profiles(
+                &profiles(),
+                "alice@example.com",
+                &[],
+                Protocol::Imap,
+                ip("127.0.0.2"),
+                &certificate(cert),
+            );
+            assert_eq!(refused, Err(Denial::IpNotAllowed), "{cert}");
+        }
     }
 
     #[test]
@@ -675,6 +871,12 @@ mod tests {
             Denial::NotRouted,
             Denial::ConsoleAddressNotAllowed,
             Denial::NotAnAdmin,
+            Denial::CertificateMissing,
+            Denial::CertificateOtherUser,
+            Denial::CertificateExpired,
+            Denial::CertificateNotYetValid,
+            Denial::CertificateRevoked,
+            Denial::CertificateUntrusted,
         ];
         for denial in denials {
             match denial {
@@ -702,6 +904,12 @@ mod tests {
                 | Denial::NotRouted
                 | Denial::ConsoleAddressNotAllowed
                 | Denial::NotAnAdmin => {}
+                Denial::CertificateMissing
+                | Denial::CertificateOtherUser
+                | Denial::CertificateExpired
+                | Denial::CertificateNotYetValid
+                | Denial::CertificateRevoked
+                | Denial::CertificateUntrusted => {}
             }
         }
         let upstream_failures = vec![

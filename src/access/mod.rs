@@ -4,6 +4,7 @@
 //! memory or shared in Redis).
 
 pub mod admin;
+pub mod certificate;
 pub mod decision;
 pub mod lockout;
 pub mod profiles;

@@ -10,10 +10,13 @@
 //! users = ["alice@example.com"]
 //! groups = ["mail-users"]            # directory groups, by name or full DN
 //! protocols = ["imap", "pop3", "smtp"]  # optional; all when absent
+//! client_cert = "off"                # or "required" / "alternative" ([tls] client_ca)
 //! ```
 //!
 //! A user may log in only when a profile that applies to them (by name or group) has
-//! `mail_access` on, covers the protocol, and lists the client's address.
+//! `mail_access` on, covers the protocol, and lists the client's address; `client_cert`
+//! adds a client certificate naming the user to that (`required`) or accepts one instead of
+//! a listed address (`alternative`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -65,6 +68,32 @@ struct ProfileEntry {
     #[serde(default)]
     groups: Vec<String>,
     protocols: Option<Vec<Protocol>>,
+    #[serde(default)]
+    client_cert: CertRequirement,
+}
+
+/// What a profile asks of the client's certificate (`client_cert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertRequirement {
+    /// Certificates play no part: the address decides.
+    #[default]
+    Off,
+    /// A listed address and a valid certificate naming the user.
+    Required,
+    /// A listed address, or else a valid certificate naming the user (from anywhere).
+    Alternative,
+}
+
+impl CertRequirement {
+    /// The value as written in the profiles file.
+    pub fn name(self) -> &'static str {
+        match self {
+            CertRequirement::Off => "off",
+            CertRequirement::Required => "required",
+            CertRequirement::Alternative => "alternative",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -82,6 +111,8 @@ pub struct Profile {
     pub protocols: Option<Vec<Protocol>>,
     /// Allowed client networks; single addresses are /32 or /128 networks.
     pub allow: Vec<IpNet>,
+    /// What the profile asks of a client certificate.
+    pub client_cert: CertRequirement,
 }
 
 impl Profile {
@@ -170,6 +201,7 @@ impl Profiles {
                 mail_access: entry.mail_access,
                 protocols: entry.protocols,
                 allow,
+                client_cert: entry.client_cert,
             });
         }
         Ok(profiles)
@@ -194,6 +226,18 @@ impl Profiles {
     /// strangers before the directory is asked anything.
     pub fn any_allows(&self, ip: IpAddr) -> bool {
         self.profiles.iter().any(|p| p.mail_access && p.matching_entry(ip).is_some())
+    }
+
+    /// Whether a profile with mail access accepts a certificate instead of an address
+    /// (`client_cert = "alternative"`): then a client whose address is in no profile may
+    /// still get in with a certificate.
+    pub fn any_accepts_certificates(&self) -> bool {
+        self.profiles.iter().any(|p| p.mail_access && p.client_cert == CertRequirement::Alternative)
+    }
+
+    /// Whether any profile asks for a client certificate (`client_cert` not `"off"`).
+    pub fn any_asks_for_certificates(&self) -> bool {
+        self.profiles.iter().any(|p| p.client_cert != CertRequirement::Off)
     }
 
     /// Profiles applying to `user` (lower-case) directly or through one of `groups`,
@@ -274,6 +318,23 @@ mod tests {
         assert!(!p.for_user("bob@example.com", &[])[0].mail_access);
         assert!(p.any_allows(ip("192.0.2.9")));
         assert!(!p.any_allows(ip("198.51.100.1")), "a disabled profile's entries do not count");
+    }
+
+    #[test]
+    fn client_cert_defaults_to_off_and_takes_three_values() {
+        let p = Profiles::parse(FILE).unwrap();
+        assert_eq!(p.for_user("alice@example.com", &[])[0].client_cert, CertRequirement::Off);
+        assert!(!p.any_accepts_certificates());
+        let text = "[[profile]]\nname='a'\nclient_cert='required'\nusers=['u']\n\
+                    [[profile]]\nname='b'\nclient_cert='alternative'\nusers=['u']";
+        let p = Profiles::parse(text).unwrap();
+        let kinds: Vec<_> = p.for_user("u", &[]).iter().map(|p| p.client_cert).collect();
+        assert_eq!(kinds, [CertRequirement::Required, CertRequirement::Alternative]);
+        assert!(p.any_accepts_certificates() && p.any_asks_for_certificates());
+        let off = Profiles::parse("[[profile]]\nname='b'\nmail_access=false\nclient_cert='alternative'").unwrap();
+        assert!(!off.any_accepts_certificates(), "a profile without mail access lets no one in");
+        let err = Profiles::parse("[[profile]]\nname='a'\nclient_cert='yes'").unwrap_err();
+        assert!(err.contains("client_cert") || err.contains("off"), "{err}");
     }
 
     #[test]

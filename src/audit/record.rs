@@ -95,6 +95,8 @@ pub struct SessionRecord {
     pub profile: Option<String>,
     /// The route the login took (`default` for the protocol tables), once admitted.
     pub route: Option<String>,
+    /// The client certificate presented in the TLS handshake: SHA-256 fingerprint and serial.
+    pub certificate: Option<String>,
     /// The upstream `host:port`: the default route's until a login takes its route.
     pub upstream: String,
     /// Login attempts on this connection.
@@ -123,6 +125,7 @@ impl SessionRecord {
             mechanism: None,
             profile: None,
             route: None,
+            certificate: None,
             upstream: upstream.to_owned(),
             attempts: 0,
             outcome: Outcome::Abandoned,
@@ -152,6 +155,7 @@ impl SessionRecord {
             "reason": escape(&self.reason),
             "profile": escape(self.profile.as_deref().unwrap_or("-")),
             "route": self.route.as_deref().unwrap_or("-"),
+            "certificate": self.certificate.as_deref().unwrap_or("-"),
             "upstream": escape(&self.upstream),
             "attempts": self.attempts,
             "bytes_up": self.bytes_up,
@@ -174,6 +178,7 @@ impl SessionRecord {
             reason = %escape(&self.reason),
             profile = %escape(self.profile.as_deref().unwrap_or("-")),
             route = self.route.as_deref().unwrap_or("-"),
+            certificate = self.certificate.as_deref().unwrap_or("-"),
             upstream = %escape(&self.upstream),
             attempts = self.attempts,
             bytes_up = self.bytes_up,

@@ -136,7 +136,20 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
     let cert = config.resolve(&config.tls.cert);
     let key = config.resolve(&config.tls.key);
     if cert.exists() || !config.tls.generate_self_signed {
-        crate::tls::server_config(&cert, &key, config.tls.min_version)?;
+        crate::tls::server_config(&cert, &key, config.tls.min_version, None)?;
+    }
+    if let Some(ca) = &config.tls.client_ca {
+        let crl = config.tls.client_crl.as_ref().map(|p| config.resolve(p));
+        let client_ca = crate::access::certificate::ClientCa::load(&config.resolve(ca), crl.as_deref())?;
+        println!(
+            "client certificates: CA {} ({} CRL(s) loaded)",
+            config.resolve(ca).display(),
+            client_ca.revocation_lists()
+        );
+    } else if profiles.any_asks_for_certificates() {
+        println!(
+            "warning: profiles set client_cert but [tls] client_ca is not set, so no certificate counts (see `postern ca init`)"
+        );
     }
     crate::stores::directory::Directory::open(&config.directory, &config.base_dir).await?;
     let state_dir = config.resolve(&config.server.state_dir);
@@ -185,7 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         crate::tls::generate_self_signed("proxy.test", &cert, &key).unwrap();
-        let load = || crate::tls::server_config(&cert, &key, crate::tls::TlsVersion::Tls12);
+        let load = || crate::tls::server_config(&cert, &key, crate::tls::TlsVersion::Tls12, None);
         assert!(load().is_ok());
         for mode in [0o644, 0o640, 0o604] {
             fs::set_permissions(&key, Permissions::from_mode(mode)).unwrap();

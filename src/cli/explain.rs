@@ -1,29 +1,80 @@
 //! `postern access explain USER IP`: the password-free part of the access decision, spelled
-//! out: which profiles apply to the user and why each does or does not let the address in,
-//! and which route (upstream) the login would take.
-//! It runs the decision's own evaluation (`access::decision::evaluate`).
+//! out: which profiles apply to the user, what client certificate each asks for, why each
+//! does or does not let the address in, and which route (upstream) the login would take. It
+//! runs the decision's own evaluation (`access::decision::evaluate`), without a certificate,
+//! with a valid one for the user, or with a certificate file judged against the configured
+//! client CA and CRL.
 
 use std::net::IpAddr;
 use std::path::Path;
 
+use anyhow::Context;
+
 use super::{load_config, normalized};
-use crate::access::decision::{Denial, Verdict, evaluate};
-use crate::access::profiles::Profiles;
+use crate::access::certificate::{CertificateId, CertificateStatus, ClientCa, PresentedCertificate};
+use crate::access::decision::{Denial, Evaluation, Verdict, evaluate};
+use crate::access::profiles::{CertRequirement, Profiles};
 use crate::config::{Config, UpstreamAuthMode};
 use crate::protocol::Protocol;
 use crate::stores::directory::{Directory, DirectoryError};
 use crate::upstream::route::{DEFAULT_ROUTE, RouteMatchers};
 
-/// Prints the decision for `user` connecting from `ip` over `protocol`.
-pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) -> anyhow::Result<()> {
+/// The certificate to explain against: what `--cert` names, judged for `user` with the
+/// configured client CA; `None` without `--cert`.
+fn certificate_from_file(
+    config: &crate::config::Config,
+    file: Option<&Path>,
+    user: &str,
+) -> anyhow::Result<Option<CertificateStatus>> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let chain = crate::tls::load_certs(file, "certificate")?;
+    let presented = PresentedCertificate::from_handshake(Some(&chain)).context("the certificate file is empty")?;
+    let Some(ca) = &config.tls.client_ca else {
+        anyhow::bail!("[tls] client_ca is not set: no certificate counts until it is (see `postern ca init`)");
+    };
+    let crl = config.tls.client_crl.as_ref().map(|p| config.resolve(p));
+    let ca = ClientCa::load(&config.resolve(ca), crl.as_deref())?;
+    let status = ca.judge(&presented, user, rustls::pki_types::UnixTime::now());
+    match &status {
+        CertificateStatus::Valid(id) => println!("certificate {id}: valid for {user}"),
+        CertificateStatus::Refused(id, problem) => {
+            println!("certificate {id}: refused: {}", Denial::from(*problem))
+        }
+        CertificateStatus::Absent => {}
+    }
+    Ok(Some(status))
+}
+
+/// Prints the decision for `user` connecting from `ip` over `protocol`, with the client
+/// certificate in `cert_file` when given.
+pub async fn explain(
+    path: &Path,
+    user: &str,
+    ip: IpAddr,
+    protocol: Protocol,
+    cert_file: Option<&Path>,
+) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
     let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
     println!("{user} from {ip} over {protocol}");
+    let given = certificate_from_file(&config, cert_file, &user)?;
+    let in_any = profiles.any_allows(ip);
     println!(
         "address in any profile with mail access: {}",
-        if profiles.any_allows(ip) { "yes" } else { "no (refused before the directory is asked)" }
+        match (in_any, profiles.any_accepts_certificates()) {
+            (true, _) => "yes",
+            (false, true) => "no (only a valid certificate naming the user gets past this)",
+            (false, false) => "no (refused before the directory is asked)",
+        }
     );
+    if config.tls.client_ca.is_none()
+        && profiles.for_user(&user, &[]).iter().any(|p| p.client_cert != CertRequirement::Off)
+    {
+        println!("client certificates: [tls] client_ca is not set, so no certificate is asked for or counts");
+    }
     let directory = Directory::open(&config.directory, &config.base_dir).await?;
     let groups = match directory.lookup(&user).await {
         Ok(entry) => match entry.groups {
@@ -53,7 +104,9 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
     };
     let groups_known = groups.is_some();
     let groups = groups.unwrap_or_default();
-    let evaluation = evaluate(&profiles, &user, &groups, protocol, ip);
+    let without = CertificateStatus::Absent;
+    let certificate = given.as_ref().unwrap_or(&without);
+    let evaluation = evaluate(&profiles, &user, &groups, protocol, ip, certificate);
     if evaluation.profiles.is_empty() {
         println!("profiles: none applies to {user}");
     }
@@ -65,7 +118,14 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
         let verdict = match verdict {
             Verdict::MailAccessOff => "mail access is off".to_owned(),
             Verdict::ProtocolNotCovered => format!("does not cover {protocol}"),
-            Verdict::Allows(entry) => format!("allow entry {entry} matches"),
+            Verdict::Allows(entry) => match profile.client_cert {
+                CertRequirement::Required => format!("allow entry {entry} matches and the certificate is valid"),
+                _ => format!("allow entry {entry} matches"),
+            },
+            Verdict::AllowsByCertificate => {
+                format!("no allow entry matches {ip}; the valid certificate lets the client in")
+            }
+            Verdict::CertificateRefused(denial) => format!("certificate refused: {denial}"),
             Verdict::AddressNotListed => {
                 let entries: Vec<String> = profile.allow.iter().map(ToString::to_string).collect();
                 format!(
@@ -75,13 +135,21 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
             }
         };
         let switch = if profile.mail_access { "mail access on" } else { "mail access off" };
-        println!("profile {:?} ({switch}; {protocols}): {verdict}", profile.name);
+        let cert = profile.client_cert.name();
+        println!("profile {:?} ({switch}; {protocols}; client certificate {cert}): {verdict}", profile.name);
     }
-    match evaluation.decision {
-        Ok(grant) => {
-            println!("decision: allowed by profile {:?} ({}), if the password is right", grant.profile, grant.entry)
-        }
-        Err(denial) => println!("decision: refused: {denial}"),
+    let asks = evaluation.profiles.iter().any(|(p, _)| p.client_cert != CertRequirement::Off);
+    let with = match (&given, asks) {
+        (Some(_), _) => " with this certificate",
+        (None, true) => " without a certificate",
+        (None, false) => "",
+    };
+    print_decision(with, &evaluation);
+    if given.is_none() && asks {
+        let id = CertificateId { fingerprint: "-".into(), serial: "-".into() };
+        let valid = CertificateStatus::Valid(id);
+        let evaluation = evaluate(&profiles, &user, &groups, protocol, ip, &valid);
+        print_decision(&format!(" with a valid certificate for {user}"), &evaluation);
     }
     print_route(&config, &user, &groups, groups_known, protocol);
     let state_dir = config.resolve(&config.server.state_dir);
@@ -115,5 +183,17 @@ fn print_route(config: &Config, user: &str, groups: &[String], groups_known: boo
     }
     if !groups_known && matchers.uses_groups() {
         println!("route: groups unknown, so routes by group were not considered");
+    }
+}
+
+/// Prints one decision line.
+fn print_decision(with: &str, evaluation: &Evaluation<'_>) {
+    match &evaluation.decision {
+        Ok(grant) => {
+            let how = grant.to_string();
+            let how = how.strip_prefix(grant.profile.as_str()).unwrap_or_default();
+            println!("decision{with}: allowed by profile {:?}{how}, if the password is right", grant.profile)
+        }
+        Err(denial) => println!("decision{with}: refused: {denial}"),
     }
 }

@@ -12,12 +12,14 @@ use crate::secret::Secret;
 use crate::stores::directory::DirectoryConfig;
 use crate::stores::vault::{self, UpstreamSecret, Vault};
 
+mod certs;
 mod check;
 pub mod control;
 mod explain;
 mod probe;
 mod users;
 
+pub use certs::{ca_init, cert_issue, cert_list, cert_revoke};
 pub use check::check;
 pub use explain::explain;
 pub use probe::probe;

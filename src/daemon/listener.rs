@@ -279,7 +279,9 @@ async fn handle(
             return;
         }
     };
-    session::run(server, protocol, client, peer, via, shutdown, address_slot).await;
+    let certificate =
+        crate::access::certificate::PresentedCertificate::from_handshake(client.get_ref().1.peer_certificates());
+    session::run(server, protocol, client, peer, via, shutdown, address_slot, certificate).await;
 }
 
 #[cfg(test)]

@@ -229,6 +229,9 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
     if config.server.watch_profiles {
         let path = config.resolve(&config.access.profiles);
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));
+        if config.tls.client_ca.is_some() {
+            tokio::spawn(crate::daemon::watch::watch_client_ca(server.clone(), config.clone(), helpers.clone()));
+        }
     }
     for (protocol, security, listener) in bound {
         let accept = listener::accept_loop(

@@ -1,7 +1,8 @@
-//! Applying edits of the profiles file without a reload: the file's size, modification
-//! time and inode are polled every second (no inotify, so it works on any file system and
-//! with editors that replace the file), and a changed file is loaded and applied. A file
-//! that does not parse is logged and the profiles in force stay.
+//! Applying edits of the profiles file, and of the client CA and CRL files, without a
+//! reload: each file's size, modification time and inode are polled every second (no
+//! inotify, so it works on any file system and with editors that replace the file), and a
+//! changed file is loaded and applied. A file that does not load is logged and what is in
+//! force stays.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,33 @@ struct Fingerprint {
 fn fingerprint(path: &Path) -> Option<Fingerprint> {
     let meta = std::fs::metadata(path).ok()?;
     Some(Fingerprint { len: meta.len(), modified: meta.modified().ok(), inode: meta.ino() })
+}
+
+/// Watches `[tls] client_ca` and `client_crl` of `config` until `stop` is cancelled; a
+/// change (e.g. `postern cert revoke` rewriting the CRL) applies to new logins and closes
+/// live sessions whose certificate no longer does.
+pub async fn watch_client_ca(server: Arc<State>, config: crate::config::Config, stop: CancellationToken) {
+    let paths: Vec<PathBuf> =
+        [&config.tls.client_ca, &config.tls.client_crl].into_iter().flatten().map(|p| config.resolve(p)).collect();
+    let mut seen: Vec<Option<Fingerprint>> = paths.iter().map(|p| fingerprint(p)).collect();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
+        let now: Vec<Option<Fingerprint>> = paths.iter().map(|p| fingerprint(p)).collect();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match server.reload_client_ca(&config).await {
+            Ok(()) => {
+                tracing::info!("applied the changed client CA or CRL");
+                revalidate(&server).await;
+            }
+            Err(e) => tracing::error!(error = %e, "the changed client CA or CRL does not load; the ones in force stay"),
+        }
+    }
 }
 
 /// Watches the profiles file at `path` until `stop` is cancelled.

@@ -30,6 +30,7 @@ pub mod relay;
 use budget::Claim;
 use relay::Counters;
 
+use crate::access::certificate::PresentedCertificate;
 use crate::access::decision::{self, Admitted, Refusal};
 use crate::access::slots::IpSlot;
 
@@ -41,7 +42,8 @@ const READ_CHUNK: usize = 1024;
 /// `peer` is the client's address: the connecting peer's, or the one a trusted balancer
 /// (`via`) named in its PROXY protocol header. `address_slot` is that address's connection
 /// slot; `None` when the address was over its limit, and the session only says so and
-/// closes.
+/// closes. `certificate` is what the client presented in the handshake.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S>(
     server: Arc<State>,
     protocol: Protocol,
@@ -50,10 +52,12 @@ pub async fn run<S>(
     via: Option<SocketAddr>,
     shutdown: Shutdown,
     address_slot: Option<IpSlot>,
+    certificate: Option<PresentedCertificate>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut session = Session::new(server.clone(), protocol, client, peer, via, shutdown, true);
+    session.presented(certificate);
     audited(&server, protocol, peer, via, async move {
         session.serve(address_slot).await;
         session.record
@@ -159,6 +163,8 @@ struct Session<S> {
     encrypted: bool,
     /// The greeting is still to be sent: not after STARTTLS.
     greet: bool,
+    /// The certificate the client presented in the TLS handshake.
+    certificate: Option<PresentedCertificate>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -195,7 +201,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             shutdown,
             encrypted,
             greet: true,
+            certificate: None,
         }
+    }
+
+    /// Notes the certificate the client presented in the TLS handshake, for the decision
+    /// and the audit line.
+    fn presented(&mut self, certificate: Option<PresentedCertificate>) {
+        self.record.certificate = certificate.as_ref().map(|c| c.id.to_string());
+        self.certificate = certificate;
     }
 
     async fn serve(&mut self, address_slot: Option<IpSlot>) {
@@ -245,7 +259,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         let dialogue = protocol::dialogue(protocol, &server.dialogue_settings(protocol));
-        Ok(Session {
+        let certificate = PresentedCertificate::from_handshake(client.get_ref().1.peer_certificates());
+        let mut session = Session {
             server,
             protocol,
             dialogue,
@@ -258,7 +273,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             deadline,
             encrypted: true,
             greet: false,
-        })
+            certificate: None,
+        };
+        session.presented(certificate);
+        Ok(session)
     }
 
     /// The pre-login dialogue, bounded by the pre-login deadline: greeting (unless the
@@ -355,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.claim.resize(0);
                     let reply = self.dialogue.accepted(&admitted.upstream.info);
                     self.write(&reply, deadline).await?;
-                    self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
+                    self.record.profile = Some(admitted.grant.to_string());
                     self.record.route = Some(admitted.route.name.clone());
                     self.record.upstream.clone_from(&admitted.route.upstream);
                     return Some(PreLogin::Admitted(Box::new(admitted)));
@@ -400,7 +418,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn decide(&mut self, credentials: &Credentials, deadline: Instant) -> Option<Result<Admitted, Refusal>> {
         // Boxed: the decision's future is large and only lives during a login, so it must
         // not sit inline in every idle session's future.
-        let admit = Box::pin(decision::admit(&self.server, self.protocol, self.peer, credentials));
+        let admit =
+            Box::pin(decision::admit(&self.server, self.protocol, self.peer, credentials, self.certificate.as_ref()));
         tokio::select! {
             decision = admit => Some(decision),
             // Time queued for the directory or the hashing pool counts too.
@@ -528,7 +547,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let close = self.shutdown.close_sessions.clone();
         let server = self.server.clone();
         let user = self.record.user.clone().unwrap_or_default();
-        let registration = server.live().register(user, self.protocol, self.peer.ip(), route);
+        let certificate = self.certificate.clone();
+        let registration = server.live().register(user, self.protocol, self.peer.ip(), route, certificate);
         registration.track(counters.clone());
         let revoked = registration.revoked();
         let end = relay::splice(&mut self.client, &mut upstream_stream, idle, counters.clone(), async move {
@@ -593,7 +613,7 @@ mod tests {
         let (client, server_side) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let slot = if with_slot { state.sessions.try_ip(peer.ip()) } else { None };
-        tokio::spawn(run(state.clone(), Protocol::Imap, server_side, peer, None, shutdown.clone(), slot));
+        tokio::spawn(run(state.clone(), Protocol::Imap, server_side, peer, None, shutdown.clone(), slot, None));
         BufReader::new(client)
     }
 

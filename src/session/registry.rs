@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use super::relay::Counters;
+use crate::access::certificate::PresentedCertificate;
 use crate::protocol::Protocol;
 use crate::upstream::route::RouteTaken;
 
@@ -29,6 +30,8 @@ pub struct LiveSession {
     pub ip: IpAddr,
     /// The route and upstream the session took.
     pub route: RouteTaken,
+    /// The certificate the client presented in its TLS handshake, judged again on reload.
+    pub certificate: Option<PresentedCertificate>,
     revoke: CancellationToken,
     reason: OnceLock<String>,
 }
@@ -86,7 +89,14 @@ impl Drop for Registration<'_> {
 
 impl LiveSessions {
     /// Registers a session that has just logged in.
-    pub fn register(&self, user: String, protocol: Protocol, ip: IpAddr, route: RouteTaken) -> Registration<'_> {
+    pub fn register(
+        &self,
+        user: String,
+        protocol: Protocol,
+        ip: IpAddr,
+        route: RouteTaken,
+        certificate: Option<PresentedCertificate>,
+    ) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(LiveSession {
             id,
@@ -96,6 +106,7 @@ impl LiveSessions {
             protocol,
             ip,
             route,
+            certificate,
             revoke: CancellationToken::new(),
             reason: OnceLock::new(),
         });
@@ -166,12 +177,14 @@ mod tests {
             Protocol::Imap,
             IpAddr::from([127, 0, 0, 1]),
             RouteTaken::new("default", "u:1"),
+            None,
         );
         let b = live.register(
             "b@x".into(),
             Protocol::Pop3,
             IpAddr::from([127, 0, 0, 1]),
             RouteTaken::new("default", "u:1"),
+            None,
         );
         assert_eq!(live.len(), 2);
         for s in live.snapshot().iter().filter(|s| s.user == "a@x") {

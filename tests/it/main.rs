@@ -10,6 +10,7 @@ mod install;
 mod alerts;
 mod balancer;
 mod cli;
+mod client_certs;
 mod console;
 mod flood;
 mod forgery;

@@ -113,28 +113,53 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// The console's certificate: loaded again for new connections when the certificate file
+/// changes (a renewal needs no restart); the last good one stays if the new one is broken.
+struct Certificate {
+    cert: PathBuf,
+    key: PathBuf,
+    min: crate::tls::TlsVersion,
+    current: std::sync::Mutex<(Option<std::time::SystemTime>, tokio_rustls::TlsAcceptor)>,
+}
+
+impl Certificate {
+    fn load(cert: PathBuf, key: PathBuf, min: crate::tls::TlsVersion) -> Result<Self, crate::tls::TlsError> {
+        let modified = std::fs::metadata(&cert).and_then(|m| m.modified()).ok();
+        let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&cert, &key, min, None)?);
+        Ok(Self { cert, key, min, current: std::sync::Mutex::new((modified, acceptor)) })
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let modified = std::fs::metadata(&self.cert).and_then(|m| m.modified()).ok();
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if modified != current.0 {
+            match crate::tls::server_config(&self.cert, &self.key, self.min, None) {
+                Ok(config) => *current = (modified, tokio_rustls::TlsAcceptor::from(config)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "console: the changed certificate cannot be loaded; the previous one stays")
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
 /// Binds `[console] listen` and serves the console until `stop` is cancelled; the bound
-/// address. Without its own certificate the console uses `[tls]`'s, reloads included.
+/// address. Without its own certificate the console uses `[tls]`'s (never asking for a
+/// client certificate).
 pub async fn start(
     state: Arc<ProxyState>,
     config: &Config,
     settings: &ConsoleConfig,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<std::net::SocketAddr, StartError> {
-    let tls: Arc<dyn Fn() -> tokio_rustls::TlsAcceptor + Send + Sync> = match (&settings.cert, &settings.key) {
-        (Some(cert), Some(key)) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
-                &config.resolve(cert),
-                &config.resolve(key),
-                config.tls.min_version,
-            )?);
-            Arc::new(move || acceptor.clone())
-        }
-        _ => {
-            let state = state.clone();
-            Arc::new(move || state.tls())
-        }
+    // Never the mail listeners' acceptor: that one may ask for client certificates.
+    let (cert, key) = match (&settings.cert, &settings.key) {
+        (Some(cert), Some(key)) => (config.resolve(cert), config.resolve(key)),
+        _ => (config.resolve(&config.tls.cert), config.resolve(&config.tls.key)),
     };
+    let certificate = Arc::new(Certificate::load(cert, key, config.tls.min_version)?);
+    let tls: Arc<dyn Fn() -> tokio_rustls::TlsAcceptor + Send + Sync> = Arc::new(move || certificate.acceptor());
     let address = settings.listen;
     let listener =
         tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind { address, source })?;

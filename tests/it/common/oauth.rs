@@ -124,8 +124,8 @@ fn start() -> TokenServer {
 
     let dir = tempfile::Builder::new().prefix("postern-oauth-").tempdir().expect("token server dir").keep();
     let issued = pki::pki().issue_in("oauth", &dir);
-    let tls =
-        postern::tls::server_config(&issued.cert_file, &issued.key_file, TlsVersion::Tls12).expect("token server TLS");
+    let tls = postern::tls::server_config(&issued.cert_file, &issued.key_file, TlsVersion::Tls12, None)
+        .expect("token server TLS");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("token server address");

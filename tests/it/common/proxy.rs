@@ -60,6 +60,9 @@ pub struct Options {
     pub cert_not_after: Option<(i32, u8, u8)>,
     /// Lines appended at the end of the config (`[[route]]`, `[oauth.NAME]` tables).
     pub config_extra: String,
+    /// Create a client CA with `postern ca init` in the state folder before starting, and
+    /// point `[tls] client_ca` and `client_crl` at it.
+    pub client_certs: bool,
 }
 
 impl Default for Options {
@@ -80,6 +83,7 @@ impl Default for Options {
             alerts: String::new(),
             cert_not_after: None,
             config_extra: String::new(),
+            client_certs: false,
         }
     }
 }
@@ -179,6 +183,7 @@ shutdown_grace_secs = 2
 [tls]
 cert = {cert:?}
 key = {key:?}
+{client_ca}
 
 [limits]
 upstream_timeout_secs = 5
@@ -226,6 +231,11 @@ upstream_tls = "{smtp_tls}"
 "#,
             config_extra = options.config_extra,
             protocol_extra = options.protocol_extra,
+            client_ca = if options.client_certs {
+                "client_ca = \"state/ca/ca.pem\"\nclient_crl = \"state/ca/crl.pem\""
+            } else {
+                ""
+            },
             cert = issued.cert_file.display().to_string(),
             key = issued.key_file.display().to_string(),
             limits = options.limits,
@@ -240,6 +250,13 @@ upstream_tls = "{smtp_tls}"
         let config_path = d.join("proxy.toml");
         std::fs::write(&config_path, &text).expect("write config");
         std::fs::write(d.join("profiles.toml"), &options.profiles).expect("write profiles");
+        if options.client_certs {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+                .args(["--config", &config_path.display().to_string(), "ca", "init", "--name", "Test client CA"])
+                .output()
+                .expect("run postern ca init");
+            assert!(out.status.success(), "postern ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let config = Config::load(&config_path).expect("test config is valid");
         let server = State::from_config(&config).await.expect("proxy starts");
         let running = daemon::start(server.clone(), &config, Duration::from_secs(2)).await.expect("proxy listens");
@@ -316,6 +333,12 @@ upstream_tls = "{smtp_tls}"
         self.config = Config::load(&self.config_path).expect("edited config is valid");
         self.server.reload(&self.config).await.expect("reload");
         postern::access::decision::revalidate(&self.server).await
+    }
+
+    /// Like [`Proxy::reload_all`], returning the error of a reload that fails (the old
+    /// state stays in force).
+    pub async fn try_reload_all(&self) -> Result<(), postern::state::LoadError> {
+        self.server.reload(&self.config).await
     }
 
     /// Serves the control socket (`postern status`, `postern user unlock`) in the proxy's

@@ -37,7 +37,8 @@ impl Sink {
     pub async fn start(status: u16) -> Sink {
         let dir = tempfile::tempdir().expect("sink dir");
         let issued = pki::pki().issue_in("webhook", dir.path());
-        let tls = postern::tls::server_config(&issued.cert_file, &issued.key_file, TlsVersion::Tls12).expect("TLS");
+        let tls =
+            postern::tls::server_config(&issued.cert_file, &issued.key_file, TlsVersion::Tls12, None).expect("TLS");
         let acceptor = TlsAcceptor::from(tls);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
         let url = format!("https://localhost:{}/hook", listener.local_addr().expect("address").port());
