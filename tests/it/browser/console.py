@@ -20,6 +20,8 @@ import urllib.request
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 base, admin, admin_pw, other, other_pw, new_address, shots = sys.argv[1:8]
 
@@ -34,7 +36,14 @@ def browser():
         options.add_argument(flag)
     # The console's certificate comes from the tests' own CA, which the browser does not know.
     options.set_capability("acceptInsecureCerts", True)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    # A click that submits a form returns before the next page is there: lookups wait for it.
+    driver.implicitly_wait(10)
+    return driver
+
+
+def wait_for_url(driver, ending):
+    WebDriverWait(driver, 10).until(expected_conditions.url_matches(ending + "$"))
 
 
 def shot(driver, name):
@@ -72,7 +81,7 @@ try:
     shot(driver, "login")
 
     log_in(driver, admin, admin_pw)
-    assert driver.current_url.endswith("/profiles"), (driver.current_url, driver.find_element(By.TAG_NAME, "main").text)
+    wait_for_url(driver, "/profiles")
     assert "office" in driver.find_element(By.ID, "profiles").text
     shot(driver, "profiles")
     print("admin logged in")
@@ -82,6 +91,7 @@ try:
     allow.send_keys("\n" + new_address)
     shot(driver, "profile-edit")
     driver.find_element(By.ID, "preview").click()
+    assert driver.find_elements(By.ID, "diff"), driver.find_element(By.TAG_NAME, "main").text
     diff = driver.find_element(By.ID, "diff").text
     assert '"' + new_address + '"' in diff and "+" in diff, diff
     shot(driver, "profile-preview")
@@ -115,10 +125,9 @@ try:
 
     driver.delete_all_cookies()
     log_in(driver, other, other_pw)
-    assert driver.current_url.endswith("/login"), driver.current_url
     assert "You are not allowed to access this server" in driver.find_element(By.ID, "message").text
     driver.get(base + "/users")
-    assert driver.current_url.endswith("/login"), "a refused login gets no session"
+    wait_for_url(driver, "/login")
     print("non-admin refused")
 finally:
     driver.quit()
