@@ -1,5 +1,5 @@
-//! What every session shares: the profiles, directory, vault, upstreams, limits and
-//! counters in force now, swapped whole on reload. Starting and stopping listeners is the
+//! What every session shares: the profiles, directory, app passwords, vault, upstreams,
+//! limits and counters in force now, swapped whole on reload. Starting and stopping listeners is the
 //! daemon's business (`crate::daemon`).
 
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use crate::config::{Config, Limits, MetricsConfig, OAuthConfig, ProtocolConfig};
 use crate::metrics::Metrics;
 use crate::protocol::{DialogueSettings, Protocol};
 use crate::session::registry::{LastResults, LiveSessions};
+use crate::stores::app_passwords::{AppPasswordError, AppPasswords, Usage};
 use crate::stores::directory::Directory;
 use crate::stores::vault::Vault;
 use crate::upstream::Upstream;
@@ -51,6 +52,9 @@ pub enum LoadError {
     /// The alert webhooks could not be set up.
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertsError),
+    /// The app password file could not be read.
+    #[error(transparent)]
+    AppPasswords(#[from] AppPasswordError),
 }
 
 /// The two stages of stopping: first no new logins, then (after a grace period) every
@@ -78,6 +82,9 @@ pub struct State {
     /// The bytes all connections together may buffer before login.
     pub preauth_budget: Arc<crate::session::budget::Budget>,
     profiles: ArcSwap<Profiles>,
+    app_passwords: ArcSwap<AppPasswords>,
+    app_password_usage: Arc<Usage>,
+    state_dir: PathBuf,
     /// The upstreams, with the vault and OAuth2 token source that log in to them.
     pub upstreams: Upstreams,
     smtp_max_size: Option<u64>,
@@ -158,6 +165,7 @@ impl State {
             tracing::warn!(state_dir = %state_dir.display(), "created a new, empty vault; store upstream credentials with `postern user set-upstream`");
         }
         let vault = Vault::open(&state_dir)?;
+        let app_passwords = AppPasswords::load(&state_dir)?;
         let upstreams = Upstreams::from_config(config, vault)?;
         let mut metrics = Metrics::new();
         if let Some(oauth) = upstreams.oauth() {
@@ -192,6 +200,9 @@ impl State {
             sessions,
             preauth_budget: crate::session::budget::Budget::new(config.limits.preauth_buffer_budget),
             profiles: ArcSwap::from_pointee(profiles),
+            app_passwords: ArcSwap::from_pointee(app_passwords),
+            app_password_usage: Arc::new(Usage::default()),
+            state_dir,
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
             tls: ArcSwap::from_pointee(tls),
@@ -250,28 +261,54 @@ impl State {
         self.profiles.store(Arc::new(profiles));
     }
 
-    /// Re-reads the profiles file, the vault, the directory, the TLS certificate and the
-    /// audit file, all or nothing: on any error the old ones stay in force. The caller then
+    /// The app passwords in force now.
+    pub fn app_passwords(&self) -> Arc<AppPasswords> {
+        self.app_passwords.load_full()
+    }
+
+    /// Re-reads the app password file for every login from now on; on error the ones in
+    /// force stay.
+    pub fn reload_app_passwords(&self) -> Result<(), AppPasswordError> {
+        self.app_passwords.store(Arc::new(AppPasswords::load(&self.state_dir)?));
+        Ok(())
+    }
+
+    /// The app passwords' last uses not yet written to their file.
+    pub fn app_password_usage(&self) -> &Arc<Usage> {
+        &self.app_password_usage
+    }
+
+    /// The state directory (vault, app passwords, saved lockouts).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    /// Re-reads the profiles file, the vault, the app passwords, the directory, the TLS
+    /// certificate and the audit file, all or nothing: on any error the old ones stay in force. The caller then
     /// re-checks the live sessions (`crate::access::decision::revalidate`).
     pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let loaded = async {
             let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
             let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
+            let app_passwords = AppPasswords::load(&self.state_dir)?;
             let tls = tls_acceptor(config)?;
             let audit_file = open_audit_file(config)?;
             let directory = Directory::open(&config.directory, &config.base_dir).await?;
-            Ok::<_, LoadError>((profiles, vault, tls, audit_file, directory))
+            Ok::<_, LoadError>((profiles, vault, app_passwords, tls, audit_file, directory))
         }
         .await;
-        let (profiles, vault, tls, audit_file, directory) = match loaded {
+        let (profiles, vault, app_passwords, tls, audit_file, directory) = match loaded {
             Ok(parts) => parts,
             Err(e) => {
                 self.metrics.reload(false);
                 return Err(e);
             }
         };
-        tracing::info!(profiles = profiles.len(), "reloaded security profiles, vault, directory and TLS certificate");
+        tracing::info!(
+            profiles = profiles.len(),
+            "reloaded security profiles, vault, app passwords, directory and TLS certificate"
+        );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
                 "listen addresses, upstreams, [oauth], [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
@@ -279,6 +316,7 @@ impl State {
         }
         self.set_profiles(profiles);
         self.upstreams.set_vault(vault);
+        self.app_passwords.store(Arc::new(app_passwords));
         self.directory.store(Arc::new(directory));
         self.tls.store(Arc::new(tls));
         self.alerts.check_certificate(&config.resolve(&config.tls.cert));

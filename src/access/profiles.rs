@@ -10,10 +10,12 @@
 //! users = ["alice@example.com"]
 //! groups = ["mail-users"]            # directory groups, by name or full DN
 //! protocols = ["imap", "pop3", "smtp"]  # optional; all when absent
+//! password = "directory"             # or "app" (app passwords only) or "either"
 //! ```
 //!
 //! A user may log in only when a profile that applies to them (by name or group) has
-//! `mail_access` on, covers the protocol, and lists the client's address.
+//! `mail_access` on, covers the protocol, lists the client's address, and accepts the kind
+//! of password given (see [`PasswordPolicy`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -65,6 +67,62 @@ struct ProfileEntry {
     #[serde(default)]
     groups: Vec<String>,
     protocols: Option<Vec<Protocol>>,
+    #[serde(default)]
+    password: PasswordPolicy,
+}
+
+/// Which passwords a profile accepts (`password = ...`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PasswordPolicy {
+    /// The directory password only (the default).
+    #[default]
+    Directory,
+    /// App passwords only (`postern user app-password add`); the directory password is
+    /// refused.
+    App,
+    /// Either.
+    Either,
+}
+
+/// The kind of password a login presented, as the password check found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PasswordKind {
+    /// The user's directory password.
+    Directory,
+    /// One of the user's app passwords.
+    App,
+}
+
+impl PasswordPolicy {
+    /// Whether a password of `kind` is accepted.
+    pub fn accepts(self, kind: PasswordKind) -> bool {
+        matches!(
+            (self, kind),
+            (PasswordPolicy::Either, _)
+                | (PasswordPolicy::Directory, PasswordKind::Directory)
+                | (PasswordPolicy::App, PasswordKind::App)
+        )
+    }
+
+    /// The setting as written in the profiles file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasswordPolicy::Directory => "directory",
+            PasswordPolicy::App => "app",
+            PasswordPolicy::Either => "either",
+        }
+    }
+}
+
+impl PasswordKind {
+    /// The kind as written in audit lines and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasswordKind::Directory => "directory",
+            PasswordKind::App => "app",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -82,6 +140,8 @@ pub struct Profile {
     pub protocols: Option<Vec<Protocol>>,
     /// Allowed client networks; single addresses are /32 or /128 networks.
     pub allow: Vec<IpNet>,
+    /// Which passwords it accepts.
+    pub password: PasswordPolicy,
 }
 
 impl Profile {
@@ -170,6 +230,7 @@ impl Profiles {
                 mail_access: entry.mail_access,
                 protocols: entry.protocols,
                 allow,
+                password: entry.password,
             });
         }
         Ok(profiles)
@@ -274,6 +335,23 @@ mod tests {
         assert!(!p.for_user("bob@example.com", &[])[0].mail_access);
         assert!(p.any_allows(ip("192.0.2.9")));
         assert!(!p.any_allows(ip("198.51.100.1")), "a disabled profile's entries do not count");
+    }
+
+    #[test]
+    fn the_password_setting_defaults_to_the_directory_password() {
+        let p = Profiles::parse(
+            "[[profile]]\nname='a'\nusers=['u']\n[[profile]]\nname='b'\nusers=['u']\npassword='app'\n\
+             [[profile]]\nname='c'\nusers=['u']\npassword='either'",
+        )
+        .unwrap();
+        let policies: Vec<PasswordPolicy> = p.for_user("u", &[]).iter().map(|p| p.password).collect();
+        assert_eq!(policies, [PasswordPolicy::Directory, PasswordPolicy::App, PasswordPolicy::Either]);
+        assert!(PasswordPolicy::Directory.accepts(PasswordKind::Directory));
+        assert!(!PasswordPolicy::Directory.accepts(PasswordKind::App));
+        assert!(!PasswordPolicy::App.accepts(PasswordKind::Directory));
+        assert!(PasswordPolicy::Either.accepts(PasswordKind::App));
+        let err = Profiles::parse("[[profile]]\nname='a'\npassword='ldap'").unwrap_err();
+        assert!(err.contains("directory") && err.contains("either"), "{err}");
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct SessionRecord {
     pub mechanism: Option<&'static str>,
     /// The profile and allow entry that admitted the client.
     pub profile: Option<String>,
+    /// The label of the app password the client logged in with (never the password).
+    pub app_password: Option<String>,
     /// The upstream `host:port`.
     pub upstream: String,
     /// Login attempts on this connection.
@@ -120,6 +122,7 @@ impl SessionRecord {
             mode: None,
             mechanism: None,
             profile: None,
+            app_password: None,
             upstream: upstream.to_owned(),
             attempts: 0,
             outcome: Outcome::Abandoned,
@@ -148,6 +151,7 @@ impl SessionRecord {
             "outcome": self.outcome.as_str(),
             "reason": escape(&self.reason),
             "profile": escape(self.profile.as_deref().unwrap_or("-")),
+            "app_password": escape(self.app_password.as_deref().unwrap_or("-")),
             "upstream": escape(&self.upstream),
             "attempts": self.attempts,
             "bytes_up": self.bytes_up,
@@ -169,6 +173,7 @@ impl SessionRecord {
             outcome = self.outcome.as_str(),
             reason = %escape(&self.reason),
             profile = %escape(self.profile.as_deref().unwrap_or("-")),
+            app_password = %escape(self.app_password.as_deref().unwrap_or("-")),
             upstream = %escape(&self.upstream),
             attempts = self.attempts,
             bytes_up = self.bytes_up,

@@ -1,15 +1,26 @@
 //! `postern access explain USER IP`: the password-free part of the access decision, spelled
-//! out: which profiles apply to the user and why each does or does not let the address in.
-//! It runs the decision's own evaluation (`access::decision::evaluate`).
+//! out: which profiles apply to the user, why each does or does not let the address in, and
+//! which password each accepts. It runs the decision's own evaluation
+//! (`access::decision::evaluate`).
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use super::{load_config, normalized};
 use crate::access::decision::{Denial, Verdict, evaluate};
-use crate::access::profiles::Profiles;
+use crate::access::profiles::{PasswordKind, PasswordPolicy, Profiles};
 use crate::protocol::Protocol;
+use crate::stores::app_passwords::AppPasswords;
 use crate::stores::directory::{Directory, DirectoryError};
+
+/// What a profile's `password` setting means, for the explanation.
+fn password_policy(policy: PasswordPolicy) -> &'static str {
+    match policy {
+        PasswordPolicy::Directory => "password: directory password only",
+        PasswordPolicy::App => "password: app passwords only",
+        PasswordPolicy::Either => "password: directory or app password",
+    }
+}
 
 /// Prints the decision for `user` connecting from `ip` over `protocol`.
 pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) -> anyhow::Result<()> {
@@ -71,15 +82,33 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
             }
         };
         let switch = if profile.mail_access { "mail access on" } else { "mail access off" };
-        println!("profile {:?} ({switch}; {protocols}): {verdict}", profile.name);
+        let password = password_policy(profile.password);
+        println!("profile {:?} ({switch}; {protocols}; {password}): {verdict}", profile.name);
     }
-    match evaluation.decision {
-        Ok(grant) => {
-            println!("decision: allowed by profile {:?} ({}), if the password is right", grant.profile, grant.entry)
+    let state_dir = config.resolve(&config.server.state_dir);
+    let app_passwords = AppPasswords::load(&state_dir)?.list(&user);
+    let labels: Vec<String> = app_passwords.iter().map(|l| format!("{:?}", crate::user::escape(&l.label))).collect();
+    let accepted = evaluation.accepted();
+    match &evaluation.decision {
+        Ok(_) => {
+            for (kind, accepts) in [(PasswordKind::Directory, accepted.directory), (PasswordKind::App, accepted.app)] {
+                let what = match kind {
+                    PasswordKind::Directory => "the directory password".to_owned(),
+                    PasswordKind::App if labels.is_empty() => "an app password (the user has none yet)".to_owned(),
+                    PasswordKind::App => format!("an app password ({})", labels.join(", ")),
+                };
+                match evaluation.grant(kind) {
+                    Ok(grant) if accepts => println!(
+                        "decision with {what}: allowed by profile {:?} ({}), if the password is right",
+                        grant.profile, grant.entry
+                    ),
+                    Ok(_) => {}
+                    Err(denial) => println!("decision with {what}: refused: {denial}"),
+                }
+            }
         }
         Err(denial) => println!("decision: refused: {denial}"),
     }
-    let state_dir = config.resolve(&config.server.state_dir);
     if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
         let stored = crate::stores::vault::Vault::open(&state_dir)?.contains(&user);
         println!("upstream credential: {}", if stored { "stored" } else { "missing (the login would be refused)" });

@@ -1,7 +1,7 @@
-//! Applying edits of the profiles file without a reload: the file's size, modification
-//! time and inode are polled every second (no inotify, so it works on any file system and
-//! with editors that replace the file), and a changed file is loaded and applied. A file
-//! that does not parse is logged and the profiles in force stay.
+//! Applying edits of the profiles file and the app password file without a reload: the
+//! file's size, modification time and inode are polled every second (no inotify, so it
+//! works on any file system and with editors that replace the file), and a changed file is
+//! loaded and applied. A file that does not parse is logged and the one in force stays.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::access::decision::revalidate;
+use crate::access::decision::{close_revoked_app_password_sessions, revalidate};
 use crate::access::profiles::Profiles;
 use crate::state::State;
 
@@ -54,6 +54,33 @@ pub async fn watch_profiles(server: Arc<State>, path: PathBuf, stop: Cancellatio
                 revalidate(&server).await;
             }
             Err(e) => tracing::error!(error = %e, "the changed profiles file is invalid; the profiles in force stay"),
+        }
+    }
+}
+
+/// Watches the app password file at `path` (written by `postern user app-password` and the
+/// daemon's own last-use writes) until `stop` is cancelled; a change applies to logins from
+/// then on and closes the live sessions of app passwords no longer in it.
+pub async fn watch_app_passwords(server: Arc<State>, path: PathBuf, stop: CancellationToken) {
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match server.reload_app_passwords() {
+            Ok(()) => {
+                tracing::debug!("applied the changed app password file");
+                close_revoked_app_password_sessions(&server);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the changed app password file is unusable; the app passwords in force stay")
+            }
         }
     }
 }

@@ -356,6 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let reply = self.dialogue.accepted(&admitted.upstream.info);
                     self.write(&reply, deadline).await?;
                     self.record.profile = Some(format!("{} ({})", admitted.grant.profile, admitted.grant.entry));
+                    self.record.app_password.clone_from(&admitted.app_password);
                     return Some(PreLogin::Admitted(Box::new(admitted)));
                 }
                 Err(Refusal::Denied(denial)) => {
@@ -500,7 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Forwards what each side already sent, then splices until the session ends.
     async fn splice(&mut self, admitted: Admitted) {
-        let Admitted { upstream, slot: _slot, grant } = admitted;
+        let Admitted { upstream, slot: _slot, grant, app_password } = admitted;
         drop(grant);
         let crate::upstream::LoggedIn { stream: mut upstream_stream, leftover, .. } = upstream;
         let counters = Arc::new(Counters::default());
@@ -526,7 +527,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let close = self.shutdown.close_sessions.clone();
         let server = self.server.clone();
         let user = self.record.user.clone().unwrap_or_default();
-        let registration = server.live().register(user, self.protocol, self.peer.ip());
+        let registration = server.live().register(user, self.protocol, self.peer.ip(), app_password);
         let revoked = registration.revoked();
         let end = relay::splice(&mut self.client, &mut upstream_stream, idle, counters.clone(), async move {
             tokio::select! {

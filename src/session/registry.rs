@@ -1,5 +1,6 @@
 //! Live logged-in sessions, so a reload can close the ones whose user no longer passes the
-//! access decision, and each user's last upstream login result for `postern status`.
+//! access decision and a revoked app password can close the sessions it opened, and each
+//! user's last upstream login result for `postern status`.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::profiles::PasswordKind;
 use crate::protocol::Protocol;
 
 /// One logged-in session as the registry sees it.
@@ -20,6 +22,9 @@ pub struct LiveSession {
     pub protocol: Protocol,
     /// The client's address.
     pub ip: IpAddr,
+    /// The label of the app password the session logged in with; `None` for the directory
+    /// password.
+    pub app_password: Option<String>,
     revoke: CancellationToken,
     reason: OnceLock<String>,
 }
@@ -29,6 +34,11 @@ impl LiveSession {
     pub fn revoke(&self, reason: impl Into<String>) {
         let _ = self.reason.set(reason.into());
         self.revoke.cancel();
+    }
+
+    /// The kind of password the session logged in with.
+    pub fn password_kind(&self) -> PasswordKind {
+        if self.app_password.is_some() { PasswordKind::App } else { PasswordKind::Directory }
     }
 }
 
@@ -66,13 +76,40 @@ impl Drop for Registration<'_> {
 }
 
 impl LiveSessions {
-    /// Registers a session that has just logged in.
-    pub fn register(&self, user: String, protocol: Protocol, ip: IpAddr) -> Registration<'_> {
+    /// Registers a session that has just logged in (with the app password labelled
+    /// `app_password`, if one).
+    pub fn register(
+        &self,
+        user: String,
+        protocol: Protocol,
+        ip: IpAddr,
+        app_password: Option<String>,
+    ) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let session =
-            Arc::new(LiveSession { user, protocol, ip, revoke: CancellationToken::new(), reason: OnceLock::new() });
+        let session = Arc::new(LiveSession {
+            user,
+            protocol,
+            ip,
+            app_password,
+            revoke: CancellationToken::new(),
+            reason: OnceLock::new(),
+        });
         self.sessions.insert(id, session.clone());
         Registration { id, session, registry: self }
+    }
+
+    /// Closes the live sessions of `user` that logged in with the app password labelled
+    /// `label` (ignoring case), giving `reason`; how many.
+    pub fn revoke_app_password(&self, user: &str, label: &str, reason: &str) -> usize {
+        let label = label.to_lowercase();
+        let mut closed = 0;
+        for session in self.snapshot() {
+            if session.user == user && session.app_password.as_ref().is_some_and(|l| l.to_lowercase() == label) {
+                session.revoke(reason);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// A snapshot of the sessions logged in now.
@@ -128,8 +165,8 @@ mod tests {
     #[tokio::test]
     async fn registrations_leave_on_drop_and_revocation_keeps_the_first_reason() {
         let live = LiveSessions::default();
-        let a = live.register("a@x".into(), Protocol::Imap, IpAddr::from([127, 0, 0, 1]));
-        let b = live.register("b@x".into(), Protocol::Pop3, IpAddr::from([127, 0, 0, 1]));
+        let a = live.register("a@x".into(), Protocol::Imap, IpAddr::from([127, 0, 0, 1]), None);
+        let b = live.register("b@x".into(), Protocol::Pop3, IpAddr::from([127, 0, 0, 1]), None);
         assert_eq!(live.len(), 2);
         for s in live.snapshot().iter().filter(|s| s.user == "a@x") {
             s.revoke("first");
@@ -142,5 +179,22 @@ mod tests {
         assert_eq!(live.len(), 1);
         drop(b);
         assert!(live.is_empty());
+    }
+
+    #[tokio::test]
+    async fn revoking_an_app_password_closes_only_its_sessions() {
+        let live = LiveSessions::default();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let phone = live.register("a@x".into(), Protocol::Imap, ip, Some("Phone".into()));
+        let laptop = live.register("a@x".into(), Protocol::Imap, ip, Some("laptop".into()));
+        let directory = live.register("a@x".into(), Protocol::Pop3, ip, None);
+        let other = live.register("b@x".into(), Protocol::Imap, ip, Some("phone".into()));
+        assert_eq!(live.revoke_app_password("a@x", "phone", "revoked"), 1);
+        phone.revoked().await;
+        assert_eq!(phone.revoked_reason(), Some("revoked"));
+        for kept in [&laptop, &directory, &other] {
+            assert_eq!(kept.revoked_reason(), None);
+        }
+        assert_eq!(live.snapshot().iter().filter(|s| s.password_kind() == PasswordKind::App).count(), 3);
     }
 }
