@@ -467,14 +467,15 @@ async fn decide(
         Err(e) => {
             let refusal = Refusal::from(e);
             if matches!(refusal, Refusal::Denied(_)) {
-                equalize(state, &directory, &credentials.password).await;
+                let accepted = evaluate(&profiles, &user, &[], protocol, ip).accepted();
+                equalize(state, &directory, &credentials.password, accepted).await;
             }
             return Err(refusal);
         }
     };
     if let Some(groups) = &entry.groups {
         if let Err(denial) = check_profiles(&profiles, &user, groups, protocol, ip) {
-            equalize(state, &directory, &credentials.password).await;
+            equalize(state, &directory, &credentials.password, Accepted::default()).await;
             return Err(Refusal::Denied(denial));
         }
     }
@@ -613,14 +614,20 @@ async fn check_password(
     }
 }
 
-/// Spends on a refusal before the password check what the check would have cost: the file
-/// directory's hash and, where app passwords are in use, one app password hash, side by
-/// side. Whether the user exists or is refused by a profile does not show in the time.
-async fn equalize(state: &State, directory: &Directory, password: &Secret) {
-    if state.app_passwords().is_empty() {
+/// Spends on a refusal before the password check what a wrong password's check
+/// ([`check_password`]) would have cost for the kinds `accepted` (the directory password
+/// when none): the same hashes in the same order. Whether the user exists or is refused by
+/// a profile does not show in the time.
+async fn equalize(state: &State, directory: &Directory, password: &Secret, accepted: Accepted) {
+    let accepted = if accepted == Accepted::default() { Accepted { directory: true, app: false } } else { accepted };
+    if accepted.app {
+        AppPasswords::equalize(password).await;
+    }
+    if accepted.directory {
         directory.equalize_refusal(password).await;
-    } else {
-        tokio::join!(directory.equalize_refusal(password), AppPasswords::equalize(password));
+    }
+    if !accepted.app && !state.app_passwords().is_empty() {
+        AppPasswords::equalize(password).await;
     }
 }
 
