@@ -1,6 +1,7 @@
 //! The running daemon: binds the listeners, serves the control socket and the metrics
-//! endpoint, watches the profiles file, reloads on SIGHUP and stops on SIGTERM in two
-//! stages (no new logins, then, after the grace period, every session closed).
+//! endpoint, watches the profiles and app password files, writes app passwords' last uses,
+//! reloads on SIGHUP and stops on SIGTERM in two stages (no new logins, then, after the
+//! grace period, every session closed).
 
 pub mod control;
 pub mod health;
