@@ -59,14 +59,19 @@ pub async fn watch_profiles(server: Arc<State>, path: PathBuf, stop: Cancellatio
 }
 
 /// Watches the app password file at `path` (written by `postern user app-password` and the
-/// daemon's own last-use writes) until `stop` is cancelled; a change applies to logins from
-/// then on and closes the live sessions of app passwords no longer in it.
+/// daemon's own last-use writes) until `stop` is cancelled. A change applies to logins at
+/// once; the live sessions of app passwords no longer in it are closed one poll later, so a
+/// revocation that the control socket reports (with who asked) closes them first.
 pub async fn watch_app_passwords(server: Arc<State>, path: PathBuf, stop: CancellationToken) {
     let mut seen = fingerprint(&path);
+    let mut close_revoked = false;
     loop {
         tokio::select! {
             () = tokio::time::sleep(POLL_INTERVAL) => {}
             () = stop.cancelled() => return,
+        }
+        if std::mem::take(&mut close_revoked) {
+            close_revoked_app_password_sessions(&server);
         }
         let now = fingerprint(&path);
         if now == seen {
@@ -76,7 +81,7 @@ pub async fn watch_app_passwords(server: Arc<State>, path: PathBuf, stop: Cancel
         match server.reload_app_passwords() {
             Ok(()) => {
                 tracing::debug!("applied the changed app password file");
-                close_revoked_app_password_sessions(&server);
+                close_revoked = true;
             }
             Err(e) => {
                 tracing::error!(error = %e, "the changed app password file is unusable; the app passwords in force stay")

@@ -11,6 +11,7 @@ use common::client::{self, MailClient};
 use common::logs;
 use common::mail::{b64, smtp_reply};
 use common::proxy::{self, Options, Proxy, TestUser};
+use postern::stores::app_passwords::AppPasswords;
 
 const DENIAL: &str = "NO [AUTHENTICATIONFAILED] You are not allowed to access this server";
 
@@ -173,32 +174,54 @@ async fn revoking_one_app_password_closes_that_devices_live_session_only() {
     let user = proxy::add_user(&proxy, "app-revoke", "app-revoke-dir-pw");
     let phone = add(&proxy, mail, "phone").await;
     let laptop = add(&proxy, mail, "laptop").await;
+    let tablet = add(&proxy, mail, "tablet").await;
     proxy.serve_control();
 
-    let (mut on_phone, answer) = imap_login(&proxy, mail, &phone).await;
-    assert!(answer.starts_with("l1 OK"), "{answer}");
-    let (mut on_laptop, answer) = imap_login(&proxy, mail, &laptop).await;
-    assert!(answer.starts_with("l1 OK"), "{answer}");
-    let (mut on_directory, answer) = imap_login(&proxy, mail, &user.password).await;
-    assert!(answer.starts_with("l1 OK"), "{answer}");
+    let mut sessions = Vec::new();
+    for password in [&phone, &laptop, &tablet, &user.password] {
+        let (c, answer) = imap_login(&proxy, mail, password).await;
+        assert!(answer.starts_with("l1 OK"), "{answer}");
+        sessions.push(c);
+    }
+    let [on_phone, on_laptop, on_tablet, on_directory] = &mut sessions[..] else { unreachable!() };
     assert!(on_phone.tagged("n1", "NOOP").await.starts_with("n1 OK"));
 
+    // Through the control socket: closed at once, with who asked.
     let out = postern(&proxy, &["user", "app-password", "revoke", mail, "Phone"]).await;
     let stdout = install::expect_code(&out, 0);
     assert!(stdout.contains("closed 1 live session(s)"), "{:?}", install::text(&out));
     on_phone.expect_closed().await;
-    assert!(on_laptop.tagged("n2", "NOOP").await.starts_with("n2 OK"), "another device's session stays");
-    assert!(on_directory.tagged("n3", "NOOP").await.starts_with("n3 OK"), "a directory password session stays");
+    for (tag, other) in [("n2", &mut *on_laptop), ("n3", &mut *on_tablet), ("n4", &mut *on_directory)] {
+        assert!(other.tagged(tag, "NOOP").await.starts_with(&format!("{tag} OK")), "other sessions stay");
+    }
     let closed = logs::wait_for_audit(mail, &["\"app_password\":\"phone\"", "\"outcome\":\"logged-in\""]).await;
     assert!(closed.contains("closed: the app password \\\"phone\\\" was revoked by uid="), "{closed}");
     logs::wait_for_line(&["app password revoked", mail, "\"sessions_closed\":1"]).await;
-
     assert_eq!(imap_login(&proxy, mail, &phone).await.1, format!("l1 {DENIAL}"), "refused from now on");
     let out = postern(&proxy, &["user", "app-password", "revoke", mail, "phone"]).await;
     assert!(install::text(&out).1.contains("has no app password labelled"), "{:?}", install::text(&out));
     install::expect_code(&out, 1);
+
+    // A change to the file the control socket never heard of: the daemon's watch closes it.
+    let state_dir = proxy.state_dir();
+    AppPasswords::update(&state_dir, |p| p.revoke(mail, "laptop")).expect("revoke in the file");
+    on_laptop.expect_closed().await;
+    logs::wait_for_audit(
+        mail,
+        &["\"app_password\":\"laptop\"", "closed: the app password \\\"laptop\\\" was revoked\""],
+    )
+    .await;
+
+    // A profile that stops accepting app passwords closes the app password sessions on the re-check.
+    proxy.set_profiles(&profile("either", &[mail], "directory"));
+    postern::access::decision::revalidate(proxy.server()).await;
+    on_tablet.expect_closed().await;
+    let closed = logs::wait_for_audit(mail, &["\"app_password\":\"tablet\"", "\"outcome\":\"logged-in\""]).await;
+    assert!(closed.contains("app password given; the user's profiles accept only the directory password"), "{closed}");
+    assert!(on_directory.tagged("n5", "NOOP").await.starts_with("n5 OK"), "the directory password session stays");
+
     let listed = install::expect_code(&postern(&proxy, &["user", "app-password", "list", mail]).await, 0);
-    assert!(listed.contains("laptop") && !listed.contains("phone"), "{listed}");
+    assert!(listed.contains("tablet") && !listed.contains("phone") && !listed.contains("laptop"), "{listed}");
     proxy.stop().await;
 }
 
