@@ -518,8 +518,9 @@ async fn decide(
     let grant = match check_profiles_for(&profiles, &user, &groups, protocol, ip, kind) {
         Ok(grant) => grant,
         Err(denial) => {
-            // A right password the profiles refuse: counted against the address like any
-            // refusal that is not a wrong password.
+            // A right password the profiles refuse (the groups came with the directory's
+            // check): not a guess, so the reservation counted nothing. `admit` leaves the
+            // address count of a wrong-password denial to the reservation; count it here.
             if denial.is_wrong_password() {
                 state.counters.record_address_failure(ip).await;
             }

@@ -88,22 +88,27 @@ pub async fn explain(path: &Path, user: &str, ip: IpAddr, protocol: Protocol) ->
     let state_dir = config.resolve(&config.server.state_dir);
     let app_passwords = AppPasswords::load(&state_dir)?.list(&user);
     let labels: Vec<String> = app_passwords.iter().map(|l| format!("{:?}", crate::user::escape(&l.label))).collect();
-    let accepted = evaluation.accepted();
     match &evaluation.decision {
         Ok(_) => {
-            for (kind, accepts) in [(PasswordKind::Directory, accepted.directory), (PasswordKind::App, accepted.app)] {
+            // The first kind a profile lets in is the decision; the other kind's outcome follows.
+            let outcomes = [PasswordKind::Directory, PasswordKind::App].map(|kind| {
                 let what = match kind {
                     PasswordKind::Directory => "the directory password".to_owned(),
                     PasswordKind::App if labels.is_empty() => "an app password (the user has none yet)".to_owned(),
                     PasswordKind::App => format!("an app password ({})", labels.join(", ")),
                 };
-                match evaluation.grant(kind) {
-                    Ok(grant) if accepts => println!(
-                        "decision with {what}: allowed by profile {:?} ({}), if the password is right",
+                (what, evaluation.grant(kind))
+            });
+            let first = outcomes.iter().position(|(_, outcome)| outcome.is_ok()).unwrap_or_default();
+            for (index, (what, outcome)) in outcomes.iter().enumerate() {
+                let prefix = if index == first { "decision:" } else { "  and with" };
+                match outcome {
+                    Ok(grant) if index == first => println!(
+                        "{prefix} allowed by profile {:?} ({}) with {what}, if the password is right",
                         grant.profile, grant.entry
                     ),
-                    Ok(_) => {}
-                    Err(denial) => println!("decision with {what}: refused: {denial}"),
+                    Ok(grant) => println!("{prefix} {what}: allowed by profile {:?} ({})", grant.profile, grant.entry),
+                    Err(denial) => println!("{prefix} {what}: refused: {denial}"),
                 }
             }
         }

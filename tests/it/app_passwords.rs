@@ -157,10 +157,11 @@ async fn each_profile_kind_accepts_only_its_passwords() {
     let explained = install::expect_code(&postern(&proxy, &["access", "explain", &app.0.mail, "127.0.0.1"]).await, 0);
     assert!(explained.contains("password: app passwords only"), "{explained}");
     assert!(
-        explained.contains("decision with an app password (\"laptop\"): allowed by profile \"app only\""),
+        explained
+            .contains("decision: allowed by profile \"app only\" (127.0.0.1/32) with an app password (\"laptop\")"),
         "{explained}"
     );
-    assert!(explained.contains("decision with the directory password: refused: not an app password"), "{explained}");
+    assert!(explained.contains("and with the directory password: refused: not an app password"), "{explained}");
     let explained =
         install::expect_code(&postern(&proxy, &["access", "explain", &either.0.mail, "127.0.0.1"]).await, 0);
     assert!(explained.contains("password: directory or app password"), "{explained}");
