@@ -262,6 +262,13 @@ fn a_revocation_without_the_daemon_holds_from_its_next_start_and_no_app_password
     let stored = std::fs::read_to_string(&file).unwrap();
     assert!(stored.contains("$argon2id$") && stored.contains("[users.\"app-offline@example.com\".car]"), "{stored}");
     let mut outputs = vec![text(&add).1];
+    let checked = expect_code(&i.run(&["check"], ""), 0);
+    assert!(checked.contains("app passwords:"), "{checked}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = i.run(&["check"], "");
+    expect_code(&refused, 1);
+    assert!(text(&refused).1.contains("app-passwords.toml"), "{:?}", text(&refused));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let login = |daemon: &Daemon, password: &str| {
