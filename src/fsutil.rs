@@ -41,3 +41,26 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result?;
     File::open(dir)?.sync_all()
 }
+
+/// An exclusive advisory lock (`flock`) on a lock file, held until dropped (closing the file
+/// releases it, also if the process dies): the one-writer-at-a-time rule of the files under
+/// the state directory that the daemon and admin commands both write.
+#[derive(Debug)]
+pub struct WriteLock {
+    _file: File,
+}
+
+impl WriteLock {
+    /// Waits until this process holds the lock on `path`, creating the file (mode 0600) if
+    /// needed. Blocks: call it off the async workers.
+    pub fn acquire(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    }
+}

@@ -176,6 +176,9 @@ enum UserCommand {
         #[arg(long)]
         confirm: bool,
     },
+    /// Per-device app passwords, accepted where a profile says password = "app" or "either".
+    #[command(subcommand)]
+    AppPassword(AppPasswordCommand),
     /// Lift a user's lockout after repeated wrong passwords (asks the running daemon).
     Unlock {
         /// The user's mail address.
@@ -212,6 +215,30 @@ enum UserCommand {
         /// Include the secrets.
         #[arg(long)]
         reveal: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppPasswordCommand {
+    /// Generate an app password for one device, print it once, and store only its hash.
+    Add {
+        /// The user's mail address.
+        user: String,
+        /// What the password is for, e.g. "phone" (unique per user).
+        #[arg(long)]
+        label: String,
+    },
+    /// List a user's app passwords: label, created, last used (never the passwords).
+    List {
+        /// The user's mail address.
+        user: String,
+    },
+    /// Revoke one app password; the running daemon closes the sessions it opened at once.
+    Revoke {
+        /// The user's mail address.
+        user: String,
+        /// The label given when it was added.
+        label: String,
     },
 }
 
@@ -306,6 +333,11 @@ fn main() -> ExitCode {
             }
             Command::User(UserCommand::Remove { user }) => cli::remove(config, &user),
             Command::User(UserCommand::Unlock { user }) => cli::unlock(config, &user).await,
+            Command::User(UserCommand::AppPassword(command)) => match command {
+                AppPasswordCommand::Add { user, label } => cli::app_passwords::add(config, &user, &label).await,
+                AppPasswordCommand::List { user } => cli::app_passwords::list(config, &user),
+                AppPasswordCommand::Revoke { user, label } => cli::app_passwords::revoke(config, &user, &label).await,
+            },
             Command::User(UserCommand::List) => cli::list(config),
             Command::User(UserCommand::ShowUpstream { user, reveal }) => cli::show_upstream(config, &user, reveal),
             Command::User(UserCommand::Import { file, skip_invalid }) => cli::import(config, &file, skip_invalid),

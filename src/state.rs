@@ -1,5 +1,5 @@
-//! What every session shares: the profiles, directory, vault, upstreams, limits and
-//! counters in force now, swapped whole on reload. Starting and stopping listeners is the
+//! What every session shares: the profiles, directory, app passwords, vault, upstreams,
+//! limits and counters in force now, swapped whole on reload. Starting and stopping listeners is the
 //! daemon's business (`crate::daemon`).
 
 use std::path::PathBuf;
@@ -20,6 +20,7 @@ use crate::config::{Config, Limits, MetricsConfig};
 use crate::metrics::Metrics;
 use crate::protocol::{DialogueSettings, Protocol};
 use crate::session::registry::{LastResults, LiveSessions};
+use crate::stores::app_passwords::{AppPasswordError, AppPasswords, Usage};
 use crate::stores::directory::Directory;
 use crate::stores::vault::Vault;
 use crate::upstream::credential::{SetupUpstreamsError, Upstreams};
@@ -52,6 +53,9 @@ pub enum LoadError {
     /// The alert webhooks could not be set up.
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertsError),
+    /// The app password file could not be read.
+    #[error(transparent)]
+    AppPasswords(#[from] AppPasswordError),
 }
 
 /// The two stages of stopping: first no new logins, then (after a grace period) every
@@ -79,6 +83,9 @@ pub struct State {
     /// The bytes all connections together may buffer before login.
     pub preauth_budget: Arc<crate::session::budget::Budget>,
     profiles: ArcSwap<Profiles>,
+    app_passwords: ArcSwap<AppPasswords>,
+    app_password_usage: Arc<Usage>,
+    state_dir: PathBuf,
     /// The upstreams, with the vault and OAuth2 token source that log in to them.
     pub upstreams: Upstreams,
     smtp_max_size: Option<u64>,
@@ -187,6 +194,7 @@ impl State {
             tracing::warn!(state_dir = %state_dir.display(), "created a new, empty vault; store upstream credentials with `postern user set-upstream`");
         }
         let vault = Vault::open(&state_dir)?;
+        let app_passwords = AppPasswords::load(&state_dir)?;
         let upstreams = Upstreams::from_config(config, vault)?;
         let mut metrics = Metrics::new();
         metrics.export_token_endpoint(upstreams.token_metrics());
@@ -219,6 +227,9 @@ impl State {
             sessions,
             preauth_budget: crate::session::budget::Budget::new(config.limits.preauth_buffer_budget),
             profiles: ArcSwap::from_pointee(profiles),
+            app_passwords: ArcSwap::from_pointee(app_passwords),
+            app_password_usage: Arc::new(Usage::default()),
+            state_dir,
             upstreams,
             smtp_max_size: config.smtp.as_ref().and_then(|s| s.max_message_size),
             tls: ArcSwap::from_pointee(tls),
@@ -278,24 +289,47 @@ impl State {
         self.profiles.store(Arc::new(profiles));
     }
 
-    /// Re-reads the profiles file, the vault, the directory, the upstreams, routes and token
-    /// sources, the TLS certificate, the client CA and CRL and the audit file, all or nothing:
-    /// on any error the old ones stay in force. The caller then
+    /// The app passwords in force now.
+    pub fn app_passwords(&self) -> Arc<AppPasswords> {
+        self.app_passwords.load_full()
+    }
+
+    /// Re-reads the app password file for every login from now on; on error the ones in
+    /// force stay.
+    pub fn reload_app_passwords(&self) -> Result<(), AppPasswordError> {
+        self.app_passwords.store(Arc::new(AppPasswords::load(&self.state_dir)?));
+        Ok(())
+    }
+
+    /// The app passwords' last uses not yet written to their file.
+    pub fn app_password_usage(&self) -> &Arc<Usage> {
+        &self.app_password_usage
+    }
+
+    /// The state directory (vault, app passwords, saved lockouts).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    /// Re-reads the profiles file, the vault, the app passwords, the directory, the
+    /// upstreams, routes and token sources, the TLS certificate, the client CA and CRL and
+    /// the audit file, all or nothing: on any error the old ones stay in force. The caller then
     /// re-checks the live sessions (`crate::access::decision::revalidate`).
     pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let loaded = async {
             let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
             let vault = Vault::open(&config.resolve(&config.server.state_dir))?;
+            let app_passwords = AppPasswords::load(&self.state_dir)?;
             let client_ca = load_client_ca(config)?;
             let tls = tls_acceptor(config, client_ca.as_deref())?;
             let audit_file = open_audit_file(config)?;
             let directory = Directory::open(&config.directory, &config.base_dir).await?;
             let routing = self.upstreams.prepare(config)?;
-            Ok::<_, LoadError>((profiles, vault, tls, client_ca, audit_file, directory, routing))
+            Ok::<_, LoadError>((profiles, vault, app_passwords, tls, client_ca, audit_file, directory, routing))
         }
         .await;
-        let (profiles, vault, tls, client_ca, audit_file, directory, routing) = match loaded {
+        let (profiles, vault, app_passwords, tls, client_ca, audit_file, directory, routing) = match loaded {
             Ok(parts) => parts,
             Err(e) => {
                 self.metrics.reload(false);
@@ -307,7 +341,7 @@ impl State {
             routes = config.route.len(),
             client_ca = client_ca.is_some(),
             client_crls = client_ca.as_ref().map_or(0, |ca| ca.revocation_lists()),
-            "reloaded security profiles, vault, directory, upstreams and routes, TLS certificate and client CA"
+            "reloaded security profiles, vault, app passwords, directory, upstreams and routes, TLS certificate and client CA"
         );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
@@ -317,6 +351,7 @@ impl State {
         self.set_profiles(profiles);
         self.upstreams.set_vault(vault);
         self.upstreams.set_routing(routing);
+        self.app_passwords.store(Arc::new(app_passwords));
         self.directory.store(Arc::new(directory));
         self.tls.store(Arc::new(tls));
         self.client_ca.store(client_ca);

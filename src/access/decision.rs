@@ -10,6 +10,22 @@
 //! first filter only with a certificate that is valid and names the user. The per-profile evaluation ([`evaluate`]) is the same for
 //! a login, the re-check of live sessions after a change ([`revalidate`]) and
 //! `postern access explain`.
+//!
+//! # Directory and app passwords
+//!
+//! Each profile says which password it accepts (`password = "directory" | "app" |
+//! "either"`). A user's profiles combine as a union of grants: a login is admitted when one
+//! profile both lets the client in (mail access, protocol, address) and accepts the kind of
+//! password given. So a user in an office profile (`directory`, the office network) and a
+//! mobile profile (`app`, anywhere) may use either password from the office, where both
+//! profiles let the client in, and only an app password elsewhere. The password check tries
+//! only the kinds the profiles letting the client in accept ([`Evaluation::accepted`]): app
+//! passwords first (no directory round trip), then the directory password. A password the
+//! profiles do not accept is never sent to the directory. A wrong password counts toward
+//! the lockout whichever kind was expected ([`Denial::WrongPassword`],
+//! [`Denial::AppPasswordRequired`]); a right app password where only the directory password
+//! is accepted is refused as [`Denial::AppPasswordNotAccepted`] and is not a guess. The
+//! user's groups always come from the directory, which must know the user.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,12 +33,15 @@ use std::time::Instant;
 
 use super::certificate::{CertProblem, CertificateId, CertificateStatus, PresentedCertificate};
 use super::lockout::Refused;
-use super::profiles::{CertRequirement, Profile, Profiles};
+use super::profiles::{CertRequirement, PasswordKind, Profile, Profiles};
 use super::store::{ReserveError, SessionSlot, StoreError};
 use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{CredentialFault, Credentials, Protocol};
+use crate::secret::Secret;
+use crate::session::registry::LiveSession;
 use crate::state::State;
-use crate::stores::directory::{AccountState, DirectoryError};
+use crate::stores::app_passwords::{AppPasswords, Matched};
+use crate::stores::directory::{AccountState, Directory, DirectoryError};
 use crate::upstream::LoggedIn;
 use crate::upstream::credential::LoginError;
 use crate::upstream::route::RouteTaken;
@@ -91,6 +110,13 @@ pub enum Denial {
     CertificateRevoked,
     /// The client certificate is not from the client CA, or its chain or signature is bad.
     CertificateUntrusted,
+    /// The profiles letting the client in accept only app passwords, and the password is
+    /// none of the user's app passwords (a wrong guess, or the directory password, which is
+    /// then never sent to the directory). Counts as a wrong password.
+    AppPasswordRequired,
+    /// The password is one of the user's app passwords, but the profiles letting the client
+    /// in accept only the directory password.
+    AppPasswordNotAccepted,
 }
 
 impl Denial {
@@ -127,7 +153,17 @@ impl Denial {
             Denial::CertificateNotYetValid => "client certificate not valid yet",
             Denial::CertificateRevoked => "client certificate revoked",
             Denial::CertificateUntrusted => "client certificate from an unknown CA or with a bad chain",
+            Denial::AppPasswordRequired => "not an app password of the user; the user's profiles require one here",
+            Denial::AppPasswordNotAccepted => {
+                "app password given; the user's profiles accept only the directory password here"
+            }
         }
+    }
+
+    /// Whether the denial is a wrong password, counted toward the user's lockout (and the
+    /// address's throttle) through the lockout reservation.
+    pub fn is_wrong_password(self) -> bool {
+        matches!(self, Denial::WrongPassword | Denial::AppPasswordRequired)
     }
 }
 
@@ -317,6 +353,8 @@ pub struct Evaluation<'a> {
     pub profiles: Vec<(&'a Profile, Verdict)>,
     /// The decision: the first profile that allows, or the most specific refusal.
     pub decision: Result<Grant, Denial>,
+    /// The client's certificate, when it is valid and names the user.
+    certificate: Option<CertificateId>,
 }
 
 /// What one profile that grants mail access for the protocol says about a client at `ip`
@@ -335,6 +373,55 @@ fn verdict(profile: &Profile, ip: IpAddr, certificate: &CertificateStatus) -> Ve
             Verdict::CertificateRefused(Denial::CertificateMissing)
         }
         (CertRequirement::Required, Some(_), CertificateStatus::Refused(_, problem)) => refused(*problem),
+    }
+}
+
+/// The kinds of password the profiles letting a client in accept, together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// The directory password.
+    pub directory: bool,
+    /// The user's app passwords.
+    pub app: bool,
+}
+
+impl Evaluation<'_> {
+    /// What the profiles that let the client in accept (none when none does).
+    pub fn accepted(&self) -> Accepted {
+        let mut accepted = Accepted::default();
+        for (profile, verdict) in &self.profiles {
+            if matches!(verdict, Verdict::Allows(_) | Verdict::AllowsByCertificate) {
+                accepted.directory |= profile.password.accepts(PasswordKind::Directory);
+                accepted.app |= profile.password.accepts(PasswordKind::App);
+            }
+        }
+        accepted
+    }
+
+    /// The decision for a login with a password of `kind`: the first profile that lets the
+    /// client in and accepts `kind`; the evaluation's refusal when none lets the client in;
+    /// else the refusal naming the kind the profiles want.
+    pub fn grant(&self, kind: PasswordKind) -> Result<Grant, Denial> {
+        if let Err(denial) = &self.decision {
+            return Err(*denial);
+        }
+        let certificate = |p: &Profile| match p.client_cert {
+            CertRequirement::Off => None,
+            _ => self.certificate.clone(),
+        };
+        let accepting = self.profiles.iter().find_map(|(p, v)| match v {
+            Verdict::Allows(entry) if p.password.accepts(kind) => {
+                Some(Grant { profile: p.name.clone(), entry: Some(*entry), certificate: certificate(p) })
+            }
+            Verdict::AllowsByCertificate if p.password.accepts(kind) => {
+                Some(Grant { profile: p.name.clone(), entry: None, certificate: certificate(p) })
+            }
+            _ => None,
+        });
+        accepting.ok_or(match kind {
+            PasswordKind::Directory => Denial::AppPasswordRequired,
+            PasswordKind::App => Denial::AppPasswordNotAccepted,
+        })
     }
 }
 
@@ -386,7 +473,11 @@ pub fn evaluate<'a>(
         // let the client in.
         None => Err(certificate_refusal.unwrap_or(Denial::IpNotAllowed)),
     };
-    Evaluation { profiles: verdicts, decision }
+    let certificate = match certificate {
+        CertificateStatus::Valid(id) => Some(id.clone()),
+        _ => None,
+    };
+    Evaluation { profiles: verdicts, decision, certificate }
 }
 
 /// The decision of [`evaluate`] alone.
@@ -399,6 +490,20 @@ pub fn check_profiles(
     certificate: &CertificateStatus,
 ) -> Result<Grant, Denial> {
     evaluate(profiles, user, groups, protocol, ip, certificate).decision
+}
+
+/// The decision of [`evaluate`] for a login whose password was of `kind`
+/// ([`Evaluation::grant`]).
+pub fn check_profiles_for(
+    profiles: &Profiles,
+    user: &str,
+    groups: &[String],
+    protocol: Protocol,
+    ip: IpAddr,
+    certificate: &CertificateStatus,
+    kind: PasswordKind,
+) -> Result<Grant, Denial> {
+    evaluate(profiles, user, groups, protocol, ip, certificate).grant(kind)
 }
 
 /// The user name as the decision sees it: [`crate::user::normalize`], refused as
@@ -418,6 +523,9 @@ pub struct Admitted {
     pub grant: Grant,
     /// The user's route (`crate::upstream::route`) and the upstream's `host:port` on it.
     pub route: RouteTaken,
+    /// The label of the app password the client logged in with; `None` for the directory
+    /// password.
+    pub app_password: Option<String>,
 }
 
 /// Runs the whole decision for `credentials` from the client at `peer` (with the
@@ -434,7 +542,7 @@ pub async fn admit(
     let ip = peer.ip();
     let result = decide(state, protocol, peer, credentials, certificate).await;
     if let Err(Refusal::Denied(denial)) = &result {
-        if *denial != Denial::WrongPassword {
+        if !denial.is_wrong_password() {
             state.counters.record_address_failure(ip).await;
         }
     }
@@ -488,17 +596,24 @@ async fn decide(
         Err(e) => {
             let refusal = Refusal::from(e);
             if matches!(refusal, Refusal::Denied(_)) {
-                directory.equalize_refusal(&credentials.password).await;
+                let accepted = evaluate(&profiles, &user, &[], protocol, ip, &certificate).accepted();
+                equalize(state, &directory, &credentials.password, accepted).await;
             }
             return Err(refusal);
         }
     };
     if let Some(groups) = &entry.groups {
         if let Err(denial) = check_profiles(&profiles, &user, groups, protocol, ip, &certificate) {
-            directory.equalize_refusal(&credentials.password).await;
+            equalize(state, &directory, &credentials.password, Accepted::default()).await;
             return Err(Refusal::Denied(denial));
         }
     }
+    // The passwords to try. When the groups are known only after the directory password
+    // check, the directory password is tried, and app passwords where a profile naming the
+    // user accepts them.
+    let known_groups = entry.groups.as_deref().unwrap_or_default();
+    let mut accepted = evaluate(&profiles, &user, known_groups, protocol, ip, &certificate).accepted();
+    accepted.directory |= entry.groups.is_none();
     // The check and its count are one atomic step (in this process or one script in the
     // shared store), before the password is checked: parallel guesses, on any instance,
     // cannot get more checks than the limits allow.
@@ -507,33 +622,43 @@ async fn decide(
         ReserveError::Refused(Refused::Throttled) => Refusal::Denied(Denial::Throttled),
         ReserveError::Down(e) => Refusal::Unavailable(Outage::Store(e)),
     })?;
-    let started = Instant::now();
-    let verified = directory.verify(&entry, &credentials.password).await;
-    state.metrics().directory_latency.observe(started.elapsed());
-    let groups = match verified {
-        Ok(groups) => {
+    let verified = check_password(state, &directory, &user, &entry, &credentials.password, accepted).await;
+    let Verified { kind, groups, app } = match verified {
+        Ok(verified) => {
             reservation.succeeded().await;
-            groups
+            verified
         }
-        Err(DirectoryError::WrongPassword) => {
+        Err(Failed::Wrong(denial)) => {
             if reservation.failed().await {
                 tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
                 let lockout = state.counters.local().config();
                 state.alerts.user_locked(&user, ip, lockout.max_failures, lockout.lock_secs);
             }
-            return Err(Refusal::Denied(Denial::WrongPassword));
+            return Err(Refusal::Denied(denial));
         }
-        // The directory refuses the account whatever the password (disabled, expired, locked
-        // there, ...): not a guess Postern's lockout should count. The reservation settles as
-        // nothing, like an outage's.
-        Err(e @ DirectoryError::Account(_)) => {
+        // Not a guess: the directory refuses the account whatever the password (disabled,
+        // expired, locked there, ...), a right app password where it is not accepted, or an
+        // outage. The dropped reservation counts as nothing.
+        Err(Failed::Other(refusal)) => {
             drop(reservation);
-            return Err(e.into());
+            return Err(refusal);
         }
-        // An outage is not the user's fault: the dropped reservation counts as nothing.
-        Err(e) => return Err(e.into()),
     };
-    let grant = check_profiles(&profiles, &user, &groups, protocol, ip, &certificate).map_err(Refusal::Denied)?;
+    let grant = match check_profiles_for(&profiles, &user, &groups, protocol, ip, &certificate, kind) {
+        Ok(grant) => grant,
+        Err(denial) => {
+            // A right password the profiles refuse (the groups came with the directory's
+            // check): not a guess, so the reservation counted nothing. `admit` leaves the
+            // address count of a wrong-password denial to the reservation; count it here.
+            if denial.is_wrong_password() {
+                state.counters.record_address_failure(ip).await;
+            }
+            return Err(Refusal::Denied(denial));
+        }
+    };
+    if let Some(matched) = &app {
+        state.app_password_usage().record(&matched.hash);
+    }
     let routing = state.upstreams.routing();
     let route = routing.resolve(&user, &groups);
     let Some(address) = route.address(protocol) else {
@@ -569,7 +694,85 @@ async fn decide(
             return Err(e.into());
         }
     };
-    Ok(Admitted { slot, upstream, grant, route: route_taken })
+    Ok(Admitted { slot, upstream, grant, route: route_taken, app_password: app.map(|m| m.label) })
+}
+
+/// A password the check accepted.
+struct Verified {
+    kind: PasswordKind,
+    /// The user's groups: from the directory's check, or its lookup for an app password.
+    groups: Vec<String>,
+    /// The app password that matched.
+    app: Option<Matched>,
+}
+
+/// Why the password check did not accept a password.
+enum Failed {
+    /// A wrong password, counted toward the lockout.
+    Wrong(Denial),
+    /// Anything else: not counted.
+    Other(Refusal),
+}
+
+/// Checks `password` of `user` as the profiles allow (`accepted`): the user's app passwords
+/// first, then the directory password.
+async fn check_password(
+    state: &State,
+    directory: &Directory,
+    user: &str,
+    entry: &crate::stores::directory::Entry,
+    password: &Secret,
+    accepted: Accepted,
+) -> Result<Verified, Failed> {
+    let app_passwords = state.app_passwords();
+    if accepted.app {
+        match app_passwords.check(user, password).await {
+            Ok(Some(matched)) => {
+                let groups = entry.groups.clone().unwrap_or_default();
+                return Ok(Verified { kind: PasswordKind::App, groups, app: Some(matched) });
+            }
+            Ok(None) if !accepted.directory => return Err(Failed::Wrong(Denial::AppPasswordRequired)),
+            Ok(None) => {}
+            Err(e) => return Err(Failed::Other(e.into())),
+        }
+    }
+    let started = Instant::now();
+    let verified = directory.verify(entry, password).await;
+    state.metrics().directory_latency.observe(started.elapsed());
+    match verified {
+        Ok(groups) => Ok(Verified { kind: PasswordKind::Directory, groups, app: None }),
+        Err(DirectoryError::WrongPassword) => {
+            // Where app passwords are in use, a refused password may be one given where
+            // only the directory password is accepted: the audit says so instead of "wrong
+            // password". Every user's wrong password pays this check (a dummy one for those
+            // without app passwords), so its time does not tell who has app passwords.
+            if !accepted.app && !app_passwords.is_empty() {
+                if let Ok(Some(matched)) = app_passwords.check(user, password).await {
+                    tracing::info!(user = %user, label = %crate::user::escape(&matched.label), "an app password was given where only the directory password is accepted");
+                    return Err(Failed::Other(Refusal::Denied(Denial::AppPasswordNotAccepted)));
+                }
+            }
+            Err(Failed::Wrong(Denial::WrongPassword))
+        }
+        Err(e) => Err(Failed::Other(e.into())),
+    }
+}
+
+/// Spends on a refusal before the password check what a wrong password's check
+/// ([`check_password`]) would have cost for the kinds `accepted` (the directory password
+/// when none): the same hashes in the same order. Whether the user exists or is refused by
+/// a profile does not show in the time.
+async fn equalize(state: &State, directory: &Directory, password: &Secret, accepted: Accepted) {
+    let accepted = if accepted == Accepted::default() { Accepted { directory: true, app: false } } else { accepted };
+    if accepted.app {
+        AppPasswords::equalize(password).await;
+    }
+    if accepted.directory {
+        directory.equalize_refusal(password).await;
+    }
+    if !accepted.app && !state.app_passwords().is_empty() {
+        AppPasswords::equalize(password).await;
+    }
 }
 
 /// Re-runs the password-free part of the decision for every live session with the
@@ -589,11 +792,14 @@ pub async fn revalidate(state: &State) -> usize {
     let vault = state.upstreams.vault();
     let directory = state.directory();
     let client_ca = state.client_ca();
+    let app_passwords = state.app_passwords();
     let mut groups_of: HashMap<String, Result<Option<Vec<String>>, &'static str>> = HashMap::new();
     let mut closed = 0;
     for session in sessions {
         let reason = if !vault.contains(&session.user) {
             Some("closed: the user's upstream credential was removed from the vault".to_owned())
+        } else if let Some(reason) = revoked_app_password(&app_passwords, &session) {
+            Some(reason)
         } else {
             if !groups_of.contains_key(&session.user) {
                 let groups = if profiles.uses_groups() || routing.uses_groups() {
@@ -616,7 +822,15 @@ pub async fn revalidate(state: &State) -> usize {
                     let known = groups.as_deref().unwrap_or_default();
                     let certificate =
                         super::certificate::judge(client_ca.as_deref(), session.certificate.as_ref(), &session.user);
-                    match check_profiles(&profiles, &session.user, known, session.protocol, session.ip, &certificate) {
+                    match check_profiles_for(
+                        &profiles,
+                        &session.user,
+                        known,
+                        session.protocol,
+                        session.ip,
+                        &certificate,
+                        session.password_kind(),
+                    ) {
                         Ok(_) if groups.is_none() && routing.uses_groups() => None,
                         Ok(_) => {
                             let route = routing.resolve(&session.user, known);
@@ -635,6 +849,30 @@ pub async fn revalidate(state: &State) -> usize {
             }
         };
         if let Some(reason) = reason {
+            tracing::info!(user = %session.user, protocol = %session.protocol, ip = %session.ip, reason, "closing a live session");
+            session.revoke(reason);
+            closed += 1;
+        }
+    }
+    state.metrics().revoked(closed as u64);
+    closed
+}
+
+/// Why `session` must close because the app password it logged in with is gone; `None`
+/// when it logged in with the directory password or its app password still exists.
+fn revoked_app_password(app_passwords: &AppPasswords, session: &LiveSession) -> Option<String> {
+    let label = session.app_password.as_deref()?;
+    (!app_passwords.contains(&session.user, label))
+        .then(|| format!("closed: the app password {:?} was revoked", crate::user::escape(label)))
+}
+
+/// Closes the live sessions whose app password is no longer in the app passwords in force
+/// (after the file changed); returns how many.
+pub fn close_revoked_app_password_sessions(state: &State) -> usize {
+    let app_passwords = state.app_passwords();
+    let mut closed = 0;
+    for session in state.live().snapshot() {
+        if let Some(reason) = revoked_app_password(&app_passwords, &session) {
             tracing::info!(user = %session.user, protocol = %session.protocol, ip = %session.ip, reason, "closing a live session");
             session.revoke(reason);
             closed += 1;
@@ -877,6 +1115,8 @@ mod tests {
             Denial::CertificateNotYetValid,
             Denial::CertificateRevoked,
             Denial::CertificateUntrusted,
+            Denial::AppPasswordRequired,
+            Denial::AppPasswordNotAccepted,
         ];
         for denial in denials {
             match denial {
@@ -910,6 +1150,7 @@ mod tests {
                 | Denial::CertificateNotYetValid
                 | Denial::CertificateRevoked
                 | Denial::CertificateUntrusted => {}
+                Denial::AppPasswordRequired | Denial::AppPasswordNotAccepted => {}
             }
         }
         let upstream_failures = vec![
@@ -994,6 +1235,70 @@ mod tests {
             "only a missing credential or route upstream reads the same as a denial and as an outage"
         );
         assert!(!denied.contains(&LoginResult::OK.reason) && !unavailable.contains(&LoginResult::OK.reason));
+    }
+
+    /// A user in an office profile (directory password, office network), a mobile profile
+    /// (app passwords, anywhere, IMAP only) and a lab profile (either, the lab network).
+    fn password_profiles() -> Profiles {
+        Profiles::parse(
+            r#"
+            [[profile]]
+            name = "office"
+            allow = ["10.0.0.0/8"]
+            users = ["erin@example.com"]
+            [[profile]]
+            name = "mobile"
+            allow = ["0.0.0.0/0"]
+            users = ["erin@example.com"]
+            protocols = ["imap"]
+            password = "app"
+            [[profile]]
+            name = "lab"
+            allow = ["192.0.2.0/24"]
+            groups = ["lab"]
+            password = "either"
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn profiles_of_different_password_kinds_combine_as_a_union_of_grants() {
+        let p = password_profiles();
+        let grant = |groups: &[&str], protocol, addr: &str, kind| {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            let none = CertificateStatus::Absent;
+            check_profiles_for(&p, "erin@example.com", &groups, protocol, ip(addr), &none, kind).map(|g| g.profile)
+        };
+        let accepted = |protocol, addr: &str| {
+            evaluate(&p, "erin@example.com", &[], protocol, ip(addr), &CertificateStatus::Absent).accepted()
+        };
+        use PasswordKind::{App, Directory};
+        // From the office both profiles let the client in: either password, each through its profile.
+        assert_eq!(accepted(Protocol::Imap, "10.1.2.3"), Accepted { directory: true, app: true });
+        assert_eq!(grant(&[], Protocol::Imap, "10.1.2.3", Directory).unwrap(), "office");
+        assert_eq!(grant(&[], Protocol::Imap, "10.1.2.3", App).unwrap(), "mobile");
+        // Elsewhere only the mobile profile does: app passwords only.
+        assert_eq!(accepted(Protocol::Imap, "198.51.100.7"), Accepted { directory: false, app: true });
+        assert_eq!(grant(&[], Protocol::Imap, "198.51.100.7", Directory), Err(Denial::AppPasswordRequired));
+        assert_eq!(grant(&[], Protocol::Imap, "198.51.100.7", App).unwrap(), "mobile");
+        // POP3 from the office: the mobile profile does not cover it, so the directory password only.
+        assert_eq!(accepted(Protocol::Pop3, "10.1.2.3"), Accepted { directory: true, app: false });
+        assert_eq!(grant(&[], Protocol::Pop3, "10.1.2.3", App), Err(Denial::AppPasswordNotAccepted));
+        // An address no profile lets in is refused as before, whatever the password.
+        assert_eq!(grant(&[], Protocol::Pop3, "198.51.100.7", App), Err(Denial::IpNotAllowed));
+        assert_eq!(accepted(Protocol::Pop3, "198.51.100.7"), Accepted::default());
+        // A group profile with "either" accepts both kinds from its network.
+        assert_eq!(grant(&["lab"], Protocol::Pop3, "192.0.2.9", App).unwrap(), "lab");
+        assert_eq!(grant(&["lab"], Protocol::Pop3, "192.0.2.9", Directory).unwrap(), "lab");
+    }
+
+    #[test]
+    fn only_wrong_passwords_count_toward_the_lockout() {
+        assert!(Denial::WrongPassword.is_wrong_password());
+        assert!(Denial::AppPasswordRequired.is_wrong_password());
+        assert!(!Denial::AppPasswordNotAccepted.is_wrong_password());
+        assert!(!Denial::IpNotAllowed.is_wrong_password());
     }
 
     #[test]

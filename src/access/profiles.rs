@@ -11,12 +11,14 @@
 //! groups = ["mail-users"]            # directory groups, by name or full DN
 //! protocols = ["imap", "pop3", "smtp"]  # optional; all when absent
 //! client_cert = "off"                # or "required" / "alternative" ([tls] client_ca)
+//! password = "directory"             # or "app" (app passwords only) or "either"
 //! ```
 //!
 //! A user may log in only when a profile that applies to them (by name or group) has
-//! `mail_access` on, covers the protocol, and lists the client's address; `client_cert`
-//! adds a client certificate naming the user to that (`required`) or accepts one instead of
-//! a listed address (`alternative`).
+//! `mail_access` on, covers the protocol, lists the client's address, and accepts the kind
+//! of password given (see [`PasswordPolicy`]); `client_cert` adds a client certificate
+//! naming the user to that (`required`) or accepts one instead of a listed address
+//! (`alternative`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -70,6 +72,8 @@ struct ProfileEntry {
     protocols: Option<Vec<Protocol>>,
     #[serde(default)]
     client_cert: CertRequirement,
+    #[serde(default)]
+    password: PasswordPolicy,
 }
 
 /// What a profile asks of the client's certificate (`client_cert`).
@@ -96,6 +100,60 @@ impl CertRequirement {
     }
 }
 
+/// Which passwords a profile accepts (`password = ...`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PasswordPolicy {
+    /// The directory password only (the default).
+    #[default]
+    Directory,
+    /// App passwords only (`postern user app-password add`); the directory password is
+    /// refused.
+    App,
+    /// Either.
+    Either,
+}
+
+/// The kind of password a login presented, as the password check found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PasswordKind {
+    /// The user's directory password.
+    Directory,
+    /// One of the user's app passwords.
+    App,
+}
+
+impl PasswordPolicy {
+    /// Whether a password of `kind` is accepted.
+    pub fn accepts(self, kind: PasswordKind) -> bool {
+        matches!(
+            (self, kind),
+            (PasswordPolicy::Either, _)
+                | (PasswordPolicy::Directory, PasswordKind::Directory)
+                | (PasswordPolicy::App, PasswordKind::App)
+        )
+    }
+
+    /// The setting as written in the profiles file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasswordPolicy::Directory => "directory",
+            PasswordPolicy::App => "app",
+            PasswordPolicy::Either => "either",
+        }
+    }
+}
+
+impl PasswordKind {
+    /// The kind as written in audit lines and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasswordKind::Directory => "directory",
+            PasswordKind::App => "app",
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -113,6 +171,8 @@ pub struct Profile {
     pub allow: Vec<IpNet>,
     /// What the profile asks of a client certificate.
     pub client_cert: CertRequirement,
+    /// Which passwords it accepts.
+    pub password: PasswordPolicy,
 }
 
 impl Profile {
@@ -202,6 +262,7 @@ impl Profiles {
                 protocols: entry.protocols,
                 allow,
                 client_cert: entry.client_cert,
+                password: entry.password,
             });
         }
         Ok(profiles)
@@ -335,6 +396,23 @@ mod tests {
         assert!(!off.any_accepts_certificates(), "a profile without mail access lets no one in");
         let err = Profiles::parse("[[profile]]\nname='a'\nclient_cert='yes'").unwrap_err();
         assert!(err.contains("client_cert") || err.contains("off"), "{err}");
+    }
+
+    #[test]
+    fn the_password_setting_defaults_to_the_directory_password() {
+        let p = Profiles::parse(
+            "[[profile]]\nname='a'\nusers=['u']\n[[profile]]\nname='b'\nusers=['u']\npassword='app'\n\
+             [[profile]]\nname='c'\nusers=['u']\npassword='either'",
+        )
+        .unwrap();
+        let policies: Vec<PasswordPolicy> = p.for_user("u", &[]).iter().map(|p| p.password).collect();
+        assert_eq!(policies, [PasswordPolicy::Directory, PasswordPolicy::App, PasswordPolicy::Either]);
+        assert!(PasswordPolicy::Directory.accepts(PasswordKind::Directory));
+        assert!(!PasswordPolicy::Directory.accepts(PasswordKind::App));
+        assert!(!PasswordPolicy::App.accepts(PasswordKind::Directory));
+        assert!(PasswordPolicy::Either.accepts(PasswordKind::App));
+        let err = Profiles::parse("[[profile]]\nname='a'\npassword='ldap'").unwrap_err();
+        assert!(err.contains("directory") && err.contains("either"), "{err}");
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct SessionRecord {
     pub route: Option<String>,
     /// The client certificate presented in the TLS handshake: SHA-256 fingerprint and serial.
     pub certificate: Option<String>,
+    /// The label of the app password the client logged in with (never the password).
+    pub app_password: Option<String>,
     /// The upstream `host:port`: the default route's until a login takes its route.
     pub upstream: String,
     /// Login attempts on this connection.
@@ -126,6 +128,7 @@ impl SessionRecord {
             profile: None,
             route: None,
             certificate: None,
+            app_password: None,
             upstream: upstream.to_owned(),
             attempts: 0,
             outcome: Outcome::Abandoned,
@@ -156,6 +159,7 @@ impl SessionRecord {
             "profile": escape(self.profile.as_deref().unwrap_or("-")),
             "route": self.route.as_deref().unwrap_or("-"),
             "certificate": self.certificate.as_deref().unwrap_or("-"),
+            "app_password": escape(self.app_password.as_deref().unwrap_or("-")),
             "upstream": escape(&self.upstream),
             "attempts": self.attempts,
             "bytes_up": self.bytes_up,
@@ -179,6 +183,7 @@ impl SessionRecord {
             profile = %escape(self.profile.as_deref().unwrap_or("-")),
             route = self.route.as_deref().unwrap_or("-"),
             certificate = self.certificate.as_deref().unwrap_or("-"),
+            app_password = %escape(self.app_password.as_deref().unwrap_or("-")),
             upstream = %escape(&self.upstream),
             attempts = self.attempts,
             bytes_up = self.bytes_up,

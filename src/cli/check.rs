@@ -93,6 +93,10 @@ fn named_files(config: &Config) -> Vec<(String, PathBuf, Secrecy)> {
             files.push((format!("vault {name}"), path, Secrecy::Secret));
         }
     }
+    let app_passwords = state_dir.join(crate::stores::app_passwords::FILE);
+    if app_passwords.exists() {
+        files.push(("app passwords".into(), app_passwords, Secrecy::Secret));
+    }
     files
 }
 
@@ -156,6 +160,11 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
     if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
         let vault = crate::stores::vault::Vault::open(&state_dir)?;
         println!("vault: {} credential(s) in {}", vault.list().len(), vault.path().display());
+    }
+    // `serve` refuses an unreadable or corrupt app password file.
+    let app_passwords = crate::stores::app_passwords::AppPasswords::load(&state_dir)?;
+    if !app_passwords.is_empty() {
+        println!("app passwords: {}", app_passwords.path().display());
     }
     let routing = crate::upstream::route::Routing::from_config(&config, None, &Default::default())
         .context("setting up the upstreams and OAuth2 token sources")?;

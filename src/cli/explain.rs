@@ -1,9 +1,9 @@
 //! `postern access explain USER IP`: the password-free part of the access decision, spelled
-//! out: which profiles apply to the user, what client certificate each asks for, why each
-//! does or does not let the address in, and which route (upstream) the login would take. It
-//! runs the decision's own evaluation (`access::decision::evaluate`), without a certificate,
-//! with a valid one for the user, or with a certificate file judged against the configured
-//! client CA and CRL.
+//! out: which profiles apply to the user, what client certificate and which password each
+//! asks for, why each does or does not let the address in, and which route (upstream) the
+//! login would take. It runs the decision's own evaluation (`access::decision::evaluate`),
+//! without a certificate, with a valid one for the user, or with a certificate file judged
+//! against the configured client CA and CRL.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -12,12 +12,22 @@ use anyhow::Context;
 
 use super::{load_config, normalized};
 use crate::access::certificate::{CertificateId, CertificateStatus, ClientCa, PresentedCertificate};
-use crate::access::decision::{Denial, Evaluation, Verdict, evaluate};
-use crate::access::profiles::{CertRequirement, Profiles};
+use crate::access::decision::{Denial, Evaluation, Grant, Verdict, evaluate};
+use crate::access::profiles::{CertRequirement, PasswordKind, PasswordPolicy, Profiles};
 use crate::config::{Config, UpstreamAuthMode};
 use crate::protocol::Protocol;
+use crate::stores::app_passwords::AppPasswords;
 use crate::stores::directory::{Directory, DirectoryError};
 use crate::upstream::route::{DEFAULT_ROUTE, RouteMatchers};
+
+/// What a profile's `password` setting means, for the explanation.
+fn password_policy(policy: PasswordPolicy) -> &'static str {
+    match policy {
+        PasswordPolicy::Directory => "password: directory password only",
+        PasswordPolicy::App => "password: app passwords only",
+        PasswordPolicy::Either => "password: directory or app password",
+    }
+}
 
 /// The certificate to explain against: what `--cert` names, judged for `user` with the
 /// configured client CA; `None` without `--cert`.
@@ -136,23 +146,29 @@ pub async fn explain(
         };
         let switch = if profile.mail_access { "mail access on" } else { "mail access off" };
         let cert = profile.client_cert.name();
-        println!("profile {:?} ({switch}; {protocols}; client certificate {cert}): {verdict}", profile.name);
+        let password = password_policy(profile.password);
+        println!(
+            "profile {:?} ({switch}; {protocols}; client certificate {cert}; {password}): {verdict}",
+            profile.name
+        );
     }
+    let state_dir = config.resolve(&config.server.state_dir);
+    let app_passwords = AppPasswords::load(&state_dir)?.list(&user);
+    let labels: Vec<String> = app_passwords.iter().map(|l| format!("{:?}", crate::user::escape(&l.label))).collect();
     let asks = evaluation.profiles.iter().any(|(p, _)| p.client_cert != CertRequirement::Off);
     let with = match (&given, asks) {
         (Some(_), _) => " with this certificate",
         (None, true) => " without a certificate",
         (None, false) => "",
     };
-    print_decision(with, &evaluation);
+    print_decision(with, &evaluation, &labels);
     if given.is_none() && asks {
         let id = CertificateId { fingerprint: "-".into(), serial: "-".into() };
         let valid = CertificateStatus::Valid(id);
         let evaluation = evaluate(&profiles, &user, &groups, protocol, ip, &valid);
-        print_decision(&format!(" with a valid certificate for {user}"), &evaluation);
+        print_decision(&format!(" with a valid certificate for {user}"), &evaluation, &labels);
     }
     print_route(&config, &user, &groups, groups_known, protocol);
-    let state_dir = config.resolve(&config.server.state_dir);
     if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
         let stored = crate::stores::vault::Vault::open(&state_dir)?.contains(&user);
         println!("upstream credential: {}", if stored { "stored" } else { "missing (the login would be refused)" });
@@ -186,14 +202,36 @@ fn print_route(config: &Config, user: &str, groups: &[String], groups_known: boo
     }
 }
 
-/// Prints one decision line.
-fn print_decision(with: &str, evaluation: &Evaluation<'_>) {
-    match &evaluation.decision {
-        Ok(grant) => {
-            let how = grant.to_string();
-            let how = how.strip_prefix(grant.profile.as_str()).unwrap_or_default();
-            println!("decision{with}: allowed by profile {:?}{how}, if the password is right", grant.profile)
+/// Prints the decision: for the first kind of password a profile lets in, then how the
+/// other kind would fare; `labels` are the user's app passwords.
+fn print_decision(with: &str, evaluation: &Evaluation<'_>, labels: &[String]) {
+    if let Err(denial) = &evaluation.decision {
+        println!("decision{with}: refused: {denial}");
+        return;
+    }
+    let how = |grant: &Grant| {
+        let text = grant.to_string();
+        text.strip_prefix(grant.profile.as_str()).unwrap_or_default().to_owned()
+    };
+    let outcomes = [PasswordKind::Directory, PasswordKind::App].map(|kind| {
+        let what = match kind {
+            PasswordKind::Directory => "the directory password".to_owned(),
+            PasswordKind::App if labels.is_empty() => "an app password (the user has none yet)".to_owned(),
+            PasswordKind::App => format!("an app password ({})", labels.join(", ")),
+        };
+        (what, evaluation.grant(kind))
+    });
+    let first = outcomes.iter().position(|(_, outcome)| outcome.is_ok()).unwrap_or_default();
+    for (index, (what, outcome)) in outcomes.iter().enumerate() {
+        match outcome {
+            Ok(grant) if index == first => println!(
+                "decision{with}: allowed by profile {:?}{} with {what}, if the password is right",
+                grant.profile,
+                how(grant)
+            ),
+            Ok(grant) => println!("  and with {what}: allowed by profile {:?}{}", grant.profile, how(grant)),
+            Err(denial) if index == first => println!("decision{with}: {what}: refused: {denial}"),
+            Err(denial) => println!("  and with {what}: refused: {denial}"),
         }
-        Err(denial) => println!("decision{with}: refused: {denial}"),
     }
 }

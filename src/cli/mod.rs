@@ -12,6 +12,7 @@ use crate::secret::Secret;
 use crate::stores::directory::DirectoryConfig;
 use crate::stores::vault::{self, UpstreamSecret, Vault};
 
+pub mod app_passwords;
 mod certs;
 mod check;
 pub mod control;

@@ -69,6 +69,20 @@ fn audit_reveal(config: &Config, what: &str, users: &[String]) -> anyhow::Result
     Ok(())
 }
 
+/// Records an admin's change to `user` (e.g. `app password added`), with who made it and
+/// `details`: on the `audit` log target, and in the audit file when one is configured. The
+/// change is made already, so a failure to write the file is only warned about.
+pub(super) fn audit_admin(config: &Config, event: &str, user: &str, details: serde_json::Value) {
+    let operator = operator();
+    tracing::info!(target: "audit", event, user = %user, operator = %operator, details = %details, "admin change");
+    if let Some(file) = &config.audit.file {
+        let line = serde_json::json!({"event": event, "user": user, "operator": operator, "details": details});
+        if let Err(e) = crate::audit::file::append(&config.resolve(file), line) {
+            eprintln!("warning: the change is made, but the audit file did not get its line: {e}");
+        }
+    }
+}
+
 fn date(unix: u64) -> String {
     crate::audit::file::rfc3339(unix)
 }

@@ -7,6 +7,9 @@
 //! {"command":"user","user":"a@x"}      -> the user's last upstream login result
 //! {"command":"reload"}                 -> what SIGHUP does, with the result
 //! {"command":"unlock","user":"a@x"}    -> lifts the user's lockout; says whether it was locked
+//! {"command":"revoke-app-password","user":"a@x","label":"phone"}
+//!                                      -> re-reads the app passwords and closes that one's
+//!                                         live sessions; says how many
 //! ```
 //!
 //! Answers always carry `"ok": true|false`; failures carry `"error"`.
@@ -40,9 +43,18 @@ pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
 #[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
 enum Request {
     Status,
-    User { user: String },
+    User {
+        user: String,
+    },
     Reload,
-    Unlock { user: String },
+    Unlock {
+        user: String,
+    },
+    #[serde(rename = "revoke-app-password")]
+    RevokeAppPassword {
+        user: String,
+        label: String,
+    },
 }
 
 /// Binds the control socket at `path` with mode 0600, replacing a stale socket left by a
@@ -152,6 +164,7 @@ async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRe
                 Err(_) => json!({"ok": false, "error": "the reload was abandoned"}),
             }
         }
+        Request::RevokeAppPassword { user, label } => revoke_app_password(server, &user, &label, peer),
         Request::Unlock { user } => {
             let Ok(user) = crate::user::normalize(&user) else {
                 return json!({"ok": false, "error": "not a usable user name"});
@@ -168,6 +181,29 @@ async fn answer(request: Request, server: &State, reload: &mpsc::Sender<ReloadRe
             }
         }
     }
+}
+
+/// Applies an app password's revocation (the admin command has removed it from the file):
+/// the file is read again, so the password is refused from now on, and the sessions it
+/// opened are closed at once.
+fn revoke_app_password(server: &State, user: &str, label: &str, peer: &str) -> Value {
+    let Ok(user) = crate::user::normalize(user) else {
+        return json!({"ok": false, "error": "not a usable user name"});
+    };
+    let Ok(label) = crate::stores::app_passwords::valid_label(label) else {
+        return json!({"ok": false, "error": "not a usable label"});
+    };
+    if let Err(e) = server.reload_app_passwords() {
+        return json!({"ok": false, "error": format!("{e}; the app passwords in force stay")});
+    }
+    if server.app_passwords().contains(&user, &label) {
+        return json!({"ok": false, "error": format!("{user} still has an app password labelled {label:?} in the file")});
+    }
+    let reason = format!("closed: the app password {:?} was revoked by {peer}", crate::user::escape(&label));
+    let closed = server.live().revoke_app_password(&user, &label, &reason);
+    server.metrics().revoked(closed as u64);
+    tracing::info!(target: "audit", event = "app password revoked", user = %user, label = %crate::user::escape(&label), by = peer, sessions_closed = closed, "app password revoked; its live sessions closed");
+    json!({"ok": true, "user": user, "label": label, "sessions_closed": closed})
 }
 
 async fn status(server: &State) -> Value {

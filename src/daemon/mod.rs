@@ -1,6 +1,7 @@
 //! The running daemon: binds the listeners, serves the control socket and the metrics
-//! endpoint, watches the profiles file, reloads on SIGHUP and stops on SIGTERM in two
-//! stages (no new logins, then, after the grace period, every session closed).
+//! endpoint, watches the profiles and app password files, writes app passwords' last uses,
+//! reloads on SIGHUP and stops on SIGTERM in two stages (no new logins, then, after the
+//! grace period, every session closed).
 
 pub mod control;
 pub mod health;
@@ -165,6 +166,9 @@ impl Running {
         if let Err(e) = self.server.counters.save(true) {
             tracing::warn!(error = %e, "cannot save lockouts to the state folder; locks are lost on restart");
         }
+        if let Err(e) = self.server.app_password_usage().write(self.server.state_dir()) {
+            tracing::warn!(error = %e, "cannot record when app passwords were last used");
+        }
     }
 }
 
@@ -226,6 +230,11 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         None => None,
     };
     tokio::spawn(server.counters.clone().save_periodically(helpers.clone()));
+    let state_dir = server.state_dir().to_owned();
+    let usage = server.app_password_usage().clone();
+    tokio::spawn(crate::stores::app_passwords::flush_usage(usage, state_dir.clone(), helpers.clone()));
+    let app_passwords = state_dir.join(crate::stores::app_passwords::FILE);
+    tokio::spawn(crate::daemon::watch::watch_app_passwords(server.clone(), app_passwords, helpers.clone()));
     if config.server.watch_profiles {
         let path = config.resolve(&config.access.profiles);
         tokio::spawn(crate::daemon::watch::watch_profiles(server.clone(), path, helpers.clone()));

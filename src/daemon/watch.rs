@@ -1,8 +1,8 @@
-//! Applying edits of the profiles file, and of the client CA and CRL files, without a
-//! reload: each file's size, modification time and inode are polled every second (no
-//! inotify, so it works on any file system and with editors that replace the file), and a
-//! changed file is loaded and applied. A file that does not load is logged and what is in
-//! force stays.
+//! Applying edits of the profiles file, the client CA and CRL files and the app password
+//! file without a reload: each file's size, modification time and inode are polled every
+//! second (no inotify, so it works on any file system and with editors that replace the
+//! file), and a changed file is loaded and applied. A file that does not load is logged
+//! and what is in force stays.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::access::decision::revalidate;
+use crate::access::decision::{close_revoked_app_password_sessions, revalidate};
 use crate::access::profiles::Profiles;
 use crate::state::State;
 
@@ -82,6 +82,38 @@ pub async fn watch_profiles(server: Arc<State>, path: PathBuf, stop: Cancellatio
                 revalidate(&server).await;
             }
             Err(e) => tracing::error!(error = %e, "the changed profiles file is invalid; the profiles in force stay"),
+        }
+    }
+}
+
+/// Watches the app password file at `path` (written by `postern user app-password` and the
+/// daemon's own last-use writes) until `stop` is cancelled. A change applies to logins at
+/// once; the live sessions of app passwords no longer in it are closed one poll later, so a
+/// revocation that the control socket reports (with who asked) closes them first.
+pub async fn watch_app_passwords(server: Arc<State>, path: PathBuf, stop: CancellationToken) {
+    let mut seen = fingerprint(&path);
+    let mut close_revoked = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
+        if std::mem::take(&mut close_revoked) {
+            close_revoked_app_password_sessions(&server);
+        }
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match server.reload_app_passwords() {
+            Ok(()) => {
+                tracing::debug!("applied the changed app password file");
+                close_revoked = true;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the changed app password file is unusable; the app passwords in force stay")
+            }
         }
     }
 }

@@ -376,6 +376,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.record.profile = Some(admitted.grant.to_string());
                     self.record.route = Some(admitted.route.name.clone());
                     self.record.upstream.clone_from(&admitted.route.upstream);
+                    self.record.app_password.clone_from(&admitted.app_password);
                     return Some(PreLogin::Admitted(Box::new(admitted)));
                 }
                 Err(Refusal::Denied(denial)) => {
@@ -521,7 +522,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Forwards what each side already sent, then splices until the session ends.
     async fn splice(&mut self, admitted: Admitted) {
-        let Admitted { upstream, slot: _slot, grant, route } = admitted;
+        let Admitted { upstream, slot: _slot, grant, route, app_password } = admitted;
         drop(grant);
         let crate::upstream::LoggedIn { stream: mut upstream_stream, leftover, .. } = upstream;
         let counters = Arc::new(Counters::default());
@@ -548,7 +549,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let server = self.server.clone();
         let user = self.record.user.clone().unwrap_or_default();
         let certificate = self.certificate.clone();
-        let registration = server.live().register(user, self.protocol, self.peer.ip(), route, certificate);
+        let registration =
+            server.live().register(user, self.protocol, self.peer.ip(), route, certificate, app_password);
         registration.track(counters.clone());
         let revoked = registration.revoked();
         let end = relay::splice(&mut self.client, &mut upstream_stream, idle, counters.clone(), async move {

@@ -1,5 +1,6 @@
 //! Live logged-in sessions, so a reload can close the ones whose user no longer passes the
-//! access decision, and each user's last upstream login result for `postern status`.
+//! access decision and a revoked app password can close the sessions it opened, and each
+//! user's last upstream login result for `postern status`.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::relay::Counters;
 use crate::access::certificate::PresentedCertificate;
+use crate::access::profiles::PasswordKind;
 use crate::protocol::Protocol;
 use crate::upstream::route::RouteTaken;
 
@@ -32,6 +34,9 @@ pub struct LiveSession {
     pub route: RouteTaken,
     /// The certificate the client presented in its TLS handshake, judged again on reload.
     pub certificate: Option<PresentedCertificate>,
+    /// The label of the app password the session logged in with; `None` for the directory
+    /// password.
+    pub app_password: Option<String>,
     revoke: CancellationToken,
     reason: OnceLock<String>,
 }
@@ -46,6 +51,11 @@ impl LiveSession {
     pub fn revoke(&self, reason: impl Into<String>) {
         let _ = self.reason.set(reason.into());
         self.revoke.cancel();
+    }
+
+    /// The kind of password the session logged in with.
+    pub fn password_kind(&self) -> PasswordKind {
+        if self.app_password.is_some() { PasswordKind::App } else { PasswordKind::Directory }
     }
 }
 
@@ -88,7 +98,8 @@ impl Drop for Registration<'_> {
 }
 
 impl LiveSessions {
-    /// Registers a session that has just logged in.
+    /// Registers a session that has just logged in (with the app password labelled
+    /// `app_password`, if one).
     pub fn register(
         &self,
         user: String,
@@ -96,6 +107,7 @@ impl LiveSessions {
         ip: IpAddr,
         route: RouteTaken,
         certificate: Option<PresentedCertificate>,
+        app_password: Option<String>,
     ) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(LiveSession {
@@ -107,11 +119,26 @@ impl LiveSessions {
             ip,
             route,
             certificate,
+            app_password,
             revoke: CancellationToken::new(),
             reason: OnceLock::new(),
         });
         self.sessions.insert(id, session.clone());
         Registration { id, session, registry: self }
+    }
+
+    /// Closes the live sessions of `user` that logged in with the app password labelled
+    /// `label` (ignoring case), giving `reason`; how many.
+    pub fn revoke_app_password(&self, user: &str, label: &str, reason: &str) -> usize {
+        let label = label.to_lowercase();
+        let mut closed = 0;
+        for session in self.snapshot() {
+            if session.user == user && session.app_password.as_ref().is_some_and(|l| l.to_lowercase() == label) {
+                session.revoke(reason);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// A snapshot of the sessions logged in now.
@@ -178,12 +205,14 @@ mod tests {
             IpAddr::from([127, 0, 0, 1]),
             RouteTaken::new("default", "u:1"),
             None,
+            None,
         );
         let b = live.register(
             "b@x".into(),
             Protocol::Pop3,
             IpAddr::from([127, 0, 0, 1]),
             RouteTaken::new("default", "u:1"),
+            None,
             None,
         );
         assert_eq!(live.len(), 2);
@@ -198,5 +227,43 @@ mod tests {
         assert_eq!(live.len(), 1);
         drop(b);
         assert!(live.is_empty());
+    }
+
+    #[tokio::test]
+    async fn revoking_an_app_password_closes_only_its_sessions() {
+        let live = LiveSessions::default();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let phone = live.register(
+            "a@x".into(),
+            Protocol::Imap,
+            ip,
+            RouteTaken::new("default", "u:1"),
+            None,
+            Some("Phone".into()),
+        );
+        let laptop = live.register(
+            "a@x".into(),
+            Protocol::Imap,
+            ip,
+            RouteTaken::new("default", "u:1"),
+            None,
+            Some("laptop".into()),
+        );
+        let directory = live.register("a@x".into(), Protocol::Pop3, ip, RouteTaken::new("default", "u:1"), None, None);
+        let other = live.register(
+            "b@x".into(),
+            Protocol::Imap,
+            ip,
+            RouteTaken::new("default", "u:1"),
+            None,
+            Some("phone".into()),
+        );
+        assert_eq!(live.revoke_app_password("a@x", "phone", "revoked"), 1);
+        phone.revoked().await;
+        assert_eq!(phone.revoked_reason(), Some("revoked"));
+        for kept in [&laptop, &directory, &other] {
+            assert_eq!(kept.revoked_reason(), None);
+        }
+        assert_eq!(live.snapshot().iter().filter(|s| s.password_kind() == PasswordKind::App).count(), 3);
     }
 }

@@ -259,11 +259,10 @@ pub struct Vault {
     lock: Option<WriteLock>,
 }
 
-/// An exclusive advisory lock on the state directory's [`LOCK_FILE`], released when
-/// dropped (closing the file releases it, also if the process dies).
+/// The exclusive lock on the state directory's [`LOCK_FILE`] ([`crate::fsutil::WriteLock`]).
 #[derive(Debug)]
 struct WriteLock {
-    _file: File,
+    _lock: crate::fsutil::WriteLock,
 }
 
 impl WriteLock {
@@ -271,21 +270,8 @@ impl WriteLock {
     /// file (mode 0600) if needed. Blocks: call it off the async workers.
     fn acquire(state_dir: &Path) -> Result<Self, VaultError> {
         let path = state_dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        loop {
-            match rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive) {
-                Ok(()) => return Ok(Self { _file: file }),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(VaultError::Io { path, source: io::Error::from(e) }),
-            }
-        }
+        let lock = crate::fsutil::WriteLock::acquire(&path).map_err(io_at(&path))?;
+        Ok(Self { _lock: lock })
     }
 }
 

@@ -126,38 +126,77 @@ async fn refusal_micros(proxy: &crate::common::proxy::Proxy, protocol: &str, use
     started.elapsed().as_micros()
 }
 
+/// Asserts that refusals of `a` and of `b` take the same time over each of `protocols`:
+/// 20 interleaved tries each, compared by the fastest (what the work itself costs).
+async fn assert_refused_in_the_same_time(
+    proxy: &crate::common::proxy::Proxy,
+    what: &str,
+    a: &str,
+    b: &str,
+    protocols: &[&str],
+) {
+    for protocol in protocols {
+        // Interleaved, so whatever else loads the machine weighs on both alike.
+        let (mut a_times, mut b_times) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            a_times.push(refusal_micros(proxy, protocol, a).await);
+            b_times.push(refusal_micros(proxy, protocol, b).await);
+        }
+        let fastest = |times: &[u128]| times.iter().copied().min().unwrap_or_default();
+        let (a_min, b_min) = (fastest(&a_times), fastest(&b_times));
+        let (a_median, b_median) = (median(a_times), median(b_times));
+        eprintln!("{protocol}, {what}: {a_median} µs / {b_median} µs (medians of 20; fastest {a_min} / {b_min} µs)");
+        // The fastest of each is what the work itself costs; medians also carry whatever else
+        // the machine (and the other tests) were doing at the time.
+        let ratio = b_min as f64 / a_min as f64;
+        assert!(
+            (0.8..=1.25).contains(&ratio),
+            "{protocol}, {what}: {b} is refused in {b_min} µs at best, {a} in {a_min} µs (of 20 each)"
+        );
+    }
+}
+
+/// One test, so the measurements never share the hashing workers with each other.
 #[tokio::test]
 async fn unknown_and_known_users_are_refused_in_the_same_time() {
     use crate::common::proxy::{self, Dir, Options, Proxy};
+    use postern::stores::app_passwords::{self, AppPasswords};
     let known = "timing-known@example.com";
+    let unknown = "timing-nobody@example.com";
+    let lockout = "failure_delay_ms = 0\nmax_failures = 0\nmax_failures_per_ip = 0".to_owned();
     let proxy = Proxy::start(Options {
         directory: Dir::File,
-        profiles: proxy::profile_for(&[known, "timing-nobody@example.com"]),
-        lockout: "failure_delay_ms = 0\nmax_failures = 0\nmax_failures_per_ip = 0".to_owned(),
+        profiles: proxy::profile_for(&[known, unknown]),
+        lockout: lockout.clone(),
         ..Options::default()
     })
     .await;
     proxy.set_file_password(known, "timing-pw").await;
-    for protocol in ["imap", "pop3", "smtp"] {
-        // Interleaved, so whatever else loads the machine weighs on both alike.
-        let (mut known_times, mut unknown_times) = (Vec::new(), Vec::new());
-        for _ in 0..20 {
-            known_times.push(refusal_micros(&proxy, protocol, known).await);
-            unknown_times.push(refusal_micros(&proxy, protocol, "timing-nobody@example.com").await);
-        }
-        let fastest = |times: &[u128]| times.iter().copied().min().unwrap_or_default();
-        let (known_min, unknown_min) = (fastest(&known_times), fastest(&unknown_times));
-        let (known, unknown) = (median(known_times), median(unknown_times));
-        eprintln!(
-            "{protocol}: refusal of a known user {known} µs, of an unknown one {unknown} µs (medians of 20; fastest {known_min} / {unknown_min} µs)"
-        );
-        // The fastest of each is what the work itself costs; medians also carry whatever else
-        // the machine (and the other tests) were doing at the time.
-        let ratio = unknown_min as f64 / known_min as f64;
-        assert!(
-            (0.8..=1.25).contains(&ratio),
-            "{protocol}: an unknown user is refused in {unknown_min} µs at best, a known one in {known_min} µs (of 20 each)"
-        );
-    }
+    assert_refused_in_the_same_time(&proxy, "known user / unknown user", known, unknown, &["imap", "pop3", "smtp"])
+        .await;
+
+    // Where app passwords are in use, a wrong directory password also gets an app password
+    // check (to tell "app password not accepted" apart); refusals before the check pay it too.
+    let app_user = "timing-app@example.com";
+    AppPasswords::update(&proxy.state_dir(), |p| p.add(app_user, "phone", &app_passwords::generate())).unwrap();
+    proxy.server().reload_app_passwords().unwrap();
+    let what = "app passwords in use: known user / unknown user";
+    assert_refused_in_the_same_time(&proxy, what, known, unknown, &["imap"]).await;
+    proxy.stop().await;
+
+    // A profile accepting app passwords only: a user without any costs a wrong app password's time.
+    let without = "timing-noapp@example.com";
+    let profiles = format!(
+        "[[profile]]\nname = \"devices\"\nallow = [\"127.0.0.1/32\"]\nusers = [{app_user:?}, {without:?}, {unknown:?}]\npassword = \"app\"\n"
+    );
+    let proxy = Proxy::start(Options { directory: Dir::File, profiles, lockout, ..Options::default() }).await;
+    proxy.set_file_password(app_user, "timing-pw").await;
+    proxy.set_file_password(without, "timing-pw").await;
+    AppPasswords::update(&proxy.state_dir(), |p| p.add(app_user, "phone", &app_passwords::generate())).unwrap();
+    proxy.server().reload_app_passwords().unwrap();
+    let what = "app-only profile: wrong app password / user without app passwords";
+    assert_refused_in_the_same_time(&proxy, what, app_user, without, &["imap"]).await;
+    let what = "app-only profile: wrong app password / unknown user";
+    assert_refused_in_the_same_time(&proxy, what, app_user, unknown, &["imap"]).await;
     proxy.stop().await;
 }

@@ -8,6 +8,7 @@ mod common;
 mod install;
 
 mod alerts;
+mod app_passwords;
 mod balancer;
 mod cli;
 mod client_certs;

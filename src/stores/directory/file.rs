@@ -143,6 +143,35 @@ pub async fn check_dummy(password: &Secret) {
     let _ = check_in_pool(DUMMY_HASH.to_owned(), password.clone()).await;
 }
 
+/// Checks `password` against each of `hashes` on the hashing workers, all queued at once so
+/// that they run side by side, and returns the index of the first that matches. With no
+/// hashes, one check against a hash no password matches runs instead: the answer takes as
+/// long as one wrong hash either way.
+pub async fn check_any(hashes: &[String], password: &Secret) -> Result<Option<usize>, DirectoryError> {
+    let unavailable = || DirectoryError::Unavailable("the password hashing workers are gone".into());
+    let phcs: Vec<String> = if hashes.is_empty() { vec![DUMMY_HASH.to_owned()] } else { hashes.to_vec() };
+    let mut answers = Vec::with_capacity(phcs.len());
+    for phc in phcs {
+        let (answer, answered) = oneshot::channel();
+        hashing_queue().send(HashJob { phc, password: password.clone(), answer }).await.map_err(|_| unavailable())?;
+        answers.push(answered);
+    }
+    let mut matched = None;
+    let mut failure = None;
+    for (index, answered) in answers.into_iter().enumerate() {
+        match answered.await.map_err(|_| unavailable())? {
+            Ok(true) if matched.is_none() && !hashes.is_empty() => matched = Some(index),
+            Ok(_) => {}
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    match (matched, failure) {
+        (Some(index), _) => Ok(Some(index)),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(None),
+    }
+}
+
 /// One password check for the hashing workers.
 struct HashJob {
     phc: String,
@@ -352,6 +381,17 @@ mod tests {
         assert!(!blocks.is_empty() && blocks.iter().all(|b| b.as_ref().iter().all(|w| *w == 0)), "wiped");
         let greedy = phc.replace("m=19456", "m=1048576");
         assert!(matches!(check_password_in(&greedy, &Secret::new("pw"), &mut blocks), Err(DirectoryError::Config(_))));
+    }
+
+    #[tokio::test]
+    async fn check_any_finds_the_matching_hash_and_costs_one_check_without_hashes() {
+        let hashes: Vec<String> = ["one", "two", "three"].map(|p| hash_password(&Secret::new(p)).unwrap()).to_vec();
+        assert_eq!(check_any(&hashes, &Secret::new("two")).await.unwrap(), Some(1));
+        assert_eq!(check_any(&hashes, &Secret::new("four")).await.unwrap(), None);
+        assert_eq!(check_any(&[], &Secret::new("anything")).await.unwrap(), None);
+        let broken = vec!["$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$AAAA".to_owned(), hashes[0].clone()];
+        assert_eq!(check_any(&broken, &Secret::new("one")).await.unwrap(), Some(1), "a match wins");
+        assert!(matches!(check_any(&broken, &Secret::new("x")).await, Err(DirectoryError::Config(_))));
     }
 
     #[test]
