@@ -107,6 +107,8 @@ struct RestartOnly {
     metrics: MetricsConfig,
     state: crate::access::store::StateConfig,
     alerts: crate::alerts::AlertsConfig,
+    /// `[onboarding]` but its certificate, which reloads.
+    onboarding: Option<crate::config::OnboardingConfig>,
 }
 
 impl RestartOnly {
@@ -132,6 +134,11 @@ impl RestartOnly {
             metrics: config.metrics.clone(),
             state: config.state.clone(),
             alerts: config.alerts.clone(),
+            onboarding: config.onboarding.clone().map(|o| crate::config::OnboardingConfig {
+                cert: None,
+                key: None,
+                ..o
+            }),
         }
     }
 }
@@ -291,7 +298,7 @@ impl State {
         );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
-                "listen addresses, [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
+                "listen addresses, [state], [alerts], [onboarding] (but its certificate), limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
             );
         }
         self.set_profiles(profiles);
@@ -358,6 +365,10 @@ mod tests {
         assert_eq!(base, restart_only(&reloadable), "profiles and certificate apply on reload");
         let upstream = MINIMAL.replace("imap.gmail.com:993", "imap.example.com:993");
         assert_eq!(base, restart_only(&upstream), "upstreams and routes apply on reload");
+        let onboarding = format!("{MINIMAL}\n[onboarding]\nlisten = \"0.0.0.0:443\"\ndomains = [\"example.com\"]\n");
+        let own_certificate = format!("{onboarding}cert = \"o.pem\"\nkey = \"o.key\"\n");
+        assert_eq!(restart_only(&onboarding), restart_only(&own_certificate), "the onboarding certificate reloads");
+        assert_ne!(base, restart_only(&onboarding), "turning onboarding on needs a restart");
         for changed in
             [MINIMAL.replace("10993", "10994"), MINIMAL.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]")]
         {

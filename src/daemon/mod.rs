@@ -38,6 +38,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The onboarding listener could not start.
+    #[error(transparent)]
+    Onboarding(#[from] crate::web::onboarding::StartError),
     /// A listen address could not be bound.
     #[error("cannot listen on {address} for {protocol}: {source} (is another process using the port?)")]
     Bind {
@@ -80,10 +83,10 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                let _ = reload(path, &server).await;
+                let _ = reload(path, &running).await;
             }
             Some(answer) = reload_rx.recv() => {
-                let result = reload(path, &server).await.map_err(|e| format!("{e:#}"));
+                let result = reload(path, &running).await.map_err(|e| format!("{e:#}"));
                 let _ = answer.send(result);
             }
             _ = terminate.recv() => break,
@@ -100,10 +103,11 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Re-reads the config file and everything reloadable; logs the outcome.
-async fn reload(path: &Path, server: &State) -> anyhow::Result<()> {
+async fn reload(path: &Path, running: &Running) -> anyhow::Result<()> {
+    let server = &running.server;
     notify::reloading();
     let result = match load_config(path) {
-        Ok(config) => match server.reload(&config).await {
+        Ok(config) => match running.reload(&config).await {
             Ok(()) => {
                 crate::access::decision::revalidate(server).await;
                 Ok(())
@@ -134,6 +138,9 @@ pub struct Running {
     pub starttls_addresses: HashMap<Protocol, Vec<SocketAddr>>,
     /// The bound metrics address, when `[metrics] listen` is set.
     pub metrics_address: Option<SocketAddr>,
+    /// The bound onboarding address, when `[onboarding] listen` is set.
+    pub onboarding_address: Option<SocketAddr>,
+    onboarding_certificate: Option<Arc<crate::web::onboarding::Certificate>>,
     /// Stops the server when cancelled.
     pub shutdown: Shutdown,
     /// What `/healthz` answers: draining as soon as [`Running::stop`] begins.
@@ -145,6 +152,20 @@ pub struct Running {
 }
 
 impl Running {
+    /// Re-reads everything reloadable from `config`, all or nothing: the shared state
+    /// ([`State::reload`]) and the onboarding listener's certificate.
+    pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
+        let onboarding = match &self.onboarding_certificate {
+            Some(_) => Some(crate::web::onboarding::Certificate::prepare(config)?),
+            None => None,
+        };
+        self.server.reload(config).await?;
+        if let (Some(certificate), Some(next)) = (&self.onboarding_certificate, onboarding) {
+            certificate.apply(next);
+        }
+        Ok(())
+    }
+
     /// Stops accepting (from now on `/healthz` answers `draining`, so balancers send new
     /// clients elsewhere), lets logged-in sessions run for the grace period, then closes
     /// them, and returns when every session has ended.
@@ -216,6 +237,15 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         }
         None => None,
     };
+    let (onboarding_address, onboarding_certificate) = match &config.onboarding {
+        Some(onboarding) => {
+            let listeners = bound.iter().filter_map(|(p, s, l)| Some((*p, *s, l.local_addr().ok()?))).collect();
+            let started =
+                crate::web::onboarding::start(config, onboarding, server.clone(), listeners, helpers.clone()).await?;
+            (Some(started.address), Some(started.certificate))
+        }
+        None => (None, None),
+    };
     tokio::spawn(server.counters.clone().save_periodically(helpers.clone()));
     if config.server.watch_profiles {
         let path = config.resolve(&config.access.profiles);
@@ -235,7 +265,19 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         tasks.spawn(accept);
     }
     readiness.set_listening();
-    Ok(Running { addresses, starttls_addresses, metrics_address, shutdown, readiness, tasks, grace, helpers, server })
+    Ok(Running {
+        addresses,
+        starttls_addresses,
+        metrics_address,
+        onboarding_address,
+        onboarding_certificate,
+        shutdown,
+        readiness,
+        tasks,
+        grace,
+        helpers,
+        server,
+    })
 }
 
 /// The shared state as the readiness probe (see [`health::Probe`] for [`State`]).
