@@ -956,6 +956,26 @@ file = "/var/log/postern/audit.jsonl"
     }
 
     #[test]
+    fn the_examples_onboarding_table_parses_when_uncommented() {
+        let example = include_str!("../proxy.toml.example");
+        let start = example.find("# [onboarding]\n").expect("the example documents [onboarding]");
+        let block = example[start..].split("\n\n").next().unwrap_or_default();
+        let keys: Vec<&str> = block
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| *l == "[onboarding]" || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .collect();
+        assert_eq!(keys.len(), 8, "{keys:?}");
+        let c = parse(&format!("{MINIMAL}\n{}\n", keys.join("\n"))).unwrap();
+        let o = c.onboarding.unwrap();
+        assert_eq!(
+            (o.host.as_deref(), o.domains.len(), o.max_requests_per_minute),
+            (Some("mail-gw.example.com"), 1, 30)
+        );
+        assert!(o.cert.is_some() && o.key.is_some() && o.display_name.is_some());
+    }
+
+    #[test]
     fn xoauth2_needs_an_oauth_table() {
         let text = MINIMAL.replace(
             "upstream = \"imap.gmail.com:993\"",
