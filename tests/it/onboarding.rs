@@ -315,3 +315,25 @@ async fn an_own_certificate_is_served_and_reloaded() {
     assert_eq!(served_name(&proxy).await, "onboarding-second", "the reload put the new certificate in force");
     proxy.stop().await;
 }
+
+#[test]
+fn postern_check_reports_the_onboarding_listener_and_refuses_an_unusable_certificate() {
+    use crate::install::{Install, expect_code, profiles_for, text};
+    let table = "[onboarding]\nlisten = \"127.0.0.1:443\"\ndomains = [\"check.example\"]\n";
+    let i = Install::new(&profiles_for(&["alice@example.com"]), "", table);
+    let out = expect_code(&i.run(&["check"], ""), 0);
+    assert!(
+        out.contains("onboarding: https://127.0.0.1:443 for check.example -> clients told to use proxy.test"),
+        "{out}"
+    );
+    assert!(out.contains("CAP_NET_BIND_SERVICE"), "{out}");
+    let missing = Install::new(
+        &profiles_for(&["alice@example.com"]),
+        "",
+        &format!("{table}cert = \"missing.pem\"\nkey = \"missing.key\"\n"),
+    );
+    let output = missing.run(&["check"], "");
+    expect_code(&output, 1);
+    let (_, stderr) = text(&output);
+    assert!(stderr.contains("onboarding certificate") && stderr.contains("missing.pem"), "{stderr}");
+}
