@@ -12,9 +12,11 @@ use crate::stores::directory::DirectoryConfig;
 pub use crate::tls::TlsVersion;
 
 mod console;
+mod onboarding;
 mod upstream;
 
 pub use console::ConsoleConfig;
+pub use onboarding::{DEFAULT_MAX_REQUESTS_PER_MINUTE, OnboardingConfig, is_domain_name};
 pub use upstream::{DEFAULT_OAUTH_SOURCE, OAuthSources, RouteConfig, UpstreamConfig};
 
 /// Why a configuration could not be used.
@@ -94,6 +96,9 @@ pub struct Config {
     /// expiring certificates.
     #[serde(default)]
     pub alerts: crate::alerts::AlertsConfig,
+    /// `[onboarding]`: the HTTPS listener mail clients ask for their settings; off when
+    /// absent.
+    pub onboarding: Option<OnboardingConfig>,
     /// Folder relative paths are resolved against: the config file's folder.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -731,6 +736,13 @@ impl Config {
                 return Err(invalid("metrics.listen", &format!("{metrics} is also a mail listener")));
             }
         }
+        if let Some(onboarding) = &self.onboarding {
+            let listen = onboarding.listen;
+            if listen.port() != 0 && (seen.contains(&listen) || self.metrics.listen == Some(listen)) {
+                return Err(invalid("onboarding.listen", &format!("{listen} is also a mail or metrics listener")));
+            }
+            onboarding.validate(&self.server.hostname).map_err(|(key, message)| invalid(&key, &message))?;
+        }
         if self.server.control_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(invalid(
                 "server.control_socket",
@@ -945,6 +957,65 @@ file = "/var/log/postern/audit.jsonl"
         assert!(err.contains("metrics.listen"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[metrics]\nport = 1\n")).unwrap_err().to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn onboarding_keys_parse_default_and_are_validated_by_name() {
+        assert!(parse(MINIMAL).unwrap().onboarding.is_none(), "off when absent");
+        let table = "[onboarding]\nlisten = \"0.0.0.0:443\"\ndomains = [\"example.com\"]\n";
+        let c = parse(&format!("{MINIMAL}\n{table}")).unwrap();
+        let o = c.onboarding.as_ref().unwrap();
+        assert_eq!(o.host(&c.server.hostname), "localhost");
+        assert_eq!(o.max_requests_per_minute, DEFAULT_MAX_REQUESTS_PER_MINUTE);
+        assert_eq!((o.cert.as_ref(), o.display_name.as_ref()), (None, None));
+        let full = format!(
+            "{MINIMAL}\n{table}host = \"mail-gw.example.com\"\ndisplay_name = \"Example mail\"\ncert = \"o.pem\"\nkey = \"o.key\"\nmax_requests_per_minute = 5\n"
+        );
+        let c = parse(&full).unwrap();
+        let o = c.onboarding.as_ref().unwrap();
+        assert_eq!((o.host(&c.server.hostname), o.max_requests_per_minute), ("mail-gw.example.com", 5));
+        for (edit, key) in [
+            ("domains = []", "onboarding.domains"),
+            ("domains = [\"exa mple.com\"]", "onboarding.domains"),
+            ("domains = [\"example.com\", \"EXAMPLE.com\"]", "onboarding.domains"),
+            ("domains = [\"example.com\"]\nhost = \"mail gw\"", "onboarding.host"),
+            ("domains = [\"example.com\"]\ncert = \"o.pem\"", "onboarding.key"),
+            ("domains = [\"example.com\"]\nkey = \"o.key\"", "onboarding.cert"),
+            ("domains = [\"example.com\"]\ndisplay_name = \"a\u{202E}b\"", "onboarding.display_name"),
+            ("domains = [\"example.com\"]\ndisplay_name = \" \"", "onboarding.display_name"),
+            ("domains = [\"example.com\"]\nmax_requests_per_minute = 0", "onboarding.max_requests_per_minute"),
+        ] {
+            let text = format!("{MINIMAL}\n{}", table.replace("domains = [\"example.com\"]", edit));
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{edit}: {err}");
+        }
+        let clash = format!("{MINIMAL}\n{}", table.replace("0.0.0.0:443", "127.0.0.1:10993"));
+        assert!(parse(&clash).unwrap_err().to_string().contains("onboarding.listen"));
+        let bad_hostname = format!("[server]\nhostname = \"mail_gw\"\n{MINIMAL}\n{table}");
+        let err = parse(&bad_hostname).unwrap_err().to_string();
+        assert!(err.contains("onboarding.host") && err.contains("server.hostname"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n{table}password = \"x\"\n")).unwrap_err().to_string();
+        assert!(err.contains("password"), "unknown keys are errors: {err}");
+    }
+
+    #[test]
+    fn the_examples_onboarding_table_parses_when_uncommented() {
+        let example = include_str!("../proxy.toml.example");
+        let start = example.find("# [onboarding]\n").expect("the example documents [onboarding]");
+        let block = example[start..].split("\n\n").next().unwrap_or_default();
+        let keys: Vec<&str> = block
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| *l == "[onboarding]" || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .collect();
+        assert_eq!(keys.len(), 8, "{keys:?}");
+        let c = parse(&format!("{MINIMAL}\n{}\n", keys.join("\n"))).unwrap();
+        let o = c.onboarding.unwrap();
+        assert_eq!(
+            (o.host.as_deref(), o.domains.len(), o.max_requests_per_minute),
+            (Some("mail-gw.example.com"), 1, 30)
+        );
+        assert!(o.cert.is_some() && o.key.is_some() && o.display_name.is_some());
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub struct State {
     /// The upstreams, with the vault and OAuth2 token source that log in to them.
     pub upstreams: Upstreams,
     smtp_max_size: Option<u64>,
-    tls: ArcSwap<TlsAcceptor>,
+    tls: ArcSwap<Acceptors>,
     client_ca: ArcSwapOption<ClientCa>,
     metrics: Arc<Metrics>,
     live: LiveSessions,
@@ -116,6 +116,8 @@ struct RestartOnly {
     metrics: MetricsConfig,
     state: crate::access::store::StateConfig,
     alerts: crate::alerts::AlertsConfig,
+    /// `[onboarding]` but its certificate, which reloads.
+    onboarding: Option<crate::config::OnboardingConfig>,
 }
 
 impl RestartOnly {
@@ -141,6 +143,11 @@ impl RestartOnly {
             metrics: config.metrics.clone(),
             state: config.state.clone(),
             alerts: config.alerts.clone(),
+            onboarding: config.onboarding.clone().map(|o| crate::config::OnboardingConfig {
+                cert: None,
+                key: None,
+                ..o
+            }),
         }
     }
 }
@@ -156,11 +163,24 @@ fn load_client_ca(config: &Config) -> Result<Option<Arc<ClientCa>>, LoadError> {
 
 /// The acceptor for client connections; asks for a certificate issued by `client_ca`'s
 /// subjects when there is one.
-fn tls_acceptor(config: &Config, client_ca: Option<&ClientCa>) -> Result<TlsAcceptor, LoadError> {
+/// The `[tls]` certificate's acceptors: the mail listeners' (asking for a client certificate
+/// when a client CA is set) and the web listeners' (never asking).
+struct Acceptors {
+    mail: TlsAcceptor,
+    web: TlsAcceptor,
+}
+
+fn tls_acceptor(config: &Config, client_ca: Option<&ClientCa>) -> Result<Acceptors, LoadError> {
     let cert = config.resolve(&config.tls.cert);
     let key = config.resolve(&config.tls.key);
-    let hints = client_ca.map(ClientCa::subjects);
-    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, hints)?))
+    let web = TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, None)?);
+    let mail = match client_ca {
+        Some(ca) => {
+            TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, Some(ca.subjects()))?)
+        }
+        None => web.clone(),
+    };
+    Ok(Acceptors { mail, web })
 }
 
 fn open_audit_file(config: &Config) -> Result<Option<Arc<AuditFile>>, LoadError> {
@@ -345,7 +365,7 @@ impl State {
         );
         if RestartOnly::of(config) != self.restart_only {
             tracing::warn!(
-                "listen addresses, [state], [alerts], limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
+                "listen addresses, [state], [alerts], [onboarding] (but its certificate), limits, hostname, state_dir, metrics or control socket changed: those apply after a restart only"
             );
         }
         self.set_profiles(profiles);
@@ -398,7 +418,13 @@ impl State {
 
     /// The TLS acceptor for new client connections (the certificate in force now).
     pub fn tls(&self) -> TlsAcceptor {
-        TlsAcceptor::clone(&self.tls.load())
+        TlsAcceptor::clone(&self.tls.load().mail)
+    }
+
+    /// The acceptor for the web listeners (console, onboarding) with the `[tls]` certificate
+    /// in force now; it never asks for a client certificate.
+    pub fn web_tls(&self) -> TlsAcceptor {
+        TlsAcceptor::clone(&self.tls.load().web)
     }
 
     /// Settings for a new session's pre-login dialogue.
@@ -431,6 +457,10 @@ mod tests {
         assert_eq!(base, restart_only(&reloadable), "profiles and certificate apply on reload");
         let upstream = MINIMAL.replace("imap.gmail.com:993", "imap.example.com:993");
         assert_eq!(base, restart_only(&upstream), "upstreams and routes apply on reload");
+        let onboarding = format!("{MINIMAL}\n[onboarding]\nlisten = \"0.0.0.0:443\"\ndomains = [\"example.com\"]\n");
+        let own_certificate = format!("{onboarding}cert = \"o.pem\"\nkey = \"o.key\"\n");
+        assert_eq!(restart_only(&onboarding), restart_only(&own_certificate), "the onboarding certificate reloads");
+        assert_ne!(base, restart_only(&onboarding), "turning onboarding on needs a restart");
         for changed in
             [MINIMAL.replace("10993", "10994"), MINIMAL.replace("[imap]", "[limits]\nmax_connections = 7\n[imap]")]
         {

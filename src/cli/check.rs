@@ -191,6 +191,18 @@ pub async fn check(path: &Path) -> anyhow::Result<()> {
     if let Some(metrics) = config.metrics.listen {
         println!("metrics: http://{metrics}/metrics");
     }
+    if let Some(onboarding) = &config.onboarding {
+        crate::web::onboarding::Certificate::prepare(&config).context("loading the onboarding certificate")?;
+        println!(
+            "onboarding: https://{} for {} -> clients told to use {}",
+            onboarding.listen,
+            onboarding.domains.join(", "),
+            onboarding.host(&config.server.hostname)
+        );
+        if onboarding.listen.port() != 0 && onboarding.listen.port() < 1024 {
+            println!("onboarding: a port below 1024 needs CAP_NET_BIND_SERVICE (see the systemd unit's comments)");
+        }
+    }
     println!("profiles: {} loaded from {}", profiles.len(), config.resolve(&config.access.profiles).display());
     println!("{}: OK", path.display());
     Ok(())

@@ -42,6 +42,9 @@ pub enum StartError {
     /// The admin console could not start.
     #[error(transparent)]
     Console(#[from] crate::web::console::StartError),
+    /// The onboarding listener could not start.
+    #[error(transparent)]
+    Onboarding(#[from] crate::web::onboarding::StartError),
     /// A listen address could not be bound.
     #[error("cannot listen on {address} for {protocol}: {source} (is another process using the port?)")]
     Bind {
@@ -84,10 +87,10 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                let _ = reload(path, &server).await;
+                let _ = reload(path, &running).await;
             }
             Some(answer) = reload_rx.recv() => {
-                let result = reload(path, &server).await.map_err(|e| format!("{e:#}"));
+                let result = reload(path, &running).await.map_err(|e| format!("{e:#}"));
                 let _ = answer.send(result);
             }
             _ = terminate.recv() => break,
@@ -104,10 +107,11 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Re-reads the config file and everything reloadable; logs the outcome.
-async fn reload(path: &Path, server: &State) -> anyhow::Result<()> {
+async fn reload(path: &Path, running: &Running) -> anyhow::Result<()> {
+    let server = &running.server;
     notify::reloading();
     let result = match load_config(path) {
-        Ok(config) => match server.reload(&config).await {
+        Ok(config) => match running.reload(&config).await {
             Ok(()) => {
                 crate::access::decision::revalidate(server).await;
                 Ok(())
@@ -140,6 +144,9 @@ pub struct Running {
     pub metrics_address: Option<SocketAddr>,
     /// The bound admin console address, when `[console]` is set.
     pub console_address: Option<SocketAddr>,
+    /// The bound onboarding address, when `[onboarding] listen` is set.
+    pub onboarding_address: Option<SocketAddr>,
+    onboarding_certificate: Option<Arc<crate::web::onboarding::Certificate>>,
     /// Stops the server when cancelled.
     pub shutdown: Shutdown,
     /// What `/healthz` answers: draining as soon as [`Running::stop`] begins.
@@ -151,6 +158,20 @@ pub struct Running {
 }
 
 impl Running {
+    /// Re-reads everything reloadable from `config`, all or nothing: the shared state
+    /// ([`State::reload`]) and the onboarding listener's certificate.
+    pub async fn reload(&self, config: &Config) -> Result<(), LoadError> {
+        let onboarding = match &self.onboarding_certificate {
+            Some(_) => Some(crate::web::onboarding::Certificate::prepare(config)?),
+            None => None,
+        };
+        self.server.reload(config).await?;
+        if let (Some(certificate), Some(next)) = (&self.onboarding_certificate, onboarding) {
+            certificate.apply(next);
+        }
+        Ok(())
+    }
+
     /// Stops accepting (from now on `/healthz` answers `draining`, so balancers send new
     /// clients elsewhere), lets logged-in sessions run for the grace period, then closes
     /// them, and returns when every session has ended.
@@ -229,6 +250,15 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         Some(settings) => Some(crate::web::console::start(server.clone(), config, settings, helpers.clone()).await?),
         None => None,
     };
+    let (onboarding_address, onboarding_certificate) = match &config.onboarding {
+        Some(onboarding) => {
+            let listeners = bound.iter().filter_map(|(p, s, l)| Some((*p, *s, l.local_addr().ok()?))).collect();
+            let started =
+                crate::web::onboarding::start(config, onboarding, server.clone(), listeners, helpers.clone()).await?;
+            (Some(started.address), Some(started.certificate))
+        }
+        None => (None, None),
+    };
     tokio::spawn(server.counters.clone().save_periodically(helpers.clone()));
     let state_dir = server.state_dir().to_owned();
     let usage = server.app_password_usage().clone();
@@ -261,6 +291,8 @@ pub async fn start(server: Arc<State>, config: &Config, grace: Duration) -> Resu
         starttls_addresses,
         metrics_address,
         console_address,
+        onboarding_address,
+        onboarding_certificate,
         shutdown,
         readiness,
         tasks,

@@ -6,6 +6,8 @@
 //! handshake deadline and a lifetime per connection. Each request carries the client's
 //! address as a [`ClientAddr`] extension.
 
+pub mod onboarding;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -23,6 +23,7 @@ mod ldap;
 mod lockout_race;
 mod memory;
 mod oauth;
+mod onboarding;
 mod paths;
 mod pop3;
 mod routes;

@@ -113,8 +113,9 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// The console's certificate: loaded again for new connections when the certificate file
-/// changes (a renewal needs no restart); the last good one stays if the new one is broken.
+/// The console's own certificate: loaded again for new connections when the certificate
+/// file changes (a renewal needs no restart); the last good one stays if the new one is
+/// broken.
 struct Certificate {
     cert: PathBuf,
     key: PathBuf,
@@ -145,21 +146,25 @@ impl Certificate {
 }
 
 /// Binds `[console] listen` and serves the console until `stop` is cancelled; the bound
-/// address. Without its own certificate the console uses `[tls]`'s (never asking for a
-/// client certificate).
+/// address. Without its own certificate the console uses `[tls]`'s, reloads included (never
+/// asking for a client certificate).
 pub async fn start(
     state: Arc<ProxyState>,
     config: &Config,
     settings: &ConsoleConfig,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<std::net::SocketAddr, StartError> {
-    // Never the mail listeners' acceptor: that one may ask for client certificates.
-    let (cert, key) = match (&settings.cert, &settings.key) {
-        (Some(cert), Some(key)) => (config.resolve(cert), config.resolve(key)),
-        _ => (config.resolve(&config.tls.cert), config.resolve(&config.tls.key)),
+    let tls: Arc<dyn Fn() -> tokio_rustls::TlsAcceptor + Send + Sync> = match (&settings.cert, &settings.key) {
+        (Some(cert), Some(key)) => {
+            let certificate = Certificate::load(config.resolve(cert), config.resolve(key), config.tls.min_version)?;
+            Arc::new(move || certificate.acceptor())
+        }
+        // `[tls]`'s certificate as reloads leave it, never asking for a client certificate.
+        _ => {
+            let state = state.clone();
+            Arc::new(move || state.web_tls())
+        }
     };
-    let certificate = Arc::new(Certificate::load(cert, key, config.tls.min_version)?);
-    let tls: Arc<dyn Fn() -> tokio_rustls::TlsAcceptor + Send + Sync> = Arc::new(move || certificate.acceptor());
     let address = settings.listen;
     let listener =
         tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind { address, source })?;

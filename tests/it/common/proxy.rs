@@ -108,6 +108,8 @@ pub struct Proxy {
     pub pop3_starttls: SocketAddr,
     /// Bound SMTP submission STARTTLS address.
     pub smtp_starttls: SocketAddr,
+    /// Bound onboarding (HTTPS) address, when the config has an `[onboarding]` table.
+    pub onboarding: Option<SocketAddr>,
     /// The CA clients must trust.
     pub ca_file: PathBuf,
     /// The config file.
@@ -269,6 +271,7 @@ upstream_tls = "{smtp_tls}"
             imap_starttls: starttls(Protocol::Imap),
             pop3_starttls: starttls(Protocol::Pop3),
             smtp_starttls: starttls(Protocol::Smtp),
+            onboarding: running.onboarding_address,
             ca_file: pki.ca_file.clone(),
             config_path,
             dovecot,
@@ -320,9 +323,9 @@ upstream_tls = "{smtp_tls}"
     }
 
     /// Re-reads everything reloadable, as SIGHUP does (profiles, vault, directory,
-    /// certificate, audit file).
+    /// certificates, audit file).
     pub async fn reload_all(&self) {
-        self.server.reload(&self.config).await.expect("reload");
+        self.running.as_ref().expect("running").reload(&self.config).await.expect("reload");
     }
 
     /// Rewrites the config file with `edit` and reloads it as SIGHUP does: everything
@@ -363,6 +366,7 @@ upstream_tls = "{smtp_tls}"
             daemon::start(server.clone(), &self.config, Duration::from_secs(2)).await.expect("proxy listens again");
         let addr = |p: Protocol| running.addresses[&p][0];
         (self.imaps, self.pop3s, self.smtps) = (addr(Protocol::Imap), addr(Protocol::Pop3), addr(Protocol::Smtp));
+        self.onboarding = running.onboarding_address;
         self.server = server;
         self.running = Some(running);
         self
