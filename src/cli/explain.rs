@@ -11,6 +11,13 @@ use std::path::Path;
 use anyhow::Context;
 
 use super::{load_config, normalized};
+
+/// Adds one line to the explanation.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        $out.push(format!($($arg)*))
+    };
+}
 use crate::access::certificate::{CertificateId, CertificateStatus, ClientCa, PresentedCertificate};
 use crate::access::decision::{Denial, Evaluation, Grant, Verdict, evaluate};
 use crate::access::profiles::{CertRequirement, PasswordKind, PasswordPolicy, Profiles};
@@ -35,6 +42,7 @@ fn certificate_from_file(
     config: &crate::config::Config,
     file: Option<&Path>,
     user: &str,
+    out: &mut Vec<String>,
 ) -> anyhow::Result<Option<CertificateStatus>> {
     let Some(file) = file else {
         return Ok(None);
@@ -48,9 +56,9 @@ fn certificate_from_file(
     let ca = ClientCa::load(&config.resolve(ca), crl.as_deref())?;
     let status = ca.judge(&presented, user, rustls::pki_types::UnixTime::now());
     match &status {
-        CertificateStatus::Valid(id) => println!("certificate {id}: valid for {user}"),
+        CertificateStatus::Valid(id) => say!(out, "certificate {id}: valid for {user}"),
         CertificateStatus::Refused(id, problem) => {
-            println!("certificate {id}: refused: {}", Denial::from(*problem))
+            say!(out, "certificate {id}: refused: {}", Denial::from(*problem))
         }
         CertificateStatus::Absent => {}
     }
@@ -68,11 +76,30 @@ pub async fn explain(
 ) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let user = normalized(user)?;
+    for line in explanation(&config, &user, ip, protocol, cert_file).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The explanation of the decision for `user` (normalized) connecting from `ip` over
+/// `protocol`, line by line: what `postern access explain` prints and the console shows.
+pub async fn explanation(
+    config: &Config,
+    user: &str,
+    ip: IpAddr,
+    protocol: Protocol,
+    cert_file: Option<&Path>,
+) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    let out = &mut lines;
+    let user = user.to_owned();
     let profiles = Profiles::load(&config.resolve(&config.access.profiles))?;
-    println!("{user} from {ip} over {protocol}");
-    let given = certificate_from_file(&config, cert_file, &user)?;
+    say!(out, "{user} from {ip} over {protocol}");
+    let given = certificate_from_file(config, cert_file, &user, out)?;
     let in_any = profiles.any_allows(ip);
-    println!(
+    say!(
+        out,
         "address in any profile with mail access: {}",
         match (in_any, profiles.any_accepts_certificates()) {
             (true, _) => "yes",
@@ -83,32 +110,34 @@ pub async fn explain(
     if config.tls.client_ca.is_none()
         && profiles.for_user(&user, &[]).iter().any(|p| p.client_cert != CertRequirement::Off)
     {
-        println!("client certificates: [tls] client_ca is not set, so no certificate is asked for or counts");
+        say!(out, "client certificates: [tls] client_ca is not set, so no certificate is asked for or counts");
     }
     let directory = Directory::open(&config.directory, &config.base_dir).await?;
     let groups = match directory.lookup(&user).await {
         Ok(entry) => match entry.groups {
             Some(groups) => {
-                println!(
+                say!(
+                    out,
                     "directory: known; groups: {}",
                     if groups.is_empty() { "-".into() } else { groups.join(", ") }
                 );
                 Some(groups)
             }
             None => {
-                println!(
+                say!(
+                    out,
                     "directory: known; groups are only known after a password check, so group profiles are not shown"
                 );
                 None
             }
         },
         Err(DirectoryError::UnknownUser) => {
-            println!("directory: unknown user");
-            println!("decision: refused: {}", Denial::UnknownUser);
-            return Ok(());
+            say!(out, "directory: unknown user");
+            say!(out, "decision: refused: {}", Denial::UnknownUser);
+            return Ok(lines);
         }
         Err(e) => {
-            println!("directory: cannot tell ({e}); profiles by user name only");
+            say!(out, "directory: cannot tell ({e}); profiles by user name only");
             None
         }
     };
@@ -118,7 +147,7 @@ pub async fn explain(
     let certificate = given.as_ref().unwrap_or(&without);
     let evaluation = evaluate(&profiles, &user, &groups, protocol, ip, certificate);
     if evaluation.profiles.is_empty() {
-        println!("profiles: none applies to {user}");
+        say!(out, "profiles: none applies to {user}");
     }
     for (profile, verdict) in &evaluation.profiles {
         let protocols = match &profile.protocols {
@@ -147,7 +176,8 @@ pub async fn explain(
         let switch = if profile.mail_access { "mail access on" } else { "mail access off" };
         let cert = profile.client_cert.name();
         let password = password_policy(profile.password);
-        println!(
+        say!(
+            out,
             "profile {:?} ({switch}; {protocols}; client certificate {cert}; {password}): {verdict}",
             profile.name
         );
@@ -161,24 +191,31 @@ pub async fn explain(
         (None, true) => " without a certificate",
         (None, false) => "",
     };
-    print_decision(with, &evaluation, &labels);
+    print_decision(with, &evaluation, &labels, out);
     if given.is_none() && asks {
         let id = CertificateId { fingerprint: "-".into(), serial: "-".into() };
         let valid = CertificateStatus::Valid(id);
         let evaluation = evaluate(&profiles, &user, &groups, protocol, ip, &valid);
-        print_decision(&format!(" with a valid certificate for {user}"), &evaluation, &labels);
+        print_decision(&format!(" with a valid certificate for {user}"), &evaluation, &labels, out);
     }
-    print_route(&config, &user, &groups, groups_known, protocol);
+    print_route(config, &user, &groups, groups_known, protocol, out);
     if state_dir.join(crate::stores::vault::KEY_FILE).exists() {
         let stored = crate::stores::vault::Vault::open(&state_dir)?.contains(&user);
-        println!("upstream credential: {}", if stored { "stored" } else { "missing (the login would be refused)" });
+        say!(out, "upstream credential: {}", if stored { "stored" } else { "missing (the login would be refused)" });
     }
-    Ok(())
+    Ok(lines)
 }
 
 /// Prints the route `user` takes and its upstream for `protocol`, with the rule the daemon
 /// uses (`upstream::route::RouteMatchers`).
-fn print_route(config: &Config, user: &str, groups: &[String], groups_known: bool, protocol: Protocol) {
+fn print_route(
+    config: &Config,
+    user: &str,
+    groups: &[String],
+    groups_known: bool,
+    protocol: Protocol,
+    out: &mut Vec<String>,
+) {
     let matchers = RouteMatchers::from_config(config);
     let (name, upstream) = match matchers.find(user, groups).map(|i| &config.route[i]) {
         Some(route) => (route.name.as_str(), route.upstream(protocol)),
@@ -193,20 +230,20 @@ fn print_route(config: &Config, user: &str, groups: &[String], groups_known: boo
                     .choose(u.oauth_source.as_deref())
                     .map_or_else(String::new, |(name, _)| format!(", token source {name}")),
             };
-            println!("route: {name}: {protocol} upstream {} ({}{source})", u.address, u.upstream_auth.as_str());
+            say!(out, "route: {name}: {protocol} upstream {} ({}{source})", u.address, u.upstream_auth.as_str());
         }
-        None => println!("route: {name}: no upstream for {protocol} (the login would be refused)"),
+        None => say!(out, "route: {name}: no upstream for {protocol} (the login would be refused)"),
     }
     if !groups_known && matchers.uses_groups() {
-        println!("route: groups unknown, so routes by group were not considered");
+        say!(out, "route: groups unknown, so routes by group were not considered");
     }
 }
 
 /// Prints the decision: for the first kind of password a profile lets in, then how the
 /// other kind would fare; `labels` are the user's app passwords.
-fn print_decision(with: &str, evaluation: &Evaluation<'_>, labels: &[String]) {
+fn print_decision(with: &str, evaluation: &Evaluation<'_>, labels: &[String], out: &mut Vec<String>) {
     if let Err(denial) = &evaluation.decision {
-        println!("decision{with}: refused: {denial}");
+        say!(out, "decision{with}: refused: {denial}");
         return;
     }
     let how = |grant: &Grant| {
@@ -224,14 +261,15 @@ fn print_decision(with: &str, evaluation: &Evaluation<'_>, labels: &[String]) {
     let first = outcomes.iter().position(|(_, outcome)| outcome.is_ok()).unwrap_or_default();
     for (index, (what, outcome)) in outcomes.iter().enumerate() {
         match outcome {
-            Ok(grant) if index == first => println!(
+            Ok(grant) if index == first => say!(
+                out,
                 "decision{with}: allowed by profile {:?}{} with {what}, if the password is right",
                 grant.profile,
                 how(grant)
             ),
-            Ok(grant) => println!("  and with {what}: allowed by profile {:?}{}", grant.profile, how(grant)),
-            Err(denial) if index == first => println!("decision{with}: {what}: refused: {denial}"),
-            Err(denial) => println!("  and with {what}: refused: {denial}"),
+            Ok(grant) => say!(out, "  and with {what}: allowed by profile {:?}{}", grant.profile, how(grant)),
+            Err(denial) if index == first => say!(out, "decision{with}: {what}: refused: {denial}"),
+            Err(denial) => say!(out, "  and with {what}: refused: {denial}"),
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod app_passwords;
 mod certs;
 mod check;
 pub mod control;
-mod explain;
+pub mod explain;
 mod probe;
 mod users;
 

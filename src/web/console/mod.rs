@@ -27,6 +27,7 @@ use crate::state::State as ProxyState;
 use crate::web::ClientAddr;
 
 pub mod auth;
+mod explain;
 mod history;
 mod page;
 mod profiles;
@@ -192,6 +193,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/sessions/close", post(sessions::close))
         .route("/history", get(history::search))
         .route("/history.csv", get(history::csv))
+        .route("/explain", get(explain::explain))
         .fallback(|| async { page::error(StatusCode::NOT_FOUND, "No such page.") })
         .layer(middleware::from_fn_with_state(console.clone(), guard))
         .with_state(console)

@@ -1,7 +1,8 @@
 //! The users page: per user, the upstream credential (kind, when set, a rotation waiting
 //! for confirmation), the last upstream login result, and a lock; and the admin commands'
 //! actions on them: unlock, generate (shown once) or set an upstream password, confirm a
-//! rotation, remove, and probe the upstream with the stored credential.
+//! rotation, remove, probe the upstream with the stored credential, and add (shown once)
+//! or revoke per-device app passwords.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::stores::vault::{self, UpstreamSecret, Vault, VaultError};
 pub struct Row {
     user: String,
     credential: String,
+    apps: Vec<String>,
     last: String,
     locked: String,
 }
@@ -39,8 +41,13 @@ struct UsersPage {
 pub async fn list(State(console): State<Arc<Console>>, admin: Admin) -> Response {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     let mut error = String::new();
-    let row =
-        |user: &str| Row { user: user.to_owned(), credential: "none".into(), last: "-".into(), locked: "no".into() };
+    let row = |user: &str| Row {
+        user: user.to_owned(),
+        credential: "none".into(),
+        apps: Vec::new(),
+        last: "-".into(),
+        locked: "no".into(),
+    };
     match Vault::open(&console.state_dir()) {
         Ok(vault) => {
             for entry in vault.list() {
@@ -69,7 +76,16 @@ pub async fn list(State(console): State<Arc<Console>>, admin: Admin) -> Response
         }
         Err(e) => error = format!("The lockout store cannot be read: {e}"),
     }
+    let app_passwords = console.state.app_passwords();
     for r in rows.values_mut() {
+        r.apps = app_passwords
+            .list(&r.user)
+            .into_iter()
+            .map(|l| {
+                let used = l.last_used.map_or_else(|| "never used".to_owned(), |t| format!("last used {}", rfc3339(t)));
+                format!("{} ({used})", l.label)
+            })
+            .collect();
         if let Some(last) = console.state.last_results().get(&r.user) {
             r.last = format!(
                 "{} {} {}: {}",
@@ -99,6 +115,10 @@ pub struct ActionForm {
     secret: String,
     #[serde(default)]
     protocol: String,
+    #[serde(default)]
+    label: String,
+    #[serde(default)]
+    confirm: Option<String>,
     #[serde(default)]
     csrf: String,
 }
@@ -227,6 +247,13 @@ pub async fn action(
                 Err(e) => done(false, "console_rotation_confirmed", "The vault was not changed.".into(), e),
             }
         }
+        "remove" if form.confirm.is_none() => page::result(
+            &admin,
+            false,
+            format!("Tick \"sure\" beside Remove to remove {user}."),
+            String::new(),
+            "/users",
+        ),
         "remove" => {
             let config = console.config.clone();
             let who = user.clone();
@@ -255,6 +282,93 @@ pub async fn action(
             };
             let (ok, message, details) = probe(&console, &user, protocol).await;
             done(ok, "console_probe", message, details)
+        }
+        "app_add" => {
+            let label = match crate::stores::app_passwords::valid_label(&form.label) {
+                Ok(label) => label,
+                Err(e) => {
+                    return done(false, "console_app_password_added", format!("Not a usable label: {e}"), String::new());
+                }
+            };
+            if let Err(crate::stores::directory::DirectoryError::UnknownUser) =
+                console.state.directory().lookup(&user).await
+            {
+                return done(
+                    false,
+                    "console_app_password_added",
+                    format!("{user} is not in the directory; app passwords are for directory users."),
+                    String::new(),
+                );
+            }
+            let password = crate::stores::app_passwords::generate();
+            let (who, what, stored) = (user.clone(), label.clone(), password.clone());
+            let state_dir = console.state_dir();
+            let added = tokio::task::spawn_blocking(move || {
+                crate::stores::app_passwords::AppPasswords::update(&state_dir, |p| p.add(&who, &what, &stored))
+            })
+            .await;
+            match added.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(()) => {
+                    let _ = console.state.reload_app_passwords();
+                    console.audit(
+                        &admin.name,
+                        admin.ip,
+                        "console_app_password_added",
+                        &user,
+                        &format!("label {label}"),
+                    );
+                    page::html(&Message {
+                        nav: Nav::of(&admin, "users"),
+                        title: "App password".into(),
+                        class: "ok",
+                        message: format!(
+                            "App password {label:?} for {user}: enter it as the password on that one device (dashes and case do not matter)."
+                        ),
+                        secret: Some(password.expose().to_owned()),
+                        details: String::new(),
+                        back: "/users",
+                    })
+                }
+                Err(e) => done(false, "console_app_password_added", "No app password was added.".into(), e),
+            }
+        }
+        "app_revoke" => {
+            let (who, what) = (user.clone(), form.label.clone());
+            let state_dir = console.state_dir();
+            let revoked = tokio::task::spawn_blocking(move || {
+                crate::stores::app_passwords::AppPasswords::update(&state_dir, |p| p.revoke(&who, &what))
+            })
+            .await;
+            match revoked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(Some(label)) => {
+                    let _ = console.state.reload_app_passwords();
+                    let reason = format!("closed: app password {label:?} revoked by {} in the console", admin.name);
+                    let closed = console.state.live().revoke_app_password(&user, &label, &reason);
+                    console.audit(
+                        &admin.name,
+                        admin.ip,
+                        "console_app_password_revoked",
+                        &user,
+                        &format!("label {label}"),
+                    );
+                    page::result(
+                        &admin,
+                        true,
+                        format!(
+                            "Revoked {user}'s app password {label:?}; closed {closed} live session(s) that used it."
+                        ),
+                        String::new(),
+                        "/users",
+                    )
+                }
+                Ok(None) => done(
+                    false,
+                    "console_app_password_revoked",
+                    format!("{user} has no app password labelled {:?}.", form.label),
+                    String::new(),
+                ),
+                Err(e) => done(false, "console_app_password_revoked", "Nothing was revoked.".into(), e),
+            }
         }
         other => page::result(&admin, false, format!("Unknown action {other:?}."), String::new(), "/users"),
     }

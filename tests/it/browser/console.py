@@ -115,6 +115,23 @@ try:
         assert driver.find_element(By.ID, page), page
         shot(driver, page)
 
+    driver.get(base + "/explain?" + urllib.parse.urlencode({"user": other, "ip": new_address, "protocol": "imap"}))
+    explanation = driver.find_element(By.ID, "explanation").text
+    assert "allowed by profile \"office\"" in explanation and "route: default" in explanation, explanation
+    shot(driver, "explain")
+    print("explained")
+
+    driver.get(base + "/users")
+    row = [r for r in driver.find_elements(By.CSS_SELECTOR, "#users tr") if other in r.text][0]
+    row.find_element(By.NAME, "label").send_keys("phone")
+    row.find_element(By.CSS_SELECTOR, "button[value=app_add]").click()
+    secret = driver.find_element(By.ID, "secret").text
+    assert len(secret.replace("-", "")) >= 16, secret
+    shot(driver, "app-password")
+    driver.get(base + "/users")
+    assert "phone (never used)" in driver.find_element(By.ID, "users").text
+    print("app password added")
+
     cookie = driver.get_cookie("__Host-postern-console")
     assert cookie and cookie["httpOnly"] and cookie["secure"] and cookie.get("sameSite") == "Strict", cookie
     status, body = post("/profiles/save", {"new_text": "", "base": "", "name": "office"}, cookie["value"])
