@@ -23,8 +23,9 @@ use crate::session::registry::{LastResults, LiveSessions};
 use crate::stores::app_passwords::{AppPasswordError, AppPasswords, Usage};
 use crate::stores::directory::Directory;
 use crate::stores::vault::Vault;
-use crate::upstream::credential::{SetupUpstreamsError, Upstreams};
+use crate::upstream::credential::Upstreams;
 use crate::upstream::route::DEFAULT_ROUTE;
+use crate::upstream::route::SetupUpstreamsError;
 
 /// Why the shared state could not be loaded (at start or on reload).
 #[derive(Debug, thiserror::Error)]

@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::route::{Route, Routing, Target};
+use super::route::{Route, Routing, SetupUpstreamsError, Target};
 use super::{LoggedIn, UpstreamAuth, UpstreamError};
 use crate::config::{Config, UpstreamAuthMode};
 use crate::metrics::TokenEndpointMetrics;
 use crate::protocol::Protocol;
-use crate::stores::oauth::{SetupError, TokenError};
+use crate::stores::oauth::TokenError;
 use crate::stores::vault::{SecretKind, Vault, VaultError};
-use crate::tls::TlsError;
 
 /// Why no upstream session could be had for a user. Apart from [`LoginError::NoCredential`]
 /// (nothing stored: the admin has not set the user up), every kind is an outage: the user's
@@ -89,17 +88,6 @@ pub enum LoginError {
         /// What failed.
         source: UpstreamError,
     },
-}
-
-/// Why the upstreams could not be set up from the config.
-#[derive(Debug, thiserror::Error)]
-pub enum SetupUpstreamsError {
-    /// An upstream's TLS settings (CA file, pins, server name) are unusable.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The `[oauth]` token source could not be set up.
-    #[error("oauth: {0}")]
-    OAuth(#[from] SetupError),
 }
 
 /// The configured routes and their upstreams with what logs in to them: the vault in force

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Upstream;
-use super::credential::SetupUpstreamsError;
 use crate::config::{Config, RouteConfig, UpstreamAuthMode, UpstreamConfig};
 use crate::metrics::TokenEndpointMetrics;
 use crate::protocol::Protocol;
-use crate::stores::oauth::TokenSource;
+use crate::stores::oauth::{SetupError, TokenSource};
+use crate::tls::TlsError;
 
 /// The name of the route made of the protocol tables, for users no `[[route]]` matches.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -31,6 +31,17 @@ impl RouteTaken {
     pub fn new(name: &str, upstream: &str) -> Self {
         Self { name: name.to_owned(), upstream: upstream.to_owned() }
     }
+}
+
+/// Why the upstreams could not be set up from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupUpstreamsError {
+    /// An upstream's TLS settings (CA file, pins, server name) are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The `[oauth]` token source could not be set up.
+    #[error("oauth: {0}")]
+    OAuth(#[from] SetupError),
 }
 
 /// One upstream of a route, with the token source its XOAUTH2 logins use.

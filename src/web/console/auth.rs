@@ -125,6 +125,11 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The navigation bar of a page on section `active`.
+    pub fn nav(&self, active: &'static str) -> Option<page::Nav> {
+        Some(page::Nav { admin: self.name.clone(), csrf: self.csrf.clone(), active })
+    }
+
     /// Whether a form's `csrf` field is this session's token (compared in constant time).
     pub fn csrf_ok(&self, presented: &str) -> bool {
         !presented.is_empty() && bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes()))

@@ -54,5 +54,5 @@ pub async fn explain(State(console): State<Arc<Console>>, admin: Admin, Query(qu
             }
         }
     }
-    page::html(&ExplainPage { nav: Nav::of(&admin, "explain"), question, lines, error })
+    page::html(&ExplainPage { nav: admin.nav("explain"), question, lines, error })
 }

@@ -120,7 +120,7 @@ pub async fn search(
     rows.reverse();
     rows.truncate(SHOWN);
     let query = raw.0.unwrap_or_default();
-    page::html(&HistoryPage { nav: Nav::of(&admin, "history"), search, columns: COLUMNS, rows, total, error, query })
+    page::html(&HistoryPage { nav: admin.nav("history"), search, columns: COLUMNS, rows, total, error, query })
 }
 
 /// `GET /history.csv`: every match, oldest first.
@@ -149,7 +149,7 @@ pub async fn csv(State(console): State<Arc<Console>>, admin: Admin, Query(search
             )
                 .into_response()
         }
-        Err(e) => page::result(&admin, false, "The history cannot be read.".into(), e, "/history"),
+        Err(e) => page::result(admin.nav(""), false, "The history cannot be read.".into(), e, "/history"),
     }
 }
 

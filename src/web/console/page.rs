@@ -5,8 +5,6 @@ use askama::Template;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::auth::Admin;
-
 /// The navigation bar of a logged-in page.
 pub struct Nav {
     /// The admin's name.
@@ -15,13 +13,6 @@ pub struct Nav {
     pub csrf: String,
     /// The section shown.
     pub active: &'static str,
-}
-
-impl Nav {
-    /// The bar for `admin` on section `active`.
-    pub fn of(admin: &Admin, active: &'static str) -> Option<Nav> {
-        Some(Nav { admin: admin.name.clone(), csrf: admin.csrf.clone(), active })
-    }
 }
 
 /// A rendered page, or a plain error if the template fails.
@@ -84,10 +75,10 @@ pub fn error(status: StatusCode, message: &str) -> Response {
     response
 }
 
-/// The result of an admin's action, shown on a page of its own.
-pub fn result(admin: &Admin, ok: bool, message: String, details: String, back: &'static str) -> Response {
+/// The result of an admin's action, shown on a page of its own under `nav`.
+pub fn result(nav: Option<Nav>, ok: bool, message: String, details: String, back: &'static str) -> Response {
     let page = Message {
-        nav: Nav::of(admin, ""),
+        nav,
         title: if ok { "Done".into() } else { "Not done".into() },
         class: if ok { "ok" } else { "error" },
         message,

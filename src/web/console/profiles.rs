@@ -235,7 +235,7 @@ pub async fn list(State(console): State<Arc<Console>>, admin: Admin) -> Response
         Ok(forms) => (forms, String::new()),
         Err(e) => (Vec::new(), e),
     };
-    page::html(&ListPage { nav: Nav::of(&admin, "profiles"), profiles, error })
+    page::html(&ListPage { nav: admin.nav("profiles"), profiles, error })
 }
 
 /// The edit page's query: which profile; none for a new one.
@@ -249,7 +249,9 @@ pub struct Which {
 pub async fn edit(State(console): State<Arc<Console>>, admin: Admin, Query(which): Query<Which>) -> Response {
     let forms = match read_file(&console).and_then(|t| read_forms(&t)) {
         Ok(forms) => forms,
-        Err(e) => return page::result(&admin, false, "The profiles file cannot be read.".into(), e, "/profiles"),
+        Err(e) => {
+            return page::result(admin.nav(""), false, "The profiles file cannot be read.".into(), e, "/profiles");
+        }
     };
     let form = if which.name.is_empty() {
         ProfileForm { mail_access: Some("on".into()), ..ProfileForm::default() }
@@ -258,7 +260,7 @@ pub async fn edit(State(console): State<Arc<Console>>, admin: Admin, Query(which
             Some(form) => form,
             None => {
                 return page::result(
-                    &admin,
+                    admin.nav(""),
                     false,
                     format!("No profile named {:?}.", which.name),
                     String::new(),
@@ -267,7 +269,7 @@ pub async fn edit(State(console): State<Arc<Console>>, admin: Admin, Query(which
             }
         }
     };
-    page::html(&EditPage { nav: Nav::of(&admin, "profiles"), csrf: admin.csrf.clone(), form, error: String::new() })
+    page::html(&EditPage { nav: admin.nav("profiles"), csrf: admin.csrf.clone(), form, error: String::new() })
 }
 
 /// `POST /profiles/preview`: the form applied to the file, validated, shown as a diff.
@@ -281,12 +283,14 @@ pub async fn preview(
     }
     let old = match read_file(&console) {
         Ok(text) => text,
-        Err(e) => return page::result(&admin, false, "The profiles file cannot be read.".into(), e, "/profiles"),
+        Err(e) => {
+            return page::result(admin.nav(""), false, "The profiles file cannot be read.".into(), e, "/profiles");
+        }
     };
     let checked = apply(&old, &form).and_then(|new| Profiles::parse(&new).map(|_| new));
     match checked {
         Ok(new_text) => page::html(&PreviewPage {
-            nav: Nav::of(&admin, "profiles"),
+            nav: admin.nav("profiles"),
             name: if form.original.is_empty() { form.name.clone() } else { form.original.clone() },
             deleting: form.delete.is_some(),
             diff: diff(&old, &new_text),
@@ -296,7 +300,7 @@ pub async fn preview(
         }),
         Err(error) => {
             let mut response =
-                page::html(&EditPage { nav: Nav::of(&admin, "profiles"), csrf: admin.csrf.clone(), form, error });
+                page::html(&EditPage { nav: admin.nav("profiles"), csrf: admin.csrf.clone(), form, error });
             *response.status_mut() = axum::http::StatusCode::UNPROCESSABLE_ENTITY;
             response
         }
@@ -329,11 +333,13 @@ pub async fn save(
     let path = console.profiles_path();
     let current = match read_file(&console) {
         Ok(text) => text,
-        Err(e) => return page::result(&admin, false, "The profiles file cannot be read.".into(), e, "/profiles"),
+        Err(e) => {
+            return page::result(admin.nav(""), false, "The profiles file cannot be read.".into(), e, "/profiles");
+        }
     };
     if fingerprint(&current) != form.base {
         return page::result(
-            &admin,
+            admin.nav(""),
             false,
             "The profiles file changed since the preview (someone else saved, or it was edited by hand). Nothing was written; open the profile again.".into(),
             String::new(),
@@ -344,7 +350,7 @@ pub async fn save(
         Ok(p) => p,
         Err(e) => {
             return page::result(
-                &admin,
+                admin.nav(""),
                 false,
                 "The profiles are not valid; nothing was written.".into(),
                 e,
@@ -357,13 +363,13 @@ pub async fn save(
     let written =
         tokio::task::spawn_blocking(move || crate::fsutil::write_private_atomic(&target, new_text.as_bytes())).await;
     if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-        return page::result(&admin, false, format!("Cannot write {}.", path.display()), e, "/profiles");
+        return page::result(admin.nav(""), false, format!("Cannot write {}.", path.display()), e, "/profiles");
     }
     console.state.set_profiles(profiles);
     let closed = crate::access::decision::revalidate(&console.state).await;
     console.audit(&admin.name, admin.ip, "console_profiles_saved", "", &format!("profile {}", form.name));
     page::result(
-        &admin,
+        admin.nav(""),
         true,
         format!(
             "Saved. The profiles apply to every login from now on; {closed} live session(s) no longer allowed were closed."

@@ -51,7 +51,7 @@ pub async fn list(State(console): State<Arc<Console>>, admin: Admin) -> Response
             }
         })
         .collect();
-    page::html(&SessionsPage { nav: Nav::of(&admin, "sessions"), rows, csrf: admin.csrf.clone() })
+    page::html(&SessionsPage { nav: admin.nav("sessions"), rows, csrf: admin.csrf.clone() })
 }
 
 /// The close form.
@@ -77,13 +77,15 @@ pub async fn close(
             session.revoke(format!("closed: by {} in the console", admin.name));
             console.audit(&admin.name, admin.ip, "console_session_closed", &session.user, "ok");
             page::result(
-                &admin,
+                admin.nav(""),
                 true,
                 format!("Closed {}'s {} session from {}.", session.user, session.protocol, session.ip),
                 String::new(),
                 "/sessions",
             )
         }
-        None => page::result(&admin, false, "That session has ended already.".into(), String::new(), "/sessions"),
+        None => {
+            page::result(admin.nav(""), false, "That session has ended already.".into(), String::new(), "/sessions")
+        }
     }
 }

@@ -97,7 +97,7 @@ pub async fn list(State(console): State<Arc<Console>>, admin: Admin) -> Response
         }
     }
     page::html(&UsersPage {
-        nav: Nav::of(&admin, "users"),
+        nav: admin.nav("users"),
         rows: rows.into_values().collect(),
         csrf: admin.csrf.clone(),
         error,
@@ -151,11 +151,13 @@ pub async fn action(
     }
     let user = match crate::user::normalize(&form.user) {
         Ok(user) => user,
-        Err(e) => return page::result(&admin, false, format!("Not a usable user name: {e}"), String::new(), "/users"),
+        Err(e) => {
+            return page::result(admin.nav(""), false, format!("Not a usable user name: {e}"), String::new(), "/users");
+        }
     };
     let done = |ok: bool, event: &str, message: String, details: String| {
         console.audit(&admin.name, admin.ip, event, &user, if ok { "ok" } else { "failed" });
-        page::result(&admin, ok, message, details, "/users")
+        page::result(admin.nav(""), ok, message, details, "/users")
     };
     match form.op.as_str() {
         "unlock" => match console.state.counters.unlock(&user).await {
@@ -192,7 +194,7 @@ pub async fn action(
                         )
                     };
                     page::html(&Message {
-                        nav: Nav::of(&admin, "users"),
+                        nav: admin.nav("users"),
                         title: "Upstream password".into(),
                         class: "ok",
                         message,
@@ -248,7 +250,7 @@ pub async fn action(
             }
         }
         "remove" if form.confirm.is_none() => page::result(
-            &admin,
+            admin.nav(""),
             false,
             format!("Tick \"sure\" beside Remove to remove {user}."),
             String::new(),
@@ -287,7 +289,12 @@ pub async fn action(
             let label = match crate::stores::app_passwords::valid_label(&form.label) {
                 Ok(label) => label,
                 Err(e) => {
-                    return done(false, "console_app_password_added", format!("Not a usable label: {e}"), String::new());
+                    return done(
+                        false,
+                        "console_app_password_added",
+                        format!("Not a usable label: {e}"),
+                        String::new(),
+                    );
                 }
             };
             if let Err(crate::stores::directory::DirectoryError::UnknownUser) =
@@ -318,7 +325,7 @@ pub async fn action(
                         &format!("label {label}"),
                     );
                     page::html(&Message {
-                        nav: Nav::of(&admin, "users"),
+                        nav: admin.nav("users"),
                         title: "App password".into(),
                         class: "ok",
                         message: format!(
@@ -352,7 +359,7 @@ pub async fn action(
                         &format!("label {label}"),
                     );
                     page::result(
-                        &admin,
+                        admin.nav(""),
                         true,
                         format!(
                             "Revoked {user}'s app password {label:?}; closed {closed} live session(s) that used it."
@@ -370,7 +377,7 @@ pub async fn action(
                 Err(e) => done(false, "console_app_password_revoked", "Nothing was revoked.".into(), e),
             }
         }
-        other => page::result(&admin, false, format!("Unknown action {other:?}."), String::new(), "/users"),
+        other => page::result(admin.nav(""), false, format!("Unknown action {other:?}."), String::new(), "/users"),
     }
 }
 
