@@ -71,4 +71,7 @@ async fn an_admin_edits_a_profile_in_a_browser_and_the_newly_allowed_address_log
     assert!(line.contains("profile office"), "{line}");
     logs::wait_for_line(&["console_login_refused", "con-user@example.com", "not in a console admin group"]).await;
     logs::wait_for_line(&["console_csrf_refused", "con-admin@example.com"]).await;
+    logs::wait_for_line(&["console_app_password_added", "con-user@example.com", "label phone"]).await;
+    logs::wait_for_line(&["console_reveal", "con-admin@example.com", "con-user@example.com"]).await;
+    assert!(out.contains(&format!("revealed {} characters", user.upstream_password.len())), "{out}");
 }

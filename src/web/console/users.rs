@@ -285,6 +285,82 @@ pub async fn action(
             let (ok, message, details) = probe(&console, &user, protocol).await;
             done(ok, "console_probe", message, details)
         }
+        "directory_password" => {
+            let crate::stores::directory::DirectoryConfig::File(file) = &console.config.directory else {
+                return done(
+                    false,
+                    "console_directory_password",
+                    "The directory is LDAP: change the password in the directory itself.".into(),
+                    String::new(),
+                );
+            };
+            let password = Secret::new(form.secret);
+            if password.is_empty() {
+                return done(
+                    false,
+                    "console_directory_password",
+                    "Give the new directory password.".into(),
+                    String::new(),
+                );
+            }
+            let path = console.config.resolve(&file.path);
+            let who = user.clone();
+            let set = tokio::task::spawn_blocking(move || {
+                crate::stores::directory::file::set_password(&path, &who, &password)
+            })
+            .await;
+            match set.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(()) => {
+                    if let Err(e) = console.state.reload(&console.config).await {
+                        return done(
+                            false,
+                            "console_directory_password",
+                            "The password was set but the reload failed; reload the daemon.".into(),
+                            e.to_string(),
+                        );
+                    }
+                    done(
+                        true,
+                        "console_directory_password",
+                        format!("Set the directory password of {user}."),
+                        String::new(),
+                    )
+                }
+                Err(e) => done(false, "console_directory_password", "The password was not set.".into(), e),
+            }
+        }
+        "reveal" => {
+            let vault = match Vault::open(&console.state_dir()) {
+                Ok(vault) => vault,
+                Err(e) => return done(false, "console_reveal", "The vault cannot be read.".into(), e.to_string()),
+            };
+            match vault.get(&user) {
+                Ok(Some(stored)) => {
+                    // Audited before anything is shown, as the command does.
+                    console.audit(&admin.name, admin.ip, "console_reveal", &user, "upstream secret shown");
+                    page::html(&Message {
+                        nav: admin.nav("users"),
+                        title: "Upstream secret".into(),
+                        class: "ok",
+                        message: format!(
+                            "The stored {} of {user} (upstream login {}). This reveal is in the audit log.",
+                            stored.kind.as_str(),
+                            stored.upstream_user.as_deref().unwrap_or(&user)
+                        ),
+                        secret: Some(stored.secret.expose().to_owned()),
+                        details: String::new(),
+                        back: "/users",
+                    })
+                }
+                Ok(None) => done(
+                    false,
+                    "console_reveal",
+                    format!("No upstream credential is stored for {user}."),
+                    String::new(),
+                ),
+                Err(e) => done(false, "console_reveal", "The vault cannot be read.".into(), e.to_string()),
+            }
+        }
         "app_add" => {
             let label = match crate::stores::app_passwords::valid_label(&form.label) {
                 Ok(label) => label,

@@ -132,6 +132,10 @@ try:
     assert "phone (never used)" in driver.find_element(By.ID, "users").text
     print("app password added")
 
+    row = [r for r in driver.find_elements(By.CSS_SELECTOR, "#users tr") if other in r.text][0]
+    row.find_element(By.CSS_SELECTOR, "button[value=reveal]").click()
+    print("revealed", len(driver.find_element(By.ID, "secret").text), "characters")
+
     cookie = driver.get_cookie("__Host-postern-console")
     assert cookie and cookie["httpOnly"] and cookie["secure"] and cookie.get("sameSite") == "Strict", cookie
     status, body = post("/profiles/save", {"new_text": "", "base": "", "name": "office"}, cookie["value"])
