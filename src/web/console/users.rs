@@ -231,6 +231,33 @@ pub async fn action(
                 Err(e) => done(false, "console_upstream_set", "The vault was not changed.".into(), e),
             }
         }
+        "rotate" => {
+            let secret = Secret::new(form.secret);
+            if secret.is_empty() {
+                return done(
+                    false,
+                    "console_upstream_rotated",
+                    "Give the new upstream password.".into(),
+                    String::new(),
+                );
+            }
+            let who = user.clone();
+            match vault_change(&console, move |vault| vault.rotate_secret(&who, secret)).await {
+                Ok(true) => done(
+                    true,
+                    "console_upstream_rotated",
+                    format!("Rotated the upstream password of {user}; the previous one is kept until you confirm."),
+                    String::new(),
+                ),
+                Ok(false) => done(
+                    false,
+                    "console_upstream_rotated",
+                    format!("{user} has no upstream password to rotate; store one instead."),
+                    String::new(),
+                ),
+                Err(e) => done(false, "console_upstream_rotated", "The vault was not changed.".into(), e),
+            }
+        }
         "confirm" => {
             let who = user.clone();
             match vault_change(&console, move |vault| vault.confirm(&who)).await {
