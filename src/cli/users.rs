@@ -1,7 +1,6 @@
 //! `postern user ...`: upstream credentials one at a time and in bulk. Secrets are printed
 //! only when generated (once) or when `--reveal` asks, and every reveal leaves an audit line.
 
-use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 
@@ -9,10 +8,9 @@ use anyhow::{Context, bail};
 
 use super::{SecretSource, load_config, normalized, read_secret};
 use crate::config::Config;
-use crate::csv;
-use crate::secret::Secret;
+use crate::stores::credentials_csv;
 use crate::stores::directory::DirectoryConfig;
-use crate::stores::vault::{self, UpstreamSecret, Vault};
+use crate::stores::vault::{self, Vault};
 
 fn open_vault(config: &Config) -> anyhow::Result<Vault> {
     let state_dir = config.resolve(&config.server.state_dir);
@@ -195,60 +193,6 @@ pub fn show_upstream(path: &Path, user: &str, reveal: bool) -> anyhow::Result<()
     Ok(())
 }
 
-/// A row of an import file that passed validation.
-struct ImportRow {
-    user: String,
-    secret: Secret,
-    upstream_user: Option<String>,
-}
-
-/// Validates every row of an import file; returns the good rows and one message per bad row.
-fn validate_import(text: &str) -> anyhow::Result<(Vec<ImportRow>, Vec<String>)> {
-    let records = csv::parse(text)?;
-    let Some((header, rows)) = records.split_first() else {
-        bail!("the file is empty; expected a header line `user,password[,upstream_user]`");
-    };
-    let column = |name: &str| header.fields.iter().position(|f| f.trim().eq_ignore_ascii_case(name));
-    let (Some(user_col), Some(secret_col)) = (column("user"), column("password")) else {
-        bail!("the header line must name the columns `user` and `password` (and optionally `upstream_user`)");
-    };
-    let upstream_col = column("upstream_user");
-    let mut accepted = Vec::new();
-    let mut rejected = Vec::new();
-    let mut seen = HashSet::new();
-    for record in rows {
-        let cell = |i: usize| record.fields.get(i).map(String::as_str).unwrap_or("");
-        let user = match normalized(cell(user_col)) {
-            Ok(user) => user,
-            Err(_) => {
-                rejected.push(format!("line {}: `{}` is not a usable user name", record.line, cell(user_col)));
-                continue;
-            }
-        };
-        if !seen.insert(user.clone()) {
-            rejected.push(format!("line {}: {user} appears more than once", record.line));
-            continue;
-        }
-        let secret = cell(secret_col);
-        if secret.is_empty() {
-            rejected.push(format!("line {}: {user} has an empty password", record.line));
-            continue;
-        }
-        if secret.chars().any(char::is_control) {
-            rejected.push(format!("line {}: {user}'s password contains control characters", record.line));
-            continue;
-        }
-        let upstream_user = upstream_col.map(cell).map(str::trim).filter(|u| !u.is_empty());
-        if upstream_user.is_some_and(|u| u.chars().any(|c| c.is_control() || c.is_whitespace())) {
-            rejected
-                .push(format!("line {}: {user}'s upstream_user contains spaces or control characters", record.line));
-            continue;
-        }
-        accepted.push(ImportRow { user, secret: Secret::new(secret), upstream_user: upstream_user.map(str::to_owned) });
-    }
-    Ok((accepted, rejected))
-}
-
 /// Draws a progress bar on standard error when it is a terminal.
 struct Progress {
     total: usize,
@@ -282,7 +226,7 @@ impl Progress {
 pub fn import(path: &Path, file: &Path, skip_invalid: bool) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let (accepted, rejected) = validate_import(&text).with_context(|| format!("{}", file.display()))?;
+    let (accepted, rejected) = credentials_csv::validate(&text).with_context(|| format!("{}", file.display()))?;
     for message in &rejected {
         eprintln!("rejected: {message}");
     }
@@ -297,13 +241,8 @@ pub fn import(path: &Path, file: &Path, skip_invalid: bool) -> anyhow::Result<()
     Vault::init(&state_dir)?;
     let progress = Progress::new(accepted.len());
     Vault::update(&state_dir, |vault| {
-        for (i, row) in accepted.iter().enumerate() {
-            let mut entry = UpstreamSecret::password(row.secret.clone());
-            entry.upstream_user = row.upstream_user.clone();
-            vault.set(&row.user, entry).with_context(|| format!("storing {} (rows before it are stored)", row.user))?;
-            progress.show(i + 1);
-        }
-        anyhow::Ok(())
+        credentials_csv::store(vault, &accepted, |i| progress.show(i))
+            .map_err(|(user, e)| anyhow::Error::from(e).context(format!("storing {user} (rows before it are stored)")))
     })?;
     println!("imported {} row(s); rejected {}", accepted.len(), rejected.len());
     eprintln!("a running postern picks them up on reload (systemctl reload postern, or SIGHUP)");
@@ -316,26 +255,11 @@ pub fn export(path: &Path, output: Option<&Path>, reveal: bool) -> anyhow::Resul
     let config = load_config(path)?;
     let vault = open_vault(&config)?;
     let listings = vault.list();
-    let mut text = String::new();
-    let mut header = vec!["user", "upstream_user", "kind", "changed", "previous_pending"];
     if reveal {
-        header.push("password");
         let users: Vec<String> = listings.iter().map(|l| l.user.clone()).collect();
         audit_reveal(&config, "export", &users)?;
     }
-    text.push_str(&csv::line(&header));
-    for l in &listings {
-        let changed = date(l.changed);
-        let pending = if l.has_previous { "yes" } else { "no" };
-        let mut row =
-            vec![l.user.as_str(), l.upstream_user.as_deref().unwrap_or(""), l.kind.as_str(), &changed, pending];
-        let secret = if reveal { vault.get(&l.user)?.map(|s| s.secret) } else { None };
-        if let Some(secret) = &secret {
-            row.push(secret.expose());
-        }
-        text.push_str(&csv::line(&row));
-    }
-    let text = Secret::new(text);
+    let text = credentials_csv::export(&vault, reveal)?;
     match output {
         Some(file) => {
             crate::fsutil::write_private_atomic(file, text.expose().as_bytes())
@@ -345,23 +269,4 @@ pub fn export(path: &Path, output: Option<&Path>, reveal: bool) -> anyhow::Resul
         None => print!("{}", text.expose()),
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn import_validation_reports_each_bad_row() {
-        let text = "user,password,upstream_user\r\nA@x.org,pw1,\r\nbad user,pw2\r\na@x.org,pw3\r\nb@x.org,\r\nc@x.org,pw,\"has space\"\r\nd@x.org,\"p,w\",d@gmail.com\r\n";
-        let (ok, bad) = validate_import(text).unwrap();
-        let users: Vec<&str> = ok.iter().map(|r| r.user.as_str()).collect();
-        assert_eq!(users, ["a@x.org", "d@x.org"]);
-        assert_eq!(ok[1].secret.expose(), "p,w");
-        assert_eq!(ok[1].upstream_user.as_deref(), Some("d@gmail.com"));
-        assert_eq!(bad.len(), 4, "{bad:?}");
-        assert!(bad[0].starts_with("line 3") && bad[1].contains("more than once") && bad[2].contains("empty"));
-        assert!(validate_import("name,secret\n").is_err());
-        assert!(validate_import("").is_err());
-    }
 }

@@ -5,6 +5,7 @@
 
 pub mod app_passwords;
 pub mod ca;
+pub mod credentials_csv;
 pub mod directory;
 pub mod oauth;
 pub mod vault;

@@ -120,6 +120,8 @@ pub struct ActionForm {
     #[serde(default)]
     confirm: Option<String>,
     #[serde(default)]
+    csv: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -148,6 +150,11 @@ pub async fn action(
 ) -> Response {
     if let Some(refused) = admin.csrf_refusal(&form.csrf) {
         return refused;
+    }
+    match form.op.as_str() {
+        "export" => return export(&console, &admin, form.confirm.is_some()),
+        "import" => return import(&console, &admin, &form.csv, form.confirm.is_some()).await,
+        _ => {}
     }
     let user = match crate::user::normalize(&form.user) {
         Ok(user) => user,
@@ -507,5 +514,81 @@ async fn probe(console: &Console, user: &str, protocol: Protocol) -> (bool, Stri
             )
         }
         Err(e) => (false, format!("{address} (route {}) did not log {user} in.", route.name()), e.to_string()),
+    }
+}
+
+/// The vault as CSV, the secrets only with `reveal` (audited first, for every user in it).
+fn export(console: &Console, admin: &Admin, reveal: bool) -> Response {
+    let vault = match Vault::open(&console.state_dir()) {
+        Ok(vault) => vault,
+        Err(e) => {
+            return page::result(admin.nav(""), false, "The vault cannot be read.".into(), e.to_string(), "/users");
+        }
+    };
+    if reveal {
+        for listing in vault.list() {
+            console.audit(&admin.name, admin.ip, "console_reveal", &listing.user, "exported with the secret");
+        }
+    }
+    match crate::stores::credentials_csv::export(&vault, reveal) {
+        Ok(text) => {
+            console.audit(
+                &admin.name,
+                admin.ip,
+                "console_export",
+                "",
+                if reveal { "with secrets" } else { "without secrets" },
+            );
+            let headers = [
+                (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (axum::http::header::CONTENT_DISPOSITION, "attachment; filename=\"postern-upstream-credentials.csv\""),
+            ];
+            axum::response::IntoResponse::into_response((headers, text.expose().to_owned()))
+        }
+        Err(e) => page::result(admin.nav(""), false, "The vault cannot be read.".into(), e.to_string(), "/users"),
+    }
+}
+
+/// Stores upstream passwords from CSV; nothing is written if a row is bad, unless
+/// `skip_invalid`.
+async fn import(console: &Console, admin: &Admin, text: &str, skip_invalid: bool) -> Response {
+    let (rows, rejected) = match crate::stores::credentials_csv::validate(text) {
+        Ok(parts) => parts,
+        Err(e) => return page::result(admin.nav(""), false, "Nothing was imported.".into(), e.to_string(), "/users"),
+    };
+    if !rejected.is_empty() && !skip_invalid {
+        let message = format!(
+            "{} row(s) valid, {} rejected; nothing was written. Fix the rows, or tick \"store the valid rows\".",
+            rows.len(),
+            rejected.len()
+        );
+        return page::result(admin.nav(""), false, message, rejected.join("\n"), "/users");
+    }
+    let count = rows.len();
+    let users: Vec<String> = rows.iter().map(|r| r.user.clone()).collect();
+    let stored = vault_change(console, move |vault| {
+        crate::stores::credentials_csv::store(vault, &rows, |_| {}).map_err(|(_, e)| e)
+    })
+    .await;
+    match stored {
+        Ok(()) => {
+            for user in &users {
+                console.audit(&admin.name, admin.ip, "console_import", user, "ok");
+            }
+            page::result(
+                admin.nav(""),
+                true,
+                format!("Imported {count} row(s); rejected {}.", rejected.len()),
+                rejected.join("\n"),
+                "/users",
+            )
+        }
+        Err(e) => page::result(
+            admin.nav(""),
+            false,
+            "The import stopped; rows before the failure are stored.".into(),
+            e,
+            "/users",
+        ),
     }
 }

@@ -132,6 +132,19 @@ try:
     assert "phone (never used)" in driver.find_element(By.ID, "users").text
     print("app password added")
 
+    driver.get(base + "/users")
+    driver.find_element(By.ID, "import-csv").send_keys("user,password\nimported@example.com,pw-imported\nnot a user,pw\n")
+    driver.find_element(By.ID, "import").click()
+    message = driver.find_element(By.ID, "message").text
+    assert "nothing was written" in message, message
+    driver.get(base + "/users")
+    driver.find_element(By.ID, "import-csv").send_keys("user,password\nimported@example.com,pw-imported\n")
+    driver.find_element(By.ID, "import").click()
+    assert driver.find_element(By.ID, "message").text.startswith("Imported 1 row"), driver.find_element(By.ID, "message").text
+    driver.get(base + "/users")
+    assert "imported@example.com" in driver.find_element(By.ID, "users").text
+    print("imported")
+
     row = [r for r in driver.find_elements(By.CSS_SELECTOR, "#users tr") if other in r.text][0]
     row.find_element(By.CSS_SELECTOR, "button[value=reveal]").click()
     print("revealed", len(driver.find_element(By.ID, "secret").text), "characters")
