@@ -55,6 +55,7 @@ async fn an_admin_edits_a_profile_in_a_browser_and_the_newly_allowed_address_log
         .args([script, &base, "con-admin@example.com", "admin-Pw-1", &user.mail, &user.password])
         .arg(NEW_ADDRESS.to_string())
         .arg(&shots)
+        .arg(proxy.config_path.with_file_name("profiles.toml"))
         .output()
         .await
         .expect("run the browser test");

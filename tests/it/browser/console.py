@@ -1,6 +1,6 @@
 """Drives the admin console in headless Chromium (Selenium + chromedriver), as an admin would.
 
-Usage: console.py BASE_URL ADMIN PASSWORD NON_ADMIN PASSWORD NEW_ADDRESS SCREENSHOT_DIR
+Usage: console.py BASE_URL ADMIN PASSWORD NON_ADMIN PASSWORD NEW_ADDRESS SCREENSHOT_DIR PROFILES_FILE
 
 Logs in as the admin, edits the profile "office" to allow NEW_ADDRESS, checks the diff
 preview, saves, visits every page (a screenshot of each), then checks that a form post
@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-base, admin, admin_pw, other, other_pw, new_address, shots = sys.argv[1:8]
+base, admin, admin_pw, other, other_pw, new_address, shots, profiles_file = sys.argv[1:9]
 
 
 def browser():
@@ -109,6 +109,20 @@ try:
     assert "not-an-address" in error, error
     shot(driver, "profile-error")
     print("broken profile refused:", error)
+
+    # An edit saved from a preview made before someone else changed the file is refused.
+    driver.get(base + "/profiles/edit?name=office")
+    driver.find_element(By.ID, "users").send_keys("\nlate@example.com")
+    driver.find_element(By.ID, "preview").click()
+    assert driver.find_elements(By.ID, "diff")
+    with open(profiles_file, "a") as f:
+        f.write("# edited by hand meanwhile\n")
+    driver.find_element(By.ID, "save").click()
+    message = driver.find_element(By.ID, "message").text
+    assert "changed since the preview" in message, message
+    with open(profiles_file) as f:
+        assert "late@example.com" not in f.read(), "nothing was written"
+    print("stale save refused")
 
     for page in ["users", "sessions", "history"]:
         driver.get(base + "/" + page)
