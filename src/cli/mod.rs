@@ -219,14 +219,7 @@ pub async fn authorize(path: &Path, user: &str, source: Option<&str>) -> anyhow:
         .await?;
     let stored = user.clone();
     tokio::task::spawn_blocking(move || {
-        Vault::update(&state_dir, |vault| {
-            let upstream_user = vault.get(&stored)?.and_then(|current| current.upstream_user);
-            let mut entry = UpstreamSecret::refresh_token(refresh_token);
-            if let Some(name) = upstream_user {
-                entry = entry.with_upstream_user(name);
-            }
-            vault.set(&stored, entry)
-        })
+        Vault::update(&state_dir, |vault| vault.set_refresh_token(&stored, refresh_token))
     })
     .await
     .context("storing the refresh token")??;

@@ -422,6 +422,17 @@ impl Vault {
         self.write_locked(|vault| vault.rotate_locked(user, secret))
     }
 
+    /// Stores `token` as `user`'s OAuth2 refresh token, keeping the upstream login name stored
+    /// for the user, if any (what a device enrolment does).
+    pub fn set_refresh_token(&mut self, user: &str, token: Secret) -> Result<(), VaultError> {
+        let upstream_user = self.get(user)?.and_then(|current| current.upstream_user);
+        let mut entry = UpstreamSecret::refresh_token(token);
+        if let Some(name) = upstream_user {
+            entry = entry.with_upstream_user(name);
+        }
+        self.set(user, entry)
+    }
+
     /// Replaces `user`'s secret with `secret`, keeping its kind and upstream login name and
     /// the replaced secret as "previous" (see [`Vault::rotate`]); `false` when `user` has none.
     pub fn rotate_secret(&mut self, user: &str, secret: Secret) -> Result<bool, VaultError> {

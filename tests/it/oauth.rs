@@ -458,3 +458,51 @@ async fn a_refresh_token_is_enrolled_with_the_device_grant_then_used() {
     assert_no_secret_logged();
     proxy.stop().await;
 }
+
+/// The console's OAuth2 enrolment: an admin starts it from the users page, the page shows the
+/// code, and once the mailbox's owner approves, the refresh token is in the vault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_enrols_a_refresh_token_from_the_console() {
+    logs::capture();
+    let mail = oauth::add_user("rt-console1", "dir-pw-c1");
+    common::slapd::slapd().add_user("rt-console-admin", "rt-console-admin@example.com", "admin-pw-c1", &["rt-admins"]);
+    let extra = format!("device_authorization_url = \"{}/refresh/device\"", token_server().base_url);
+    let console = "\n[console]\nlisten = \"127.0.0.1:0\"\nadmin_groups = [\"rt-admins\"]\n";
+    let proxy = OAuthProxy::start_edited(Source::Refresh, &[&mail], &extra, |text, _| {
+        text.replace("\n[oauth]", &format!("{console}\n[oauth]"))
+    })
+    .await;
+    let base = format!("https://127.0.0.1:{}", proxy.console.expect("the console listens").port());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/browser/console_form.py");
+    let run = tokio::process::Command::new("python3")
+        .args([script, &base, "rt-console-admin@example.com", "admin-pw-c1", "/users/action", "op=authorize"])
+        .arg(format!("user={mail}"))
+        .output()
+        .await
+        .expect("run python3");
+    let page = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(run.status.success(), "{page}{}", String::from_utf8_lossy(&run.stderr));
+    let code = page
+        .split("<pre class=\"secret\" id=\"secret\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .unwrap_or_else(|| panic!("no code on the page: {page}"))
+        .to_owned();
+    assert!(page.contains(&format!("/device?user_code={code}")), "the verification page is named: {page}");
+    token_server().decide_device(&code, Some(&mail));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let vault = postern::stores::vault::Vault::open(&proxy.state_dir()).expect("vault");
+        if let Some(entry) = vault.get(&mail).expect("vault read") {
+            break entry;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refresh token stored within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stored.kind, postern::stores::vault::SecretKind::RefreshToken);
+    assert!(token_server().refresh_token_valid(stored.secret.expose()));
+    logs::wait_for_line(&["console_authorize", &mail, "refresh token stored"]).await;
+    assert!(imap_login(&proxy, &mail, "dir-pw-c1").await.starts_with("a1 OK"), "the console reloaded the vault");
+    assert_no_secret_logged();
+    proxy.stop().await;
+}

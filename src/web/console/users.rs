@@ -310,6 +310,7 @@ pub async fn action(
                 Err(e) => done(false, "console_remove", "Nothing was removed.".into(), e),
             }
         }
+        "authorize" => authorize(&console, &admin, &user).await,
         "probe" => {
             let protocol = match form.protocol.as_str() {
                 "pop3" => Protocol::Pop3,
@@ -588,6 +589,68 @@ async fn import(console: &Console, admin: &Admin, text: &str, skip_invalid: bool
             false,
             "The import stopped; rows before the failure are stored.".into(),
             e,
+            "/users",
+        ),
+    }
+}
+
+/// Starts the OAuth2 device enrolment of `user` (RFC 8628, as `postern user authorize`
+/// does): shows the page and code to give the mailbox's owner; the polling goes on in the
+/// background, and an approval stores the refresh token (audited either way).
+async fn authorize(console: &Arc<Console>, admin: &Admin, user: &str) -> Response {
+    let source = match crate::stores::oauth::TokenSource::chosen(&console.config, None) {
+        Ok(source) => source,
+        Err(e) => {
+            return page::result(
+                admin.nav(""),
+                false,
+                "No device enrolment is possible.".into(),
+                e.to_string(),
+                "/users",
+            );
+        }
+    };
+    let (codes_tx, codes_rx) = tokio::sync::oneshot::channel();
+    let (console_bg, admin_name, admin_ip, who) = (console.clone(), admin.name.clone(), admin.ip, user.to_owned());
+    tokio::spawn(async move {
+        let announce = move |codes: &crate::stores::oauth::device::DeviceAuthorization| {
+            let page = codes.verification_uri_complete.clone().unwrap_or_else(|| codes.verification_uri.clone());
+            let _ = codes_tx.send((page, codes.user_code.clone(), codes.expires_in));
+        };
+        let result = match source.authorize_device(announce).await {
+            Ok(token) => {
+                let stored = who.clone();
+                vault_change(&console_bg, move |vault| vault.set_refresh_token(&stored, token)).await
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let outcome = match &result {
+            Ok(()) => "refresh token stored".to_owned(),
+            Err(e) => format!("failed: {e}"),
+        };
+        console_bg.audit(&admin_name, admin_ip, "console_authorize", &who, &outcome);
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(30), codes_rx).await {
+        Ok(Ok((page, code, expires))) => {
+            console.audit(&admin.name, admin.ip, "console_authorize_started", user, "code shown");
+            page::html(&Message {
+                nav: admin.nav("users"),
+                title: "OAuth2 enrolment".into(),
+                class: "ok",
+                message: format!(
+                    "Have {user}'s owner open {page} and enter the code below within {} minutes. The refresh token is stored as soon as they approve (the users page then shows it); the audit log records the outcome.",
+                    expires.as_secs() / 60
+                ),
+                secret: Some(code),
+                details: String::new(),
+                back: "/users",
+            })
+        }
+        _ => page::result(
+            admin.nav(""),
+            false,
+            "The authorization server did not hand out a code; see the audit log for why.".into(),
+            String::new(),
             "/users",
         ),
     }

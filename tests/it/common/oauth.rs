@@ -499,6 +499,8 @@ pub struct OAuthProxy {
     pub ca_file: PathBuf,
     /// The running server (for its token source and metrics).
     pub server: Arc<ProxyState>,
+    /// The admin console's address, when the config has a `[console]` table.
+    pub console: Option<SocketAddr>,
     /// The config text, for tests that tweak and reload it.
     pub config_text: String,
     config: Config,
@@ -626,6 +628,7 @@ impl OAuthProxy {
             pop3s: addr(postern::protocol::Protocol::Pop3),
             smtps: addr(postern::protocol::Protocol::Smtp),
             ca_file: pki::pki().ca_file.clone(),
+            console: running.console_address,
             server,
             config_text: text,
             config,
