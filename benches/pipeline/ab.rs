@@ -104,7 +104,8 @@ impl Callgrind {
         while let Some(line) = lines.next() {
             let Some(name) = line.strip_prefix("cfn=") else { continue };
             if ALLOCATORS.contains(&name.trim()) {
-                let calls = lines.next().and_then(|l| l.strip_prefix("calls=")?.split_whitespace().next()?.parse().ok());
+                let calls =
+                    lines.next().and_then(|l| l.strip_prefix("calls=")?.split_whitespace().next()?.parse().ok());
                 allocations += calls.unwrap_or(0.0);
             }
         }
@@ -277,10 +278,8 @@ fn report(builds: &[Build], samples: &[Vec<Sample>], plan: &Plan, callgrind: boo
     }
     let _ = write!(out, "\n|---|{}\n", "---:|".repeat(builds.len()));
     let mut line = |label: String, get: &dyn Fn(&Sample) -> Option<f64>, scale: f64, digits: usize| {
-        let cells: Vec<String> = samples
-            .iter()
-            .map(|s| spread(&s.iter().filter_map(get).collect::<Vec<_>>(), scale, digits))
-            .collect();
+        let cells: Vec<String> =
+            samples.iter().map(|s| spread(&s.iter().filter_map(get).collect::<Vec<_>>(), scale, digits)).collect();
         if cells.iter().all(|c| c == "-") {
             return;
         }

@@ -272,8 +272,13 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         let sub = dir.path().join("lb");
         std::fs::create_dir_all(&sub).expect("lb dir");
         let env = Env { issued: &issued, slapd, dovecot, users: &users };
-        let template =
-            Target { name: "", addr: direct.addr, tls: Some(tls.clone()), credentials: directory_login.clone(), pid: None };
+        let template = Target {
+            name: "",
+            addr: direct.addr,
+            tls: Some(tls.clone()),
+            credentials: directory_login.clone(),
+            pid: None,
+        };
         match lb::start_all(&sub, &env, &template, peers) {
             Some((redis, targets)) => {
                 let section = lb::compare(&targets, &redis, &plan, users.list.len(), plan.rounds).await;

@@ -264,7 +264,10 @@ async fn handle(
         session::run_starttls(server, protocol, tcp, peer, via, shutdown, address_slot, handshake_slot).await;
         return;
     }
-    let handshake = tokio::time::timeout(server.limits.handshake_timeout(), server.tls().accept(tcp)).await;
+    // Boxed: the handshake's state (a whole TLS stream) would otherwise stay reserved in the
+    // connection's task for as long as the session lives.
+    let accept = Box::pin(server.tls().accept(tcp));
+    let handshake = tokio::time::timeout(server.limits.handshake_timeout(), accept).await;
     drop(handshake_slot);
     let client = match handshake {
         Ok(Ok(stream)) => stream,

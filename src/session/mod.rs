@@ -42,7 +42,10 @@ const READ_CHUNK: usize = 1024;
 /// (`via`) named in its PROXY protocol header. `address_slot` is that address's connection
 /// slot; `None` when the address was over its limit, and the session only says so and
 /// closes.
-pub async fn run<S>(
+///
+/// Not an `async fn`: the session is built here and moved once into the future that runs
+/// it, instead of being kept as an argument beside that future for the connection's life.
+pub fn run<S>(
     server: Arc<State>,
     protocol: Protocol,
     client: S,
@@ -50,22 +53,22 @@ pub async fn run<S>(
     via: Option<SocketAddr>,
     shutdown: Shutdown,
     address_slot: Option<IpSlot>,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut session = Session::new(server.clone(), protocol, client, peer, via, shutdown, true);
-    audited(&server, protocol, peer, via, async move {
+    audited(server, protocol, peer, via, async move {
         session.serve(address_slot).await;
         session.record
     })
-    .await;
 }
 
 /// Runs the session of a client on a STARTTLS listener, from the plaintext greeting on,
 /// and writes its audit line. As [`run`], plus `handshake_slot`: the client address's
 /// unfinished-handshake slot, held until the TLS handshake after STARTTLS is done.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_starttls<S>(
+pub fn run_starttls<S>(
     server: Arc<State>,
     protocol: Protocol,
     client: S,
@@ -74,31 +77,36 @@ pub async fn run_starttls<S>(
     shutdown: Shutdown,
     address_slot: Option<IpSlot>,
     handshake_slot: IpSlot,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let session = Session::new(server.clone(), protocol, client, peer, via, shutdown, false);
-    audited(&server, protocol, peer, via, serve_starttls(session, address_slot, handshake_slot)).await;
+    audited(server, protocol, peer, via, serve_starttls(session, address_slot, handshake_slot))
 }
 
 /// Runs `session` in the connection's span, counted as active while it runs, and writes the
 /// audit line of the record it returns.
-async fn audited(
-    server: &State,
+///
+/// The session's future is boxed: it lives as long as the connection, and awaiting it
+/// inline would store it twice in the connection's task (once as captured, once as
+/// awaited), which an `async` wrapper cannot avoid.
+fn audited(
+    server: Arc<State>,
     protocol: Protocol,
     peer: SocketAddr,
     via: Option<SocketAddr>,
     session: impl Future<Output = SessionRecord>,
-) {
+) -> impl Future<Output = ()> {
     let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
     let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text);
+    let session = Box::pin(session);
     async move {
         let _active = server.metrics().session_started(protocol);
         let record = session.await;
         server.audit(&record, Event::Session);
     }
     .instrument(span)
-    .await
 }
 
 /// A STARTTLS session: the plaintext part, the upgrade, then the same pipeline as on an
@@ -602,6 +610,41 @@ mod tests {
 
     async fn send(c: &mut BufReader<DuplexStream>, text: &str) {
         c.get_mut().write_all(text.as_bytes()).await.unwrap();
+    }
+
+    /// The size of the future behind a function's result, without calling it.
+    fn output_size<A, B, C, D, E, F, G, R>(_: impl Fn(A, B, C, D, E, F, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn output_size1<A, R>(_: impl Fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn output_size2<A, B, R>(_: impl Fn(A, B) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every connection's task holds its session's future for the whole session, so its
+    /// size is paid once per idle session (and once per pending connection); printed so
+    /// that a change that bloats it shows.
+    #[test]
+    fn the_size_of_a_sessions_future() {
+        type Client = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        let task = output_size(run::<Client>);
+        let state = std::mem::size_of::<Session<Client>>();
+        let client_tls = std::mem::size_of::<Client>();
+        let upstream_tls = std::mem::size_of::<crate::upstream::UpstreamStream>();
+        let serve = output_size2(Session::<Client>::serve);
+        let pre_login = output_size1(Session::<Client>::pre_login);
+        let splice = output_size2(Session::<Client>::splice);
+        eprintln!(
+            "task future {task} bytes, and boxed: Session {state} (its client TLS stream {client_tls}) + serve {serve} \
+             (pre-login {pre_login}, splice {splice} with the upstream TLS stream {upstream_tls})"
+        );
+        assert!(task <= 512, "the task's own future of {task} bytes: the session runs boxed");
+        assert!(serve >= splice && serve >= pre_login, "serve holds one phase at a time");
+        assert!(state + serve < 16 * 1024, "a session's boxed future of {} bytes", state + serve);
     }
 
     #[tokio::test]
