@@ -156,7 +156,11 @@ fn main() {
 }
 
 async fn run(plan: Plan, peers: &str, max_sessions: usize) {
-    let conditions = report::conditions();
+    let conditions = format!(
+        "{}\n- a session's task future in this tree's release build: {} bytes (the session itself runs boxed)",
+        report::conditions(),
+        output_size(postern::session::run::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>)
+    );
     eprintln!("starting slapd and Dovecot ...");
     let pki = common::pki::pki();
     let slapd = common::slapd::slapd();
@@ -314,6 +318,11 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results/latest.md"));
     report::write(&out, &conditions, &plan, table.as_deref(), balanced.as_deref(), profile.as_deref());
     println!("results written to {}", out.display());
+}
+
+/// The size of the future a function returns, without calling it.
+fn output_size<A, B, C, D, E, F, G, R>(_: impl Fn(A, B, C, D, E, F, G) -> R) -> usize {
+    std::mem::size_of::<R>()
 }
 
 /// Every workload against one target.
