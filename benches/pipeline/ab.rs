@@ -65,9 +65,20 @@ struct Sample {
     mb_per_sec: Option<f64>,
     /// Instructions per 100 MB of FETCH (callgrind).
     ir_per_100mb: Option<f64>,
-    /// Per client level: logins/s, CPU ms per login, instructions per login and
-    /// allocations per login (callgrind).
-    logins: Vec<(usize, f64, Option<f64>, Option<f64>, Option<f64>)>,
+    /// Per client level.
+    logins: Vec<Level>,
+}
+
+/// The login workload at one concurrency.
+#[derive(Clone, Copy)]
+struct Level {
+    clients: usize,
+    per_sec: f64,
+    cpu_ms: Option<f64>,
+    /// Instructions per login (callgrind).
+    instructions: Option<f64>,
+    /// Heap allocations per login (callgrind).
+    allocations: Option<f64>,
 }
 
 /// The proxy's callgrind counters, read by dumping them (a dump also zeroes them).
@@ -217,7 +228,13 @@ async fn measure(target: &Target, plan: &Plan, users: usize, mut callgrind: Opti
              {allocs_per_login:?} allocations per login, {} errors",
             rate.per_sec, rate.errors
         );
-        sample.logins.push((clients, rate.per_sec, cpu_per_login, ir_per_login, allocs_per_login));
+        sample.logins.push(Level {
+            clients,
+            per_sec: rate.per_sec,
+            cpu_ms: cpu_per_login,
+            instructions: ir_per_login,
+            allocations: allocs_per_login,
+        });
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     sample
@@ -297,11 +314,11 @@ fn report(builds: &[Build], samples: &[Vec<Sample>], plan: &Plan, callgrind: boo
     line("CPU ms per 100 MB of FETCH".into(), &|s| s.cpu_per_100mb, 1.0, 0);
     line(format!("FETCH {} MiB x{}, MB/s", plan.message_mb, plan.fetches), &|s| s.mb_per_sec, 1.0, 0);
     for &clients in &plan.clients {
-        let level = move |s: &Sample| s.logins.iter().find(|(c, ..)| *c == clients).copied();
-        line(format!("instructions per login, {clients} clients, thousands"), &move |s| level(s)?.3, 1e3, 0);
-        line(format!("heap allocations per login, {clients} clients"), &move |s| level(s)?.4, 1.0, 0);
-        line(format!("CPU ms per login, {clients} clients"), &move |s| level(s)?.2, 1.0, 2);
-        line(format!("logins/s, {clients} clients"), &move |s| level(s).map(|l| l.1), 1.0, 0);
+        let level = move |s: &Sample| s.logins.iter().find(|l| l.clients == clients).copied();
+        line(format!("instructions per login, {clients} clients, thousands"), &move |s| level(s)?.instructions, 1e3, 0);
+        line(format!("heap allocations per login, {clients} clients"), &move |s| level(s)?.allocations, 1.0, 0);
+        line(format!("CPU ms per login, {clients} clients"), &move |s| level(s)?.cpu_ms, 1.0, 2);
+        line(format!("logins/s, {clients} clients"), &move |s| level(s).map(|l| l.per_sec), 1.0, 0);
     }
     out
 }
