@@ -40,6 +40,17 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// The provider toward upstreams: X25519 and AES-128-GCM first. Every login is a handshake
+/// there and every relayed byte is encrypted there, and these are the cheapest choices an
+/// upstream is sure to support; the others stay offered after them.
+fn upstream_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::{CipherSuite, NamedGroup};
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider.kx_groups.sort_by_key(|g| g.name() != NamedGroup::X25519);
+    Arc::new(provider)
+}
+
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// Lowest TLS version accepted from clients.
@@ -323,8 +334,10 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
 
 /// Builds the client config for an upstream: system roots plus `extra_ca`, then `trust`'s
 /// pins or (explicitly) no verification.
+/// Resumes TLS sessions with the upstream (tickets, in memory) so that later logins skip the
+/// certificate and signature work.
 pub fn upstream_client_config(extra_ca: Option<&Path>, trust: &UpstreamTrust) -> Result<Arc<ClientConfig>, TlsError> {
-    let base = client_config(extra_ca)?;
+    let base = client_config_with(extra_ca, upstream_provider())?;
     if trust.insecure_no_verify {
         let mut config = (*base).clone();
         config.dangerous().set_certificate_verifier(Arc::new(NoVerification(provider())));
@@ -334,7 +347,7 @@ pub fn upstream_client_config(extra_ca: Option<&Path>, trust: &UpstreamTrust) ->
         return Ok(base);
     }
     let roots = root_store(extra_ca)?;
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), upstream_provider())
         .build()
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = (*base).clone();
@@ -364,8 +377,15 @@ fn root_store(extra_ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
 
 /// Builds a client config trusting the system roots plus the PEM certificates in `extra_ca`.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(extra_ca, provider())
+}
+
+fn client_config_with(
+    extra_ca: Option<&Path>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = root_store(extra_ca)?;
-    let config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -32,8 +32,11 @@ pub struct Balanced {
 /// Starts two Postern instances with `state` as their `[state]` table, and HAProxy in front;
 /// `None` when HAProxy is not installed.
 pub fn start(name: &'static str, dir: &Path, env: &crate::Env<'_>, state: &str, template: &Target) -> Option<Balanced> {
-    let extra =
-        Extra { imap: "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n".into(), tables: state.into() };
+    let extra = Extra {
+        imap: "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n".into(),
+        tables: state.into(),
+        ..Extra::default()
+    };
     let mut instances = Vec::new();
     for i in 0..2 {
         let sub = dir.join(format!("postern{i}"));

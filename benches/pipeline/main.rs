@@ -32,12 +32,15 @@
 //! (per level, default 4), `POSTERN_BENCH_MESSAGE_MB` (default 32), `POSTERN_BENCH_FETCHES`
 //! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
 //! skip the profile), `POSTERN_BENCH_OUT` (results file), `POSTERN_BENCH_ROUNDS` (rounds of
-//! the `lb-*` comparison, default 3).
+//! the `lb-*` comparison and of the `ab` one, default 3), `POSTERN_BENCH_AB` and
+//! `POSTERN_BENCH_CALLGRIND` (the `ab` target: builds of Postern compared in one run, see
+//! `ab.rs`).
 
 #[path = "../../tests/it/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
 mod common;
 
+mod ab;
 mod client;
 mod lb;
 mod load;
@@ -153,7 +156,11 @@ fn main() {
 }
 
 async fn run(plan: Plan, peers: &str, max_sessions: usize) {
-    let conditions = report::conditions();
+    let conditions = format!(
+        "{}\n- a session's task future in this tree's release build: {} bytes (the session itself runs boxed)",
+        report::conditions(),
+        output_size(postern::session::run::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>)
+    );
     eprintln!("starting slapd and Dovecot ...");
     let pki = common::pki::pki();
     let slapd = common::slapd::slapd();
@@ -269,8 +276,13 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         let sub = dir.path().join("lb");
         std::fs::create_dir_all(&sub).expect("lb dir");
         let env = Env { issued: &issued, slapd, dovecot, users: &users };
-        let template =
-            Target { name: "", addr: direct.addr, tls: Some(tls.clone()), credentials: directory_login, pid: None };
+        let template = Target {
+            name: "",
+            addr: direct.addr,
+            tls: Some(tls.clone()),
+            credentials: directory_login.clone(),
+            pid: None,
+        };
         match lb::start_all(&sub, &env, &template, peers) {
             Some((redis, targets)) => {
                 let section = lb::compare(&targets, &redis, &plan, users.list.len(), plan.rounds).await;
@@ -279,6 +291,22 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
             }
             None => eprintln!("haproxy is not installed (apt-get install haproxy); lb-* skipped"),
         }
+    }
+
+    if peers.split(',').any(|p| p.trim() == "ab") {
+        let sub = dir.path().join("ab");
+        std::fs::create_dir_all(&sub).expect("ab dir");
+        let env = Env { issued: &issued, slapd, dovecot, users: &users };
+        let template = Target {
+            name: "",
+            addr: direct.addr,
+            tls: Some(tls.clone()),
+            credentials: directory_login.clone(),
+            pid: None,
+        };
+        let section = ab::compare(&env, &template, &plan, users.list.len(), &sub).await;
+        println!("\n{section}");
+        balanced = Some(balanced.map_or(section.clone(), |b| format!("{b}\n{section}")));
     }
 
     let table = if rows.is_empty() { None } else { Some(report::table(&rows, &plan)) };
@@ -290,6 +318,12 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results/latest.md"));
     report::write(&out, &conditions, &plan, table.as_deref(), balanced.as_deref(), profile.as_deref());
     println!("results written to {}", out.display());
+}
+
+/// The size of the future a function returns, without calling it.
+#[allow(clippy::too_many_arguments)]
+fn output_size<A, B, C, D, E, F, G, H, R>(_: impl Fn(A, B, C, D, E, F, G, H) -> R) -> usize {
+    std::mem::size_of::<R>()
 }
 
 /// Every workload against one target.

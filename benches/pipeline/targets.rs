@@ -54,7 +54,7 @@ impl Process {
 
     /// Waits until `addr` accepts connections; panics with the log if the process exits.
     fn wait_for(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while TcpStream::connect(addr).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -63,7 +63,7 @@ impl Process {
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "{} did not listen on {addr} within 30 s", self.name);
+            assert!(Instant::now() < deadline, "{} did not listen on {addr} within 120 s", self.name);
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -159,6 +159,11 @@ pub struct Extra {
     pub imap: String,
     /// Whole tables appended to the file (e.g. `[state]`).
     pub tables: String,
+    /// Another `postern` binary than this tree's release build.
+    pub binary: Option<PathBuf>,
+    /// Run under `valgrind --tool=TOOL` (`callgrind`, `massif`), its output in this folder
+    /// (`TOOL.out`).
+    pub valgrind: Option<(&'static str, PathBuf)>,
 }
 
 /// Like [`postern`], with `extra` configuration.
@@ -206,6 +211,8 @@ max_handshakes_per_ip = 100000
 
 [lockout]
 failure_delay_ms = 0
+# Every bench client is 127.0.0.1, with up to 64 logins in flight: not a spraying address.
+max_failures_per_ip = 0
 
 [directory]
 kind = "ldap"
@@ -238,13 +245,24 @@ upstream_ca_file = {ca:?}
     );
     let config_path = dir.join("proxy.toml");
     std::fs::write(&config_path, config).expect("proxy.toml");
-    let mut process = Process::spawn(
-        "postern",
-        &postern_binary(),
-        &["serve", "--config", config_path.to_str().expect("utf-8 path")],
-        dir,
-        &[("POSTERN_LOG", "info")],
-    );
+    let binary = extra.binary.clone().unwrap_or_else(postern_binary);
+    let serve = ["serve", "--config", config_path.to_str().expect("utf-8 path")];
+    let mut process = match &extra.valgrind {
+        None => Process::spawn("postern", &binary, &serve, dir, &[("POSTERN_LOG", "info")]),
+        Some((tool, out)) => {
+            let valgrind = which("valgrind").expect("valgrind is not installed (apt-get install valgrind)");
+            let tool_arg = format!("--tool={tool}");
+            let out_file = format!("--{tool}-out-file={}", out.join(format!("{tool}.out")).display());
+            let mut args = vec![tool_arg.as_str(), "--trace-children=no", out_file.as_str()];
+            if *tool == "callgrind" {
+                // Full names at every call site, for counting the allocator's calls.
+                args.extend(["--compress-strings=no", "--compress-pos=no"]);
+            }
+            args.push(binary.to_str().expect("utf-8 path"));
+            args.extend(serve);
+            Process::spawn("postern", &valgrind, &args, dir, &[("POSTERN_LOG", "info")])
+        }
+    };
     process.wait_for(addr);
     (process, addr)
 }

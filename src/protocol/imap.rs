@@ -107,8 +107,30 @@ enum LineEnd {
 /// Literal bytes still being read.
 struct PendingLiteral {
     remaining: usize,
+    /// What arrived so far. It grows with what arrives, never beyond the announced size
+    /// (the room the session granted), so a client that announces a large literal and
+    /// sends little of it costs little.
     data: Zeroizing<Vec<u8>>,
 }
+
+impl PendingLiteral {
+    /// Appends `chunk` (at most `remaining` bytes). A full buffer is replaced by one twice
+    /// as large, capped at the literal's size; the old one is wiped when dropped.
+    fn take(&mut self, chunk: &[u8]) {
+        let needed = self.data.len() + chunk.len();
+        if needed > self.data.capacity() {
+            let size = self.data.len() + self.remaining;
+            let capacity = needed.max(2 * self.data.capacity()).max(LITERAL_FIRST_CHUNK).min(size);
+            let mut grown = Zeroizing::new(Vec::with_capacity(capacity));
+            grown.extend_from_slice(&self.data);
+            self.data = grown;
+        }
+        self.data.extend_from_slice(chunk);
+    }
+}
+
+/// The first buffer of a literal (or the whole literal, when smaller).
+const LITERAL_FIRST_CHUNK: usize = 1024;
 
 /// A command being assembled across literals.
 struct Command {
@@ -366,7 +388,7 @@ impl ImapDialogue {
         if let Some(literal) = &mut cmd.literal {
             let mut chunk = input.split_to(literal.remaining.min(input.len()));
             if cmd.error.is_none() {
-                literal.data.extend_from_slice(&chunk);
+                literal.take(&chunk);
             }
             chunk[..].zeroize();
             literal.remaining -= chunk.len();
@@ -434,9 +456,9 @@ impl ImapDialogue {
     /// Prepares to read a literal's bytes (keeping them when `keep`, skipping them when the
     /// command already failed); the continuation to send, if the client waits for one.
     fn expect_literal(&mut self, mut cmd: Box<Command>, size: usize, non_sync: bool, keep: bool) -> Option<Step> {
-        let capacity = if keep { size } else { 0 };
-        cmd.held += capacity;
-        cmd.literal = Some(PendingLiteral { remaining: size, data: Zeroizing::new(Vec::with_capacity(capacity)) });
+        // The room is granted for the whole literal; memory is taken as its bytes arrive.
+        cmd.held += if keep { size } else { 0 };
+        cmd.literal = Some(PendingLiteral { remaining: size, data: Zeroizing::new(Vec::new()) });
         self.state = State::Assembling(cmd);
         (!non_sync).then(|| Step::Reply(b"+ Ready for literal data\r\n".to_vec()))
     }
@@ -921,6 +943,40 @@ mod tests {
         assert_eq!(d.held(), 0);
         d.literal_room(true);
         assert!(matches!(d.step(&mut buf), Step::NeedMore), "an unasked answer changes nothing");
+    }
+
+    /// The literal's buffer as it stands, while the command is being assembled.
+    fn literal_capacity(d: &ImapDialogue) -> usize {
+        match &d.state {
+            State::Assembling(cmd) => cmd.literal.as_ref().map_or(0, |l| l.data.capacity()),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn a_granted_literal_takes_memory_as_its_bytes_arrive() {
+        let mut d = ImapDialogue::new(&DialogueSettings { max_literal: 8000, ..settings() });
+        let mut buf = BytesMut::from(&b"x LOGIN {8000}\r\n"[..]);
+        assert!(matches!(d.step(&mut buf), Step::Literal(8000)));
+        d.literal_room(true);
+        assert_eq!(d.held(), 8000, "the room is granted for the whole literal");
+        assert!(matches!(d.step(&mut buf), Step::Reply(_)));
+        assert_eq!(literal_capacity(&d), 0, "nothing allocated before a byte arrives");
+        buf.extend_from_slice(&[b'p'; 10]);
+        assert!(matches!(d.step(&mut buf), Step::NeedMore));
+        assert_eq!(literal_capacity(&d), LITERAL_FIRST_CHUNK);
+        buf.extend_from_slice(&[b'p'; 3990]);
+        assert!(matches!(d.step(&mut buf), Step::NeedMore));
+        assert_eq!(literal_capacity(&d), 4000, "grown to what came");
+        buf.extend_from_slice(&[b'p'; 3000]);
+        assert!(matches!(d.step(&mut buf), Step::NeedMore));
+        assert_eq!(literal_capacity(&d), 8000, "never beyond the announced size");
+        buf.extend_from_slice(&[b'p'; 1000]);
+        buf.extend_from_slice(b" pw\r\n");
+        match d.step(&mut buf) {
+            Step::Login(c) => assert_eq!(c.user.as_bytes(), &[b'p'; 8000][..]),
+            _ => panic!("the login with the whole literal"),
+        }
     }
 
     #[test]

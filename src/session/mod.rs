@@ -43,8 +43,11 @@ const READ_CHUNK: usize = 1024;
 /// (`via`) named in its PROXY protocol header. `address_slot` is that address's connection
 /// slot; `None` when the address was over its limit, and the session only says so and
 /// closes. `certificate` is what the client presented in the handshake.
+///
+/// Not an `async fn`: the session is built here and moved once into the future that runs
+/// it, instead of being kept as an argument beside that future for the connection's life.
 #[allow(clippy::too_many_arguments)]
-pub async fn run<S>(
+pub fn run<S>(
     server: Arc<State>,
     protocol: Protocol,
     client: S,
@@ -53,23 +56,23 @@ pub async fn run<S>(
     shutdown: Shutdown,
     address_slot: Option<IpSlot>,
     certificate: Option<PresentedCertificate>,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut session = Session::new(server.clone(), protocol, client, peer, via, shutdown, true);
     session.presented(certificate);
-    audited(&server, protocol, peer, via, async move {
+    audited(server, protocol, peer, via, async move {
         session.serve(address_slot).await;
         session.record
     })
-    .await;
 }
 
 /// Runs the session of a client on a STARTTLS listener, from the plaintext greeting on,
 /// and writes its audit line. As [`run`], plus `handshake_slot`: the client address's
 /// unfinished-handshake slot, held until the TLS handshake after STARTTLS is done.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_starttls<S>(
+pub fn run_starttls<S>(
     server: Arc<State>,
     protocol: Protocol,
     client: S,
@@ -78,31 +81,36 @@ pub async fn run_starttls<S>(
     shutdown: Shutdown,
     address_slot: Option<IpSlot>,
     handshake_slot: IpSlot,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let session = Session::new(server.clone(), protocol, client, peer, via, shutdown, false);
-    audited(&server, protocol, peer, via, serve_starttls(session, address_slot, handshake_slot)).await;
+    audited(server, protocol, peer, via, serve_starttls(session, address_slot, handshake_slot))
 }
 
 /// Runs `session` in the connection's span, counted as active while it runs, and writes the
 /// audit line of the record it returns.
-async fn audited(
-    server: &State,
+///
+/// The session's future is boxed: it lives as long as the connection, and awaiting it
+/// inline would store it twice in the connection's task (once as captured, once as
+/// awaited), which an `async` wrapper cannot avoid.
+fn audited(
+    server: Arc<State>,
     protocol: Protocol,
     peer: SocketAddr,
     via: Option<SocketAddr>,
     session: impl Future<Output = SessionRecord>,
-) {
+) -> impl Future<Output = ()> {
     let via_text = via.map_or_else(|| "-".to_owned(), |v| v.to_string());
     let span = tracing::info_span!("session", protocol = protocol.name(), peer = %peer, via = %via_text);
+    let session = Box::pin(session);
     async move {
         let _active = server.metrics().session_started(protocol);
         let record = session.await;
         server.audit(&record, Event::Session);
     }
     .instrument(span)
-    .await
 }
 
 /// A STARTTLS session: the plaintext part, the upgrade, then the same pipeline as on an
@@ -128,7 +136,7 @@ where
         Err(record) => return record,
     };
     match tls.pre_login().await {
-        PreLogin::Admitted(admitted) => tls.splice(*admitted).await,
+        PreLogin::Admitted(admitted) => tls.splice(admitted).await,
         PreLogin::StartTls | PreLogin::Ended => {
             let _ = tls.client.shutdown().await;
         }
@@ -218,7 +226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         };
         match self.pre_login().await {
-            PreLogin::Admitted(admitted) => self.splice(*admitted).await,
+            PreLogin::Admitted(admitted) => self.splice(admitted).await,
             PreLogin::StartTls | PreLogin::Ended => {
                 let _ = self.client.shutdown().await;
             }
@@ -354,7 +362,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Step::Login(credentials) => {
                     self.attempt(Some(&credentials.user), credentials.mechanism);
                     self.record.mode = (!credentials.upstream_prefix.is_empty()).then_some("recent");
-                    self.decide(&credentials, deadline).await?
+                    // Boxed at once: an admitted login is large, and would otherwise take
+                    // room in every connection's future.
+                    self.decide(&credentials, deadline).await?.map(Box::new)
                 }
                 Step::Refused(rejected) => {
                     self.attempt(rejected.user.as_deref(), rejected.mechanism);
@@ -377,7 +387,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.record.route = Some(admitted.route.name.clone());
                     self.record.upstream.clone_from(&admitted.route.upstream);
                     self.record.app_password.clone_from(&admitted.app_password);
-                    return Some(PreLogin::Admitted(Box::new(admitted)));
+                    return Some(PreLogin::Admitted(admitted));
                 }
                 Err(Refusal::Denied(denial)) => {
                     self.record.set(Outcome::Denied, denial.reason());
@@ -440,7 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Updates the login metrics and the user's last upstream result.
-    fn count_login(&self, decision: &Result<Admitted, Refusal>, elapsed: std::time::Duration) {
+    fn count_login(&self, decision: &Result<Box<Admitted>, Refusal>, elapsed: std::time::Duration) {
         let metrics = self.server.metrics();
         metrics.login_latency.observe(elapsed);
         let user = self.record.user.as_deref().unwrap_or("-");
@@ -521,10 +531,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Forwards what each side already sent, then splices until the session ends.
-    async fn splice(&mut self, admitted: Admitted) {
-        let Admitted { upstream, slot: _slot, grant, route, app_password } = admitted;
-        drop(grant);
-        let crate::upstream::LoggedIn { stream: mut upstream_stream, leftover, .. } = upstream;
+    ///
+    /// Everything the login produced besides the upstream stream and the session slot (the
+    /// box, the grant, what the client's success reply needed) is freed before the session
+    /// settles in: an idle session keeps only what it uses.
+    async fn splice(&mut self, admitted: Box<Admitted>) {
+        // Taken apart in a block of its own: the box and the parts not kept are freed here,
+        // and the future keeps no room for them while the session lasts.
+        let (mut upstream_stream, leftover, _slot, route, app_password) = {
+            let admitted = admitted;
+            let Admitted { upstream, slot, grant, route, app_password } = *admitted;
+            drop(grant);
+            let crate::upstream::LoggedIn { stream, leftover, info } = upstream;
+            drop(info);
+            (stream, leftover, slot, route, app_password)
+        };
         let counters = Arc::new(Counters::default());
         // The login buffers are not needed while the session lives; only what they hold is.
         let pipelined = std::mem::take(&mut self.input);
@@ -627,6 +648,42 @@ mod tests {
 
     async fn send(c: &mut BufReader<DuplexStream>, text: &str) {
         c.get_mut().write_all(text.as_bytes()).await.unwrap();
+    }
+
+    /// The size of the future behind a function's result, without calling it.
+    #[allow(clippy::too_many_arguments)]
+    fn output_size<A, B, C, D, E, F, G, H, R>(_: impl Fn(A, B, C, D, E, F, G, H) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn output_size1<A, R>(_: impl Fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn output_size2<A, B, R>(_: impl Fn(A, B) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every connection's task holds its session's future for the whole session, so its
+    /// size is paid once per idle session (and once per pending connection); printed so
+    /// that a change that bloats it shows.
+    #[test]
+    fn the_size_of_a_sessions_future() {
+        type Client = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        let task = output_size(run::<Client>);
+        let state = std::mem::size_of::<Session<Client>>();
+        let client_tls = std::mem::size_of::<Client>();
+        let upstream_tls = std::mem::size_of::<crate::upstream::UpstreamStream>();
+        let serve = output_size2(Session::<Client>::serve);
+        let pre_login = output_size1(Session::<Client>::pre_login);
+        let splice = output_size2(Session::<Client>::splice);
+        eprintln!(
+            "task future {task} bytes, and boxed: Session {state} (its client TLS stream {client_tls}) + serve {serve} \
+             (pre-login {pre_login}, splice {splice} with the upstream TLS stream {upstream_tls})"
+        );
+        assert!(task <= 512, "the task's own future of {task} bytes: the session runs boxed");
+        assert!(serve >= splice && serve >= pre_login, "serve holds one phase at a time");
+        assert!(state + serve <= 6 * 1024, "a session's boxed future of {} bytes", state + serve);
     }
 
     #[tokio::test]

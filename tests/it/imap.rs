@@ -47,6 +47,27 @@ async fn direct_fetch(user: &TestUser, seq: u32) -> Vec<u8> {
     c.imap_fetch_body("d3", seq).await
 }
 
+/// A message far larger than any buffer on the way (TLS records, the relay's burst and
+/// stream buffers) arrives byte for byte as stored, twice on one session: the relay gives
+/// its buffers back between bursts and grows them again.
+#[tokio::test]
+async fn a_large_fetch_through_the_proxy_is_byte_identical() {
+    let proxy = proxy_for(&["fetch-large"]).await;
+    let user = proxy::add_user(&proxy, "fetch-large", "directory-pw-large");
+    let large = common::mail::message("fetch-large", 12 * 1024 * 1024 + 17);
+    common::dovecot::dovecot().deliver(&user.mail, &large);
+    let mut c = connect(&proxy).await;
+    let ok = login_quoted(&mut c, &user).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+    assert!(c.tagged("a2", "SELECT INBOX").await.starts_with("a2 OK"));
+    for tag in ["a3", "a4"] {
+        let got = c.imap_fetch_body(tag, 1).await;
+        assert_eq!(got.len(), large.len());
+        assert!(got == large, "the message through the proxy differs from the one stored");
+    }
+    assert!(c.tagged("a5", "LOGOUT").await.starts_with("a5 OK"));
+}
+
 #[tokio::test]
 async fn login_and_fetch_match_a_direct_session() {
     let proxy = proxy_for(&["fetch1"]).await;

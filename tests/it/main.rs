@@ -33,4 +33,5 @@ mod shared_state;
 mod smtp;
 mod starttls;
 mod upstream_methods;
+mod upstream_tls;
 mod vault_writers;

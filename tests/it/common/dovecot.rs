@@ -71,6 +71,7 @@ pub struct Dovecot {
 
 static DOVECOT: OnceLock<Dovecot> = OnceLock::new();
 static DOVECOT_LOGIN_ONLY: OnceLock<Dovecot> = OnceLock::new();
+static DOVECOT_ONE_LOGIN_PROCESS: OnceLock<Dovecot> = OnceLock::new();
 
 /// The shared Dovecot, started (blocking, a second or two) on first use.
 pub fn dovecot() -> &'static Dovecot {
@@ -82,6 +83,13 @@ pub fn dovecot() -> &'static Dovecot {
 /// that takes neither PLAIN nor the protocols' own password commands.
 pub fn dovecot_login_only() -> &'static Dovecot {
     DOVECOT_LOGIN_ONLY.get_or_init(|| start(Tuning { login_only: true, trust_loopback: true, ..Tuning::default() }))
+}
+
+/// A third Dovecot, started on first use, whose IMAP connections are all served by one
+/// long-lived login process ([`Tuning::one_login_process`]), so a TLS session ticket it
+/// issues is good for the next connection: what resuming TLS sessions needs.
+pub fn dovecot_one_login_process() -> &'static Dovecot {
+    DOVECOT_ONE_LOGIN_PROCESS.get_or_init(|| start(Tuning { one_login_process: true, ..Tuning::default() }))
 }
 
 /// What a benchmark or test asks of Dovecot beyond the tests' defaults.
@@ -99,6 +107,10 @@ pub struct Tuning {
     /// Trust loopback (`login_trusted_networks = 127.0.0.0/8`): a client address passed on
     /// with IMAP `ID` or POP3/SMTP `XCLIENT` from there is taken as the session's `rip`.
     pub trust_loopback: bool,
+    /// One IMAP login process that serves every connection and lives on. By default each
+    /// connection gets a new login process (Dovecot's high-security mode), with its own TLS
+    /// ticket keys, so no TLS session can be resumed.
+    pub one_login_process: bool,
 }
 
 /// The shared Dovecot started with `tuning`; if it already runs, the running one as it is.
@@ -212,6 +224,11 @@ fn start(tuning: Tuning) -> Dovecot {
         }
         if tuning.trust_loopback {
             text.push_str("login_trusted_networks = 127.0.0.0/8\n");
+        }
+        if tuning.one_login_process {
+            text.push_str(
+                "service imap-login {\n  service_count = 0\n  process_min_avail = 1\n  process_limit = 1\n}\n",
+            );
         }
         fs::write(&conf, text).expect("write dovecot.conf");
         let stderr_file = dir.join("stderr.log");
