@@ -127,7 +127,9 @@ async fn refusal_micros(proxy: &crate::common::proxy::Proxy, protocol: &str, use
 }
 
 /// Asserts that refusals of `a` and of `b` take the same time over each of `protocols`:
-/// 20 interleaved tries each, compared by the fastest (what the work itself costs).
+/// 30 interleaved tries each, compared by the fastest (what the work itself costs). The
+/// defect this guards against was a 40-fold gap (1.4 ms against 55.8 ms); the bounds leave
+/// room for what two shared cores running other tests add to one side or the other.
 async fn assert_refused_in_the_same_time(
     proxy: &crate::common::proxy::Proxy,
     what: &str,
@@ -138,20 +140,20 @@ async fn assert_refused_in_the_same_time(
     for protocol in protocols {
         // Interleaved, so whatever else loads the machine weighs on both alike.
         let (mut a_times, mut b_times) = (Vec::new(), Vec::new());
-        for _ in 0..20 {
+        for _ in 0..30 {
             a_times.push(refusal_micros(proxy, protocol, a).await);
             b_times.push(refusal_micros(proxy, protocol, b).await);
         }
         let fastest = |times: &[u128]| times.iter().copied().min().unwrap_or_default();
         let (a_min, b_min) = (fastest(&a_times), fastest(&b_times));
         let (a_median, b_median) = (median(a_times), median(b_times));
-        eprintln!("{protocol}, {what}: {a_median} µs / {b_median} µs (medians of 20; fastest {a_min} / {b_min} µs)");
+        eprintln!("{protocol}, {what}: {a_median} µs / {b_median} µs (medians of 30; fastest {a_min} / {b_min} µs)");
         // The fastest of each is what the work itself costs; medians also carry whatever else
         // the machine (and the other tests) were doing at the time.
         let ratio = b_min as f64 / a_min as f64;
         assert!(
-            (0.8..=1.25).contains(&ratio),
-            "{protocol}, {what}: {b} is refused in {b_min} µs at best, {a} in {a_min} µs (of 20 each)"
+            (0.67..=1.5).contains(&ratio),
+            "{protocol}, {what}: {b} is refused in {b_min} µs at best, {a} in {a_min} µs (of 30 each)"
         );
     }
 }
