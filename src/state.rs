@@ -400,6 +400,14 @@ impl State {
         self.directory.load_full()
     }
 
+    /// Opens the directory `config` describes again (after its users file changed) and puts
+    /// it in force; on error the one in force stays.
+    pub async fn reload_directory(&self, config: &Config) -> Result<(), LoadError> {
+        let directory = Directory::open(&config.directory, &config.base_dir).await?;
+        self.directory.store(Arc::new(directory));
+        Ok(())
+    }
+
     /// The vault in force now.
     pub fn vault(&self) -> Arc<Vault> {
         self.upstreams.vault()
