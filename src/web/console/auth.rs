@@ -276,6 +276,28 @@ mod tests {
     }
 
     #[test]
+    fn a_session_kept_busy_outlives_its_cookie_without_an_absolute_limit() {
+        // The cookie's Max-Age is the lifetime counted from the login; the server must not
+        // keep the session past it however busy it is kept (a copied token would otherwise
+        // live for ever, and an admin removed from the admin groups would keep the console).
+        let sessions = Sessions::new(Duration::from_millis(100));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let token = sessions.create("admin@example.com", ip);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(400) {
+            if sessions.touch(&token, ip).is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            sessions.touch(&token, ip).is_none(),
+            "the session is still alive {:?} after a login whose cookie lasted 100ms",
+            started.elapsed()
+        );
+    }
+
+    #[test]
     fn csrf_tokens_must_match_exactly() {
         let admin =
             Admin { name: "a".into(), csrf: "token-1".into(), token: "t".into(), ip: "127.0.0.1".parse().unwrap() };
