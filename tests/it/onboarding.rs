@@ -336,3 +336,29 @@ fn postern_check_reports_the_onboarding_listener_and_refuses_an_unusable_certifi
     let (_, stderr) = text(&output);
     assert!(stderr.contains("onboarding certificate") && stderr.contains("missing.pem"), "{stderr}");
 }
+
+#[tokio::test]
+async fn one_client_holding_64_idle_connections_locks_everyone_out_of_onboarding() {
+    // The public listener serves 64 connections at once, whoever holds them; a connection
+    // that never starts TLS keeps its slot for the whole handshake deadline (10 s), and one
+    // address can open them again and again. The rate limit counts requests, not connections.
+    let proxy = proxy_serving("slots.example", "").await;
+    let address = proxy.onboarding.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(address).await.expect("connect");
+        common::client::tls_connector(&proxy.ca_file).connect(name, tcp).await
+    };
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(3), handshake).await;
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "another client got no TLS handshake within 3 s while one client held 64 idle connections"
+    );
+    drop(idle);
+    proxy.stop().await;
+}
