@@ -76,3 +76,89 @@ async fn an_admin_edits_a_profile_in_a_browser_and_the_newly_allowed_address_log
     logs::wait_for_line(&["console_reveal", "con-admin@example.com", "con-user@example.com"]).await;
     assert!(out.contains(&format!("revealed {} characters", user.upstream_password.len())), "{out}");
 }
+
+/// `curl` to the console at `path` as `localhost`, keeping cookies in `jar`; `form` is
+/// posted when given. The response body.
+async fn console_curl(proxy: &Proxy, jar: &std::path::Path, path: &str, form: Option<&[(&str, &str)]>) -> String {
+    common::require_binary("curl", "curl");
+    let port = proxy.console.expect("the console listens").port();
+    let mut command = tokio::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "20", "--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["--cacert", &proxy.ca_file.display().to_string()])
+        .args(["-b", &jar.display().to_string(), "-c", &jar.display().to_string()]);
+    for (name, value) in form.unwrap_or_default() {
+        command.args(["--data-urlencode", &format!("{name}={value}")]);
+    }
+    let out = command.arg(format!("https://localhost:{port}{path}")).output().await.expect("run curl");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_directory_password_set_in_the_console_reverts_a_reload_to_the_startup_config() {
+    // The console keeps the config the daemon started with and reloads the daemon from it
+    // after setting a directory password: whatever a reload (SIGHUP) put in force since —
+    // here a new profiles file — silently goes back to the start.
+    let user = "rev-user@example.com";
+    let profiles = proxy::profile_for(&[user]);
+    let console =
+        "[console]\nlisten = \"127.0.0.1:0\"\nadmin_groups = [\"postern-admins\"]\nallow = [\"127.0.0.0/8\"]\n";
+    let mut proxy = Proxy::start(Options {
+        directory: proxy::Dir::File,
+        profiles,
+        config_extra: console.to_owned(),
+        ..Options::default()
+    })
+    .await;
+    let users = proxy.config_path.with_file_name("users.toml");
+    let secret = |s: &str| postern::secret::Secret::new(s);
+    postern::stores::directory::file::set_password(&users, "rev-admin@example.com", &secret("admin-Pw-1")).unwrap();
+    postern::stores::directory::file::set_groups(&users, "rev-admin@example.com", &["postern-admins".to_owned()])
+        .unwrap();
+    postern::stores::directory::file::set_password(&users, "rev-other@example.com", &secret("other-Pw-1")).unwrap();
+    proxy.set_file_password(user, "user-Pw-1").await;
+    proxy.dovecot.add_user(user, "up-rev-user-Zq9x");
+    proxy.set_upstream(user, "up-rev-user-Zq9x");
+    let test_user = proxy::TestUser {
+        mail: user.to_owned(),
+        password: "user-Pw-1".to_owned(),
+        upstream_password: "up-rev-user-Zq9x".to_owned(),
+    };
+
+    // The operator points [access] profiles at a new file allowing 127.0.0.2 and reloads.
+    let widened = format!(
+        "[[profile]]\nname = \"wider\"\nallow = [\"127.0.0.1/32\", \"{NEW_ADDRESS}/32\"]\nusers = [\"{user}\"]\n"
+    );
+    std::fs::write(proxy.config_path.with_file_name("profiles-wider.toml"), widened).unwrap();
+    proxy.reconfigure(|text| text.replace("profiles = \"profiles.toml\"", "profiles = \"profiles-wider.toml\"")).await;
+    let answer = imap_login_from(&proxy, NEW_ADDRESS, &test_user).await;
+    assert!(answer.starts_with("a OK"), "allowed from {NEW_ADDRESS} after the reload: {answer}");
+
+    // An admin sets another user's directory password in the console.
+    let jar = tempfile::NamedTempFile::new().unwrap();
+    let login = [("user", "rev-admin@example.com"), ("password", "admin-Pw-1")];
+    console_curl(&proxy, jar.path(), "/login", Some(&login)).await;
+    let page = console_curl(&proxy, jar.path(), "/users", None).await;
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("a CSRF token on the users page: {page}"))
+        .to_owned();
+    let action = [
+        ("csrf", csrf.as_str()),
+        ("op", "directory_password"),
+        ("user", "rev-other@example.com"),
+        ("secret", "other-Pw-2"),
+    ];
+    let done = console_curl(&proxy, jar.path(), "/users/action", Some(&action)).await;
+    assert!(done.contains("Set the directory password of rev-other@example.com"), "{done}");
+
+    let answer = imap_login_from(&proxy, NEW_ADDRESS, &test_user).await;
+    assert!(
+        answer.starts_with("a OK"),
+        "the reloaded profiles file is still in force after the console's directory password change: {answer}"
+    );
+    proxy.stop().await;
+}
