@@ -100,6 +100,7 @@ pub struct State {
     last_reload: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
     restart_only: RestartOnly,
+    config: ArcSwap<Config>,
 }
 
 /// A protocol table's listener keys: `listen`, `starttls_listen`, `max_message_size`,
@@ -263,6 +264,7 @@ impl State {
             last_reload: AtomicU64::new(0),
             reload_lock: tokio::sync::Mutex::new(()),
             restart_only: RestartOnly::of(config),
+            config: ArcSwap::from_pointee(config.clone()),
         }))
     }
 
@@ -378,6 +380,7 @@ impl State {
         self.client_ca.store(client_ca);
         self.alerts.check_certificate(&config.resolve(&config.tls.cert));
         self.audit_file.store(audit_file);
+        self.config.store(Arc::new(config.clone()));
         self.metrics.reload(true);
         self.last_reload.store(unix_now(), Ordering::Relaxed);
         Ok(())
@@ -393,6 +396,11 @@ impl State {
         self.tls.store(Arc::new(tls));
         self.client_ca.store(client_ca);
         Ok(())
+    }
+
+    /// The config in force now: the one loaded at start or by the last successful reload.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 
     /// The directory in force now.

@@ -76,6 +76,11 @@ async fn decide(
     if password.is_empty() {
         return Err(Refusal::Denied(Denial::EmptyPassword));
     }
+    // As long as a mail login's password may be; nothing longer reaches the hashing or the
+    // directory.
+    if password.expose().len() > crate::protocol::limits::DEFAULT_MAX_LITERAL {
+        return Err(Refusal::Denied(Denial::WrongPassword));
+    }
     match state.counters.precheck(&user, ip).await.map_err(|e| Refusal::Unavailable(Outage::Store(e)))? {
         Some(Refused::Throttled) => return Err(Refusal::Denied(Denial::Throttled)),
         Some(Refused::Locked) => return Err(Refusal::Denied(Denial::Locked)),

@@ -22,7 +22,7 @@ pub struct ConsoleConfig {
     /// Client networks the console answers (CIDR or single addresses); others get nothing.
     #[serde(default = "loopback")]
     pub allow: Vec<String>,
-    /// Minutes a console login lasts without activity (at most 8 hours).
+    /// Minutes a console login lasts, however busy (at most 8 hours).
     #[serde(default = "default_session_minutes")]
     pub session_minutes: u64,
 }

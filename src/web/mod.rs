@@ -8,7 +8,7 @@
 
 pub mod onboarding;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct Limits {
     pub max_headers: usize,
     /// Connections served at once; the rest wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client address (an IPv6 /64) may hold at once; more are closed at
+    /// accept, so one client cannot take the slots everyone shares.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             max_buffer: 16 * 1024,
             max_headers: 64,
             max_connections: 64,
+            max_connections_per_ip: 8,
         }
     }
 }
@@ -76,6 +80,7 @@ pub async fn serve(
         .max_headers(limits.max_headers);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -101,9 +106,14 @@ pub async fn serve(
             () = stop.cancelled() => return,
         };
         backoff = Duration::from_millis(10);
+        let Some(address_slot) = per_address.clone().take(peer.ip(), limits.max_connections_per_ip) else {
+            tracing::debug!(%peer, "{name}: too many connections from this address; closed");
+            continue;
+        };
         let (builder, router, stop, acceptor) = (builder.clone(), router.clone(), stop.clone(), tls());
         tokio::spawn(async move {
             let _permit = permit;
+            let _address_slot = address_slot;
             let served = async {
                 let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
@@ -137,4 +147,71 @@ async fn tower_service_call(
 ) -> Result<axum::response::Response, std::convert::Infallible> {
     use tower_service::Service;
     router.call(request).await
+}
+
+/// Connections held per client address (IPv4, or an IPv6 /64).
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection's hold on its address's count; released when dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl PerAddress {
+    fn key(ip: IpAddr) -> IpAddr {
+        match crate::access::profiles::canonical_ip(ip) {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        }
+    }
+
+    /// A slot for `ip` if it holds fewer than `max`.
+    fn take(self: Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let key = Self::key(ip);
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let held = table.entry(key).or_insert(0);
+        if *held >= max.max(1) {
+            return None;
+        }
+        *held += 1;
+        drop(table);
+        Some(AddressSlot { table: self, key })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = table.get_mut(&self.key) {
+            *held -= 1;
+            if *held == 0 {
+                table.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_connections() {
+        let table = Arc::new(PerAddress::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| table.clone().take(a, 3).expect("under the cap")).collect();
+        assert!(table.clone().take(a, 3).is_none(), "the fourth is refused");
+        assert!(table.clone().take("192.0.2.2".parse().unwrap(), 3).is_some(), "another address is not");
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let same_64: Vec<_> = (0..3).map(|i| table.clone().take(v6(&format!("2001:db8::{i}")), 3).unwrap()).collect();
+        assert!(table.clone().take(v6("2001:db8::ffff"), 3).is_none(), "one /64 is one client");
+        drop(held);
+        drop(same_64);
+        assert!(table.0.lock().unwrap().is_empty(), "released slots leave nothing behind");
+    }
 }

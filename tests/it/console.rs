@@ -96,7 +96,7 @@ async fn console_curl(proxy: &Proxy, jar: &std::path::Path, path: &str, form: Op
 }
 
 #[tokio::test]
-async fn a_directory_password_set_in_the_console_reverts_a_reload_to_the_startup_config() {
+async fn a_directory_password_set_in_the_console_keeps_the_config_of_the_last_reload() {
     // The console keeps the config the daemon started with and reloads the daemon from it
     // after setting a directory password: whatever a reload (SIGHUP) put in force since —
     // here a new profiles file — silently goes back to the start.

@@ -47,7 +47,7 @@ pub async fn explain(State(console): State<Arc<Console>>, admin: Admin, Query(qu
             (Err(e), _) => error = format!("user: {e}"),
             (_, Err(_)) => error = "address: give an IPv4 or IPv6 address, e.g. 203.0.113.7".into(),
             (Ok(user), Ok(ip)) => {
-                match crate::cli::explain::explanation(&console.config, &user, ip, protocol, None).await {
+                match crate::cli::explain::explanation(&console.config(), &user, ip, protocol, None).await {
                     Ok(explained) => lines = explained,
                     Err(e) => error = format!("{e:#}"),
                 }

@@ -48,8 +48,9 @@ fn ago(text: &str) -> Result<Option<u64>, String> {
 }
 
 /// The lines of the audit file matching `search`, oldest first, as rows of [`COLUMNS`].
-fn rows(console: &Console, search: &Search) -> Result<Vec<Vec<String>>, String> {
-    let Some(file) = &console.config.audit.file else {
+async fn rows(console: &Console, search: &Search) -> Result<Vec<Vec<String>>, String> {
+    let config = console.config();
+    let Some(file) = &config.audit.file else {
         return Err("No audit file is configured ([audit] file), so there is no history to search.".into());
     };
     let user = match search.user.trim() {
@@ -63,7 +64,12 @@ fn rows(console: &Console, search: &Search) -> Result<Vec<Vec<String>>, String> 
         client: Some(search.client.trim().to_owned()).filter(|c| !c.is_empty()),
         outcome: Some(search.outcome.trim().to_owned()).filter(|o| !o.is_empty()),
     };
-    let events = read(&console.config.resolve(file), &filter).map_err(|e| e.to_string())?;
+    // Reading the audit file is file work: off the threads that run mail sessions.
+    let path = config.resolve(file);
+    let events = tokio::task::spawn_blocking(move || read(&path, &filter))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     Ok(events
         .iter()
         .map(|event| {
@@ -112,7 +118,7 @@ pub async fn search(
     Query(search): Query<Search>,
     raw: axum::extract::RawQuery,
 ) -> Response {
-    let (mut rows, error) = match rows(&console, &search) {
+    let (mut rows, error) = match rows(&console, &search).await {
         Ok(rows) => (rows, String::new()),
         Err(e) => (Vec::new(), e),
     };
@@ -125,7 +131,7 @@ pub async fn search(
 
 /// `GET /history.csv`: every match, oldest first.
 pub async fn csv(State(console): State<Arc<Console>>, admin: Admin, Query(search): Query<Search>) -> Response {
-    match rows(&console, &search) {
+    match rows(&console, &search).await {
         Ok(rows) => {
             console.audit(
                 &admin.name,

@@ -42,8 +42,8 @@ pub struct Console {
     pub access: ConsoleAccess,
     /// Logged-in admins.
     pub sessions: auth::Sessions,
-    /// The config the daemon started with (files, state folder, audit file).
-    pub config: Config,
+    /// One profile save at a time: its check that the file is unchanged and its write.
+    pub saving: tokio::sync::Mutex<()>,
 }
 
 /// The Content-Security-Policy of every response: nothing but this origin's stylesheet, no
@@ -53,23 +53,31 @@ pub const CSP: &str =
 
 impl Console {
     /// The console of `state`, as `settings` describe it.
-    pub fn new(state: Arc<ProxyState>, config: &Config, settings: &ConsoleConfig) -> Self {
+    pub fn new(state: Arc<ProxyState>, settings: &ConsoleConfig) -> Self {
         Self {
             state,
             access: ConsoleAccess::new(settings),
             sessions: auth::Sessions::new(Duration::from_secs(settings.session_minutes * 60)),
-            config: config.clone(),
+            saving: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The config in force now (the daemon's last successful reload), never a copy kept
+    /// from the start.
+    pub fn config(&self) -> Arc<Config> {
+        self.state.config()
     }
 
     /// The profiles file.
     pub fn profiles_path(&self) -> PathBuf {
-        self.config.resolve(&self.config.access.profiles)
+        let config = self.config();
+        config.resolve(&config.access.profiles)
     }
 
     /// The state folder (vault).
     pub fn state_dir(&self) -> PathBuf {
-        self.config.resolve(&self.config.server.state_dir)
+        let config = self.config();
+        config.resolve(&config.server.state_dir)
     }
 
     /// Records an admin's action: on the `audit` log target, and in the audit file when one
@@ -79,11 +87,12 @@ impl Console {
         let user = crate::user::escape(user);
         let result = crate::user::escape(result);
         tracing::info!(target: "audit", event, admin = %admin, client = %ip, user = %user, result = %result, "console");
-        if let Some(file) = &self.config.audit.file {
+        let config = self.config();
+        if let Some(file) = &config.audit.file {
             let line = serde_json::json!({
                 "event": event, "admin": admin, "client": ip.to_string(), "user": user, "result": result,
             });
-            if let Err(e) = crate::audit::file::append(&self.config.resolve(file), line) {
+            if let Err(e) = crate::audit::file::append(&config.resolve(file), line) {
                 tracing::error!(error = %e, "console: cannot write the audit file");
             }
         }
@@ -171,7 +180,7 @@ pub async fn start(
         tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind { address, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Bind { address, source })?;
     tracing::info!(address = %local, "serving the admin console");
-    let console = Arc::new(Console::new(state, config, settings));
+    let console = Arc::new(Console::new(state, settings));
     tokio::spawn(crate::web::serve("console", listener, tls, router(console), stop, crate::web::Limits::default()));
     Ok(local)
 }
@@ -195,6 +204,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/history.csv", get(history::csv))
         .route("/explain", get(explain::explain))
         .fallback(|| async { page::error(StatusCode::NOT_FOUND, "No such page.") })
+        // Forms are small; a CSV import is the largest (1 MiB).
+        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .layer(middleware::from_fn_with_state(console.clone(), guard))
         .with_state(console)
 }

@@ -330,6 +330,8 @@ pub async fn save(
     if let Some(refused) = admin.csrf_refusal(&form.csrf) {
         return refused;
     }
+    // One save at a time, so two saves from the same preview cannot both pass the check.
+    let _one_at_a_time = console.saving.lock().await;
     let path = console.profiles_path();
     let current = match read_file(&console) {
         Ok(text) => text,
@@ -367,7 +369,14 @@ pub async fn save(
     }
     console.state.set_profiles(profiles);
     let closed = crate::access::decision::revalidate(&console.state).await;
-    console.audit(&admin.name, admin.ip, "console_profiles_saved", "", &format!("profile {}", form.name));
+    // The whole file is what was written: the audit names it by fingerprint, before and after.
+    let change = format!(
+        "profile {}; file sha256 {} -> {}",
+        form.name,
+        &form.base[..form.base.len().min(16)],
+        &fingerprint(&form.new_text)[..16]
+    );
+    console.audit(&admin.name, admin.ip, "console_profiles_saved", "", &change);
     page::result(
         admin.nav(""),
         true,

@@ -291,7 +291,7 @@ pub async fn action(
             "/users",
         ),
         "remove" => {
-            let config = console.config.clone();
+            let config = console.config();
             let who = user.clone();
             let removed = tokio::task::spawn_blocking(move || crate::stores::remove_user(&config, &who)).await;
             match removed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
@@ -321,7 +321,8 @@ pub async fn action(
             done(ok, "console_probe", message, details)
         }
         "directory_password" => {
-            let crate::stores::directory::DirectoryConfig::File(file) = &console.config.directory else {
+            let config = console.config();
+            let crate::stores::directory::DirectoryConfig::File(file) = &config.directory else {
                 return done(
                     false,
                     "console_directory_password",
@@ -338,7 +339,7 @@ pub async fn action(
                     String::new(),
                 );
             }
-            let path = console.config.resolve(&file.path);
+            let path = config.resolve(&file.path);
             let who = user.clone();
             let set = tokio::task::spawn_blocking(move || {
                 crate::stores::directory::file::set_password(&path, &who, &password)
@@ -346,11 +347,12 @@ pub async fn action(
             .await;
             match set.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 Ok(()) => {
-                    if let Err(e) = console.state.reload(&console.config).await {
+                    if let Err(e) = console.state.reload_directory(&config).await {
                         return done(
                             false,
                             "console_directory_password",
-                            "The password was set but the reload failed; reload the daemon.".into(),
+                            "The password was set but the directory could not be opened again; reload the daemon."
+                                .into(),
                             e.to_string(),
                         );
                     }
@@ -598,7 +600,7 @@ async fn import(console: &Console, admin: &Admin, text: &str, skip_invalid: bool
 /// does): shows the page and code to give the mailbox's owner; the polling goes on in the
 /// background, and an approval stores the refresh token (audited either way).
 async fn authorize(console: &Arc<Console>, admin: &Admin, user: &str) -> Response {
-    let source = match crate::stores::oauth::TokenSource::chosen(&console.config, None) {
+    let source = match crate::stores::oauth::TokenSource::chosen(&console.config(), None) {
         Ok(source) => source,
         Err(e) => {
             return page::result(
