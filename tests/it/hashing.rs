@@ -129,7 +129,8 @@ async fn refusal_micros(proxy: &crate::common::proxy::Proxy, protocol: &str, use
 /// Asserts that refusals of `a` and of `b` take the same time over each of `protocols`:
 /// 30 interleaved tries each, compared by the fastest (what the work itself costs). The
 /// defect this guards against was a 40-fold gap (1.4 ms against 55.8 ms); the bounds leave
-/// room for what two shared cores running other tests add to one side or the other.
+/// room for what two shared cores running other tests add to one side or the other (seen:
+/// 0.79 and 1.57 while builds ran beside the suite).
 async fn assert_refused_in_the_same_time(
     proxy: &crate::common::proxy::Proxy,
     what: &str,
@@ -152,7 +153,7 @@ async fn assert_refused_in_the_same_time(
         // the machine (and the other tests) were doing at the time.
         let ratio = b_min as f64 / a_min as f64;
         assert!(
-            (0.67..=1.5).contains(&ratio),
+            (0.5..=2.0).contains(&ratio),
             "{protocol}, {what}: {b} is refused in {b_min} µs at best, {a} in {a_min} µs (of 30 each)"
         );
     }
