@@ -489,6 +489,15 @@ async fn an_admin_enrols_a_refresh_token_from_the_console() {
         .unwrap_or_else(|| panic!("no code on the page: {page}"))
         .to_owned();
     assert!(page.contains(&format!("/device?user_code={code}")), "the verification page is named: {page}");
+    // A second enrolment of the same user while the first waits is refused.
+    let again = tokio::process::Command::new("python3")
+        .args([script, &base, "rt-console-admin@example.com", "admin-pw-c1", "/users/action", "op=authorize"])
+        .arg(format!("user={mail}"))
+        .output()
+        .await
+        .expect("run python3");
+    let again = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(again.contains("already waiting for approval"), "{again}");
     token_server().decide_device(&code, Some(&mail));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let stored = loop {

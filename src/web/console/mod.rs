@@ -44,6 +44,8 @@ pub struct Console {
     pub sessions: auth::Sessions,
     /// One profile save at a time: its check that the file is unchanged and its write.
     pub saving: tokio::sync::Mutex<()>,
+    /// Users with an OAuth2 device enrolment waiting for approval (one each at a time).
+    pub enrolling: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The Content-Security-Policy of every response: nothing but this origin's stylesheet, no
@@ -59,6 +61,7 @@ impl Console {
             access: ConsoleAccess::new(settings),
             sessions: auth::Sessions::new(Duration::from_secs(settings.session_minutes * 60)),
             saving: tokio::sync::Mutex::new(()),
+            enrolling: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 

@@ -569,23 +569,25 @@ async fn import(console: &Console, admin: &Admin, text: &str, skip_invalid: bool
     }
     let count = rows.len();
     let users: Vec<String> = rows.iter().map(|r| r.user.clone()).collect();
+    // How many rows are stored, so that a failure part way still audits the ones written.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = done.clone();
     let stored = vault_change(console, move |vault| {
-        crate::stores::credentials_csv::store(vault, &rows, |_| {}).map_err(|(_, e)| e)
+        let progress = |n: usize| counted.store(n, std::sync::atomic::Ordering::Relaxed);
+        crate::stores::credentials_csv::store(vault, &rows, progress).map_err(|(_, e)| e)
     })
     .await;
+    for user in &users[..done.load(std::sync::atomic::Ordering::Relaxed).min(users.len())] {
+        console.audit(&admin.name, admin.ip, "console_import", user, "stored");
+    }
     match stored {
-        Ok(()) => {
-            for user in &users {
-                console.audit(&admin.name, admin.ip, "console_import", user, "ok");
-            }
-            page::result(
-                admin.nav(""),
-                true,
-                format!("Imported {count} row(s); rejected {}.", rejected.len()),
-                rejected.join("\n"),
-                "/users",
-            )
-        }
+        Ok(()) => page::result(
+            admin.nav(""),
+            true,
+            format!("Imported {count} row(s); rejected {}.", rejected.len()),
+            rejected.join("\n"),
+            "/users",
+        ),
         Err(e) => page::result(
             admin.nav(""),
             false,
@@ -612,6 +614,11 @@ async fn authorize(console: &Arc<Console>, admin: &Admin, user: &str) -> Respons
             );
         }
     };
+    if !console.enrolling.lock().unwrap_or_else(|e| e.into_inner()).insert(user.to_owned()) {
+        let message =
+            format!("An enrolment of {user} is already waiting for approval; give its code, or wait until it expires.");
+        return page::result(admin.nav(""), false, message, String::new(), "/users");
+    }
     let (codes_tx, codes_rx) = tokio::sync::oneshot::channel();
     let (console_bg, admin_name, admin_ip, who) = (console.clone(), admin.name.clone(), admin.ip, user.to_owned());
     tokio::spawn(async move {
@@ -631,6 +638,7 @@ async fn authorize(console: &Arc<Console>, admin: &Admin, user: &str) -> Respons
             Err(e) => format!("failed: {e}"),
         };
         console_bg.audit(&admin_name, admin_ip, "console_authorize", &who, &outcome);
+        console_bg.enrolling.lock().unwrap_or_else(|e| e.into_inner()).remove(&who);
     });
     match tokio::time::timeout(std::time::Duration::from_secs(30), codes_rx).await {
         Ok(Ok((page, code, expires))) => {
