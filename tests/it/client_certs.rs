@@ -275,6 +275,33 @@ async fn revoked_expired_and_foreign_certificates_are_refused_with_their_reason(
         .await;
 }
 
+async fn certificate_login(proxy: &Proxy, pem: &Pem, user: &TestUser) -> common::client::MailClient {
+    let mut c = common::client::connect_tls_with_certificate(proxy.imaps, &proxy.ca_file, &pem.cert, &pem.key).await;
+    assert!(c.read_line().await.starts_with("* OK"));
+    let answer = c.tagged("a", &format!("LOGIN {} {}", user.mail, user.password)).await;
+    assert!(answer.starts_with("a OK"), "{answer}");
+    c
+}
+
+/// A session logged in with a certificate is closed when the certificate is revoked (the CRL
+/// file changes, the daemon applies it and re-checks live sessions); another user's session
+/// stays.
+#[tokio::test]
+async fn revoking_a_certificate_closes_the_live_session_it_opened() {
+    let proxy = proxy_with("required", &["certlive1", "certlive2"]).await;
+    let user = proxy::add_user(&proxy, "certlive1", "cert-live-pw");
+    let other = proxy::add_user(&proxy, "certlive2", "cert-live-pw2");
+    let (issued, other_issued) = (issue(&proxy, &user.mail), issue(&proxy, &other.mail));
+    let (pem, other_pem) = (unpack(&issued), unpack(&other_issued));
+    let mut revoked = certificate_login(&proxy, &pem, &user).await;
+    let mut kept = certificate_login(&proxy, &other_pem, &other).await;
+    postern_ok(&proxy, &["cert", "revoke", &issued.serial]);
+    logs::wait_for_line(&["applied the changed client CA or CRL"]).await;
+    revoked.expect_closed().await;
+    logs::wait_for_audit(&user.mail, &["client certificate revoked", "closed"]).await;
+    assert!(kept.tagged("n", "NOOP").await.starts_with("n OK"), "the other user's session stays");
+}
+
 #[tokio::test]
 async fn the_pkcs12_file_is_private_and_opens_with_openssl_and_python() {
     use std::os::unix::fs::PermissionsExt;

@@ -127,6 +127,39 @@ pub async fn connect_tls(addr: SocketAddr, ca_file: &Path) -> MailClient {
     MailClient::new(Stream::Tls(Box::new(tls_handshake(tcp, ca_file).await)))
 }
 
+/// Like [`connect_tls`], presenting the client certificate chain in `cert_file` with the
+/// private key in `key_file` (PEM).
+pub async fn connect_tls_with_certificate(
+    addr: SocketAddr,
+    ca_file: &Path,
+    cert_file: &Path,
+    key_file: &Path,
+) -> MailClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).expect("read test CA file") {
+        roots.add(cert.expect("parse test CA PEM")).expect("add test CA");
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .expect("read the client certificate")
+        .map(|c| c.expect("parse the client certificate"))
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_file).expect("read the client key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate and key");
+    let tcp = tcp_connect(None, addr).await;
+    let name = ServerName::try_from(SERVER_NAME).expect("server name");
+    let tls = tokio::time::timeout(READ_TIMEOUT, TlsConnector::from(Arc::new(config)).connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake with a client certificate");
+    MailClient::new(Stream::Tls(Box::new(tls)))
+}
+
 /// Like [`connect_tls`], with the local end bound to `local_ip` (e.g. 127.0.0.2) so tests can
 /// exercise source-address rules.
 pub async fn connect_tls_from(local_ip: IpAddr, addr: SocketAddr, ca_file: &Path) -> MailClient {
