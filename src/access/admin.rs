@@ -6,10 +6,8 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use super::decision::{Denial, Outage, Refusal, normalize_user};
-use super::lockout::Refused;
+use super::decision::{Denial, Refusal, normalize_user, precheck, reserve, wrong_password};
 use super::profiles::canonical_ip;
-use super::store::ReserveError;
 use crate::config::ConsoleConfig;
 use crate::secret::Secret;
 use crate::state::State;
@@ -81,11 +79,7 @@ async fn decide(
     if password.expose().len() > crate::protocol::limits::DEFAULT_MAX_LITERAL {
         return Err(Refusal::Denied(Denial::WrongPassword));
     }
-    match state.counters.precheck(&user, ip).await.map_err(|e| Refusal::Unavailable(Outage::Store(e)))? {
-        Some(Refused::Throttled) => return Err(Refusal::Denied(Denial::Throttled)),
-        Some(Refused::Locked) => return Err(Refusal::Denied(Denial::Locked)),
-        None => {}
-    }
+    precheck(state, &user, ip).await?;
     let directory = state.directory();
     let entry = match directory.lookup(&user).await {
         Ok(entry) => entry,
@@ -97,22 +91,14 @@ async fn decide(
             return Err(refusal);
         }
     };
-    let reservation = state.counters.reserve(&user, ip).await.map_err(|e| match e {
-        ReserveError::Refused(Refused::Locked) => Refusal::Denied(Denial::Locked),
-        ReserveError::Refused(Refused::Throttled) => Refusal::Denied(Denial::Throttled),
-        ReserveError::Down(e) => Refusal::Unavailable(Outage::Store(e)),
-    })?;
+    let reservation = reserve(state, &user, ip).await?;
     let groups = match directory.verify(&entry, password).await {
         Ok(groups) => {
             reservation.succeeded().await;
             groups
         }
         Err(DirectoryError::WrongPassword) => {
-            if reservation.failed().await {
-                tracing::warn!(user = %user, "user locked out after repeated wrong passwords (console)");
-                let lockout = state.counters.local().config();
-                state.alerts.user_locked(&user, ip, lockout.max_failures, lockout.lock_secs);
-            }
+            wrong_password(state, reservation, &user, ip).await;
             return Err(Refusal::Denied(Denial::WrongPassword));
         }
         Err(e) => {

@@ -34,7 +34,7 @@ use std::time::Instant;
 use super::certificate::{CertProblem, CertificateId, CertificateStatus, PresentedCertificate};
 use super::lockout::Refused;
 use super::profiles::{CertRequirement, PasswordKind, Profile, Profiles};
-use super::store::{ReserveError, SessionSlot, StoreError};
+use super::store::{Reservation, ReserveError, SessionSlot, StoreError};
 use crate::metrics::{LoginResult, Outcome};
 use crate::protocol::{CredentialFault, Credentials, Protocol};
 use crate::secret::Secret;
@@ -557,6 +557,37 @@ pub async fn refuse(state: &State, ip: IpAddr, fault: CredentialFault) -> Refusa
     Refusal::Denied(Denial::from(fault))
 }
 
+/// The lockout's cheap first look (user locked, address throttled), before anything costs:
+/// the same for mail and console logins.
+pub(super) async fn precheck(state: &State, user: &str, ip: IpAddr) -> Result<(), Refusal> {
+    match state.counters.precheck(user, ip).await.map_err(|e| Refusal::Unavailable(Outage::Store(e)))? {
+        Some(Refused::Throttled) => Err(Refusal::Denied(Denial::Throttled)),
+        Some(Refused::Locked) => Err(Refusal::Denied(Denial::Locked)),
+        None => Ok(()),
+    }
+}
+
+/// The lockout's reservation of one password check for `user` from `ip`, in one atomic step
+/// (in this process or one script in the shared store): parallel guesses, on any instance,
+/// cannot get more checks than the limits allow.
+pub(super) async fn reserve<'a>(state: &'a State, user: &str, ip: IpAddr) -> Result<Reservation<'a>, Refusal> {
+    state.counters.reserve(user, ip).await.map_err(|e| match e {
+        ReserveError::Refused(Refused::Locked) => Refusal::Denied(Denial::Locked),
+        ReserveError::Refused(Refused::Throttled) => Refusal::Denied(Denial::Throttled),
+        ReserveError::Down(e) => Refusal::Unavailable(Outage::Store(e)),
+    })
+}
+
+/// Settles `reservation` as a wrong password; when that locks the user out, says so in the
+/// log and to the alert webhooks.
+pub(super) async fn wrong_password(state: &State, reservation: Reservation<'_>, user: &str, ip: IpAddr) {
+    if reservation.failed().await {
+        tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
+        let lockout = state.counters.local().config();
+        state.alerts.user_locked(user, ip, lockout.max_failures, lockout.lock_secs);
+    }
+}
+
 async fn decide(
     state: &State,
     protocol: Protocol,
@@ -566,11 +597,7 @@ async fn decide(
 ) -> Result<Admitted, Refusal> {
     let ip = peer.ip();
     let user = normalize_user(&credentials.user).map_err(Refusal::Denied)?;
-    match state.counters.precheck(&user, ip).await.map_err(|e| Refusal::Unavailable(Outage::Store(e)))? {
-        Some(Refused::Throttled) => return Err(Refusal::Denied(Denial::Throttled)),
-        Some(Refused::Locked) => return Err(Refusal::Denied(Denial::Locked)),
-        None => {}
-    }
+    precheck(state, &user, ip).await?;
     let profiles = state.profiles();
     let certificate = super::certificate::judge(state.client_ca().as_deref(), presented, &user);
     if !profiles.any_allows(ip) {
@@ -614,14 +641,7 @@ async fn decide(
     let known_groups = entry.groups.as_deref().unwrap_or_default();
     let mut accepted = evaluate(&profiles, &user, known_groups, protocol, ip, &certificate).accepted();
     accepted.directory |= entry.groups.is_none();
-    // The check and its count are one atomic step (in this process or one script in the
-    // shared store), before the password is checked: parallel guesses, on any instance,
-    // cannot get more checks than the limits allow.
-    let reservation = state.counters.reserve(&user, ip).await.map_err(|e| match e {
-        ReserveError::Refused(Refused::Locked) => Refusal::Denied(Denial::Locked),
-        ReserveError::Refused(Refused::Throttled) => Refusal::Denied(Denial::Throttled),
-        ReserveError::Down(e) => Refusal::Unavailable(Outage::Store(e)),
-    })?;
+    let reservation = reserve(state, &user, ip).await?;
     let verified = check_password(state, &directory, &user, &entry, &credentials.password, accepted).await;
     let Verified { kind, groups, app } = match verified {
         Ok(verified) => {
@@ -629,11 +649,7 @@ async fn decide(
             verified
         }
         Err(Failed::Wrong(denial)) => {
-            if reservation.failed().await {
-                tracing::warn!(user = %user, "user locked out after repeated wrong passwords");
-                let lockout = state.counters.local().config();
-                state.alerts.user_locked(&user, ip, lockout.max_failures, lockout.lock_secs);
-            }
+            wrong_password(state, reservation, &user, ip).await;
             return Err(Refusal::Denied(denial));
         }
         // Not a guess: the directory refuses the account whatever the password (disabled,
