@@ -9,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_rustls::TlsAcceptor;
+
+use crate::tls::stream::TlsAcceptor as MailAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::certificate::ClientCa;
@@ -168,21 +170,21 @@ fn load_client_ca(config: &Config) -> Result<Option<Arc<ClientCa>>, LoadError> {
 /// The `[tls]` certificate's acceptors: the mail listeners' (asking for a client certificate
 /// when a client CA is set) and the web listeners' (never asking).
 struct Acceptors {
-    mail: TlsAcceptor,
+    mail: MailAcceptor,
     web: TlsAcceptor,
 }
 
 fn tls_acceptor(config: &Config, client_ca: Option<&ClientCa>) -> Result<Acceptors, LoadError> {
     let cert = config.resolve(&config.tls.cert);
     let key = config.resolve(&config.tls.key);
-    let web = TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, None)?);
+    let plain = crate::tls::server_config(&cert, &key, config.tls.min_version, None)?;
     let mail = match client_ca {
         Some(ca) => {
-            TlsAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, Some(ca.subjects()))?)
+            MailAcceptor::from(crate::tls::server_config(&cert, &key, config.tls.min_version, Some(ca.subjects()))?)
         }
-        None => web.clone(),
+        None => MailAcceptor::from(plain.clone()),
     };
-    Ok(Acceptors { mail, web })
+    Ok(Acceptors { mail, web: TlsAcceptor::from(plain) })
 }
 
 fn open_audit_file(config: &Config) -> Result<Option<Arc<AuditFile>>, LoadError> {
@@ -434,8 +436,8 @@ impl State {
     }
 
     /// The TLS acceptor for new client connections (the certificate in force now).
-    pub fn tls(&self) -> TlsAcceptor {
-        TlsAcceptor::clone(&self.tls.load().mail)
+    pub fn tls(&self) -> MailAcceptor {
+        self.tls.load().mail.clone()
     }
 
     /// The acceptor for the web listeners (console, onboarding) with the `[tls]` certificate

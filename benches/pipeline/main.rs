@@ -159,7 +159,7 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
     let conditions = format!(
         "{}\n- a session's task future in this tree's release build: {} bytes (the session itself runs boxed)",
         report::conditions(),
-        output_size(postern::session::run::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>)
+        output_size(postern::session::run::<postern::tls::stream::ServerTls<tokio::net::TcpStream>>)
     );
     eprintln!("starting slapd and Dovecot ...");
     let pki = common::pki::pki();

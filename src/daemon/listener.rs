@@ -284,7 +284,7 @@ async fn handle(
             }
         };
         let certificate =
-            crate::access::certificate::PresentedCertificate::from_handshake(client.get_ref().1.peer_certificates());
+            crate::access::certificate::PresentedCertificate::from_handshake(client.tls().peer_certificates());
         session::run(server, protocol, client, peer, via, shutdown, address_slot, certificate)
     };
     session.await;

@@ -22,6 +22,7 @@ use crate::metrics::LoginResult;
 use crate::protocol::limits::MAX_LOGIN_ATTEMPTS;
 use crate::protocol::{self, Credentials, Dialogue, Protocol, Step};
 use crate::state::{Shutdown, State};
+use crate::tls::stream::ServerTls;
 
 pub mod budget;
 pub mod registry;
@@ -245,10 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The TLS handshake after STARTTLS, within the handshake timeout and the pre-login
     /// deadline; the session goes on over TLS with the protocol's dialogue and no greeting.
     /// The record to audit when the handshake fails.
-    async fn start_tls(
-        self,
-        handshake_slot: IpSlot,
-    ) -> Result<Session<tokio_rustls::server::TlsStream<S>>, SessionRecord> {
+    async fn start_tls(self, handshake_slot: IpSlot) -> Result<Session<ServerTls<S>>, SessionRecord> {
         let Session { server, protocol, client, peer, mut record, shutdown, deadline, claim, .. } = self;
         let limit = deadline.min(Instant::now() + server.limits.handshake_timeout());
         let handshake = tokio::time::timeout_at(limit, server.tls().accept(client)).await;
@@ -267,7 +265,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         let dialogue = protocol::dialogue(protocol, &server.dialogue_settings(protocol));
-        let certificate = PresentedCertificate::from_handshake(client.get_ref().1.peer_certificates());
+        let certificate = PresentedCertificate::from_handshake(client.tls().peer_certificates());
         let mut session = Session {
             server,
             protocol,
@@ -669,7 +667,7 @@ mod tests {
     /// that a change that bloats it shows.
     #[test]
     fn the_size_of_a_sessions_future() {
-        type Client = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        type Client = ServerTls<tokio::net::TcpStream>;
         let task = output_size(run::<Client>);
         let state = std::mem::size_of::<Session<Client>>();
         let client_tls = std::mem::size_of::<Client>();

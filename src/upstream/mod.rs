@@ -5,13 +5,13 @@
 //! and any bytes the server sent after its login answer (they belong to the client).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 use crate::config::{UpstreamAuthMode, UpstreamConfig, UpstreamTls};
 use crate::protocol::{Protocol, UpstreamInfo};
@@ -26,7 +26,7 @@ pub mod route;
 mod smtp;
 
 /// The TLS stream to an upstream server.
-pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type UpstreamStream = crate::tls::stream::ClientTls<TcpStream>;
 
 /// Longest line accepted from an upstream during login.
 const MAX_UPSTREAM_LINE: usize = 64 * 1024;
@@ -119,7 +119,7 @@ pub struct Upstream {
     protocol: Protocol,
     address: String,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
+    tls_config: Arc<rustls::ClientConfig>,
     tls: UpstreamTls,
     auth_mode: UpstreamAuthMode,
     forward_client_address: bool,
@@ -149,7 +149,7 @@ impl Upstream {
             protocol,
             address: config.address.clone(),
             server_name,
-            connector: TlsConnector::from(tls::upstream_client_config(ca_file, &config.upstream_trust())?),
+            tls_config: tls::upstream_client_config(ca_file, &config.upstream_trust())?,
             tls: config.upstream_tls,
             auth_mode: config.upstream_auth,
             forward_client_address: config.forward_client_address,
@@ -216,8 +216,7 @@ impl Upstream {
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
-        self.connector
-            .connect(self.server_name.clone(), tcp)
+        tls::stream::connect(self.tls_config.clone(), self.server_name.clone(), tcp)
             .await
             .map_err(|e| UpstreamError::Tls { address: self.address.clone(), message: e.to_string() })
     }

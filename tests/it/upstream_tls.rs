@@ -42,7 +42,7 @@ async fn the_second_upstream_login_resumes_the_tls_session() {
     let mut kinds = Vec::new();
     for _ in 0..3 {
         let logged_in = upstream.login(&auth, None, None).await.expect("upstream login");
-        let (_, tls) = logged_in.stream.get_ref();
+        let tls = logged_in.stream.tls();
         assert_eq!(tls.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
         assert_eq!(
             tls.negotiated_cipher_suite().map(|s| s.suite()),

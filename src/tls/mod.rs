@@ -1,5 +1,6 @@
 //! TLS for both sides: the server config clients see, and the client configs used to reach
-//! upstreams and the directory. One crypto provider (aws-lc-rs) everywhere.
+//! upstreams and the directory. One crypto provider (aws-lc-rs) everywhere. The mail
+//! connections themselves run on [`stream`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, DistinguishedName, RootCertStore, ServerConfig};
 
 use serde::Deserialize;
+
+pub mod stream;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
