@@ -45,6 +45,7 @@ mod client;
 mod lb;
 mod load;
 mod report;
+mod stats;
 mod targets;
 
 use std::net::SocketAddr;
