@@ -95,6 +95,25 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Connections to `port` on loopback that a process still holds on the listening side:
+/// established, or closed by the client and not yet by the server (`/proc/net/tcp`, IPv4).
+pub fn open_connections(port: u16) -> usize {
+    const ESTABLISHED: &str = "01";
+    const CLOSE_WAIT: &str = "08";
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            // sl local_address rem_address st ...; an address is HEXIP:HEXPORT.
+            let mut fields = line.split_whitespace().skip(1);
+            let local_port = fields.next().and_then(|a| u16::from_str_radix(a.rsplit_once(':')?.1, 16).ok());
+            let state = fields.nth(1);
+            local_port == Some(port) && matches!(state, Some(ESTABLISHED | CLOSE_WAIT))
+        })
+        .count()
+}
+
 /// `pid` and its direct children (nginx's workers).
 fn family(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
