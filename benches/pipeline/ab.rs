@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::Imap;
 use crate::load::{self, Target};
+use crate::stats::Spread;
 use crate::targets::{self, Extra};
 use crate::{Env, Plan};
 
@@ -269,17 +270,6 @@ async fn fetches(
     Ok((total as f64, secs, cpu, ir))
 }
 
-/// Median and range of `values`, formatted with `digits` decimals.
-fn spread(values: &[f64], scale: f64, digits: usize) -> String {
-    let mut v: Vec<f64> = values.iter().map(|x| x / scale).collect();
-    if v.is_empty() {
-        return "-".into();
-    }
-    v.sort_by(f64::total_cmp);
-    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
-    format!("{median:.digits$} ({:.digits$}–{:.digits$})", v[0], v[v.len() - 1])
-}
-
 fn report(builds: &[Build], samples: &[Vec<Sample>], plan: &Plan, callgrind: bool) -> String {
     let mut out = format!(
         "## A/B of Postern builds ({} rounds, builds alternating{})\n\n",
@@ -295,8 +285,7 @@ fn report(builds: &[Build], samples: &[Vec<Sample>], plan: &Plan, callgrind: boo
     }
     let _ = write!(out, "\n|---|{}\n", "---:|".repeat(builds.len()));
     let mut line = |label: String, get: &dyn Fn(&Sample) -> Option<f64>, scale: f64, digits: usize| {
-        let cells: Vec<String> =
-            samples.iter().map(|s| spread(&s.iter().filter_map(get).collect::<Vec<_>>(), scale, digits)).collect();
+        let cells: Vec<String> = samples.iter().map(|s| spread(s.iter().filter_map(get), scale, digits)).collect();
         if cells.iter().all(|c| c == "-") {
             return;
         }
@@ -321,4 +310,9 @@ fn report(builds: &[Build], samples: &[Vec<Sample>], plan: &Plan, callgrind: boo
         line(format!("logins/s, {clients} clients"), &move |s| level(s).map(|l| l.per_sec), 1.0, 0);
     }
     out
+}
+
+/// Median and range of `values / scale`, formatted with `digits` decimals.
+fn spread(values: impl Iterator<Item = f64>, scale: f64, digits: usize) -> String {
+    Spread::of(values.map(|x| x / scale)).map_or_else(|| "-".into(), |s| s.show(digits))
 }

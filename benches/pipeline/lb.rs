@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::Plan;
 use crate::common::redis::Redis;
 use crate::load::{self, LoginRate, Target};
+use crate::stats::median;
 use crate::targets::{self, Extra, Process};
 
 /// Two Postern instances behind one HAProxy, and the processes to stop afterwards.
@@ -219,15 +220,6 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 fn report(
     targets: &[Balanced],
     noops: &[Option<(Duration, Duration)>],
@@ -268,11 +260,11 @@ fn report(
         let mut cpu_line = format!("| CPU ms per login, {clients} clients: both instances (+ redis-server) |");
         for index in 0..targets.len() {
             let chosen = select(index, clients);
-            let mut per_sec: Vec<f64> = chosen.iter().map(|r| r.rate.per_sec).collect();
+            let per_sec: Vec<f64> = chosen.iter().map(|r| r.rate.per_sec).collect();
             let (min, max) = per_sec.iter().fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
-            let rate = median(&mut per_sec);
-            let p50 = median(&mut chosen.iter().map(|r| ms(r.rate.p50)).collect::<Vec<_>>());
-            let p99 = median(&mut chosen.iter().map(|r| ms(r.rate.p99)).collect::<Vec<_>>());
+            let rate = median(&per_sec);
+            let p50 = median(&chosen.iter().map(|r| ms(r.rate.p50)).collect::<Vec<_>>());
+            let p99 = median(&chosen.iter().map(|r| ms(r.rate.p99)).collect::<Vec<_>>());
             let errors: usize = chosen.iter().map(|r| r.rate.errors).sum();
             let logins: f64 = chosen.iter().map(|r| r.rate.per_sec * plan.login_secs as f64).sum();
             let postern_cpu: f64 = chosen.iter().map(|r| r.postern_cpu).sum();

@@ -167,6 +167,9 @@ pub async fn idle_memory(target: &Target, n: usize, users: usize, rss: impl Fn()
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Sessions of an earlier run (an earlier round's idle sessions) must be gone from the
+    // target before the baseline is read.
+    closed(target).await;
     let before_kib = rss();
     let gate = Arc::new(Semaphore::new(64));
     let mut tasks = Vec::with_capacity(n);
@@ -205,5 +208,23 @@ pub async fn idle_memory(target: &Target, n: usize, users: usize, rss: impl Fn()
     drop(open);
     // Let the target notice the closes before the next workload.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    closed(target).await;
     Idle { sessions, errors, before_kib, after_kib }
+}
+
+/// Waits (up to 60 s) until the target holds no client connection; says so when it still
+/// does.
+async fn closed(target: &Target) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = crate::targets::open_connections(target.addr.port());
+        if open == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!("  {}: {open} connections still open after 60 s", target.name);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -2,16 +2,22 @@
 //! deploy, same workload, same run, all on loopback.
 //!
 //! Starts the test CA, a real slapd and a real Dovecot (IMAPS, plus plaintext IMAP for nginx),
-//! then for each target — Dovecot directly, Postern (release binary, LDAP directory),
-//! HAProxy TLS-to-TLS and nginx's mail proxy when installed — measures:
+//! then each target once — Dovecot directly, Postern (release binary, LDAP directory),
+//! HAProxy TLS-to-TLS and nginx's mail proxy when installed — and measures, in
+//! `POSTERN_BENCH_ROUNDS` rounds (default 3) with every target in each round, in turn, the
+//! order rotated by one each round (see `rounds.rs`):
 //!
 //! 1. throughput: whole-message FETCH of a large message, repeated (MB/s);
 //! 2. login rate: concurrent TLS connect + LOGIN + LOGOUT loops (logins/s, p50/p99);
-//! 3. idle memory: N sessions logged in and in IDLE, RSS growth per session;
-//! 4. added latency: NOOP round trip, minus Dovecot's own.
+//! 3. idle memory: N sessions logged in and in IDLE, RSS growth per session, each round and
+//!    session count on a fresh instance of the proxy (a process that held sessions before
+//!    reuses the memory they freed and would hardly grow);
+//! 4. added latency: NOOP round trip, minus Dovecot's own in the same round.
 //!
-//! Prints a table with ratios and writes it (with conditions and a `perf` profile of
-//! Postern's login path) to `benches/results/latest.md`.
+//! Prints a table, each cell the median of the rounds with their range (`253 (241–260)`),
+//! Postern's ratios to the other proxies of the medians, and writes it (with conditions and
+//! a `perf` profile of Postern's login path, taken once after the rounds) to
+//! `benches/results/latest.md`.
 //!
 //! Two more targets, not in the default list, put HAProxy in TCP mode (round robin,
 //! `send-proxy-v2`) in front of two Postern instances with `proxy_protocol = true`:
@@ -30,11 +36,11 @@
 //! Knobs (environment): `POSTERN_BENCH_SESSIONS` (idle sessions, comma list, default 1000),
 //! `POSTERN_BENCH_CLIENTS` (login concurrency, default 1,50,500), `POSTERN_BENCH_LOGIN_SECS`
 //! (per level, default 4), `POSTERN_BENCH_MESSAGE_MB` (default 32), `POSTERN_BENCH_FETCHES`
-//! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx), `POSTERN_BENCH_PERF` (0 to
-//! skip the profile), `POSTERN_BENCH_OUT` (results file), `POSTERN_BENCH_ROUNDS` (rounds of
-//! the `lb-*` comparison and of the `ab` one, default 3), `POSTERN_BENCH_AB` and
-//! `POSTERN_BENCH_CALLGRIND` (the `ab` target: builds of Postern compared in one run, see
-//! `ab.rs`).
+//! (default 8), `POSTERN_BENCH_TARGETS` (default direct,postern,haproxy,nginx),
+//! `POSTERN_BENCH_PERF` (0 to skip the profile), `POSTERN_BENCH_OUT` (results file),
+//! `POSTERN_BENCH_ROUNDS` (rounds of the side-by-side table and of the `lb-*` and `ab`
+//! comparisons, default 3), `POSTERN_BENCH_AB` and `POSTERN_BENCH_CALLGRIND` (the `ab` target:
+//! builds of Postern compared in one run, see `ab.rs`).
 
 #[path = "../../tests/it/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
@@ -45,16 +51,18 @@ mod client;
 mod lb;
 mod load;
 mod report;
+mod rounds;
+mod stats;
 mod targets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::dovecot::{self, Tuning};
 use load::Target;
-use report::Row;
+use rounds::Contender;
+use targets::Proxy;
 
 /// One bench user: LDAP password for Postern and nginx, Dovecot password for the rest.
 pub struct User {
@@ -130,7 +138,7 @@ pub struct Plan {
     pub fetches: usize,
     /// NOOP round trips.
     pub noops: usize,
-    /// Rounds of the `lb-*` comparison.
+    /// Rounds of the side-by-side table and of the `lb-*` and `ab` comparisons.
     pub rounds: usize,
 }
 
@@ -156,7 +164,7 @@ fn main() {
 }
 
 async fn run(plan: Plan, peers: &str, max_sessions: usize) {
-    let conditions = format!(
+    let mut conditions = format!(
         "{}\n- a session's task future in this tree's release build: {} bytes (the session itself runs boxed)",
         report::conditions(),
         output_size(postern::session::run::<postern::tls::stream::ServerTls<tokio::net::TcpStream>>)
@@ -206,76 +214,59 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
             as Arc<dyn Fn(usize) -> (String, String) + Send + Sync>
     };
 
-    let mut rows = Vec::new();
-    let mut profile = None;
+    // The side-by-side comparison: each proxy started once, then every workload in rounds.
+    let env = Env { issued: &issued, slapd, dovecot, users: &users };
     let direct = Target {
-        name: "Dovecot direct",
+        name: report::DIRECT,
         addr: dovecot.imaps,
         tls: Some(tls.clone()),
         credentials: upstream_login.clone(),
         pid: None,
     };
+    let mut contenders = Vec::new();
     if peers.contains("direct") {
-        rows.push(measure(&direct, &plan, users.list.len()).await);
+        contenders.push(Contender { target: direct.clone(), proxy: None });
     }
-    if peers.contains("postern") {
-        let sub = dir.path().join("postern");
-        std::fs::create_dir_all(&sub).expect("postern dir");
-        let (process, addr) = targets::postern(&sub, &issued, slapd, dovecot, &users);
-        let target = Target {
-            name: "Postern",
-            addr,
-            tls: Some(tls.clone()),
-            credentials: directory_login.clone(),
-            pid: Some(process.pid()),
+    let mut processes = Vec::new();
+    let mut profiled = None;
+    for (proxy, name, credentials) in [
+        (Proxy::Postern, report::POSTERN, &directory_login),
+        (Proxy::Haproxy, "HAProxy TLS-TLS", &upstream_login),
+        (Proxy::Nginx, "nginx mail", &directory_login),
+    ] {
+        if !peers.contains(proxy.name()) {
+            continue;
+        }
+        let sub = dir.path().join(proxy.name());
+        let Some((process, addr)) = proxy.start(&sub, &env).await else {
+            eprintln!("{}; skipped", proxy.install_hint());
+            continue;
         };
-        rows.push(measure(&target, &plan, users.list.len()).await);
+        let target =
+            Target { name, addr, tls: Some(tls.clone()), credentials: credentials.clone(), pid: Some(process.pid()) };
+        if proxy == Proxy::Postern {
+            profiled = Some((target.clone(), process.pid(), sub));
+        }
+        contenders.push(Contender { target, proxy: Some(proxy) });
+        processes.push(process);
+    }
+    let setting = rounds::Setting { env: &env, dir: dir.path(), users: users.list.len() };
+    let rows = rounds::run(&contenders, &setting, &plan).await;
+    if !contenders.is_empty() {
+        conditions += &format!("\n- {}", rounds::describe(&contenders, plan.rounds));
+    }
+    let mut profile = None;
+    if let Some((target, pid, sub)) = &profiled {
         if std::env::var("POSTERN_BENCH_PERF").as_deref() != Ok("0") {
-            profile = report::profile_logins(&target, process.pid(), users.list.len(), &sub).await;
+            profile = report::profile_logins(target, *pid, users.list.len(), sub).await;
         }
     }
-    if peers.contains("haproxy") {
-        let sub = dir.path().join("haproxy");
-        std::fs::create_dir_all(&sub).expect("haproxy dir");
-        match targets::haproxy(&sub, &issued, dovecot) {
-            Some((process, addr)) => {
-                let target = Target {
-                    name: "HAProxy TLS-TLS",
-                    addr,
-                    tls: Some(tls.clone()),
-                    credentials: upstream_login.clone(),
-                    pid: Some(process.pid()),
-                };
-                rows.push(measure(&target, &plan, users.list.len()).await);
-            }
-            None => eprintln!("haproxy is not installed (apt-get install haproxy); skipped"),
-        }
-    }
-    if peers.contains("nginx") {
-        let sub = dir.path().join("nginx");
-        std::fs::create_dir_all(&sub).expect("nginx dir");
-        match targets::nginx(&sub, &issued, dovecot, &users).await {
-            Some((process, addr)) => {
-                let target = Target {
-                    name: "nginx mail",
-                    addr,
-                    tls: Some(tls.clone()),
-                    credentials: directory_login.clone(),
-                    pid: Some(process.pid()),
-                };
-                rows.push(measure(&target, &plan, users.list.len()).await);
-            }
-            None => {
-                eprintln!("nginx's mail module is not installed (apt-get install nginx libnginx-mod-mail); skipped")
-            }
-        }
-    }
+    drop(processes);
 
     let mut balanced = None;
     if peers.contains("lb-") {
         let sub = dir.path().join("lb");
         std::fs::create_dir_all(&sub).expect("lb dir");
-        let env = Env { issued: &issued, slapd, dovecot, users: &users };
         let template = Target {
             name: "",
             addr: direct.addr,
@@ -296,7 +287,6 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
     if peers.split(',').any(|p| p.trim() == "ab") {
         let sub = dir.path().join("ab");
         std::fs::create_dir_all(&sub).expect("ab dir");
-        let env = Env { issued: &issued, slapd, dovecot, users: &users };
         let template = Target {
             name: "",
             addr: direct.addr,
@@ -324,55 +314,6 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
 #[allow(clippy::too_many_arguments)]
 fn output_size<A, B, C, D, E, F, G, H, R>(_: impl Fn(A, B, C, D, E, F, G, H) -> R) -> usize {
     std::mem::size_of::<R>()
-}
-
-/// Every workload against one target.
-async fn measure(target: &Target, plan: &Plan, users: usize) -> Row {
-    eprintln!("== {}", target.name);
-    let mut row = Row { name: target.name, ..Row::default() };
-    if let Some(pid) = target.pid {
-        for &n in &plan.sessions {
-            let idle = load::idle_memory(target, n, users, || targets::rss_kib(pid)).await;
-            eprintln!(
-                "  idle {n}: {} sessions, {} errors, RSS {} -> {} KiB, {:.1} KiB/session",
-                idle.sessions,
-                idle.errors,
-                idle.before_kib,
-                idle.after_kib,
-                idle.per_session_kib()
-            );
-            row.idle.push((n, idle));
-        }
-    }
-    match load::noop_latency(target, plan.noops).await {
-        Ok(latency) => row.noop = Some(latency),
-        Err(e) => eprintln!("  NOOP latency failed: {e}"),
-    }
-    match load::throughput(target, plan.fetches).await {
-        Ok(t) => {
-            eprintln!(
-                "  throughput: {:.0} MB/s, {:?} CPU ms per 100 MB ({} byte message)",
-                t.mb_per_sec, t.cpu_ms_per_100mb, t.size
-            );
-            row.throughput = Some(t.mb_per_sec);
-            row.cpu_per_100mb = t.cpu_ms_per_100mb;
-        }
-        Err(e) => eprintln!("  throughput failed: {e}"),
-    }
-    for &clients in &plan.clients {
-        let rate = load::logins(target, clients, users, Duration::from_secs(plan.login_secs)).await;
-        eprintln!(
-            "  logins x{clients}: {:.0}/s p50 {:?} p99 {:?} errors {}",
-            rate.per_sec, rate.p50, rate.p99, rate.errors
-        );
-        row.logins.push((clients, rate));
-        // Let TIME_WAIT sockets and the target's backlog settle between levels.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    if let Some(pid) = target.pid {
-        row.peak_kib = targets::rss_kib(pid);
-    }
-    row
 }
 
 /// A message of about `mb` MiB with CRLF lines, as a delivery agent would store it.

@@ -6,116 +6,136 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::Plan;
-use crate::load::{self, Idle, LoginRate, Target};
+use crate::load::{self, Target};
+use crate::rounds::{Row, Sample};
+use crate::stats::Spread;
 use crate::targets;
 
-/// What one target measured.
-#[derive(Default)]
-pub struct Row {
-    /// Column name.
-    pub name: &'static str,
-    /// FETCH throughput, MB/s.
-    pub throughput: Option<f64>,
-    /// The target's CPU time per 100 MB of FETCH, ms.
-    pub cpu_per_100mb: Option<f64>,
-    /// Per concurrency level.
-    pub logins: Vec<(usize, LoginRate)>,
-    /// Per session count.
-    pub idle: Vec<(usize, Idle)>,
-    /// NOOP p50 and p99.
-    pub noop: Option<(Duration, Duration)>,
-    /// RSS after all workloads, KiB.
-    pub peak_kib: u64,
-}
+/// The reference column: Dovecot without a proxy.
+pub const DIRECT: &str = "Dovecot direct";
+/// The column whose ratios to the other proxies the table shows.
+pub const POSTERN: &str = "Postern";
 
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e3)
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// A markdown table, one column per target, with Postern's ratios to each peer.
+/// A markdown table, one column per target with the median (min–max) of its rounds, and
+/// Postern's ratio to each peer, of the medians.
 pub fn table(rows: &[Row], plan: &Plan) -> String {
-    let postern = rows.iter().find(|r| r.name == "Postern");
-    let peers: Vec<&Row> = rows.iter().filter(|r| r.name != "Postern" && r.name != "Dovecot direct").collect();
-    let mut out = String::new();
-    let mut header = "| workload |".to_owned();
-    let mut rule = "|---|".to_owned();
-    for row in rows {
-        header += &format!(" {} |", row.name);
-        rule += "---:|";
-    }
-    for peer in &peers {
-        header += &format!(" Postern / {} |", peer.name);
-        rule += "---:|";
-    }
-    let _ = writeln!(out, "{header}\n{rule}");
-    let ratio = |p: Option<f64>, q: Option<f64>| match (p, q) {
-        (Some(p), Some(q)) if q > 0.0 => format!("{:.2}x", p / q),
-        _ => "-".to_owned(),
-    };
-    let mut line = |label: String, value: &dyn Fn(&Row) -> Option<f64>, cell: &dyn Fn(&Row) -> String| {
-        let mut text = format!("| {label} |");
-        for row in rows {
-            text += &format!(" {} |", cell(row));
-        }
-        for peer in &peers {
-            text += &format!(" {} |", ratio(postern.and_then(value), value(peer)));
-        }
-        let _ = writeln!(out, "{text}");
-    };
-    line(format!("FETCH {} MiB x{}, MB/s", plan.message_mb, plan.fetches), &|r| r.throughput, &|r| {
-        r.throughput.map(|t| format!("{t:.0}")).unwrap_or_else(|| "-".into())
-    });
-    line("CPU ms of the proxy per 100 MB of FETCH".into(), &|r| r.cpu_per_100mb, &|r| {
-        r.cpu_per_100mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into())
-    });
+    let mut table = Table::new(rows, plan.rounds);
+    table.figure(&format!("FETCH {} MiB x{}, MB/s", plan.message_mb, plan.fetches), 0, |s| s.throughput);
+    table.figure("CPU ms of the proxy per 100 MB of FETCH", 0, |s| s.cpu_per_100mb);
     for &clients in &plan.clients {
-        fn get(r: &Row, clients: usize) -> Option<&LoginRate> {
-            r.logins.iter().find(|(c, _)| *c == clients).map(|(_, l)| l)
-        }
-        line(
-            format!("logins/s, {clients} clients (p50 / p99 ms)"),
-            &move |r| get(r, clients).map(|l| l.per_sec),
-            &move |r| match get(r, clients) {
-                Some(l) if l.errors == 0 => format!("{:.0} ({} / {})", l.per_sec, ms(l.p50), ms(l.p99)),
-                Some(l) => format!("{:.0} ({} / {}, {} errors)", l.per_sec, ms(l.p50), ms(l.p99), l.errors),
-                None => "-".into(),
-            },
-        );
+        table.counted(&format!("logins/s, {clients} clients"), 0, |s| s.logins(clients).map(|l| (l.per_sec, l.errors)));
+        table.figure(&format!("login p50 ms, {clients} clients"), 1, |s| s.logins(clients).map(|l| ms(l.p50)));
+        table.figure(&format!("login p99 ms, {clients} clients"), 1, |s| s.logins(clients).map(|l| ms(l.p99)));
     }
     for &n in &plan.sessions {
-        fn get(r: &Row, n: usize) -> Option<&Idle> {
-            r.idle.iter().find(|(c, _)| *c == n).map(|(_, i)| i)
-        }
-        line(
-            format!("idle KiB/session, {n} sessions in IDLE"),
-            &move |r| get(r, n).map(Idle::per_session_kib),
-            &move |r| match get(r, n) {
-                Some(i) if i.errors == 0 => format!("{:.1}", i.per_session_kib()),
-                Some(i) => format!("{:.1} ({} of {n} opened)", i.per_session_kib(), i.sessions),
-                None => "-".into(),
-            },
-        );
+        table.counted(&format!("idle KiB/session, {n} sessions in IDLE"), 1, |s| {
+            s.idle(n).map(|i| (i.per_session_kib(), i.errors))
+        });
     }
-    let direct = rows.iter().find(|r| r.name == "Dovecot direct").and_then(|r| r.noop).map(|(p50, _)| us(p50));
-    line("NOOP round trip p50 / p99, µs".into(), &|r| r.noop.map(|(p50, _)| us(p50)), &|r| {
-        r.noop.map(|(p50, p99)| format!("{:.0} / {:.0}", us(p50), us(p99))).unwrap_or_else(|| "-".into())
+    table.figure("NOOP round trip p50, µs", 0, |s| s.noop.map(|(p50, _)| us(p50)));
+    table.figure("NOOP round trip p99, µs", 0, |s| s.noop.map(|(_, p99)| us(p99)));
+    // Against the direct run of the same round; a ratio of two differences means nothing.
+    let direct: Vec<Option<f64>> = rows
+        .iter()
+        .find(|r| r.name == DIRECT)
+        .map(|r| r.rounds.iter().map(|s| s.noop.map(|(p50, _)| us(p50))).collect())
+        .unwrap_or_default();
+    table.line("added NOOP latency vs direct (p50), µs", 0, false, |row, round| {
+        let p50 = us(row.rounds[round].noop?.0);
+        (row.name != DIRECT).then_some((p50 - (*direct.get(round)?)?, 0))
     });
-    line(
-        "added NOOP latency vs direct (p50), µs".into(),
-        &|r| Some(r.noop.map(|(p50, _)| us(p50))? - direct?),
-        &|r| match (r.noop, direct) {
-            (Some((p50, _)), Some(d)) => format!("{:.0}", us(p50) - d),
-            _ => "-".into(),
-        },
-    );
-    line("RSS after the run, MiB".into(), &|r| (r.peak_kib > 0).then_some(r.peak_kib as f64 / 1024.0), &|r| {
-        if r.peak_kib > 0 { format!("{:.1}", r.peak_kib as f64 / 1024.0) } else { "-".into() }
-    });
-    out
+    table.figure("RSS after the round's workloads, MiB", 1, |s| (s.rss_kib > 0).then(|| s.rss_kib as f64 / 1024.0));
+    table.out
+}
+
+/// The table being written.
+struct Table<'a> {
+    rows: &'a [Row],
+    rounds: usize,
+    /// Index of Postern's row.
+    postern: Option<usize>,
+    /// Indices of the rows Postern is compared with (all but Postern and Dovecot).
+    peers: Vec<usize>,
+    out: String,
+}
+
+impl<'a> Table<'a> {
+    /// The note on what the cells hold, then the header.
+    fn new(rows: &'a [Row], rounds: usize) -> Table<'a> {
+        let postern = rows.iter().position(|r| r.name == POSTERN);
+        let peers: Vec<usize> =
+            (0..rows.len()).filter(|&i| rows[i].name != POSTERN && rows[i].name != DIRECT).collect();
+        let mut out = if rounds > 1 {
+            format!(
+                "Each cell: the median of {rounds} rounds (lowest–highest); the ratios are of the medians; \
+                 errors are the rounds' total.\n\n"
+            )
+        } else {
+            "One round (`POSTERN_BENCH_ROUNDS=1`): each cell is its figure.\n\n".to_owned()
+        };
+        out += "| workload |";
+        for row in rows {
+            let _ = write!(out, " {} |", row.name);
+        }
+        for &peer in &peers {
+            let _ = write!(out, " {POSTERN} / {} |", rows[peer].name);
+        }
+        let _ = write!(out, "\n|---|{}\n", "---:|".repeat(rows.len() + peers.len()));
+        Table { rows, rounds, postern, peers, out }
+    }
+
+    /// A line of a figure read from each round's sample.
+    fn figure(&mut self, label: &str, digits: usize, get: impl Fn(&Sample) -> Option<f64>) {
+        self.line(label, digits, true, |row, round| get(&row.rounds[round]).map(|value| (value, 0)));
+    }
+
+    /// A line of a figure and its count of errors, read from each round's sample.
+    fn counted(&mut self, label: &str, digits: usize, get: impl Fn(&Sample) -> Option<(f64, usize)>) {
+        self.line(label, digits, true, |row, round| get(&row.rounds[round]));
+    }
+
+    /// A line: per target, `get(row, round)` (the figure and errors of that round) over the
+    /// rounds, then Postern's ratios to its peers when `ratios`.
+    fn line(&mut self, label: &str, digits: usize, ratios: bool, get: impl Fn(&Row, usize) -> Option<(f64, usize)>) {
+        let mut medians = Vec::with_capacity(self.rows.len());
+        let _ = write!(self.out, "| {label} |");
+        for row in self.rows {
+            let rounds: Vec<(f64, usize)> = (0..row.rounds.len()).filter_map(|round| get(row, round)).collect();
+            let spread = Spread::of(rounds.iter().map(|(value, _)| *value));
+            let errors: usize = rounds.iter().map(|(_, errors)| errors).sum();
+            let cell = match spread {
+                None => "-".to_owned(),
+                Some(s) => {
+                    let mut cell = s.show(digits);
+                    if s.count < self.rounds {
+                        let _ = write!(cell, ", {} of {} rounds", s.count, self.rounds);
+                    }
+                    if errors > 0 {
+                        let _ = write!(cell, ", {errors} errors");
+                    }
+                    cell
+                }
+            };
+            let _ = write!(self.out, " {cell} |");
+            medians.push(spread.map(|s| s.median));
+        }
+        for &peer in &self.peers {
+            let ratio = match (self.postern.and_then(|p| medians[p]), medians[peer]) {
+                (Some(p), Some(q)) if ratios && q > 0.0 => format!("{:.2}x", p / q),
+                _ => "-".to_owned(),
+            };
+            let _ = write!(self.out, " {ratio} |");
+        }
+        self.out.push('\n');
+    }
 }
 
 /// Machine, load and versions at the start of the run.
@@ -239,11 +259,12 @@ pub fn write(
     let sessions: Vec<String> = plan.sessions.iter().map(usize::to_string).collect();
     let _ = write!(
         text,
-        " (targets: {}; idle sessions: {}; login clients: {:?}, {} s each).\n\n## Conditions\n\n{conditions}\n\n",
+        " (targets: {}; idle sessions: {}; login clients: {:?}, {} s each; rounds: {}).\n\n## Conditions\n\n{conditions}\n\n",
         std::env::var("POSTERN_BENCH_TARGETS").unwrap_or_else(|_| "default".into()),
         sessions.join(", "),
         plan.clients,
-        plan.login_secs
+        plan.login_secs,
+        plan.rounds
     );
     if let Some(table) = table {
         let _ = write!(text, "## Results\n\n{table}\n");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{dovecot::Dovecot, pki::Issued, slapd::Slapd};
-use crate::{Users, free_addr};
+use crate::{Env, Users, free_addr};
 
 /// File-descriptor limit given to every proxy: two sockets per session and room to spare.
 pub const NOFILE: u32 = 65_536;
@@ -95,6 +95,25 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Connections to `port` on loopback that a process still holds on the listening side:
+/// established, or closed by the client and not yet by the server (`/proc/net/tcp`, IPv4).
+pub fn open_connections(port: u16) -> usize {
+    const ESTABLISHED: &str = "01";
+    const CLOSE_WAIT: &str = "08";
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            // sl local_address rem_address st ...; an address is HEXIP:HEXPORT.
+            let mut fields = line.split_whitespace().skip(1);
+            let local_port = fields.next().and_then(|a| u16::from_str_radix(a.rsplit_once(':')?.1, 16).ok());
+            let state = fields.nth(1);
+            local_port == Some(port) && matches!(state, Some(ESTABLISHED | CLOSE_WAIT))
+        })
+        .count()
+}
+
 /// `pid` and its direct children (nginx's workers).
 fn family(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
@@ -144,6 +163,47 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
         return meta.modified().ok();
     }
     std::fs::read_dir(path).ok()?.flatten().filter_map(|e| newest_mtime(&e.path())).max()
+}
+
+/// The proxies of the side-by-side comparison.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Proxy {
+    /// This tree's release build.
+    Postern,
+    /// HAProxy TLS-to-TLS.
+    Haproxy,
+    /// nginx's mail proxy.
+    Nginx,
+}
+
+impl Proxy {
+    /// Starts one in `dir` (created here); `None` when it is not installed.
+    pub async fn start(self, dir: &Path, env: &Env<'_>) -> Option<(Process, SocketAddr)> {
+        std::fs::create_dir_all(dir).expect("target dir");
+        match self {
+            Proxy::Postern => Some(postern(dir, env.issued, env.slapd, env.dovecot, env.users)),
+            Proxy::Haproxy => haproxy(dir, env.issued, env.dovecot),
+            Proxy::Nginx => nginx(dir, env.issued, env.dovecot, env.users).await,
+        }
+    }
+
+    /// A short name, for folders.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proxy::Postern => "postern",
+            Proxy::Haproxy => "haproxy",
+            Proxy::Nginx => "nginx",
+        }
+    }
+
+    /// What to install when [`Proxy::start`] finds nothing.
+    pub fn install_hint(self) -> &'static str {
+        match self {
+            Proxy::Postern => "",
+            Proxy::Haproxy => "haproxy is not installed (apt-get install haproxy)",
+            Proxy::Nginx => "nginx's mail module is not installed (apt-get install nginx libnginx-mod-mail)",
+        }
+    }
 }
 
 /// Starts Postern with an LDAP directory (slapd), the bench users' profile and vault, and
