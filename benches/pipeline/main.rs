@@ -34,7 +34,9 @@
 //! skip the profile), `POSTERN_BENCH_OUT` (results file), `POSTERN_BENCH_ROUNDS` (rounds of
 //! the `lb-*` comparison and of the `ab` one, default 3), `POSTERN_BENCH_AB` and
 //! `POSTERN_BENCH_CALLGRIND` (the `ab` target: builds of Postern compared in one run, see
-//! `ab.rs`).
+//! `ab.rs`), `POSTERN_BENCH_SOAK_MINUTES` and `POSTERN_BENCH_SOAK_SAMPLE_SECS` (the `soak`
+//! target, run alone: mixed load on one Postern for 20 minutes, its memory, descriptors and
+//! tasks sampled each minute, written to `benches/results/soak.md`; see `soak.rs`).
 
 #[path = "../../tests/it/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
@@ -45,6 +47,7 @@ mod client;
 mod lb;
 mod load;
 mod report;
+mod soak;
 mod targets;
 
 use std::net::SocketAddr;
@@ -205,6 +208,11 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
         Arc::new(move |i: usize| (users.list[i].mail.clone(), users.list[i].upstream_password.clone()))
             as Arc<dyn Fn(usize) -> (String, String) + Send + Sync>
     };
+
+    if peers.split(',').any(|p| p.trim() == "soak") {
+        let env = Env { issued: &issued, slapd, dovecot, users: &users };
+        return soak::run(&env, &tls, dir.path(), &conditions).await;
+    }
 
     let mut rows = Vec::new();
     let mut profile = None;
