@@ -1010,7 +1010,10 @@ fn report(
         "\n## Samples\n\n\
          Process figures at the sample; client counts over the interval before it. Logins ok: every loop's \
          (IMAP, POP3, idle sessions opened, FETCH sessions). Tasks and live sessions: Postern's `/metrics` \
-         (`postern_tokio_tasks_alive`, `postern_sessions_active` of all protocols).\n\n\
+         (`postern_tokio_tasks_alive`, `postern_sessions_active` of all protocols). Threads are tokio's workers \
+         and its blocking pool, which among other things resolves the upstream's host name for each upstream \
+         connection and lets a thread go after 10 s without work: they follow the load's concurrency, not its \
+         length.\n\n\
          | time | RSS MiB | fds | threads | tasks | live sessions | logins ok / refused | fetches (MB) | idle opened / logged out / dropped | bad input | client errors |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
