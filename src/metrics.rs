@@ -301,6 +301,9 @@ pub struct Metrics {
     pub login_latency: Histogram,
     /// 1 while the state store (lockout and session counters) answers, 0 while it is down.
     pub state_store_up: Gauge,
+    /// Tokio tasks alive in the runtime that renders the metrics (the daemon's), read at
+    /// each render: see [`Metrics::render`].
+    tokio_tasks_alive: Gauge,
 }
 
 impl Default for Metrics {
@@ -372,9 +375,16 @@ impl Metrics {
             "Whether the store of lockout and session counters answers (1) or not (0)",
             state_store_up.clone(),
         );
+        let tokio_tasks_alive = Gauge::default();
+        r.register(
+            "postern_tokio_tasks_alive",
+            "Tasks alive in the daemon's async runtime (spawned and not finished), read at each scrape",
+            tokio_tasks_alive.clone(),
+        );
         Self {
             registry,
             state_store_up,
+            tokio_tasks_alive,
             sessions_active,
             sessions_total,
             logins,
@@ -479,7 +489,17 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    ///
+    /// `postern_tokio_tasks_alive` is read here from the runtime the caller runs on (tokio's
+    /// `num_alive_tasks`: every spawned task not yet finished, one or more per connection
+    /// plus the listeners' and housekeeping tasks), so a scrape of the daemon's endpoint
+    /// shows the daemon's tasks; called outside a runtime, it keeps its last value. A count
+    /// that keeps growing while the connections do not is a task leak.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let alive = runtime.metrics().num_alive_tasks();
+            self.tokio_tasks_alive.set(i64::try_from(alive).unwrap_or(i64::MAX));
+        }
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "cannot render the metrics");
@@ -542,6 +562,35 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
         }
         assert!(!text.contains("postern_oauth"), "no token endpoint, no token metrics");
+    }
+
+    /// The count of alive tasks at `render`, once every spawned task had its turn.
+    async fn tasks_alive_after_yielding(m: &Metrics) -> String {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let text = m.render();
+        text.lines().find(|l| l.starts_with("postern_tokio_tasks_alive ")).unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn the_tasks_gauge_follows_the_runtime_s_alive_tasks() {
+        let m = Metrics::default();
+        assert_eq!(tasks_alive_after_yielding(&m).await, "postern_tokio_tasks_alive 0");
+        let (release, wait) = tokio::sync::watch::channel(false);
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let mut wait = wait.clone();
+                tokio::spawn(async move { wait.wait_for(|go| *go).await.map(drop) })
+            })
+            .collect();
+        assert_eq!(tasks_alive_after_yielding(&m).await, "postern_tokio_tasks_alive 3");
+        release.send_replace(true);
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(tasks_alive_after_yielding(&m).await, "postern_tokio_tasks_alive 0");
+        assert!(m.render().contains("# TYPE postern_tokio_tasks_alive gauge"));
     }
 
     #[test]

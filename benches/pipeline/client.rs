@@ -3,7 +3,7 @@
 //! skip literals and find tagged answers.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 /// Any byte stream the client can talk over.
@@ -48,7 +48,20 @@ fn protocol_error(what: String) -> io::Error {
 impl Imap {
     /// Connects (TLS when `tls` is given, verifying `localhost`) and reads the greeting.
     pub async fn connect(addr: SocketAddr, tls: Option<&TlsConnector>) -> io::Result<Imap> {
-        let tcp = TcpStream::connect(addr).await?;
+        Self::connect_from(None, addr, tls).await
+    }
+
+    /// [`Imap::connect`] from the local address `from` (another loopback address, say)
+    /// when given.
+    pub async fn connect_from(from: Option<IpAddr>, addr: SocketAddr, tls: Option<&TlsConnector>) -> io::Result<Imap> {
+        let tcp = match from {
+            Some(ip) => {
+                let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+            None => TcpStream::connect(addr).await?,
+        };
         tcp.set_nodelay(true)?;
         let stream: Box<dyn Io> = match tls {
             Some(connector) => {
@@ -74,7 +87,7 @@ impl Imap {
     }
 
     /// The next line, CRLF included.
-    async fn line(&mut self) -> io::Result<BytesMut> {
+    pub async fn line(&mut self) -> io::Result<BytesMut> {
         let mut searched = 0;
         loop {
             if let Some(i) = self.buf[searched..].iter().position(|&b| b == b'\n') {
@@ -85,10 +98,14 @@ impl Imap {
         }
     }
 
-    /// Reads and drops `n` bytes (a literal's contents).
-    async fn skip(&mut self, mut n: usize) -> io::Result<()> {
+    /// Reads `n` bytes (a literal's contents), appending them to `keep` when given, else
+    /// dropping them.
+    async fn skip(&mut self, mut n: usize, mut keep: Option<&mut Vec<u8>>) -> io::Result<()> {
         loop {
             let here = n.min(self.buf.len());
+            if let Some(keep) = keep.as_deref_mut() {
+                keep.extend_from_slice(&self.buf[..here]);
+            }
             self.buf.advance(here);
             n -= here;
             if n == 0 {
@@ -98,7 +115,8 @@ impl Imap {
         }
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` as they are and flushes them.
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await?;
         self.stream.flush().await
     }
@@ -106,6 +124,32 @@ impl Imap {
     /// Sends `command` with a new tag and reads up to its tagged answer, which must be OK;
     /// returns the literal bytes skipped on the way.
     pub async fn command(&mut self, command: &str) -> io::Result<usize> {
+        let (line, skipped) = self.exchange(command, None).await?;
+        if line.split(' ').nth(1) == Some("OK") {
+            return Ok(skipped);
+        }
+        Err(protocol_error(format!("{command:.20}: {line}")))
+    }
+
+    /// Like [`Imap::command`], returning the literals' bytes instead of skipping them.
+    pub async fn command_keeping(&mut self, command: &str) -> io::Result<Vec<u8>> {
+        let mut kept = Vec::new();
+        let (line, _) = self.exchange(command, Some(&mut kept)).await?;
+        if line.split(' ').nth(1) == Some("OK") {
+            return Ok(kept);
+        }
+        Err(protocol_error(format!("{command:.20}: {line}")))
+    }
+
+    /// Sends `command` with a new tag and returns its tagged answer whatever the status
+    /// (tag included, CRLF trimmed).
+    pub async fn answer(&mut self, command: &str) -> io::Result<String> {
+        self.exchange(command, None).await.map(|(line, _)| line)
+    }
+
+    /// Sends `command` with a new tag and reads up to its tagged answer: that line and the
+    /// literal bytes read on the way (kept in `keep` when given).
+    async fn exchange(&mut self, command: &str, mut keep: Option<&mut Vec<u8>>) -> io::Result<(String, usize)> {
         self.tag += 1;
         let tag = format!("t{}", self.tag);
         self.send(format!("{tag} {command}\r\n").as_bytes()).await?;
@@ -113,16 +157,12 @@ impl Imap {
         loop {
             let line = self.line().await?;
             if let Some(n) = literal_len(&line) {
-                self.skip(n).await?;
+                self.skip(n, keep.as_deref_mut()).await?;
                 skipped += n;
                 continue;
             }
             if line.starts_with(tag.as_bytes()) && line.get(tag.len()) == Some(&b' ') {
-                let status = &line[tag.len() + 1..];
-                if status.starts_with(b"OK") {
-                    return Ok(skipped);
-                }
-                return Err(protocol_error(format!("{command:.20}: {}", String::from_utf8_lossy(&line).trim_end())));
+                return Ok((String::from_utf8_lossy(&line).trim_end().to_owned(), skipped));
             }
         }
     }
@@ -144,6 +184,39 @@ impl Imap {
             }
             if line.starts_with(tag.as_bytes()) {
                 return Err(protocol_error(format!("IDLE: {}", String::from_utf8_lossy(&line).trim_end())));
+            }
+        }
+    }
+
+    /// Ends `IDLE` (`DONE`) and waits for the IDLE command's tagged OK.
+    pub async fn idle_done(&mut self) -> io::Result<()> {
+        let tag = format!("t{}", self.tag);
+        self.send(b"DONE\r\n").await?;
+        loop {
+            let line = self.line().await?;
+            if line.starts_with(tag.as_bytes()) && line.get(tag.len()) == Some(&b' ') {
+                if line[tag.len() + 1..].starts_with(b"OK") {
+                    return Ok(());
+                }
+                return Err(protocol_error(format!("DONE: {}", String::from_utf8_lossy(&line).trim_end())));
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection and returns everything read meanwhile
+    /// (what was buffered included). A reset, or a TLS close without `close_notify`, counts
+    /// as closed.
+    pub async fn until_closed(&mut self) -> io::Result<Vec<u8>> {
+        let mut seen = self.buf.split().to_vec();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk).await {
+                Ok(0) => return Ok(seen),
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+                    return Ok(seen);
+                }
+                Err(e) => return Err(e),
             }
         }
     }

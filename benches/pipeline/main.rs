@@ -40,7 +40,10 @@
 //! `POSTERN_BENCH_PERF` (0 to skip the profile), `POSTERN_BENCH_OUT` (results file),
 //! `POSTERN_BENCH_ROUNDS` (rounds of the side-by-side table and of the `lb-*` and `ab`
 //! comparisons, default 3), `POSTERN_BENCH_AB` and `POSTERN_BENCH_CALLGRIND` (the `ab` target:
-//! builds of Postern compared in one run, see `ab.rs`).
+//! builds of Postern compared in one run, see `ab.rs`), `POSTERN_BENCH_SOAK_MINUTES` and
+//! `POSTERN_BENCH_SOAK_SAMPLE_SECS` (the `soak` target, run alone: mixed load on one Postern
+//! for 20 minutes, its memory, descriptors and tasks sampled each minute, written to
+//! `benches/results/soak.md`; see `soak.rs`).
 
 #[path = "../../tests/it/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
@@ -52,6 +55,7 @@ mod lb;
 mod load;
 mod report;
 mod rounds;
+mod soak;
 mod stats;
 mod targets;
 
@@ -214,8 +218,11 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
             as Arc<dyn Fn(usize) -> (String, String) + Send + Sync>
     };
 
-    // The side-by-side comparison: each proxy started once, then every workload in rounds.
     let env = Env { issued: &issued, slapd, dovecot, users: &users };
+    if peers.split(',').any(|p| p.trim() == "soak") {
+        return soak::run(&env, &tls, dir.path(), &conditions).await;
+    }
+    // The side-by-side comparison: each proxy started once, then every workload in rounds.
     let direct = Target {
         name: report::DIRECT,
         addr: dovecot.imaps,

@@ -219,6 +219,10 @@ pub struct Extra {
     pub imap: String,
     /// Whole tables appended to the file (e.g. `[state]`).
     pub tables: String,
+    /// Lines appended to the `[lockout]` table (e.g. `max_failures = 5`).
+    pub lockout: String,
+    /// The bench profile's `allow` list, as TOML (default `["127.0.0.0/8"]`).
+    pub allow: Option<String>,
     /// Another `postern` binary than this tree's release build.
     pub binary: Option<PathBuf>,
     /// Run under `valgrind --tool=TOOL` (`callgrind`, `massif`), its output in this folder
@@ -247,7 +251,11 @@ pub fn postern_with(
     let names: Vec<String> = users.list.iter().map(|u| format!("{:?}", u.mail)).collect();
     std::fs::write(
         dir.join("profiles.toml"),
-        format!("[[profile]]\nname = \"bench\"\nallow = [\"127.0.0.0/8\"]\nusers = [{}]\n", names.join(", ")),
+        format!(
+            "[[profile]]\nname = \"bench\"\nallow = {}\nusers = [{}]\n",
+            extra.allow.as_deref().unwrap_or("[\"127.0.0.0/8\"]"),
+            names.join(", ")
+        ),
     )
     .expect("profiles");
     let config = format!(
@@ -273,7 +281,7 @@ max_handshakes_per_ip = 100000
 failure_delay_ms = 0
 # Every bench client is 127.0.0.1, with up to 64 logins in flight: not a spraying address.
 max_failures_per_ip = 0
-
+{lockout_extra}
 [directory]
 kind = "ldap"
 url = {url:?}
@@ -301,6 +309,7 @@ upstream_ca_file = {ca:?}
         port = dovecot.imaps.port(),
         ca = dovecot.ca_file.display().to_string(),
         imap_extra = extra.imap,
+        lockout_extra = extra.lockout,
         tables = extra.tables,
     );
     let config_path = dir.join("proxy.toml");
