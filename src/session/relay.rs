@@ -9,7 +9,7 @@
 //! Most sessions sit idle (IMAP IDLE) most of the time, so an idle direction holds no buffer:
 //! it waits with a small inline read, small messages are written straight from there, and only
 //! a burst larger than that borrows a heap buffer, which grows while the burst streams and is
-//! released as soon as the reader has nothing more to give.
+//! released at the first wait that follows less than [`STREAMING`] bytes (the burst is over).
 
 use std::io;
 use std::pin::Pin;
@@ -27,6 +27,9 @@ const INLINE_SIZE: usize = 256;
 const BURST_SIZE: usize = 16 * 1024;
 /// The buffer a direction grows to while it streams (e.g. a large FETCH).
 const STREAM_SIZE: usize = 64 * 1024;
+/// Bytes read between two waits from which a direction counts as streaming and keeps its
+/// buffer over the wait.
+const STREAMING: usize = 16 * 1024;
 
 /// Why a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +135,8 @@ struct Pump {
     heap: Vec<u8>,
     start: usize,
     end: usize,
+    /// Bytes read since the direction last waited.
+    moved: usize,
     /// Written since the last flush.
     unflushed: bool,
     /// The reader reached its end; what is left is written, then the writer shut down.
@@ -140,7 +145,7 @@ struct Pump {
 
 impl Default for Pump {
     fn default() -> Self {
-        Self { inline: [0; INLINE_SIZE], heap: Vec::new(), start: 0, end: 0, unflushed: false, eof: false }
+        Self { inline: [0; INLINE_SIZE], heap: Vec::new(), start: 0, end: 0, moved: 0, unflushed: false, eof: false }
     }
 }
 
@@ -184,10 +189,14 @@ impl Pump {
                 // Waiting: only the inline buffer is at stake.
                 let mut buf = ReadBuf::new(&mut self.inline);
                 match reader.as_mut().poll_read(cx, &mut buf) {
-                    Poll::Pending => return self.poll_idle_flush(cx, writer.as_mut()),
+                    Poll::Pending => {
+                        self.moved = 0;
+                        return self.poll_idle_flush(cx, writer.as_mut());
+                    }
                     Poll::Ready(result) => result?,
                 }
                 let n = buf.filled().len();
+                self.moved += n;
                 if n == 0 {
                     self.eof = true;
                 } else if n == INLINE_SIZE {
@@ -206,8 +215,11 @@ impl Pump {
                 Filled::Some => {}
                 Filled::Eof => self.eof = true,
                 Filled::Nothing => {
-                    // The burst is over: give the buffer back before waiting.
-                    self.heap = Vec::new();
+                    // Unless a burst is streaming, give the buffer back before waiting: a
+                    // streaming direction keeps it instead of growing a new one each round.
+                    if std::mem::take(&mut self.moved) < STREAMING {
+                        self.heap = Vec::new();
+                    }
                     return self.poll_idle_flush(cx, writer.as_mut());
                 }
             }
@@ -229,6 +241,7 @@ impl Pump {
                 return Ok(if self.end > before { Filled::Some } else { Filled::Eof });
             }
             self.end += n;
+            self.moved += n;
         }
         if self.end == self.heap.len() && self.heap.len() < STREAM_SIZE {
             self.heap.resize(STREAM_SIZE, 0);
@@ -374,7 +387,7 @@ mod tests {
         let poll = pump.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer), &count, &activity);
         assert!(poll.is_pending(), "nothing more to read: the pump waits");
         assert_eq!(count.load(Ordering::Relaxed), 100_000);
-        assert_eq!(pump.heap.capacity(), 0, "the burst's buffer was given back");
+        assert!(pump.heap.capacity() > 0, "a streaming burst keeps its buffer over the first wait");
         let mut got = vec![0u8; 100_000];
         far_reader.read_exact(&mut got).await.unwrap();
         assert!(got == pattern(100_000, 1));
@@ -382,7 +395,10 @@ mod tests {
         far_writer.write_all(b"t1 NOOP\r\n").await.unwrap();
         let poll = pump.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer), &count, &activity);
         assert!(poll.is_pending());
-        assert_eq!(pump.heap.capacity(), 0);
+        assert_eq!(pump.heap.capacity(), 0, "the wait after a small message gives the buffer back");
+        let poll = pump.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer), &count, &activity);
+        assert!(poll.is_pending());
+        assert_eq!(pump.heap.capacity(), 0, "a small message goes through the inline buffer alone");
         let mut line = [0u8; 9];
         far_reader.read_exact(&mut line).await.unwrap();
         assert_eq!(&line, b"t1 NOOP\r\n");

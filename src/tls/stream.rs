@@ -4,8 +4,9 @@
 //! whole life and reads the socket 4 KiB at a time. Here the stream owns its buffers and
 //! holds none while the connection is idle: an idle connection waits with a read into the
 //! stack, received bytes go to a heap buffer only while a record is incomplete or a burst
-//! streams, and each buffer is given back once its burst is over. During a burst a read
-//! takes up to [`MAX_INCOMING`] bytes from the socket at once.
+//! streams, and each buffer is given back at the first wait that follows less than
+//! [`STREAMING`] bytes of traffic (a burst is over). During a burst a read takes up to
+//! [`MAX_INCOMING`] bytes from the socket at once.
 //!
 //! Buffers are bounded: received TLS bytes by [`MAX_INCOMING`] (more than a whole record),
 //! decrypted bytes waiting for the reader by what one receive buffer held, encrypted bytes
@@ -34,6 +35,9 @@ const MAX_INCOMING: usize = 4 * (16 * 1024 + 512);
 const MAX_WRITE_CHUNK: usize = 64 * 1024;
 /// Encrypted bytes waiting for the socket beyond which a write waits for them to go out.
 const MAX_OUTGOING: usize = 64 * 1024;
+/// Bytes moved between two waits from which a direction counts as streaming: its buffer
+/// is kept for the next round instead of being given back and grown again.
+const STREAMING: usize = 16 * 1024;
 
 /// The two kinds of unbuffered connection, seen the same way.
 pub trait Side {
@@ -123,12 +127,12 @@ pub struct TlsStream<IO, C> {
     peer_closed: bool,
     /// Our close_notify is queued.
     closing: bool,
-    /// A receive filled the buffer since the last wait: a burst is streaming in, so the
-    /// receive buffer is kept over the next wait.
-    streaming_in: bool,
-    /// A write since the last flush was as large as one write takes: the send buffer is
-    /// kept over the next flush.
-    streaming_out: bool,
+    /// TLS bytes received since the last wait; from [`STREAMING`] on, a burst is streaming
+    /// in and the receive buffer is kept over the wait.
+    received_since_wait: usize,
+    /// TLS bytes queued since the last flush; from [`STREAMING`] on, the send buffer is kept
+    /// over the flush.
+    queued_since_flush: usize,
 }
 
 /// What one round of record processing did.
@@ -170,8 +174,8 @@ impl<IO, C> TlsStream<IO, C> {
             queued: 0,
             peer_closed: false,
             closing: false,
-            streaming_in: false,
-            streaming_out: false,
+            received_since_wait: 0,
+            queued_since_flush: 0,
         }
     }
 
@@ -365,6 +369,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
                 self.incoming[..got.len()].copy_from_slice(got);
                 self.start = 0;
                 self.end = got.len();
+                self.received_since_wait += got.len();
             }
             return Poll::Ready(Ok(got.len()));
         }
@@ -380,19 +385,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             let grown = (self.incoming.len() * 2).min(MAX_INCOMING);
             self.incoming.resize(grown, 0);
         }
-        let room = self.incoming.len() - self.end;
         let mut buf = ReadBuf::new(&mut self.incoming[self.end..]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
         let n = buf.filled().len();
         self.end += n;
-        self.streaming_in |= n == room;
+        self.received_since_wait += n;
         Poll::Ready(Ok(n))
     }
 
     /// Before a wait: gives back the receive buffer when nothing in it is pending, unless a
-    /// burst streamed in since the last wait.
+    /// burst is streaming in.
     fn release_incoming(&mut self) {
-        if !std::mem::take(&mut self.streaming_in) && self.start == self.end && !self.incoming.is_empty() {
+        let streaming = std::mem::take(&mut self.received_since_wait) >= STREAMING;
+        if !streaming && self.start == self.end && !self.incoming.is_empty() {
             self.incoming = Vec::new();
             self.start = 0;
             self.end = 0;
@@ -471,7 +476,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side + Unpin> AsyncWrite for TlsStre
         loop {
             match this.step(Purpose::Write(data))? {
                 Step::Wrote(n) => {
-                    this.streaming_out |= n == MAX_WRITE_CHUNK;
+                    this.queued_since_flush += n;
                     if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                         return Poll::Ready(Err(e));
                     }
@@ -494,7 +499,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side + Unpin> AsyncWrite for TlsStre
         let this = self.get_mut();
         ready!(this.poll_send(cx))?;
         // Unless a burst is streaming out, the send buffer goes back until the next write.
-        if !std::mem::take(&mut this.streaming_out) {
+        if std::mem::take(&mut this.queued_since_flush) < STREAMING {
             this.outgoing = Vec::new();
         }
         Pin::new(&mut this.io).poll_flush(cx)
@@ -730,5 +735,18 @@ mod tests {
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut buf).is_pending());
         let held = server.buffered_capacity();
         assert!(held > 0 && held <= 8 * 1024, "{held} bytes held for 3 KiB of a record");
+    }
+
+    #[tokio::test]
+    async fn clients_that_list_aes_256_first_get_aes_128() {
+        let first = rustls::crypto::aws_lc_rs::default_provider().cipher_suites[0].suite();
+        assert_eq!(first, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384, "the client's own order");
+        let (server, client) = pair(64 * 1024).await;
+        for side in [server.tls(), client.tls()] {
+            assert_eq!(
+                side.negotiated_cipher_suite().map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
     }
 }
