@@ -18,6 +18,7 @@ use crate::protocol::{Protocol, UpstreamInfo};
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
 
+mod address;
 pub mod credential;
 mod imap;
 pub mod mechanism;
@@ -118,6 +119,8 @@ pub struct LoggedIn {
 pub struct Upstream {
     protocol: Protocol,
     address: String,
+    /// `address` resolved, kept between logins.
+    resolved: address::UpstreamAddress,
     server_name: ServerName<'static>,
     tls_config: Arc<rustls::ClientConfig>,
     tls: UpstreamTls,
@@ -148,6 +151,7 @@ impl Upstream {
         Ok(Self {
             protocol,
             address: config.address.clone(),
+            resolved: address::UpstreamAddress::new(&config.address),
             server_name,
             tls_config: tls::upstream_client_config(ca_file, &config.upstream_trust())?,
             tls: config.upstream_tls,
@@ -190,7 +194,9 @@ impl Upstream {
         client_hello: Option<&str>,
         client: Option<SocketAddr>,
     ) -> Result<LoggedIn, UpstreamError> {
-        let tcp = TcpStream::connect(&self.address)
+        let tcp = self
+            .resolved
+            .connect()
             .await
             .map_err(|e| UpstreamError::Connect { address: self.address.clone(), message: e.to_string() })?;
         let _ = tcp.set_nodelay(true);
