@@ -545,7 +545,7 @@ async fn half_sent_literals_cost_a_bounded_amount_of_memory() {
     );
     assert!(!refused.is_empty(), "no literal was refused although {connections} of them exceed the budget");
     assert!(held.len() * PENDING_LITERAL <= SMALL_BUDGET, "{} literals pending beyond the budget", held.len());
-    assert!(per_connection < 22.0, "{per_connection:.1} KiB per pending connection");
+    assert!(per_connection < 16.0, "{per_connection:.1} KiB per pending connection");
 
     // Service goes on, and once the pending literals are gone the budget is free again.
     serves("127.0.0.6").await;
