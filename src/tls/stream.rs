@@ -29,8 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const WAIT_READ: usize = 2048;
 /// The smallest heap receive buffer; it doubles while bytes keep arriving.
 const MIN_INCOMING: usize = 1024;
-/// The largest receive buffer: four full records and their framing.
-const MAX_INCOMING: usize = 4 * (16 * 1024 + 512);
+/// The largest receive buffer: room for the largest handshake message rustls accepts
+/// (64 KiB, kept whole across its records until complete) and one more full record.
+const MAX_INCOMING: usize = 96 * 1024;
 /// The largest plaintext one write encrypts: four full records.
 const MAX_WRITE_CHUNK: usize = 64 * 1024;
 /// Encrypted bytes waiting for the socket beyond which a write waits for them to go out.
@@ -127,6 +128,9 @@ pub struct TlsStream<IO, C> {
     peer_closed: bool,
     /// Our close_notify is queued.
     closing: bool,
+    /// rustls reported an error: nothing more is processed (a record it refused would be
+    /// parsed again), every later call fails.
+    failed: bool,
     /// TLS bytes received since the last wait; from [`STREAMING`] on, a burst is streaming
     /// in and the receive buffer is kept over the wait.
     received_since_wait: usize,
@@ -174,6 +178,7 @@ impl<IO, C> TlsStream<IO, C> {
             queued: 0,
             peer_closed: false,
             closing: false,
+            failed: false,
             received_since_wait: 0,
             queued_since_flush: 0,
         }
@@ -196,18 +201,24 @@ impl<IO, C: Side> TlsStream<IO, C> {
         self.conn.common()
     }
 
-    /// One round of rustls's state machine over the unprocessed received bytes.
+    /// One round of rustls's state machine over the unprocessed received bytes; after an
+    /// error, only errors.
     fn step(&mut self, purpose: Purpose<'_, '_>) -> io::Result<Step> {
+        if self.failed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the TLS connection failed"));
+        }
+        let step = self.process(purpose);
+        self.failed = step.is_err();
+        step
+    }
+
+    /// See [`TlsStream::step`].
+    fn process(&mut self, purpose: Purpose<'_, '_>) -> io::Result<Step> {
         let Self { conn, incoming, start, end, plain, outgoing, queued, .. } = self;
         let status = conn.process(&mut incoming[*start..*end]);
-        let discard = status.discard;
-        let state = match status.state {
-            Ok(state) => state,
-            Err(e) => {
-                *start += discard;
-                return Err(tls_error(e));
-            }
-        };
+        // Discarded bytes are never looked at again, whatever the state says.
+        *start += status.discard;
+        let state = status.state.map_err(tls_error)?;
         let step = match state {
             ConnectionState::ReadTraffic(mut traffic) => {
                 let mut sink = match purpose {
@@ -290,7 +301,6 @@ impl<IO, C: Side> TlsStream<IO, C> {
             }
             _ => return Err(io::Error::other("unexpected TLS connection state")),
         };
-        *start += discard;
         if *start == *end {
             *start = 0;
             *end = 0;
@@ -328,10 +338,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
         }
     }
 
-    /// After a failed handshake, passes on the alert rustls queued for the peer, if the
-    /// socket takes it at once.
+    /// [`TlsStream::step`], and on its first error the alert rustls queued for the peer.
+    fn step_or_alert(&mut self, cx: &mut Context<'_>, purpose: Purpose<'_, '_>) -> io::Result<Step> {
+        let failed_before = self.failed;
+        let step = self.step(purpose);
+        if step.is_err() && !failed_before {
+            self.send_alert(cx);
+        }
+        step
+    }
+
+    /// Right after rustls reported an error: passes on the alert it queued for the peer, if
+    /// the socket takes it at once. One round only: it encodes what is queued before it
+    /// would look at received bytes again.
     fn send_alert(&mut self, cx: &mut Context<'_>) {
-        if let Ok(Step::Again) = self.step(Purpose::Read(None)) {
+        if let Ok(Step::Again) = self.process(Purpose::Read(None)) {
             let _ = self.poll_send(cx);
         }
     }
@@ -340,7 +361,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
     /// stays for the next write (see [`AsyncWrite::poll_flush`] for its release).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.queued {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.sent..self.queued]))?;
+            let written = Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.sent..self.queued]);
+            let Poll::Ready(written) = written else {
+                // What went out is dropped from the front, so a slow reader never makes the
+                // buffer grow past what waits for it.
+                self.outgoing.copy_within(self.sent..self.queued, 0);
+                self.queued -= self.sent;
+                self.sent = 0;
+                return Poll::Pending;
+            };
+            let n = written?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -378,12 +408,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             self.end -= self.start;
             self.start = 0;
         }
-        if self.incoming.len() - self.end < MIN_INCOMING {
-            if self.incoming.len() >= MAX_INCOMING {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS record too large")));
-            }
+        if self.incoming.len() - self.end < MIN_INCOMING && self.incoming.len() < MAX_INCOMING {
             let grown = (self.incoming.len() * 2).min(MAX_INCOMING);
             self.incoming.resize(grown, 0);
+        }
+        if self.end == self.incoming.len() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS message too large")));
         }
         let mut buf = ReadBuf::new(&mut self.incoming[self.end..]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
@@ -393,15 +423,26 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
         Poll::Ready(Ok(n))
     }
 
-    /// Before a wait: gives back the receive buffer when nothing in it is pending, unless a
-    /// burst is streaming in.
+    /// Before a wait: gives back the receive buffer when nothing in it is pending, or moves
+    /// a pending part of a record to a buffer its size, unless a burst is streaming in.
     fn release_incoming(&mut self) {
-        let streaming = std::mem::take(&mut self.received_since_wait) >= STREAMING;
-        if !streaming && self.start == self.end && !self.incoming.is_empty() {
-            self.incoming = Vec::new();
-            self.start = 0;
-            self.end = 0;
+        if std::mem::take(&mut self.received_since_wait) >= STREAMING {
+            return;
         }
+        let pending = self.end - self.start;
+        if pending == 0 {
+            self.incoming = Vec::new();
+        } else {
+            let size = (2 * pending).max(MIN_INCOMING);
+            if self.incoming.len() <= 2 * size {
+                return;
+            }
+            let mut smaller = vec![0; size];
+            smaller[..pending].copy_from_slice(&self.incoming[self.start..self.end]);
+            self.incoming = smaller;
+        }
+        self.start = 0;
+        self.end = pending;
     }
 
     /// Copies waiting plaintext to `buf`; gives the buffer back once it is all taken.
@@ -430,7 +471,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side + Unpin> AsyncRead for TlsStrea
         // Never writes: what rustls queues while reading (a key update's answer) goes out
         // with the next write or flush, so a reader never takes a writer's wake-up.
         loop {
-            match this.step(Purpose::Read(Some(&mut *buf)))? {
+            match this.step_or_alert(cx, Purpose::Read(Some(&mut *buf)))? {
                 Step::Again => {
                     if buf.filled().len() > before || this.taken < this.plain.len() {
                         if buf.remaining() > 0 && this.taken < this.plain.len() {
@@ -474,7 +515,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side + Unpin> AsyncWrite for TlsStre
             ready!(this.poll_send(cx))?;
         }
         loop {
-            match this.step(Purpose::Write(data))? {
+            match this.step_or_alert(cx, Purpose::Write(data))? {
                 Step::Wrote(n) => {
                     this.queued_since_flush += n;
                     if let Poll::Ready(Err(e)) = this.poll_send(cx) {
@@ -507,8 +548,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side + Unpin> AsyncWrite for TlsStre
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // After a TLS error there is no close_notify to send, only the transport to close.
+        this.closing |= this.failed;
         while !this.closing {
-            match this.step(Purpose::Close)? {
+            match this.step_or_alert(cx, Purpose::Close)? {
                 Step::Wrote(_) | Step::Closed | Step::NeedInput => this.closing = true,
                 Step::PeerClosed => this.peer_closed = true,
                 Step::Again => {}
@@ -748,5 +791,63 @@ mod tests {
                 Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_never_makes_the_send_buffer_grow() {
+        let (mut server, client) = pair(16 * 1024).await;
+        let mut raw = client.io;
+        let chunk = pattern(MAX_WRITE_CHUNK, 5);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut most = 0;
+        for _ in 0..50 {
+            // Write until the transport pushes back, then let a little drain.
+            while let Poll::Ready(written) = Pin::new(&mut server).poll_write(&mut cx, &chunk) {
+                written.unwrap();
+                most = most.max(server.outgoing.capacity());
+            }
+            let mut drained = vec![0u8; 5000];
+            raw.read_exact(&mut drained).await.unwrap();
+        }
+        assert!(most <= 2 * MAX_OUTGOING + 4096, "the send buffer reached {most} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_fails_the_stream_for_good_and_it_still_closes() {
+        let (server, client) = pair(64 * 1024).await;
+        let mut raw = client.io;
+        let mut server = server;
+        // An application-data record whose tag cannot verify.
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+        record.extend([0x5a; 0x40]);
+        raw.write_all(&record).await.unwrap();
+        let err = server.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(server.read(&mut [0u8; 64]).await.is_err(), "a failed stream stays failed");
+        assert!(server.write_all(b"* BYE\r\n").await.is_err(), "and writes nothing more");
+        // Closing sends the alert rustls queued, once, and shuts the transport.
+        server.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest.first(), Some(&0x17), "the alert, encrypted as TLS 1.3 sends it");
+    }
+
+    #[tokio::test]
+    async fn a_half_record_left_after_a_burst_moves_to_a_buffer_its_size() {
+        let (mut server, client) = pair(256 * 1024).await;
+        let mut client = client;
+        client.write_all(&pattern(200_000, 6)).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0u8; 200_000];
+        server.read_exact(&mut got).await.unwrap();
+        let mut raw = client.io;
+        raw.write_all(&[0x17, 0x03, 0x03, 0x40, 0x10, 1, 2, 3]).await.unwrap();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut one = [0u8; 1];
+        for _ in 0..2 {
+            let mut buf = ReadBuf::new(&mut one);
+            assert!(Pin::new(&mut server).poll_read(&mut cx, &mut buf).is_pending());
+        }
+        assert_eq!(server.incoming.len(), MIN_INCOMING, "8 bytes of a record wait in the smallest buffer");
     }
 }
