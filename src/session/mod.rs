@@ -128,7 +128,7 @@ where
         PreLogin::StartTls => {}
         // The pre-TLS dialogue never yields a login; a session never splices in plaintext.
         PreLogin::Admitted(_) | PreLogin::Ended => {
-            let _ = plain.client.shutdown().await;
+            plain.close().await;
             return plain.record;
         }
     }
@@ -139,7 +139,7 @@ where
     match tls.pre_login().await {
         PreLogin::Admitted(admitted) => tls.splice(admitted).await,
         PreLogin::StartTls | PreLogin::Ended => {
-            let _ = tls.client.shutdown().await;
+            tls.close().await;
         }
     }
     tls.record
@@ -229,9 +229,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match self.pre_login().await {
             PreLogin::Admitted(admitted) => self.splice(admitted).await,
             PreLogin::StartTls | PreLogin::Ended => {
-                let _ = self.client.shutdown().await;
+                self.close().await;
             }
         }
+    }
+
+    /// Closes the client connection (TLS close_notify, then the transport), within the
+    /// handshake timeout: a client that stopped reading cannot hold the session open.
+    async fn close(&mut self) {
+        let limit = self.server.limits.handshake_timeout();
+        let _ = tokio::time::timeout(limit, self.client.shutdown()).await;
     }
 
     /// Says the client's address holds too many connections, and closes.
@@ -240,7 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.record.set(Outcome::Busy, format!("too many connections from the client IP (limit {limit})"));
         let bye = self.dialogue.too_many_connections();
         let _ = self.write(&bye, Instant::now() + self.server.limits.handshake_timeout()).await;
-        let _ = self.client.shutdown().await;
+        self.close().await;
     }
 
     /// The TLS handshake after STARTTLS, within the handshake timeout and the pre-login
@@ -682,6 +689,70 @@ mod tests {
         assert!(task <= 512, "the task's own future of {task} bytes: the session runs boxed");
         assert!(serve >= splice && serve >= pre_login, "serve holds one phase at a time");
         assert!(state + serve <= 6 * 1024, "a session's boxed future of {} bytes", state + serve);
+    }
+
+    /// A stream whose close never completes: a TLS client that stopped reading, so our
+    /// close_notify cannot go out.
+    struct NeverCloses(DuplexStream);
+
+    impl tokio::io::AsyncRead for NeverCloses {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for NeverCloses {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_takes_the_close_does_not_hold_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let (client, server_side) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let slot = state.sessions.try_ip(peer.ip());
+        let session = tokio::spawn(run(
+            state.clone(),
+            Protocol::Imap,
+            NeverCloses(server_side),
+            peer,
+            None,
+            Shutdown::default(),
+            slot,
+            None,
+        ));
+        let mut c = BufReader::new(client);
+        assert!(line(&mut c).await.starts_with("* OK"));
+        send(&mut c, "a1 LOGOUT\r\n").await;
+        // The clock is paused: it jumps ahead whenever every task waits.
+        let limit = state.limits.handshake_timeout() + std::time::Duration::from_secs(60);
+        tokio::time::timeout(limit, session)
+            .await
+            .expect("the session ended although its close never completed")
+            .unwrap();
     }
 
     #[tokio::test]
