@@ -239,18 +239,7 @@ impl<IO, C: Side> TlsStream<IO, C> {
                 Step::Again
             }
             ConnectionState::EncodeTlsData(mut encode) => {
-                let mut room = 512;
-                loop {
-                    reserve(outgoing, *queued, room);
-                    match encode.encode(&mut outgoing[*queued..]) {
-                        Ok(n) => {
-                            *queued += n;
-                            break;
-                        }
-                        Err(EncodeError::InsufficientSize(e)) => room = e.required_size,
-                        Err(e) => return Err(io::Error::other(e.to_string())),
-                    }
-                }
+                queue(outgoing, queued, 512, |out| encode.encode(out).map_err(Retry::from))?;
                 Step::Again
             }
             ConnectionState::TransmitTlsData(transmit) => {
@@ -264,33 +253,12 @@ impl<IO, C: Side> TlsStream<IO, C> {
                 Purpose::Write(data) => {
                     let data = &data[..data.len().min(MAX_WRITE_CHUNK)];
                     // Record headers and tags: generously more than any suite adds.
-                    let mut room = data.len() + data.len().div_ceil(16 * 1024) * 64;
-                    loop {
-                        reserve(outgoing, *queued, room);
-                        match traffic.encrypt(data, &mut outgoing[*queued..]) {
-                            Ok(n) => {
-                                *queued += n;
-                                break;
-                            }
-                            Err(EncryptError::InsufficientSize(e)) => room = e.required_size,
-                            Err(e) => return Err(io::Error::other(e.to_string())),
-                        }
-                    }
+                    let room = data.len() + data.len().div_ceil(16 * 1024) * 64;
+                    queue(outgoing, queued, room, |out| traffic.encrypt(data, out).map_err(Retry::from))?;
                     Step::Wrote(data.len())
                 }
                 Purpose::Close => {
-                    let mut room = 64;
-                    loop {
-                        reserve(outgoing, *queued, room);
-                        match traffic.queue_close_notify(&mut outgoing[*queued..]) {
-                            Ok(n) => {
-                                *queued += n;
-                                break;
-                            }
-                            Err(EncryptError::InsufficientSize(e)) => room = e.required_size,
-                            Err(e) => return Err(io::Error::other(e.to_string())),
-                        }
-                    }
+                    queue(outgoing, queued, 64, |out| traffic.queue_close_notify(out).map_err(Retry::from))?;
                     Step::Wrote(0)
                 }
             },
@@ -563,10 +531,52 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side + Unpin> AsyncWrite for TlsStre
     }
 }
 
-/// Makes room for `room` more bytes after `queued` in `outgoing`.
-fn reserve(outgoing: &mut Vec<u8>, queued: usize, room: usize) {
-    if outgoing.len() < queued + room {
-        outgoing.resize(queued + room, 0);
+/// Runs `encode` on the free room after `queued` in `outgoing` (at least `room` bytes,
+/// more if rustls asks for more) and queues what it wrote.
+fn queue(
+    outgoing: &mut Vec<u8>,
+    queued: &mut usize,
+    mut room: usize,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, Retry>,
+) -> io::Result<()> {
+    loop {
+        if outgoing.len() < *queued + room {
+            outgoing.resize(*queued + room, 0);
+        }
+        match encode(&mut outgoing[*queued..]) {
+            Ok(n) => {
+                *queued += n;
+                return Ok(());
+            }
+            Err(Retry::WithRoom(size)) => room = size,
+            Err(Retry::Failed(message)) => return Err(io::Error::other(message)),
+        }
+    }
+}
+
+/// Why rustls did not encode into the room it was given.
+enum Retry {
+    /// The room was too small; rustls needs this much.
+    WithRoom(usize),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<EncodeError> for Retry {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::InsufficientSize(e) => Retry::WithRoom(e.required_size),
+            e => Retry::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<EncryptError> for Retry {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(e) => Retry::WithRoom(e.required_size),
+            e => Retry::Failed(e.to_string()),
+        }
     }
 }
 
