@@ -270,17 +270,13 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
     }
     drop(processes);
 
+    // What the `lb-*` and `ab` comparisons start from: Postern's login on Dovecot's address.
+    let template =
+        Target { name: "", addr: direct.addr, tls: Some(tls.clone()), credentials: directory_login.clone(), pid: None };
     let mut balanced = None;
     if peers.contains("lb-") {
         let sub = dir.path().join("lb");
         std::fs::create_dir_all(&sub).expect("lb dir");
-        let template = Target {
-            name: "",
-            addr: direct.addr,
-            tls: Some(tls.clone()),
-            credentials: directory_login.clone(),
-            pid: None,
-        };
         match lb::start_all(&sub, &env, &template, peers) {
             Some((redis, targets)) => {
                 let section = lb::compare(&targets, &redis, &plan, users.list.len(), plan.rounds).await;
@@ -294,13 +290,6 @@ async fn run(plan: Plan, peers: &str, max_sessions: usize) {
     if peers.split(',').any(|p| p.trim() == "ab") {
         let sub = dir.path().join("ab");
         std::fs::create_dir_all(&sub).expect("ab dir");
-        let template = Target {
-            name: "",
-            addr: direct.addr,
-            tls: Some(tls.clone()),
-            credentials: directory_login.clone(),
-            pid: None,
-        };
         let section = ab::compare(&env, &template, &plan, users.list.len(), &sub).await;
         println!("\n{section}");
         balanced = Some(balanced.map_or(section.clone(), |b| format!("{b}\n{section}")));
